@@ -1,0 +1,191 @@
+"""Fused log-prob, cross-entropy and PPO-loss kernels with backend dispatch.
+
+Public ops (all take logits ``[..., V]`` in fp32/bf16/fp16 and integer labels ``[...]``; positions
+whose label is ``ignore_index`` contribute nothing; outputs are fp32; differentiable w.r.t. logits):
+
+- :func:`token_logprobs`, :func:`cross_entropy`, :func:`ppo_clip_loss`
+- :func:`linear_token_logprobs`, :func:`linear_cross_entropy`, :func:`linear_ppo_clip_loss`
+  (``hidden [N, H]``, ``weight [V, H]``; the ``[N, V]`` logits are never materialised)
+
+``backend``: ``"reference"`` | ``"triton"`` | ``"cpp"`` | ``None``. ``None`` reads the environment
+variable ``RLHF_KERNEL_BACKEND`` and otherwise picks automatically: ``triton`` for CUDA tensors,
+``cpp`` for CPU tensors when the C++ extension is built, else ``reference``.
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from . import reference
+from .fused import LinearTokenLogprobsFn, TokenLogprobsFn
+from .reference import ppo_clip_terms, reduce_tokens
+
+BACKENDS = ("reference", "triton", "cpp")
+ENV_BACKEND = "RLHF_KERNEL_BACKEND"
+
+__all__ = [
+    "BACKENDS", "available_backends", "resolve_backend", "token_logprobs", "cross_entropy",
+    "ppo_clip_loss", "linear_token_logprobs", "linear_cross_entropy", "linear_ppo_clip_loss",
+    "ppo_clip_terms", "reduce_tokens", "reference",
+]
+
+
+def _load_impl(name: str) -> tuple[ModuleType | None, str]:
+    """Import a fast backend; returns (module, "") or (None, why it is unavailable)."""
+    try:
+        if name == "triton":
+            from .triton import ops as impl
+        else:
+            from . import cpp as impl
+    except Exception as exc:  # an ImportError, or a broken triton install
+        return None, f"{type(exc).__name__}: {exc}"
+    why = impl.unavailable_reason()
+    return (None, why) if why else (impl, "")
+
+
+def available_backends(device: str | torch.device = "cpu") -> dict[str, str]:
+    """Map each backend name to ``""`` when usable on ``device``, else to the reason it is not."""
+    device = torch.device(device)
+    status = {"reference": ""}
+    for name in ("triton", "cpp"):
+        impl, why = _load_impl(name)
+        if impl is not None and not impl.supports(device):
+            why = f"{name} does not run on {device.type} tensors"
+        status[name] = why
+    return status
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> tuple[str, ModuleType | None]:
+    """Pick the backend for tensors on ``device``; an unavailable explicit choice is an error."""
+    choice = backend if backend is not None else os.environ.get(ENV_BACKEND) or "auto"
+    if choice == "auto":
+        for name in (("triton", "cpp") if device.type == "cuda" else ("cpp",)):
+            impl, _ = _load_impl(name)
+            if impl is not None and impl.supports(device):
+                return name, impl
+        return "reference", None
+    if choice == "reference":
+        return "reference", None
+    if choice not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {choice!r}; accepted: auto, {', '.join(BACKENDS)}")
+    impl, why = _load_impl(choice)
+    if impl is None:
+        raise RuntimeError(f"kernel backend {choice!r} is unavailable: {why}")
+    if not impl.supports(device):
+        raise RuntimeError(f"kernel backend {choice!r} does not run on {device.type} tensors; use 'auto' or 'reference'")
+    return choice, impl
+
+
+def _check(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, op: str) -> None:
+    """Reject input that a kernel would otherwise read out of bounds with."""
+    if not torch.is_floating_point(logits):
+        raise TypeError(f"{op}: logits must be floating point, got {logits.dtype}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"{op}: labels must be an integer tensor, got {labels.dtype}")
+    if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"{op}: labels shape {tuple(labels.shape)} must equal logits shape without the vocab dim "
+            f"{tuple(logits.shape[:-1])}"
+        )
+    if logits.numel() == 0:
+        raise ValueError(f"{op}: empty input (logits shape {tuple(logits.shape)})")
+    vocab = logits.shape[-1]
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        value = int(labels[bad].flatten()[0])
+        raise IndexError(f"{op}: label {value} out of range for vocab size {vocab} (ignore_index={ignore_index})")
+
+
+def _check_same_rows(name: str, t: torch.Tensor, labels: torch.Tensor, op: str) -> None:
+    if t.shape != labels.shape:
+        raise ValueError(f"{op}: {name} shape {tuple(t.shape)} must equal labels shape {tuple(labels.shape)}")
+
+
+def token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Per-token ``log softmax(logits / temperature)[label]``, fp32, 0 at ignored positions. Shape ``labels.shape``."""
+    _check(logits, labels, ignore_index, "token_logprobs")
+    if temperature <= 0:
+        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
+    name, impl = resolve_backend(backend, logits.device)
+    if impl is None:
+        return reference.token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
+    vocab = logits.shape[-1]
+    flat = TokenLogprobsFn.apply(
+        logits.reshape(-1, vocab).contiguous(), labels.reshape(-1).contiguous(), float(temperature), ignore_index, impl
+    )
+    return flat.view(labels.shape)
+
+
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, reduction: str = "mean",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Token cross-entropy; ``mean`` over non-ignored tokens (0 if there are none), ``sum`` or ``none``."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: unknown reduction {reduction!r}; accepted: mean, sum, none")
+    nll = -token_logprobs(logits, labels, ignore_index=ignore_index, backend=backend)
+    return reduce_tokens(nll, (labels != ignore_index).float(), reduction)
+
+
+def ppo_clip_loss(
+    logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
+    clip_eps: float = 0.2, ignore_index: int = -100, return_stats: bool = False, backend: str | None = None,
+):
+    """Mean over valid tokens of ``max(-A*r, -A*clip(r, 1-eps, 1+eps))``, ``r = exp(logp - old_logp)``.
+
+    ``old_logprobs`` and ``advantages`` have the shape of ``labels``. With ``return_stats=True``
+    returns ``(loss, stats)`` where stats holds ``clip_frac``, ``ratio_mean``, ``ratio_max`` and
+    ``approx_kl``, computed from the same per-token log-probs (no second pass over the logits).
+    """
+    _check_same_rows("old_logprobs", old_logprobs, labels, "ppo_clip_loss")
+    _check_same_rows("advantages", advantages, labels, "ppo_clip_loss")
+    logp = token_logprobs(logits, labels, ignore_index=ignore_index, backend=backend)
+    loss, stats = ppo_clip_terms(logp, old_logprobs, advantages, labels != ignore_index, clip_eps)
+    return (loss, stats) if return_stats else loss
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+    ignore_index: int = -100, backend: str | None = None,
+) -> torch.Tensor:
+    """``token_logprobs(hidden @ weight.T, labels)`` without materialising the ``[N, V]`` logits."""
+    op = "linear_token_logprobs"
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{op}: need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    # Validate labels against [N, V] without building it: an expanded view costs nothing.
+    _check(weight[:, 0].unsqueeze(0).expand(hidden.shape[0], -1), labels, ignore_index, op)
+    name, impl = resolve_backend(backend, hidden.device)
+    if impl is None:
+        return reference.linear_token_logprobs(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index)
+    return LinearTokenLogprobsFn.apply(
+        hidden.contiguous(), weight.contiguous(), labels.contiguous(), float(temperature), ignore_index, impl
+    )
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+    reduction: str = "mean", backend: str | None = None,
+) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T, labels)`` without materialising the logits."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"linear_cross_entropy: unknown reduction {reduction!r}; accepted: mean, sum, none")
+    nll = -linear_token_logprobs(hidden, weight, labels, ignore_index=ignore_index, backend=backend)
+    return reduce_tokens(nll, (labels != ignore_index).float(), reduction)
+
+
+def linear_ppo_clip_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,
+    advantages: torch.Tensor, *, clip_eps: float = 0.2, ignore_index: int = -100, return_stats: bool = False,
+    backend: str | None = None,
+):
+    """``ppo_clip_loss(hidden @ weight.T, ...)`` without materialising the logits."""
+    _check_same_rows("old_logprobs", old_logprobs, labels, "linear_ppo_clip_loss")
+    _check_same_rows("advantages", advantages, labels, "linear_ppo_clip_loss")
+    logp = linear_token_logprobs(hidden, weight, labels, ignore_index=ignore_index, backend=backend)
+    loss, stats = ppo_clip_terms(logp, old_logprobs, advantages, labels != ignore_index, clip_eps)
+    return (loss, stats) if return_stats else loss

@@ -1,0 +1,82 @@
+"""Autograd glue shared by the fast backends.
+
+Every op is ``token_logprobs`` followed by cheap elementwise math on ``[N]`` vectors, so a fast
+backend implements just two row kernels over a 2-D ``[N, V]`` view:
+
+- ``forward(logits, labels, temperature, ignore_index) -> (logp [N] fp32, lse [N] fp32)``: one
+  sweep per row with an online log-sum-exp; ignored rows give ``logp = 0``.
+- ``backward(logits, labels, lse, grad [N] fp32, temperature, ignore_index, out) -> grad_logits``:
+  ``grad * (onehot(label) - softmax(logits / T)) / T`` recomputed from ``lse`` and written once
+  into ``out`` (which may alias ``logits``); ignored rows get zeros.
+
+Cross-entropy and the PPO loss compose on the returned ``[N]`` log-probs with ordinary autograd;
+the only logits-sized tensor ever written is the gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+#: Upper bound on the bytes of the temporary logits chunk of the fused-linear ops; with it the
+#: extra memory of those ops is independent of the vocabulary size.
+LINEAR_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+class TokenLogprobsFn(torch.autograd.Function):
+    """``token_logprobs`` over a 2-D view, differentiable with respect to the logits."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, impl):
+        logp, lse = impl.forward(logits, labels, temperature, ignore_index)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature, ctx.ignore_index, ctx.impl = temperature, ignore_index, impl
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        grad_logits = ctx.impl.backward(
+            logits, labels, lse, grad.float().contiguous(), ctx.temperature, ctx.ignore_index, out
+        )
+        return grad_logits, None, None, None, None
+
+
+def _chunk_rows(n_rows: int, vocab: int) -> int:
+    return max(1, min(n_rows, LINEAR_CHUNK_BYTES // (4 * max(vocab, 1))))
+
+
+class LinearTokenLogprobsFn(torch.autograd.Function):
+    """``token_logprobs(hidden @ weight.T)`` computed chunk by chunk; logits never exist whole."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, ignore_index, impl):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        step = _chunk_rows(n, vocab)
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            logits = hidden[rows] @ weight.t()  # [chunk, V]
+            logp[rows], lse[rows] = impl.forward(logits, labels[rows], temperature, ignore_index)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.temperature, ctx.ignore_index, ctx.impl, ctx.step = temperature, ignore_index, impl, step
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        grad = grad.float().contiguous()
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.step):
+            rows = slice(start, start + ctx.step)
+            logits = hidden[rows] @ weight.t()
+            # The chunk's logits are dead after this, so the gradient overwrites them in place.
+            g = ctx.impl.backward(logits, labels[rows], lse[rows], grad[rows], ctx.temperature, ctx.ignore_index, logits)
+            if grad_hidden is not None:
+                grad_hidden[rows] = g @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(g.t().float(), hidden[rows].float())
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None

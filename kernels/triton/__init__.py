@@ -1,0 +1,1 @@
+"""Triton kernels (GPU; CPU only under ``TRITON_INTERPRET=1``)."""

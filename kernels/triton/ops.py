@@ -1,0 +1,104 @@
+"""Triton row kernels for ``rlhf_kernels.fused``: online log-sum-exp forward, one-write backward.
+
+One program per row; offsets are int64 (``row * stride`` overflows int32 at 8 x 4k x 150k);
+accumulation is fp32 whatever the input dtype. On CPU these run only under ``TRITON_INTERPRET=1``
+(set before triton is imported), which is how CI tests them.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr, labels_ptr, logp_ptr, lse_ptr, n_cols, stride_row, inv_temp, ignore_index,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    if label == ignore_index:
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+    else:
+        running_max = -float("inf")
+        running_sum = 0.0
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK).to(tl.int64)
+            x = tl.load(row_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32) * inv_temp
+            new_max = tl.maximum(running_max, tl.max(x, axis=0))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            running_max = new_max
+        lse = running_max + tl.log(running_sum)
+        picked = tl.load(row_ptr + label).to(tl.float32) * inv_temp
+        tl.store(logp_ptr + row, picked - lse)
+        tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr, labels_ptr, lse_ptr, grad_ptr, out_ptr, n_cols, stride_row, out_stride_row, inv_temp,
+    ignore_index, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    out_row = out_ptr + row * out_stride_row
+    g = tl.load(grad_ptr + row) * inv_temp
+    lse = tl.load(lse_ptr + row)
+    if label == ignore_index:
+        g = 0.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = cols < n_cols
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        prob = tl.exp(x - lse)
+        onehot = tl.where(cols == label, 1.0, 0.0)
+        grad = g * (onehot - prob)
+        tl.store(out_row + cols, grad.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def unavailable_reason() -> str:
+    """Empty when Triton can launch kernels here, else why not."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return ""
+    return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)"
+
+
+def supports(device: torch.device) -> bool:
+    """Triton runs CUDA tensors, and CPU tensors in the interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _block(n_cols: int, device: torch.device) -> int:
+    # The interpreter pays per loop iteration, the GPU per register: bigger blocks for the former.
+    cap = 65536 if device.type == "cpu" else 4096
+    return min(triton.next_power_of_2(n_cols), cap)
+
+
+def forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
+    """``(logp [N], lse [N])`` in fp32 for a 2-D ``logits`` view with unit column stride."""
+    n_rows, n_cols = logits.shape
+    logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    block = _block(n_cols, logits.device)
+    _logprobs_fwd_kernel[(n_rows,)](
+        logits, labels, logp, lse, n_cols, logits.stride(0), 1.0 / temperature, ignore_index,
+        BLOCK=block, num_warps=8 if block >= 2048 else 4,
+    )
+    return logp, lse
+
+
+def backward(logits, labels, lse, grad, temperature: float, ignore_index: int, out: torch.Tensor):
+    """Write ``grad * (onehot - softmax(logits/T)) / T`` into ``out`` (may alias ``logits``)."""
+    n_rows, n_cols = logits.shape
+    block = _block(n_cols, logits.device)
+    _logprobs_bwd_kernel[(n_rows,)](
+        logits, labels, lse, grad, out, n_cols, logits.stride(0), out.stride(0), 1.0 / temperature, ignore_index,
+        BLOCK=block, num_warps=8 if block >= 2048 else 4,
+    )
+    return out
