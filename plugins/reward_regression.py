@@ -1,0 +1,133 @@
+"""Stage ``reward`` and losses ``mse``, ``huber``, ``bradley_terry``: the seed's step 2.
+
+phi* = argmin_phi 1/N sum_i L_reward(R_phi(x_i, y_i), s_i): the reward model's score is regressed
+on the human score s_i. R_phi is a transformer backbone with a scalar head read at the last
+non-pad token (:class:`rlhf_core.models.ScalarHeadModel`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_core import hookimpl
+from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
+from rlhf_core.data import collate_scored, dataset_components, load_split, tokenize_scored
+from rlhf_core.interfaces import StageResult
+from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm, load_tokenizer
+from rlhf_core.training import Trainer, make_loader, total_steps
+
+
+def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean squared error ``mean_i (R_i - s_i)^2`` over ``pred [B]``, ``target [B]``."""
+    return F.mse_loss(pred.float(), target.float()), {}
+
+
+def huber_loss(pred: torch.Tensor, target: torch.Tensor, *, delta: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Huber loss: ``0.5 e^2`` for ``|e| <= delta``, else ``delta (|e| - 0.5 delta)``, mean over B.
+    Robust to a few wildly mis-scored examples."""
+    return F.huber_loss(pred.float(), target.float(), delta=delta), {}
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Pairwise Bradley-Terry: ``-log sigmoid(R(x, y_chosen) - R(x, y_rejected) - margin)``, mean over B.
+    Metric ``accuracy``: share of pairs ranked correctly."""
+    diff = chosen.float() - rejected.float()
+    return -F.logsigmoid(diff - margin).mean(), {"accuracy": float((diff > 0).float().mean())}
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two 1-D tensors (0 when either is constant)."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = (x.norm() * y.norm()).item()
+    return float((x * y).sum().item() / denom) if denom > 0 else 0.0
+
+
+@dataclass
+class RewardConfig:
+    """Options of the ``reward`` stage: ``data`` (reward records with ``score``, or pairwise records
+    for a ``pairwise`` loss), ``train`` loop, ``loss`` (``score`` or ``pairwise`` family), ``init``
+    (backbone weights: auto = latest policy, else base | @STAGE | path)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4))
+    loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("mse"))
+    init: str = "auto"
+
+
+class RewardStage:
+    """Reward-model training: setup (data, backbone + head) -> loop -> save (backbone + head)."""
+
+    config_class = RewardConfig
+
+    def components(self, config: RewardConfig):
+        """The loss and builtin datasets this stage will look up."""
+        return [("loss", config.loss, "loss", ("score", "pairwise")), *dataset_components(config.data, "data")]
+
+    def run(self, ctx, config: RewardConfig) -> StageResult:
+        """Train R_phi; report held-out MSE and correlation (or pairwise accuracy)."""
+        model_cfg = ctx.run_config.model
+        loss_entry = ctx.registry.get("loss", config.loss.name, ("score", "pairwise"))
+        pairwise = loss_entry.meta["family"] == "pairwise"
+        keys = ("chosen", "rejected") if pairwise else ("response",)
+        source = ctx.init_source(config.init, "policy")
+        tokenizer = load_tokenizer(model_cfg, None if source == model_cfg.name_or_path else source)
+        train_recs, eval_recs = load_split(config.data, "pairwise" if pairwise else "reward", ctx.registry, ctx.seed)
+        dl = config.data
+        train_items, stats = tokenize_scored(train_recs, tokenizer, dl.max_length, dl.max_prompt_length, keys)
+        eval_items, _ = tokenize_scored(eval_recs, tokenizer, dl.max_length, dl.max_prompt_length, keys)
+        print(f"reward data: {stats.describe()}; {len(eval_items)} held out")
+        if not train_items:
+            raise ValueError(f"stage {ctx.name!r}: no usable training examples ({stats.describe()})")
+        if is_reward_model_dir(source):
+            model = ScalarHeadModel.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+        else:
+            model = ScalarHeadModel.from_causal_lm(load_causal_lm(model_cfg, source, seed=ctx.seed))
+            if not pairwise:  # start at the mean score so the head learns deviations, not the offset
+                with torch.no_grad():
+                    model.head.bias.fill_(sum(it["score"] for it in train_items) / len(train_items))
+        model.to(ctx.device)
+        collate = lambda b: collate_scored(b, tokenizer.pad_token_id, keys)  # noqa: E731
+
+        def compute_loss(batch):
+            if pairwise:
+                chosen = model.score(batch["chosen_ids"], batch["chosen_mask"])
+                rejected = model.score(batch["rejected_ids"], batch["rejected_mask"])
+                return loss_entry.obj(chosen, rejected, **config.loss.options)
+            return loss_entry.obj(model.score(batch["response_ids"], batch["response_mask"]), batch["score"], **config.loss.options)
+
+        def evaluate():
+            preds, targets = [], []
+            for batch in make_loader(eval_items, config.train.batch_size, collate, 0, False):
+                batch = {k: v.to(ctx.device) for k, v in batch.items()}
+                if pairwise:
+                    preds.append(model.score(batch["chosen_ids"], batch["chosen_mask"]).float().cpu())
+                    targets.append(model.score(batch["rejected_ids"], batch["rejected_mask"]).float().cpu())
+                else:
+                    preds.append(model.score(batch["response_ids"], batch["response_mask"]).float().cpu())
+                    targets.append(batch["score"].cpu())
+            p, t = torch.cat(preds), torch.cat(targets)
+            if pairwise:
+                return {"accuracy": float((p > t).float().mean())}
+            return {"mse": float(F.mse_loss(p, t)), "corr": pearson(p, t)}
+
+        loader = make_loader(train_items, config.train.batch_size, collate, ctx.seed)
+        steps = total_steps(config.train, len(train_items))
+        trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}")
+        summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps)
+        summary.update(steps=float(steps), examples=float(stats.total), truncated=float(stats.truncated), skipped=float(stats.skipped))
+        model_dir = model.save_pretrained(ctx.stage_dir, tokenizer) if config.train.save else None
+        return StageResult(model_dir, "reward", summary)
+
+
+@hookimpl
+def rlhf_register_stages(register):
+    register("reward", RewardStage)
+
+
+@hookimpl
+def rlhf_register_losses(register):
+    register("mse", mse_loss, family="score")
+    register("huber", huber_loss, family="score")
+    register("bradley_terry", bradley_terry_loss, family="pairwise")

@@ -1,0 +1,112 @@
+"""Stage ``sft`` and loss ``cross_entropy``: the seed's step 1.
+
+theta* = argmin_theta 1/N sum_i L(f_theta(x_i), y_i), with L the token cross-entropy of the
+reference response y_i given the prompt x_i (prompt tokens are masked out of the loss).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import rlhf_kernels
+from rlhf_core import hookimpl
+from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
+from rlhf_core.data import collate_sft, dataset_components, load_split, tokenize_sft
+from rlhf_core.interfaces import StageResult
+from rlhf_core.models import load_causal_lm, load_tokenizer, save_causal_lm
+from rlhf_core.training import Trainer, make_loader, total_steps
+
+
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, backend: str | None = None,
+                       aggregation: str = "token_mean") -> tuple[torch.Tensor, dict[str, float]]:
+    """Token cross-entropy of ``labels [B, T]`` under ``logits [B, T, V]`` (already shifted).
+
+    ``aggregation``: ``token_mean`` (default) averages over all response tokens of the batch, so
+    long responses weigh more; ``sequence_mean`` averages each sequence's tokens first, then the
+    sequences. Ignored labels (-100) contribute nothing. Metrics: ``tokens`` (response tokens).
+    """
+    valid = labels != -100
+    if aggregation == "token_mean":
+        loss = rlhf_kernels.cross_entropy(logits, labels, reduction="mean", backend=backend)
+    elif aggregation == "sequence_mean":
+        nll = rlhf_kernels.cross_entropy(logits, labels, reduction="none", backend=backend)  # [B, T]
+        per_seq = nll.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+        has_tokens = valid.any(dim=1).float()
+        loss = (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+    else:
+        raise ValueError(f"cross_entropy: unknown aggregation {aggregation!r}; accepted: token_mean, sequence_mean")
+    return loss, {"tokens": float(valid.sum())}
+
+
+def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align predictions with targets: position t of the logits predicts token t + 1."""
+    return logits[:, :-1], labels[:, 1:]
+
+
+@dataclass
+class SFTConfig:
+    """Options of the ``sft`` stage: ``data`` (sft records), ``train`` loop, ``loss`` (a ``token``
+    loss), ``init`` (auto | base | @STAGE | path: the starting weights)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3))
+    loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("cross_entropy"))
+    init: str = "base"
+
+
+class SFTStage:
+    """Supervised fine-tuning: setup (data, model) -> loop (Trainer) -> save (save_pretrained)."""
+
+    config_class = SFTConfig
+
+    def components(self, config: SFTConfig):
+        """The loss and builtin datasets this stage will look up."""
+        return [("loss", config.loss, "loss", ("token",)), *dataset_components(config.data, "data")]
+
+    def run(self, ctx, config: SFTConfig) -> StageResult:
+        """Train the policy on (prompt, response) pairs; returns the saved policy directory."""
+        model_cfg, backend = ctx.run_config.model, ctx.run_config.kernels.backend
+        backend = None if backend == "auto" else backend
+        source = ctx.init_source(config.init, "policy")
+        tokenizer = load_tokenizer(model_cfg, None if source == model_cfg.name_or_path else source)
+        train_recs, eval_recs = load_split(config.data, "sft", ctx.registry, ctx.seed)
+        train_items, stats = tokenize_sft(train_recs, tokenizer, config.data.max_length, config.data.max_prompt_length)
+        eval_items, _ = tokenize_sft(eval_recs, tokenizer, config.data.max_length, config.data.max_prompt_length)
+        print(f"sft data: {stats.describe()}; {len(eval_items)} held out")
+        if not train_items:
+            raise ValueError(f"stage {ctx.name!r}: no usable training examples ({stats.describe()})")
+        model = load_causal_lm(model_cfg, source, seed=ctx.seed).to(ctx.device)
+        loss_entry = ctx.registry.get("loss", config.loss.name, "token")
+
+        def compute_loss(batch):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return loss_entry.obj(*shift(logits, batch["labels"]), backend=backend, **config.loss.options)
+
+        def evaluate():
+            total, count = 0.0, 0.0
+            for batch in make_loader(eval_items, config.train.batch_size, lambda b: collate_sft(b, tokenizer.pad_token_id), 0, False):
+                batch = {k: v.to(ctx.device) for k, v in batch.items()}
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits, labels = shift(logits, batch["labels"])
+                total += float(rlhf_kernels.cross_entropy(logits, labels, reduction="sum", backend=backend))
+                count += float((labels != -100).sum())
+            return {"loss": total / max(count, 1.0)}
+
+        loader = make_loader(train_items, config.train.batch_size, lambda b: collate_sft(b, tokenizer.pad_token_id), ctx.seed)
+        steps = total_steps(config.train, len(train_items))
+        trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}")
+        summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps)
+        summary.update(steps=float(steps), examples=float(stats.total), truncated=float(stats.truncated), skipped=float(stats.skipped))
+        model_dir = save_causal_lm(model, tokenizer, ctx.stage_dir) if config.train.save else None
+        return StageResult(model_dir, "policy", summary)
+
+
+@hookimpl
+def rlhf_register_stages(register):
+    register("sft", SFTStage)
+
+
+@hookimpl
+def rlhf_register_losses(register):
+    register("cross_entropy", cross_entropy_loss, family="token")

@@ -1,0 +1,101 @@
+"""The ``rlhf`` command line: ``rlhf run``, ``rlhf plugins`` and plugin-contributed commands."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+import yaml
+
+from . import __version__
+from .config import ConfigError, to_plain
+from .data import DataError
+from .engine import RunDirError, make_run_dir, prepare, run_pipeline
+from .models import ModelLoadError
+from .plugins import PluginLoadError, build_registry, disabled_from_env, get_plugin_manager, registered_by
+from .registry import RegistryError
+
+#: Errors a user can fix; shown as one message, not a traceback (RLHF_DEBUG=1 shows the traceback).
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, PluginLoadError, RegistryError, RunDirError)
+
+
+def _user_error(exc: Exception) -> click.ClickException:
+    if os.environ.get("RLHF_DEBUG"):
+        raise exc
+    return click.ClickException(str(exc))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rlhf")
+@click.option("--disable", "disabled", multiple=True, metavar="NAME",
+              help="Disable a plugin by name (repeatable); adds to RLHF_DISABLE_PLUGINS.")
+@click.pass_context
+def cli(ctx: click.Context, disabled: tuple[str, ...]) -> None:
+    """Instruction tuning: SFT -> reward regression -> PPO, with pluggable stages, losses, rewards
+    and advantage estimators."""
+    ctx.ensure_object(dict)
+    ctx.obj["disabled"] = set(disabled)
+
+
+@cli.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a config value, e.g. --set stages.sft.train.lr=3e-4 (stages by name or index).")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<timestamp>).")
+@click.option("--overwrite", is_flag=True, help="Reuse a non-empty run directory.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@click.pass_context
+def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out: str | None, overwrite: bool,
+        print_config: bool) -> None:
+    """Run the pipeline in CONFIG (YAML); without CONFIG, the embedded default
+    (SFT -> reward -> PPO on the builtin letters task with the builtin tiny model)."""
+    try:
+        prepared = prepare(config, list(overrides), ctx.obj["disabled"])
+        if print_config:
+            click.echo(yaml.safe_dump(to_plain(prepared.config), sort_keys=False), nl=False)
+            return
+        run_dir = make_run_dir(out, overwrite)
+        run_pipeline(prepared, run_dir, echo=click.echo)
+    except USER_ERRORS as exc:
+        raise _user_error(exc) from None
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def plugins(ctx: click.Context, as_json: bool) -> None:
+    """List loaded plugins (name, version, source) and what each registered."""
+    try:
+        pm = get_plugin_manager(disabled=ctx.obj["disabled"])
+        registry = build_registry(pm)
+    except USER_ERRORS as exc:
+        raise _user_error(exc) from None
+    rows = []
+    for name, info in pm.rlhf_info.items():
+        row = {"name": name, "version": info.version, "source": info.source}
+        if info.error:
+            row["error"] = info.error
+        else:
+            row["registered"] = {k: v for k, v in registered_by(registry, name).items() if v}
+        rows.append(row)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']} {row['version']} ({row['source']})")
+        if "error" in row:
+            click.echo(f"    FAILED: {row['error']}")
+        for kind, names in row.get("registered", {}).items():
+            click.echo(f"    {kind}: {', '.join(names)}")
+
+
+def main() -> None:
+    """Console entry point: adds plugin commands, then runs the CLI."""
+    try:
+        pm = get_plugin_manager(disabled=disabled_from_env())
+        pm.hook.rlhf_register_commands(cli=cli)
+    except USER_ERRORS as exc:
+        click.echo(f"rlhf: error: {exc}", err=True)
+        sys.exit(1)
+    cli(obj={})

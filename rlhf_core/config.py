@@ -1,0 +1,383 @@
+"""YAML + ``--set`` overrides -> typed, validated config. Unknown keys are errors.
+
+Every problem found (unknown key, wrong type, unknown component, bad value) is collected and
+reported together, with its dotted path and what is accepted, before any model is loaded.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more config problems; ``problems`` lists them as ``path: message``."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        super().__init__(f"{source} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class ComponentSpec:
+    """A component choice: ``name`` plus keyword ``options``. In YAML either ``mse`` or
+    ``{name: huber, delta: 2.0}``."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """The base model. ``name_or_path``: ``builtin:tiny`` (offline tiny Llama + byte tokenizer),
+    a local directory, or a hub id (loaded with ``from_pretrained``)."""
+
+    name_or_path: str = "builtin:tiny"
+    tokenizer: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where a stage's examples come from and how they are cut to length.
+
+    ``train``/``eval``: a JSONL/JSON/CSV/Parquet path or ``builtin:NAME``; without ``eval``,
+    ``eval_fraction`` of train is held out. ``max_length`` caps prompt + response tokens:
+    the prompt keeps its last ``max_prompt_length`` tokens (default half of ``max_length``), then the
+    response is cut on the right; an example left with no response token is skipped and counted.
+    ``builtin_size``: number of examples a builtin dataset generates. ``limit``: use at most this
+    many training examples.
+    """
+
+    train: str = "builtin:letters"
+    eval: str | None = None
+    eval_fraction: float = 0.1
+    max_length: int = 256
+    max_prompt_length: int | None = None
+    builtin_size: int = 2000
+    limit: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop shared by the stages.
+
+    ``steps``: optimizer steps (overrides ``epochs``); ``batch_size`` examples per micro-batch;
+    ``grad_accum`` micro-batches per step; AdamW with ``lr``/``weight_decay``/``betas``; ``warmup_steps``
+    of linear warm-up then ``schedule`` (cosine to 10% of lr, linear to 0, or constant);
+    ``max_grad_norm`` clipping (0 = off); ``eval_every`` steps (0 = only at the end);
+    ``mixed_precision``: ``auto`` = bf16 autocast on CUDA devices that support it, none on CPU.
+    """
+
+    steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    eval_every: int = 0
+    log_every: int = 10
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    save: bool = True
+
+
+@dataclass
+class KernelConfig:
+    """``backend``: auto | reference | triton | cpp (see ``rlhf_kernels``)."""
+
+    backend: Literal["auto", "reference", "triton", "cpp"] = "auto"
+
+
+@dataclass
+class StageSpec:
+    """One pipeline entry: the stage plugin (``stage``), its unique ``name`` (default: the stage)
+    and its validated options (``config``, an instance of the stage's ``config_class``)."""
+
+    stage: str
+    name: str
+    config: Any
+
+
+@dataclass
+class RunConfig:
+    """A whole run: seed, base model, kernel backend, local plugin modules and the stage list."""
+
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    plugins: list[str] = field(default_factory=list)
+    stages: list[StageSpec] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- coercion
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if tp is ComponentSpec:
+        return "a name or {name: ..., options...}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    """Convert YAML ``value`` to type ``tp``; append ``path: message`` to ``problems`` on failure."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            trial: list[str] = []
+            out = coerce(arg, value, path, trial)
+            if not trial:
+                return out
+        problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {value!r}")
+            return []
+        (item,) = typing.get_args(tp)
+        return [coerce(item, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {value!r}")
+            return {}
+        return dict(value)
+    if tp is ComponentSpec:
+        if isinstance(value, str) and value:
+            return ComponentSpec(value)
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            options = {k: v for k, v in value.items() if k != "name"}
+            return ComponentSpec(value["name"], options)
+        problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    if dataclasses.is_dataclass(tp):
+        return coerce_dataclass(tp, value, path, problems)
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{path}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def coerce_dataclass(cls: type, value: Any, path: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from a mapping: unknown keys are errors that list the known ones."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        problems.append(f"{path or 'config'}: expected a mapping, got {value!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, raw in value.items():
+        sub = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            problems.append(f"{sub}: unknown key; accepted: {', '.join(sorted(fields))}")
+            continue
+        kwargs[key] = coerce(hints[key], raw, sub, problems)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{path}.{name}: required" if path else f"{name}: required")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"{path or 'config'}: {exc}")
+        return None
+
+
+def check_options(entry: Any, spec: ComponentSpec, path: str, problems: list[str]) -> None:
+    """Check a component's options against the keyword parameters it accepts (and their types)."""
+    accepted = entry.options()
+    hints: dict[str, Any] = {}
+    try:
+        target = entry.obj.__init__ if inspect.isclass(entry.obj) else entry.obj
+        hints = typing.get_type_hints(target)
+    except Exception:  # plugin annotations that do not resolve: check names only
+        pass
+    for key, value in spec.options.items():
+        if key not in accepted:
+            choices = ", ".join(sorted(accepted)) or "(no options)"
+            problems.append(f"{path}.{key}: unknown option for {entry.kind} {spec.name!r}; accepted: {choices}")
+        elif key in hints:
+            spec.options[key] = coerce(hints[key], value, f"{path}.{key}", problems)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.0.c=value`` -> (["a", "b", "0", "c"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError([f"--set {text!r}: expected KEY.PATH=VALUE"], "command line")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError([f"--set {text!r}: empty key"], "command line")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_override(data: dict, keys: list[str], value: Any) -> None:
+    """Set ``value`` at ``keys`` in ``data``; stages can be addressed by index or by name."""
+    node: Any = data
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            index = _list_index(node, key, keys[: i + 1])
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError([f"--set {'.'.join(keys)}: {'.'.join(keys[:i])} is not a mapping"], "command line")
+        if last:
+            node[key] = value
+        else:
+            if not isinstance(node.get(key), (dict, list)):
+                node[key] = {}
+            node = node[key]
+
+
+def _list_index(node: list, key: str, where: list[str]) -> int:
+    if key.isdigit() and int(key) < len(node):
+        return int(key)
+    for j, item in enumerate(node):
+        if isinstance(item, dict) and (item.get("name") or item.get("stage")) == key:
+            return j
+    names = [str(it.get("name") or it.get("stage")) for it in node if isinstance(it, dict)]
+    raise ConfigError(
+        [f"--set {'.'.join(where)}: no list entry {key!r}; use an index below {len(node)} or a name: {', '.join(names)}"],
+        "command line",
+    )
+
+
+def load_raw(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """Read YAML (or the embedded default when ``path`` is None) and apply ``--set`` overrides."""
+    if path is None:
+        text, source = default_config_text(), "embedded default config"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"{p}: no such file"], str(p))
+        text, source = p.read_text(encoding="utf-8"), str(p)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([f"{where}invalid YAML: {getattr(exc, 'problem', exc)}"], source) from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], source)
+    data = copy.deepcopy(data)
+    for text_override in overrides:
+        keys, value = parse_override(text_override)
+        apply_override(data, keys, value)
+    return data
+
+
+def default_config_text() -> str:
+    """The embedded default pipeline (what ``rlhf run`` with no config runs)."""
+    return (Path(__file__).parent / "configs" / "default.yaml").read_text(encoding="utf-8")
+
+
+def resolve(data: dict, registry: Any, source: str = "config") -> RunConfig:
+    """Validate ``data`` against the run schema, each stage's ``config_class`` and the registry."""
+    problems: list[str] = []
+    stages_raw = data.get("stages", None)
+    top = {k: v for k, v in data.items() if k != "stages"}
+    config = coerce_dataclass(RunConfig, top, "", problems) or RunConfig()
+    if not isinstance(stages_raw, list) or not stages_raw:
+        problems.append("stages: expected a non-empty list of stages, e.g. [{stage: sft}, {stage: reward}]")
+        stages_raw = []
+    seen: set[str] = set()
+    for i, raw in enumerate(stages_raw):
+        path = f"stages[{i}]"
+        if not isinstance(raw, dict) or not isinstance(raw.get("stage"), str):
+            problems.append(f"{path}: expected a mapping with a 'stage' key naming a stage plugin; available: "
+                            f"{', '.join(registry.names('stage'))}")
+            continue
+        try:
+            entry = registry.get("stage", raw["stage"])
+        except ValueError as exc:
+            problems.append(f"{path}.stage: {exc}")
+            continue
+        name = raw.get("name") or raw["stage"]
+        if name in seen:
+            problems.append(f"{path}.name: stage name {name!r} is used twice; give each stage a unique 'name'")
+        seen.add(name)
+        options = {k: v for k, v in raw.items() if k not in ("stage", "name")}
+        stage_cfg = coerce_dataclass(entry.obj.config_class, options, path, problems)
+        if stage_cfg is None:
+            continue
+        for kind, spec, sub, families in entry.obj().components(stage_cfg):
+            if spec is None:
+                continue
+            try:
+                comp = registry.get(kind, spec.name, families)
+            except ValueError as exc:
+                problems.append(f"{path}.{sub}: {exc}")
+                continue
+            check_options(comp, spec, f"{path}.{sub}", problems)
+        config.stages.append(StageSpec(raw["stage"], name, stage_cfg))
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def to_plain(obj: Any) -> Any:
+    """A resolved config as plain YAML-able data (what ``config.yaml`` in a run dir holds)."""
+    if isinstance(obj, StageSpec):
+        return {"stage": obj.stage, "name": obj.name, **to_plain(obj.config)}
+    if isinstance(obj, ComponentSpec):
+        return {"name": obj.name, **obj.options} if obj.options else obj.name
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj

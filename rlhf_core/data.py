@@ -1,0 +1,323 @@
+"""Datasets: reading records, validating fields, tokenising with prompt masking, collation.
+
+Record formats (one JSON object per line in ``.jsonl``; also ``.json`` (a list), ``.csv`` and
+``.parquet``):
+
+- ``sft``: ``{"prompt": str, "response": str}`` or ``{"messages": [{"role", "content"}, ...]}``
+  whose last message is the assistant's response (the tokenizer's chat template renders the rest
+  when it has one; otherwise ``"<role>: <content>\\n"`` lines followed by ``"assistant: "``).
+- ``reward``: ``{"prompt": str, "response": str, "score": finite number}``.
+- ``pairwise``: ``{"prompt": str, "chosen": str, "rejected": str}``.
+- ``prompts``: ``{"prompt": str}`` or ``{"messages": [...]}`` (the conversation so far).
+
+Sequences are ``[bos] prompt response eos``; labels are ``-100`` on the prompt (loss on response
+tokens only). Bad input raises :class:`DataError` naming file, line and field.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+IGNORE_INDEX = -100
+KINDS = ("sft", "reward", "pairwise", "prompts")
+_FIELDS = {
+    "sft": ("prompt", "response"),
+    "reward": ("prompt", "response", "score"),
+    "pairwise": ("prompt", "chosen", "rejected"),
+    "prompts": ("prompt",),
+}
+
+
+class DataError(ValueError):
+    """Malformed input data; the message names the file, line and field."""
+
+
+@dataclass
+class Record:
+    """One validated example and where it came from (``source`` is ``file:line``)."""
+
+    source: str
+    fields: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json dataset must be a list of objects, got {type(data).__name__}")
+    for i, item in enumerate(data):
+        yield f"{path}: record {i}", item
+
+
+def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            for row in reader:
+                record = dict(row)
+                if "score" in record and record["score"] not in (None, ""):
+                    try:
+                        record["score"] = float(record["score"])
+                    except ValueError:
+                        pass  # left as a string: the field check reports it with its line
+                yield f"{path}:{reader.line_num}", record
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 ({exc.reason})") from None
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    for i, row in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path}: row {i}", row
+
+
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def read_records(path: str | Path, kind: str) -> list[Record]:
+    """Read and validate every record of ``path`` for data ``kind``; errors name file, line, field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unknown data format {path.suffix!r}; accepted: {', '.join(_READERS)}")
+    records = [validate_record(obj, where, kind) for where, obj in reader(path)]
+    if not records:
+        raise DataError(f"{path}: no records (the file is empty)")
+    return records
+
+
+def validate_record(obj: Any, where: str, kind: str) -> Record:
+    """Check the fields that ``kind`` needs; returns a :class:`Record` or raises :class:`DataError`."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if kind in ("sft", "prompts") and "messages" in obj:
+        _check_messages(obj["messages"], where, need_assistant_last=kind == "sft")
+        return Record(where, {"messages": obj["messages"]})
+    for name in _FIELDS[kind]:
+        if name not in obj or obj[name] is None:
+            alt = " (or 'messages')" if kind in ("sft", "prompts") else ""
+            raise DataError(f"{where}: missing field {name!r}{alt}; a {kind} record needs {', '.join(_FIELDS[kind])}")
+        value = obj[name]
+        if name == "score":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DataError(f"{where}: field 'score' must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise DataError(f"{where}: field 'score' must be finite, got {value!r}")
+        elif not isinstance(value, str):
+            raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    return Record(where, {name: obj[name] for name in _FIELDS[kind]})
+
+
+def _check_messages(messages: Any, where: str, need_assistant_last: bool) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: field 'messages[{i}]' must be an object with string 'role' and 'content'")
+    if need_assistant_last and (messages[-1]["role"] != "assistant" or len(messages) < 2):
+        raise DataError(f"{where}: field 'messages': the last message must have role 'assistant' (the response) "
+                        "and follow at least one other message")
+
+
+def load_records(spec: str, kind: str, registry: Any, *, seed: int, builtin_size: int) -> list[Record]:
+    """Records from a path or from ``builtin:NAME`` (a registered dataset)."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        factory = registry.get("dataset", name).obj
+        raw = factory(kind, builtin_size, seed)
+        return [validate_record(obj, f"builtin:{name} record {i}", kind) for i, obj in enumerate(raw)]
+    return read_records(spec, kind)
+
+
+def split_records(records: list[Record], eval_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Seeded shuffle, then hold out ``eval_fraction`` (at least one record when there are two or more)."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(records) - 1, max(1, round(len(records) * eval_fraction))) if eval_fraction > 0 else 0
+    return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
+
+
+def load_split(data_cfg: Any, kind: str, registry: Any, seed: int) -> tuple[list[Record], list[Record]]:
+    """(train, eval) records for a stage's :class:`~rlhf_core.config.DataConfig`."""
+    train = load_records(data_cfg.train, kind, registry, seed=seed, builtin_size=data_cfg.builtin_size)
+    if data_cfg.eval:
+        held = load_records(data_cfg.eval, kind, registry, seed=seed + 1, builtin_size=max(1, data_cfg.builtin_size // 10))
+    else:
+        train, held = split_records(train, data_cfg.eval_fraction, seed)
+    if data_cfg.limit is not None:
+        train = train[: data_cfg.limit]
+    return train, held
+
+
+def dataset_components(data_cfg: Any, path: str) -> list[tuple[str, Any, str, None]]:
+    """The ``builtin:`` datasets a :class:`DataConfig` names, for up-front validation."""
+    from .config import ComponentSpec
+
+    out = []
+    for key in ("train", "eval"):
+        value = getattr(data_cfg, key)
+        if isinstance(value, str) and value.startswith("builtin:"):
+            out.append(("dataset", ComponentSpec(value.split(":", 1)[1]), f"{path}.{key}", None))
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenising
+
+def render_prompt(tokenizer: Any, fields: dict[str, Any]) -> str:
+    """The prompt text: ``prompt`` as is, or ``messages`` through the chat template."""
+    if "messages" not in fields:
+        return fields["prompt"]
+    history = fields["messages"]
+    if history and history[-1]["role"] == "assistant" and "response" not in fields:
+        history = history[:-1]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in history) + "assistant: "
+
+
+def response_text(fields: dict[str, Any], key: str = "response") -> str:
+    """The response text of an SFT/reward record (last assistant message for chat records)."""
+    return fields["messages"][-1]["content"] if "messages" in fields else fields[key]
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Prompt ids: the tokenizer's BOS (if it has one) then the text, no EOS."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return ([bos] if bos is not None else []) + list(ids)
+
+
+def encode_response(tokenizer: Any, text: str) -> list[int]:
+    """Response ids: the text then EOS."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+
+
+@dataclass
+class TokenStats:
+    """How many examples were seen, cut to length, or skipped (no response token left)."""
+
+    total: int = 0
+    truncated: int = 0
+    skipped: int = 0
+    skipped_sources: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line for the log."""
+        text = f"{self.total} examples, {self.truncated} truncated, {self.skipped} skipped (no response token within max_length)"
+        if self.skipped_sources:
+            text += "; first skipped: " + ", ".join(self.skipped_sources[:3])
+        return text
+
+
+def fit_length(prompt: list[int], response: list[int], max_length: int, max_prompt_length: int | None):
+    """Cut to ``max_length``: the prompt keeps its last ``max_prompt_length`` tokens (default half),
+    then the response is cut on the right. Returns (prompt, response, truncated)."""
+    if len(prompt) + len(response) <= max_length:
+        return prompt, response, False
+    keep = max_prompt_length if max_prompt_length is not None else max_length // 2
+    if len(prompt) > keep:
+        prompt = prompt[len(prompt) - keep:]
+    return prompt, response[: max(0, max_length - len(prompt))], True
+
+
+def tokenize_sft(records: list[Record], tokenizer: Any, max_length: int, max_prompt_length: int | None):
+    """``[{"input_ids", "labels"}]`` with prompt labels masked, plus :class:`TokenStats`."""
+    stats, out = TokenStats(), []
+    for rec in records:
+        stats.total += 1
+        prompt = encode_prompt(tokenizer, render_prompt(tokenizer, rec.fields))
+        response = encode_response(tokenizer, response_text(rec.fields))
+        prompt, response, cut = fit_length(prompt, response, max_length, max_prompt_length)
+        stats.truncated += cut
+        if not response:
+            stats.skipped += 1
+            stats.skipped_sources.append(rec.source)
+            continue
+        out.append({"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response})
+    return out, stats
+
+
+def tokenize_scored(records: list[Record], tokenizer: Any, max_length: int, max_prompt_length: int | None,
+                    response_keys: tuple[str, ...] = ("response",)):
+    """Reward data: ``[{"<key>_ids": ..., "score"?: float}]`` for each response key, plus stats."""
+    stats, out = TokenStats(), []
+    for rec in records:
+        stats.total += 1
+        prompt = encode_prompt(tokenizer, render_prompt(tokenizer, rec.fields))
+        item: dict[str, Any] = {}
+        for key in response_keys:
+            p, r, cut = fit_length(prompt, encode_response(tokenizer, rec.fields[key]), max_length, max_prompt_length)
+            stats.truncated += cut
+            item[f"{key}_ids"] = p + r
+            if not r:
+                item = {}
+                break
+        if not item:
+            stats.skipped += 1
+            stats.skipped_sources.append(rec.source)
+            continue
+        if "score" in rec.fields:
+            item["score"] = float(rec.fields["score"])
+        out.append(item)
+    return out, stats
+
+
+def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Pad integer sequences to one ``[B, T]`` tensor (right padding unless ``left``)."""
+    width = max(len(s) for s in seqs)
+    rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def collate_sft(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids``/``attention_mask``/``labels`` ``[B, T]``, right padded, labels -100 on padding."""
+    ids = pad([it["input_ids"] for it in items], pad_id)
+    mask = pad([[1] * len(it["input_ids"]) for it in items], 0)
+    labels = pad([it["labels"] for it in items], IGNORE_INDEX)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_scored(items: list[dict], pad_id: int, keys: tuple[str, ...] = ("response",)) -> dict[str, torch.Tensor]:
+    """Per key: ``<key>_ids``/``<key>_mask`` ``[B, T]`` right padded; ``score [B]`` when present."""
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        seqs = [it[f"{key}_ids"] for it in items]
+        out[f"{key}_ids"] = pad(seqs, pad_id)
+        out[f"{key}_mask"] = pad([[1] * len(s) for s in seqs], 0)
+    if "score" in items[0]:
+        out["score"] = torch.tensor([it["score"] for it in items], dtype=torch.float32)
+    return out

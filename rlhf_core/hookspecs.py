@@ -1,0 +1,84 @@
+"""Every ``rlhf_*`` hook. Each docstring is the contract a plugin implements.
+
+Registration hooks receive a host-built ``register`` callback, so the host owns validation,
+duplicate detection and error messages. They all fire once, when the registry is built (at the
+start of ``rlhf run``, ``rlhf plugins`` and friends), in plugin registration order: built-ins
+first, then ``plugins:`` modules from the config, then entry points.
+"""
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("rlhf")
+hookimpl = pluggy.HookimplMarker("rlhf")
+
+
+@hookspec
+def rlhf_register_stages(register):
+    """Register pipeline stages.
+
+    :param register: ``register(name, stage_class)``. ``stage_class`` follows
+        :class:`rlhf_core.interfaces.Stage`: a ``config_class`` dataclass for its options and
+        ``run(ctx, config) -> StageResult``. The name is what a pipeline's ``stage:`` key selects.
+    :return: nothing; call ``register`` once per stage.
+    """
+
+
+@hookspec
+def rlhf_register_losses(register):
+    """Register losses.
+
+    :param register: ``register(name, fn, *, family)`` where ``family`` says which stages can use
+        it and therefore its call signature (see :mod:`rlhf_core.interfaces`): ``"token"``
+        (``fn(logits [B,T,V], labels [B,T], *, backend, **options)``), ``"score"``
+        (``fn(pred [B], target [B], **options)``), ``"pairwise"`` (``fn(chosen [B], rejected [B],
+        **options)``) or ``"policy"`` (``fn(logits, labels, old_logprobs, advantages, *, backend,
+        **options)``). Every loss returns ``(scalar loss, dict of float metrics)``. Keyword-only
+        parameters with defaults are its options, settable from the config.
+    :return: nothing.
+    """
+
+
+@hookspec
+def rlhf_register_rewards(register):
+    """Register rewards used by the PPO stage.
+
+    :param register: ``register(name, reward_class)``; the class follows
+        :class:`rlhf_core.interfaces.Reward`: built as ``reward_class(ctx, **options)`` once per
+        stage, then called ``reward(prompts, responses) -> Tensor [B]``.
+    :return: nothing.
+    """
+
+
+@hookspec
+def rlhf_register_advantages(register):
+    """Register advantage estimators used by the PPO stage.
+
+    :param register: ``register(name, estimator_class)``; the class follows
+        :class:`rlhf_core.interfaces.AdvantageEstimator`: built as ``estimator_class(**options)``,
+        then called with :class:`rlhf_core.interfaces.AdvantageInputs` and returning
+        advantages ``[B, T]``. ``needs_values = True`` asks the stage for a value model.
+    :return: nothing.
+    """
+
+
+@hookspec
+def rlhf_register_datasets(register):
+    """Register built-in datasets, selectable in a config as ``builtin:NAME``.
+
+    :param register: ``register(name, factory)`` with ``factory(kind, n, seed) -> list[dict]``,
+        ``kind`` one of ``"sft"``, ``"reward"``, ``"pairwise"``, ``"prompts"``; the records use the
+        same fields as the JSONL formats of :mod:`rlhf_core.data`.
+    :return: nothing.
+    """
+
+
+@hookspec
+def rlhf_register_commands(cli):
+    """Add commands to the ``rlhf`` command line.
+
+    :param cli: the root ``click.Group``; call ``cli.add_command(...)``. Fires when the ``rlhf``
+        executable starts, before arguments are parsed (plugins disabled through
+        ``RLHF_DISABLE_PLUGINS`` are not asked).
+    :return: nothing.
+    """

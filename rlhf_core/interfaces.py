@@ -1,0 +1,156 @@
+"""The four component kinds a plugin can provide, and the objects the engine hands them.
+
+Shapes use ``B`` = batch (sequences), ``T`` = tokens per sequence (shifted: position ``t`` holds
+the prediction of token ``t + 1``), ``V`` = vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class StageResult:
+    """What a stage leaves behind for later stages and the run summary.
+
+    ``model_dir``: a ``save_pretrained`` directory (policy or reward model) or None;
+    ``kind``: ``"policy"`` or ``"reward"``; ``summary``: final metrics (floats) for summary.json
+    under ``stages.<name>``; ``headline``: numbers promoted to the top level of summary.json
+    (e.g. ``gold_score_ppo``).
+    """
+
+    model_dir: Path | None
+    kind: str
+    summary: dict[str, float] = field(default_factory=dict)
+    headline: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """Everything the engine gives a stage: where to write, what came before, how to log.
+
+    ``results`` maps earlier stage names to their :class:`StageResult` in pipeline order.
+    ``tracker`` logs metrics (``tracker.log(step, {...})``) tagged with this stage's name.
+    """
+
+    name: str
+    stage_dir: Path
+    run_config: Any
+    registry: Any
+    tracker: Any
+    device: torch.device
+    seed: int
+    results: dict[str, StageResult]
+
+    def init_source(self, init: str, kind: str) -> str:
+        """Where a stage's starting weights come from, as a ``from_pretrained`` source.
+
+        ``auto``: the latest earlier result of ``kind`` (``"policy"``/``"reward"``), else the base
+        model; ``base``: the run's ``model.name_or_path``; ``@NAME``: the output of stage NAME;
+        anything else: a path or hub id as given.
+        """
+        if init == "auto":
+            found = self.find_result(kind)
+            return str(found[1].model_dir) if found else self.run_config.model.name_or_path
+        if init == "base":
+            return self.run_config.model.name_or_path
+        if init.startswith("@"):
+            result = self.results.get(init[1:])
+            if result is None or result.model_dir is None:
+                raise ValueError(f"stage {self.name!r}: init {init!r} names no earlier stage with a saved model; "
+                                 f"earlier stages: {', '.join(self.results) or '(none)'}")
+            return str(result.model_dir)
+        return init
+
+    def find_result(self, kind: str) -> tuple[str, StageResult] | None:
+        """The most recent earlier stage result of ``kind`` (``"policy"``/``"reward"``), if any."""
+        for name, result in reversed(list(self.results.items())):
+            if result.kind == kind:
+                return name, result
+        return None
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """A pipeline step. Reads top to bottom: setup -> loop -> save.
+
+    ``config_class`` is a dataclass whose fields are the stage's options (validated before any model
+    loads); ``components(config)`` lists the ``(kind, spec, config_path, loss_families)`` it will
+    look up, so that unknown names are reported up front; ``run`` does the work.
+    """
+
+    config_class: ClassVar[type]
+
+    def components(self, config: Any) -> list[tuple[str, Any, str, tuple[str, ...] | None]]: ...
+
+    def run(self, ctx: StageContext, config: Any) -> StageResult: ...
+
+
+class TokenLoss(Protocol):
+    """``(logits [B,T,V], labels [B,T] with -100 = ignore, *, backend) -> (loss [], metrics)``."""
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, *, backend: str | None = None,
+                 **options: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class ScoreLoss(Protocol):
+    """``(pred [B], target [B]) -> (loss [], metrics)``: regression of R_phi(x, y) on s."""
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor, **options: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class PairwiseLoss(Protocol):
+    """``(chosen [B], rejected [B]) -> (loss [], metrics)``: preference loss on reward scores."""
+
+    def __call__(self, chosen: torch.Tensor, rejected: torch.Tensor, **options: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class PolicyLoss(Protocol):
+    """``(logits [B,T,V], labels [B,T], old_logprobs [B,T], advantages [B,T], *, backend) -> (loss [], metrics)``."""
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,
+                 advantages: torch.Tensor, *, backend: str | None = None,
+                 **options: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """Scores responses: built as ``cls(ctx: StageContext, **options)``.
+
+    ``__call__(prompts: list[str], responses: list[str]) -> Tensor [B]`` (float, on any device).
+    """
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor: ...
+
+
+@dataclass
+class AdvantageInputs:
+    """What an advantage estimator sees for one rollout batch.
+
+    ``rewards [B]``: sequence reward (reward minus the KL penalty when it is in the reward);
+    ``token_rewards [B, T]``: the same reward spread per token (KL penalty per token, the
+    sequence reward on the last response token); ``mask [B, T]``: 1 on response tokens;
+    ``group_ids [B]``: which prompt each sample came from; ``values [B, T]`` or None: critic values.
+    """
+
+    rewards: torch.Tensor
+    token_rewards: torch.Tensor
+    mask: torch.Tensor
+    group_ids: torch.Tensor
+    values: torch.Tensor | None = None
+
+
+@runtime_checkable
+class AdvantageEstimator(Protocol):
+    """Turns rewards into per-token advantages: ``cls(**options)(inputs) -> Tensor [B, T]``.
+
+    Advantages are 0 outside ``inputs.mask``. ``needs_values`` asks the stage for a critic; an
+    estimator that needs values also returns ``returns`` through ``last_returns`` for the value loss.
+    """
+
+    needs_values: ClassVar[bool]
+
+    def __call__(self, inputs: AdvantageInputs) -> torch.Tensor: ...

@@ -1,0 +1,166 @@
+"""Load and save policy, reference, reward and value models.
+
+``builtin:tiny`` is a 2-layer Llama (d=64) over a byte-level tokenizer (``ByT5Tokenizer``, no files
+needed): everything runs offline. Anything else goes through ``AutoTokenizer`` /
+``AutoModelForCausalLM.from_pretrained`` (local directory or hub id), with ``trust_remote_code``
+off unless the config turns it on. Weights are saved as safetensors.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+BUILTIN_TINY = "builtin:tiny"
+REWARD_MARKER = "rlhf_reward_model.json"
+HEAD_FILE = "reward_head.safetensors"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message names the path."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; otherwise ``torch.device(spec)`` (checked)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"model.device: {exc}; accepted: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device is {spec!r} but CUDA is not available; use 'auto' or 'cpu'")
+    return device
+
+
+def tiny_config(vocab_size: int):
+    """The builtin tiny Llama configuration."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        bos_token_id=None, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False,
+    )
+
+
+def load_tokenizer(model_cfg: Any, path: str | None = None):
+    """The tokenizer for ``path`` (default: the config's tokenizer or model); pad falls back to EOS."""
+    source = path or model_cfg.tokenizer or model_cfg.name_or_path
+    if source == BUILTIN_TINY:
+        from transformers import ByT5Tokenizer
+
+        tok = ByT5Tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+        except Exception as exc:
+            raise ModelLoadError(f"could not load a tokenizer from {source!r}: {type(exc).__name__}: {exc}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise ModelLoadError(f"tokenizer {source!r} has no EOS token; responses could never end")
+    return tok
+
+
+def torch_dtype(name: str):
+    """``auto`` -> None (checkpoint dtype), otherwise the torch dtype."""
+    return None if name == "auto" else _DTYPES[name]
+
+
+def load_causal_lm(model_cfg: Any, path: str | None = None, *, seed: int = 0):
+    """A causal LM from ``path`` (default: the config's model), in the config's dtype, on CPU."""
+    source = path or model_cfg.name_or_path
+    if source == BUILTIN_TINY:
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(tiny_config(len(load_tokenizer(model_cfg, BUILTIN_TINY))))
+        dtype = torch_dtype(model_cfg.dtype)
+        return model.to(dtype) if dtype is not None else model
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype(model_cfg.dtype) or "auto", trust_remote_code=model_cfg.trust_remote_code
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"could not load a causal LM from {source!r}: {type(exc).__name__}: {exc}") from None
+
+
+def save_causal_lm(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
+    """``save_pretrained`` (safetensors) of the model and its tokenizer into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+class ScalarHeadModel(nn.Module):
+    """A transformer backbone with a linear head giving one scalar per token.
+
+    Used as the reward model R_phi(x, y) (the score reads the last non-pad token) and as the PPO
+    critic (values per token). Saves and loads as a unit: backbone via ``save_pretrained``, head as
+    ``reward_head.safetensors``, plus a marker file.
+    """
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_causal_lm(cls, causal_lm: nn.Module) -> "ScalarHeadModel":
+        """Reuse a causal LM's base model (no LM head) as the backbone."""
+        model = cls(causal_lm.base_model, causal_lm.config.hidden_size)
+        return model.to(next(causal_lm.parameters()).dtype)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-token scalars ``[B, T]`` in fp32."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        return self.head(hidden).squeeze(-1).float()
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``R_phi(x, y)`` ``[B]``: the scalar at the last non-pad token of each right-padded row."""
+        values = self(input_ids, attention_mask)
+        last = attention_mask.long().sum(dim=1).clamp(min=1) - 1  # [B]
+        return values.gather(1, last.unsqueeze(1)).squeeze(1)
+
+    def save_pretrained(self, directory: Path, tokenizer: Any = None) -> Path:
+        """Backbone (safetensors) + head + marker (+ tokenizer) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(directory, safe_serialization=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, str(directory / HEAD_FILE))
+        (directory / REWARD_MARKER).write_text(json.dumps({"format": 1, "head": HEAD_FILE}) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, dtype: Any = None, trust_remote_code: bool = False) -> "ScalarHeadModel":
+        """Load what :meth:`save_pretrained` wrote; a directory without the marker is an error."""
+        from transformers import AutoModel
+
+        directory = Path(directory)
+        if not (directory / REWARD_MARKER).is_file():
+            raise ModelLoadError(f"{directory} is not a saved reward model (no {REWARD_MARKER}); "
+                                 "train one with the 'reward' stage or point to its output directory")
+        backbone = AutoModel.from_pretrained(directory, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+        model = cls(backbone, backbone.config.hidden_size)
+        model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+        return model.to(next(backbone.parameters()).dtype)
+
+
+def is_reward_model_dir(path: str | Path) -> bool:
+    """True when ``path`` holds a saved :class:`ScalarHeadModel`."""
+    return (Path(path) / REWARD_MARKER).is_file()

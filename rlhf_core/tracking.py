@@ -1,0 +1,107 @@
+"""Run-directory bookkeeping: metrics.jsonl, summary.json, PNG plots, the final table.
+
+Only the main process (``RANK`` unset or 0) writes, so a torchrun launch logs once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a distributed launch, and always in a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class Tracker:
+    """Appends stage-tagged metric rows to ``metrics.jsonl`` and keeps them for plotting."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = run_dir / "metrics.jsonl"
+        self.stage = ""
+        self.rows: list[dict[str, Any]] = []
+        self._start = time.time()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record ``metrics`` (numbers; tensors are converted) at ``step`` of the current stage."""
+        row = {"stage": self.stage, "step": int(step), "time": round(time.time() - self._start, 3)}
+        for key, value in metrics.items():
+            value = float(value.item()) if hasattr(value, "item") else value
+            row[key] = value
+        self.rows.append(row)
+        if is_main_process():
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def series(self, stage: str) -> dict[str, tuple[list[int], list[float]]]:
+        """``metric -> (steps, values)`` for one stage (numeric, finite values only)."""
+        out: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+        for row in self.rows:
+            if row["stage"] != stage:
+                continue
+            for key, value in row.items():
+                if key in ("stage", "step", "time") or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    continue
+                out[key][0].append(row["step"])
+                out[key][1].append(float(value))
+        return dict(out)
+
+    def plot(self, stage: str) -> Path | None:
+        """One PNG per stage with a panel per metric: ``plots/<stage>.png``."""
+        series = self.series(stage)
+        if not series or not is_main_process():
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = sorted(series)
+        cols = min(4, len(names))
+        rows = math.ceil(len(names) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+        for ax, name in zip(axes.flat, names):
+            steps, values = series[name]
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, linewidth=1.2)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(names):]:
+            ax.axis("off")
+        fig.suptitle(f"stage: {stage}")
+        fig.tight_layout()
+        out = self.run_dir / "plots" / f"{stage}.png"
+        out.parent.mkdir(exist_ok=True)
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        return out
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+    """``summary.json`` (main process only)."""
+    path = run_dir / "summary.json"
+    if is_main_process():
+        path.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The end-of-run table: one block per stage, then top-level headline numbers."""
+    lines = []
+    for stage, metrics in summary.get("stages", {}).items():
+        lines.append(f"[{stage}]")
+        for key, value in metrics.items():
+            lines.append(f"  {key:<28} {value:.4g}" if isinstance(value, float) else f"  {key:<28} {value}")
+    headline = {k: v for k, v in summary.items() if k not in ("stages", "run_dir")}
+    if headline:
+        lines.append("[run]")
+        for key, value in headline.items():
+            lines.append(f"  {key:<28} {value:.4g}" if isinstance(value, float) else f"  {key:<28} {value}")
+    return "\n".join(lines)

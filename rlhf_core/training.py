@@ -1,0 +1,137 @@
+"""The optimisation loop shared by the stages: AdamW, warm-up + schedule, gradient accumulation,
+clipping, periodic eval, autocast, progress bar, stage-tagged metric logging.
+
+Distributed-ready: data comes through a ``DataLoader`` whose sampler can be swapped for a
+``DistributedSampler``, and logging/saving go through rank-aware helpers.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .tracking import is_main_process
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, torch (CPU and CUDA)."""
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def make_loader(items: list, batch_size: int, collate: Callable, seed: int, shuffle: bool = True) -> DataLoader:
+    """A seeded ``DataLoader`` over in-memory items."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator, drop_last=False)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier on the base lr: linear warm-up over ``warmup`` steps, then the schedule.
+    ``cosine`` decays to 10% of the base lr at ``total``; ``linear`` to 0; ``constant`` stays."""
+
+    def fn(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return fn
+
+
+def autocast_context(mode: str, device: torch.device):
+    """bf16/fp16 autocast, or nothing. ``auto`` = bf16 on CUDA that supports it, off on CPU."""
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if mode == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def total_steps(train_cfg: Any, n_items: int) -> int:
+    """Optimizer steps: ``steps`` if set, else ``epochs`` over the data."""
+    if train_cfg.steps is not None:
+        return max(1, train_cfg.steps)
+    per_epoch = math.ceil(n_items / (train_cfg.batch_size * train_cfg.grad_accum))
+    return max(1, math.ceil(per_epoch * train_cfg.epochs))
+
+
+def cycle(loader: Iterable) -> Iterator:
+    """Endless iteration; each pass reshuffles through the loader's generator."""
+    while True:
+        yield from loader
+
+
+class Trainer:
+    """Runs ``steps`` optimizer steps of ``compute_loss(batch) -> (loss, metrics)`` over a loader."""
+
+    def __init__(self, model: torch.nn.Module, train_cfg: Any, device: torch.device, tracker: Any, desc: str,
+                 params: Iterable[torch.nn.Parameter] | None = None):
+        self.model, self.cfg, self.device, self.tracker, self.desc = model, train_cfg, device, tracker, desc
+        trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                                           betas=tuple(train_cfg.betas))
+        self.params = trainable
+
+    def fit(self, loader: DataLoader, compute_loss: Callable[[dict], tuple[torch.Tensor, dict]],
+            evaluate: Callable[[], dict[str, float]] | None, steps: int) -> dict[str, float]:
+        """Train; returns the last logged training metrics merged with the final eval metrics."""
+        cfg = self.cfg
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, steps))
+        batches = cycle(loader)
+        window: dict[str, list[float]] = {}
+        last: dict[str, float] = {}
+        tokens, started = 0, time.perf_counter()
+        bar = tqdm(range(1, steps + 1), desc=self.desc, disable=not is_main_process(), dynamic_ncols=True, leave=True)
+        self.model.train()
+        for step in bar:
+            for _ in range(cfg.grad_accum):
+                batch = {k: v.to(self.device) for k, v in next(batches).items()}
+                with autocast_context(cfg.mixed_precision, self.device):
+                    loss, metrics = compute_loss(batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{self.desc}: loss became {loss.item()} at step {step}; "
+                                             "lower train.lr or check the data")
+                (loss / cfg.grad_accum).backward()
+                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                for key, value in {"loss": loss.item(), **metrics}.items():
+                    window.setdefault(key, []).append(float(value))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            self.optimizer.step()
+            scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if step % cfg.log_every == 0 or step == steps:
+                elapsed = time.perf_counter() - started
+                last = {k: sum(v) / len(v) for k, v in window.items()}
+                last.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), tokens_per_s=tokens / max(elapsed, 1e-9))
+                self.tracker.log(step, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+                window = {}
+            if evaluate is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != steps:
+                self.tracker.log(step, {f"eval_{k}": v for k, v in self._eval(evaluate).items()})
+        bar.close()
+        final = {f"train_{k}": v for k, v in last.items() if k in ("loss",)}
+        if evaluate is not None:
+            result = self._eval(evaluate)
+            self.tracker.log(steps, {f"eval_{k}": v for k, v in result.items()})
+            final.update({f"eval_{k}": v for k, v in result.items()})
+        return final
+
+    def _eval(self, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad(), autocast_context(self.cfg.mixed_precision, self.device):
+            result = evaluate()
+        self.model.train()
+        return result
