@@ -124,9 +124,11 @@ class ScalarHeadModel(nn.Module):
         model = cls(causal_lm.base_model, causal_lm.config.hidden_size)
         return model.to(next(causal_lm.parameters()).dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Per-token scalars ``[B, T]`` in fp32."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token scalars ``[B, T]`` in fp32 (pass ``position_ids`` for left-padded rows)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state  # [B, T, H]
         return self.head(hidden).squeeze(-1).float()
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,10 @@ ENV_STRICT = "RLHF_STRICT_PLUGINS"
 BUILTINS = {
     "sft": "rlhf_plugins.sft",
     "reward": "rlhf_plugins.reward_regression",
+    "ppo": "rlhf_plugins.ppo.stage",
+    "ppo-losses": "rlhf_plugins.ppo.loss",
+    "ppo-advantages": "rlhf_plugins.ppo.advantages",
+    "ppo-rewards": "rlhf_plugins.ppo.rewards",
     "letters": "rlhf_plugins.letters",
 }
 

@@ -1,0 +1,64 @@
+"""Policy loss ``ppo_clip`` (the seed's clipped objective), KL estimators, KL control, value loss."""
+from __future__ import annotations
+
+import torch
+
+import rlhf_kernels
+from rlhf_core import hookimpl
+
+
+def ppo_clip(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
+             backend: str | None = None, clip_eps: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+    """Seed: ``L = E_t[min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t)]`` maximised, i.e. minimise the token
+    mean over response tokens of ``max(-A r, -A clip(r))``, ``r = exp(logp - logp_old)``.
+
+    Shapes: ``logits [B, T, V]``, ``labels/old_logprobs/advantages [B, T]`` (labels -100 off the
+    response). Computed by ``rlhf_kernels.ppo_clip_loss`` (fused on GPU/CPU backends). Metrics:
+    ``clip_frac``, ``ratio_mean``, ``ratio_max``, ``approx_kl``.
+    """
+    loss, stats = rlhf_kernels.ppo_clip_loss(
+        logits, labels, old_logprobs, advantages, clip_eps=clip_eps, return_stats=True, backend=backend
+    )
+    return loss, {k: float(v) for k, v in stats.items()}
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 estimator of KL(pi || ref) per token: ``logp - logp_ref`` (unbiased, can be negative)."""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 estimator per token: ``exp(ref - logp) - (ref - logp) - 1`` (unbiased, always >= 0)."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+
+
+class KLController:
+    """The KL coefficient beta: fixed, or adaptive (Ziegler et al. 2019): after each batch
+    ``beta *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon``."""
+
+    def __init__(self, coef: float, adaptive: bool, target: float, horizon: int):
+        self.value, self.adaptive, self.target, self.horizon = coef, adaptive, target, horizon
+
+    def update(self, kl: float, n_samples: int) -> None:
+        """Adjust beta from the last batch's mean sequence KL."""
+        if self.adaptive and self.target > 0:
+            error = max(-0.2, min(0.2, kl / self.target - 1.0))
+            self.value *= 1.0 + error * n_samples / self.horizon
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       clip: float) -> torch.Tensor:
+    """``0.5 * mean_mask max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    per_token = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    mask = mask.float()
+    return 0.5 * (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+@hookimpl
+def rlhf_register_losses(register):
+    register("ppo_clip", ppo_clip, family="policy")

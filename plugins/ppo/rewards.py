@@ -1,0 +1,54 @@
+"""Built-in PPO rewards: ``reward_model`` (the trained R_phi) and ``length`` (rule-based)."""
+from __future__ import annotations
+
+import torch
+
+from rlhf_core import hookimpl
+from rlhf_core.data import encode_prompt, encode_response, pad
+from rlhf_core.models import ScalarHeadModel, load_tokenizer
+
+
+class RewardModelReward:
+    """Scores ``(prompt, response)`` text with a reward model saved by the ``reward`` stage.
+
+    ``path``: ``auto`` (the latest earlier ``reward`` stage), ``@STAGE`` or a directory. Text is
+    tokenised exactly as reward training data was (``[bos] prompt response eos``).
+    """
+
+    def __init__(self, ctx, *, path: str = "auto", batch_size: int = 64):
+        source = ctx.init_source(path, "reward")
+        self.model = ScalarHeadModel.from_pretrained(source, trust_remote_code=ctx.run_config.model.trust_remote_code)
+        self.model.to(ctx.device).eval().requires_grad_(False)
+        self.tokenizer = load_tokenizer(ctx.run_config.model, source)
+        self.device, self.batch_size = ctx.device, batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """``[B]`` reward-model scores."""
+        seqs = [encode_prompt(self.tokenizer, p) + encode_response(self.tokenizer, r) for p, r in zip(prompts, responses)]
+        out = []
+        for start in range(0, len(seqs), self.batch_size):
+            chunk = seqs[start: start + self.batch_size]
+            ids = pad(chunk, self.tokenizer.pad_token_id).to(self.device)
+            mask = pad([[1] * len(s) for s in chunk], 0).to(self.device)
+            out.append(self.model.score(ids, mask).float().cpu())
+        return torch.cat(out)
+
+
+class LengthReward:
+    """Rule-based: ``-scale * |len(response) - target| / target`` (characters); 0 at the target length."""
+
+    def __init__(self, ctx=None, *, target: int = 64, scale: float = 1.0):
+        if target <= 0:
+            raise ValueError(f"length reward: target must be > 0, got {target}")
+        self.target, self.scale = target, scale
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """``[B]`` length rewards."""
+        return torch.tensor([-self.scale * abs(len(r) - self.target) / self.target for r in responses], dtype=torch.float32)
+
+
+@hookimpl
+def rlhf_register_rewards(register):
+    register("reward_model", RewardModelReward)
+    register("length", LengthReward)

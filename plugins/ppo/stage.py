@@ -1,0 +1,287 @@
+"""Stage ``ppo``: the seed's step 3, RLHF with PPO.
+
+theta* = argmax_theta E_{(x, y) ~ pi_theta}[R_phi(x, y)], optimised with the clipped surrogate
+min(r A, clip(r, 1-eps, 1+eps) A), r = pi_theta / pi_theta_old, A from a registered advantage
+estimator (default ``batch_mean``: A = R - mean R). Each iteration: generate -> score -> train.
+A KL penalty to the frozen reference (the starting policy) keeps the policy from drifting onto
+the reward model's blind spots.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf_core import hookimpl
+from rlhf_core.config import ComponentSpec, DataConfig
+from rlhf_core.data import dataset_components, encode_prompt, load_split, render_prompt
+from rlhf_core.interfaces import AdvantageInputs, StageResult
+from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm, load_tokenizer, save_causal_lm
+from rlhf_core.tracking import is_main_process
+from rlhf_core.training import autocast_context
+
+from .advantages import whiten
+from .loss import KL_ESTIMATORS, KLController, clipped_value_loss
+from .rollout import critic_values, generate, response_logits, score_tokens, token_entropy
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling: ``temperature``, nucleus ``top_p``, ``max_new_tokens`` per response (EOS ends one)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+
+
+@dataclass
+class KLConfig:
+    """KL to the frozen reference. ``estimator``: k1 or k3; ``placement``: ``reward`` (beta * KL
+    subtracted from the reward per token) or ``loss`` (beta * mean KL added to the policy loss);
+    ``coef`` beta; ``adaptive`` adjusts beta toward ``target`` sequence KL over ``horizon`` samples."""
+
+    coef: float = 0.05
+    estimator: Literal["k1", "k3"] = "k1"
+    placement: Literal["reward", "loss"] = "reward"
+    adaptive: bool = False
+    target: float = 6.0
+    horizon: int = 10000
+
+
+@dataclass
+class PPOConfig:
+    """Options of the ``ppo`` stage (see README "Config reference")."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    init: str = "auto"
+    reward: ComponentSpec = field(default_factory=lambda: ComponentSpec("reward_model"))
+    advantage: ComponentSpec = field(default_factory=lambda: ComponentSpec("batch_mean"))
+    loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("ppo_clip"))
+    gold: ComponentSpec | None = None
+    iterations: int = 100
+    prompts_per_batch: int = 16
+    samples_per_prompt: int = 1
+    ppo_epochs: int = 2
+    minibatch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    whiten_advantages: bool = False
+    entropy_coef: float = 0.0
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    critic_init: str = "auto"
+    critic_lr: float = 1e-4
+    vf_clip: float = 0.2
+    eval_every: int = 10
+    eval_prompts: int = 64
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    save: bool = True
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``mask`` (0 when the mask is empty)."""
+    mask = mask.float()
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+class PPOStage:
+    """setup (policy, reference, reward, estimator, critic) -> loop (generate, score, train) -> save."""
+
+    config_class = PPOConfig
+
+    def components(self, config: PPOConfig):
+        """Reward, advantage estimator, policy loss, gold judge and builtin datasets to look up."""
+        return [
+            ("reward", config.reward, "reward", None), ("advantage", config.advantage, "advantage", None),
+            ("loss", config.loss, "loss", ("policy",)), ("reward", config.gold, "gold", None),
+            *dataset_components(config.data, "data"),
+        ]
+
+    def run(self, ctx, config: PPOConfig) -> StageResult:
+        """Run ``iterations`` PPO iterations; summary holds reward, KL and gold scores."""
+        model_cfg = ctx.run_config.model
+        backend = None if ctx.run_config.kernels.backend == "auto" else ctx.run_config.kernels.backend
+        device = ctx.device
+        self._check(ctx, config)
+        source = ctx.init_source(config.init, "policy")
+        tokenizer = load_tokenizer(model_cfg, None if source == model_cfg.name_or_path else source)
+        policy = load_causal_lm(model_cfg, source, seed=ctx.seed).to(device)
+        reference = load_causal_lm(model_cfg, source, seed=ctx.seed).to(device).eval().requires_grad_(False)
+        reward_fn = ctx.registry.get("reward", config.reward.name).obj(ctx, **config.reward.options)
+        gold_fn = ctx.registry.get("reward", config.gold.name).obj(ctx, **config.gold.options) if config.gold else None
+        estimator = ctx.registry.get("advantage", config.advantage.name).obj(**config.advantage.options)
+        loss_fn = ctx.registry.get("loss", config.loss.name, "policy").obj
+        critic, critic_opt = None, None
+        if estimator.needs_values:
+            critic = self._critic(ctx, config, policy, model_cfg).to(device)
+            critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.critic_lr)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        kl_ctl = KLController(config.kl.coef, config.kl.adaptive, config.kl.target, config.kl.horizon)
+
+        train_recs, eval_recs = load_split(config.data, "prompts", ctx.registry, ctx.seed)
+        prompts = [render_prompt(tokenizer, r.fields) for r in train_recs]
+        eval_prompts = [render_prompt(tokenizer, r.fields) for r in eval_recs][: config.eval_prompts]
+        rng = random.Random(ctx.seed)
+
+        def evaluate(step: int) -> dict[str, float]:
+            return self._evaluate(policy, tokenizer, eval_prompts, reward_fn, gold_fn, config, device, ctx.seed + step)
+
+        first = evaluate(0) if eval_prompts else {}
+        if first:
+            ctx.tracker.log(0, {f"eval_{k}": v for k, v in first.items()})
+        last: dict[str, float] = {}
+        kl_history: list[float] = []
+        bar = tqdm(range(1, config.iterations + 1), desc=ctx.name, disable=not is_main_process(), dynamic_ncols=True)
+        for it in bar:
+            batch_prompts = [rng.choice(prompts) for _ in range(config.prompts_per_batch)]
+            metrics = self._iteration(
+                batch_prompts, policy, reference, critic, tokenizer, reward_fn, estimator, loss_fn, optimizer,
+                critic_opt, kl_ctl, config, device, backend,
+            )
+            kl_history.append(metrics["kl"])
+            ctx.tracker.log(it, metrics)
+            last = metrics
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
+            if eval_prompts and config.eval_every > 0 and it % config.eval_every == 0 and it != config.iterations:
+                ctx.tracker.log(it, {f"eval_{k}": v for k, v in evaluate(it).items()})
+        bar.close()
+        final = evaluate(config.iterations) if eval_prompts else {}
+        if final:
+            ctx.tracker.log(config.iterations, {f"eval_{k}": v for k, v in final.items()})
+        summary = {k: last[k] for k in ("reward_mean", "kl", "kl_coef", "clip_frac", "response_length") if k in last}
+        summary["kl_max"] = max(kl_history) if kl_history else 0.0
+        summary.update({f"eval_{k}_start": v for k, v in first.items()})
+        summary.update({f"eval_{k}_end": v for k, v in final.items()})
+        headline = {}
+        if gold_fn is not None and first and final:
+            headline = {"gold_score_sft": first["gold"], "gold_score_ppo": final["gold"]}
+        model_dir = save_causal_lm(policy, tokenizer, ctx.stage_dir) if config.save else None
+        return StageResult(model_dir, "policy", summary, headline)
+
+    # ------------------------------------------------------------------ pieces
+
+    @staticmethod
+    def _check(ctx, config: PPOConfig) -> None:
+        estimator_cls = ctx.registry.get("advantage", config.advantage.name).obj
+        need = getattr(estimator_cls, "min_group_size", 1)
+        if config.samples_per_prompt < need:
+            raise ValueError(
+                f"stage {ctx.name!r}: advantage estimator {config.advantage.name!r} compares samples of the same prompt "
+                f"and needs samples_per_prompt >= {need}, got {config.samples_per_prompt}"
+            )
+        if config.minibatch_size <= 0 or config.prompts_per_batch <= 0 or config.ppo_epochs <= 0:
+            raise ValueError(f"stage {ctx.name!r}: prompts_per_batch, minibatch_size and ppo_epochs must be positive")
+
+    @staticmethod
+    def _critic(ctx, config, policy, model_cfg) -> ScalarHeadModel:
+        source = ctx.init_source(config.critic_init, "reward")
+        if is_reward_model_dir(source):
+            return ScalarHeadModel.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+        return ScalarHeadModel.from_causal_lm(load_causal_lm(model_cfg, source, seed=ctx.seed))
+
+    def _iteration(self, batch_prompts, policy, reference, critic, tokenizer, reward_fn, estimator, loss_fn, optimizer,
+                   critic_opt, kl_ctl, config: PPOConfig, device, backend) -> dict[str, float]:
+        k = config.samples_per_prompt
+        prompt_ids = [encode_prompt(tokenizer, p) for p in batch_prompts for _ in range(k)]
+        prompt_text = [p for p in batch_prompts for _ in range(k)]
+        group_ids = torch.arange(len(batch_prompts), device=device).repeat_interleave(k)
+
+        t0 = time.perf_counter()
+        policy.eval()
+        g = config.generation
+        roll = generate(policy, tokenizer, prompt_ids, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                        top_p=g.top_p, device=device)
+        t1 = time.perf_counter()
+        rewards = reward_fn(prompt_text, roll.responses).to(device).float()  # [B]
+        with torch.no_grad(), autocast_context(config.mixed_precision, device):
+            old_logp, entropy = score_tokens(policy, roll, backend, with_entropy=True)
+            ref_logp, _ = score_tokens(reference, roll, backend)
+            values = critic_values(critic, roll) if critic is not None else None
+        mask = roll.mask.float()
+        kl_tokens = KL_ESTIMATORS[config.kl.estimator](old_logp, ref_logp) * mask  # [B, R]
+        seq_kl = kl_tokens.sum(1)
+        beta = kl_ctl.value
+        token_rewards = torch.zeros_like(mask)
+        seq_rewards = rewards.clone()
+        if config.kl.placement == "reward":
+            token_rewards -= beta * kl_tokens
+            seq_rewards -= beta * seq_kl
+        last = (mask.sum(1).long() - 1).clamp(min=0)
+        token_rewards[torch.arange(len(last), device=device), last] += rewards
+        advantages = estimator(AdvantageInputs(seq_rewards, token_rewards, mask, group_ids, values)) * mask
+        returns = advantages + values if values is not None else None
+        if config.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        t2 = time.perf_counter()
+
+        policy.train()
+        stats: dict[str, list[float]] = {}
+        n = roll.sequences.shape[0]
+        for _ in range(config.ppo_epochs):
+            for idx in torch.randperm(n, device=device).split(config.minibatch_size):
+                with autocast_context(config.mixed_precision, device):
+                    logits = response_logits(policy, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
+                    loss, m = loss_fn(logits, roll.labels[idx], old_logp[idx], advantages[idx], backend=backend,
+                                      **config.loss.options)
+                    if config.kl.placement == "loss":
+                        import rlhf_kernels
+
+                        logp = rlhf_kernels.token_logprobs(logits, roll.labels[idx], backend=backend)
+                        kl_loss = masked_mean(KL_ESTIMATORS[config.kl.estimator](logp, ref_logp[idx]), mask[idx])
+                        loss = loss + beta * kl_loss
+                    if config.entropy_coef > 0:
+                        loss = loss - config.entropy_coef * masked_mean(token_entropy(logits, mask[idx]), mask[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                optimizer.step()
+                m = {**m, "policy_loss": float(loss), "grad_norm": float(grad_norm)}
+                if critic is not None:
+                    from .rollout import position_ids
+
+                    v_all = critic(roll.sequences[idx], roll.attention_mask[idx], position_ids(roll.attention_mask[idx]))
+                    v_new = v_all[:, roll.prompt_len - 1: -1]
+                    v_loss = clipped_value_loss(v_new, values[idx], returns[idx], mask[idx], config.vf_clip)
+                    critic_opt.zero_grad(set_to_none=True)
+                    v_loss.backward()
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), config.max_grad_norm)
+                    critic_opt.step()
+                    m["value_loss"] = float(v_loss)
+                for key, value in m.items():
+                    stats.setdefault(key, []).append(float(value))
+        t3 = time.perf_counter()
+        kl_ctl.update(float(seq_kl.mean()), n)
+
+        out = {key: sum(v) / len(v) for key, v in stats.items()}
+        out.update(
+            reward_mean=float(rewards.mean()), reward_std=float(rewards.std()) if n > 1 else 0.0,
+            kl=float(seq_kl.mean()), kl_coef=beta, entropy=float(masked_mean(entropy, mask)),
+            response_length=float(mask.sum(1).mean()), advantage_mean=float(masked_mean(advantages, mask)),
+            time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
+        )
+        return out
+
+    @staticmethod
+    def _evaluate(policy, tokenizer, prompts, reward_fn, gold_fn, config, device, seed) -> dict[str, float]:
+        """Mean reward (and gold score) of fresh samples on held-out prompts, with a fixed RNG seed so
+        that the starting and final policies are compared on the same random stream."""
+        g = config.generation
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            policy.eval()
+            roll = generate(policy, tokenizer, [encode_prompt(tokenizer, p) for p in prompts],
+                            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, device=device)
+        result = {"reward": float(reward_fn(prompts, roll.responses).float().mean())}
+        if gold_fn is not None:
+            result["gold"] = float(gold_fn(prompts, roll.responses).float().mean())
+        return result
+
+
+@hookimpl
+def rlhf_register_stages(register):
+    register("ppo", PPOStage)
