@@ -129,7 +129,7 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
         ("rlhf_register_advantages", "advantage"), ("rlhf_register_datasets", "dataset"),
     ]
     for hook_name, kind in hooks:
-        for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):  # registration order
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():  # registration order
             plugin = impl.plugin_name
 
             def register(name, obj, _kind=kind, _plugin=plugin, **meta):

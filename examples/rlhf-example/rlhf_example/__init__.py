@@ -1,0 +1,1 @@
+"""rlhf-example: the plugin built step by step in the README's "Writing a plugin" tutorial."""

@@ -1,0 +1,54 @@
+"""Three components, each a small function or class, registered through rlhf's hooks."""
+from __future__ import annotations
+
+import torch
+
+import rlhf_kernels
+from rlhf_core import hookimpl
+from rlhf_core.interfaces import AdvantageInputs
+
+
+def label_smoothed_ce(logits, labels, *, backend=None, smoothing: float = 0.1):
+    """Token loss: ``(1 - s) * CE + s * mean_v(-log p_v)`` over response tokens (logits [B, T, V])."""
+    valid = labels != -100
+    nll = rlhf_kernels.cross_entropy(logits, labels, reduction="mean", backend=backend)
+    uniform = -torch.log_softmax(logits.float(), dim=-1).mean(-1)  # [B, T]
+    smooth = (uniform * valid).sum() / valid.sum().clamp(min=1)
+    return (1 - smoothing) * nll + smoothing * smooth, {"smooth_term": float(smooth)}
+
+
+class RepeatReward:
+    """Rule-based reward: share of response characters equal to the prompt's first character."""
+
+    def __init__(self, ctx=None, *, scale: float = 1.0):
+        self.scale = scale
+
+    def __call__(self, prompts, responses):
+        scores = [sum(ch == p[:1] for ch in r) / max(1, len(r)) for p, r in zip(prompts, responses)]
+        return self.scale * torch.tensor(scores, dtype=torch.float32)
+
+
+class MedianBaseline:
+    """Advantage estimator: ``A_i = R_i - median_j R_j`` (robust to outlier rewards)."""
+
+    needs_values = False
+    min_group_size = 1
+
+    def __call__(self, inputs: AdvantageInputs) -> torch.Tensor:
+        adv = inputs.rewards.float() - inputs.rewards.float().median()
+        return adv.unsqueeze(1) * inputs.mask.float()
+
+
+@hookimpl
+def rlhf_register_losses(register):
+    register("label_smoothed_ce", label_smoothed_ce, family="token")
+
+
+@hookimpl
+def rlhf_register_rewards(register):
+    register("repeat", RepeatReward)
+
+
+@hookimpl
+def rlhf_register_advantages(register):
+    register("median", MedianBaseline)

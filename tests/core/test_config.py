@@ -1,0 +1,101 @@
+"""Config loading: all problems reported together, with paths and choices; overrides."""
+from __future__ import annotations
+
+import pytest
+
+from rlhf_core.config import ConfigError, ModelConfig, apply_override, coerce_dataclass, load_raw, resolve
+
+
+def problems_of(data, registry):
+    with pytest.raises(ConfigError) as info:
+        resolve(data, registry)
+    return info.value.problems
+
+
+def test_all_problems_reported_together_with_choices(registry):
+    data = {
+        "seed": "zero",
+        "modle": {},
+        "stages": [
+            {"stage": "sft", "train": {"lr": "fast", "stepz": 3}, "loss": "crossentropy"},
+            {"stage": "ppo", "advantage": "rlo", "kl": {"estimator": "k2"}},
+            {"stage": "dpo"},
+        ],
+    }
+    problems = problems_of(data, registry)
+    text = "\n".join(problems)
+    assert "seed: expected an integer, got 'zero'" in text
+    assert "modle: unknown key; accepted:" in text and "model" in text
+    assert "stages[0].train.lr: expected a number, got 'fast'" in text
+    assert "stages[0].train.stepz: unknown key" in text
+    assert "stages[0].loss: unknown loss 'crossentropy'; available: cross_entropy" in text
+    assert "stages[1].advantage: unknown advantage estimator 'rlo'; available: batch_mean, ema, gae, group_mean, rloo" in text
+    assert "stages[1].kl.estimator: expected one of 'k1', 'k2'" not in text and "'k2'" in text
+    assert "stages[2].stage: unknown stage 'dpo'; available: ppo, reward, sft" in text
+    assert len(problems) == 8
+
+
+def test_wrong_loss_family_names_the_family(registry):
+    problems = problems_of({"stages": [{"stage": "sft", "loss": "mse"}]}, registry)
+    assert problems == ["stages[0].loss: loss 'mse' is a 'score' loss, but this stage needs 'token'; available: cross_entropy"]
+
+
+def test_component_options_checked(registry):
+    problems = problems_of({"stages": [{"stage": "reward", "loss": {"name": "huber", "delt": 2}}]}, registry)
+    assert problems == ["stages[0].loss.delt: unknown option for loss 'huber'; accepted: delta"]
+    problems = problems_of({"stages": [{"stage": "reward", "loss": {"name": "huber", "delta": "big"}}]}, registry)
+    assert problems == ["stages[0].loss.delta: expected a number, got 'big'"]
+
+
+def test_builtin_dataset_names_checked(registry):
+    problems = problems_of({"stages": [{"stage": "sft", "data": {"train": "builtin:letterz"}}]}, registry)
+    assert problems == ["stages[0].data.train: unknown dataset 'letterz'; available: letters"]
+
+
+def test_duplicate_stage_names_and_empty_stages(registry):
+    assert problems_of({"stages": []}, registry)[0].startswith("stages: expected a non-empty list")
+    problems = problems_of({"stages": [{"stage": "sft"}, {"stage": "sft"}]}, registry)
+    assert "stages[1].name: stage name 'sft' is used twice" in problems[0]
+
+
+def test_overrides_by_name_and_index():
+    data = load_raw(None, ["stages.sft.train.lr=0.5", "stages.2.iterations=3", "seed=7", "model.dtype=bfloat16"])
+    assert data["seed"] == 7 and data["model"]["dtype"] == "bfloat16"
+    assert data["stages"][0]["train"]["lr"] == 0.5 and data["stages"][2]["iterations"] == 3
+    with pytest.raises(ConfigError, match="no list entry 'dpo'.*sft, reward, ppo"):
+        load_raw(None, ["stages.dpo.lr=1"])
+    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+        load_raw(None, ["seed"])
+
+
+def test_apply_override_creates_nested_keys():
+    data = {}
+    apply_override(data, ["a", "b"], 1)
+    assert data == {"a": {"b": 1}}
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("seed: 0\nstages: [\n  - stage: sft\n")
+    with pytest.raises(ConfigError) as info:
+        load_raw(str(path))
+    assert str(path) in str(info.value) and "line" in info.value.problems[0]
+
+
+def test_literal_and_types():
+    problems = []
+    cfg = coerce_dataclass(ModelConfig, {"dtype": "float8", "trust_remote_code": "yes"}, "model", problems)
+    assert cfg is not None
+    assert problems == ["model.dtype: expected one of 'auto', 'float32', 'bfloat16', 'float16', got 'float8'",
+                        "model.trust_remote_code: expected true or false, got 'yes'"]
+
+
+def test_embedded_default_resolves_and_example_copy_matches(registry):
+    from pathlib import Path
+
+    from rlhf_core.config import to_plain
+
+    default = to_plain(resolve(load_raw(None), registry))
+    example = Path(__file__).parents[2] / "examples" / "configs" / "default.yaml"
+    assert to_plain(resolve(load_raw(str(example)), registry)) == default
+    assert [s["stage"] for s in default["stages"]] == ["sft", "reward", "ppo"]

@@ -1,0 +1,202 @@
+"""Plugin loading: entry points one at a time, broken plugins, strict mode, duplicates, typos."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import sys
+import types
+
+import pytest
+
+from rlhf_core import hookimpl
+from rlhf_core import plugins as plugmod
+from rlhf_core.plugins import PluginLoadError, build_registry, get_plugin_manager
+from rlhf_core.registry import RegistryError
+
+
+class FakeDist:
+    def __init__(self, name, version):
+        self.metadata = {"Name": name}
+        self.version = version
+
+
+class FakeEntryPoint:
+    def __init__(self, name, loader, dist="rlhf-fake", version="1.2.3"):
+        self.name, self._loader, self.dist = name, loader, FakeDist(dist, version)
+
+    def load(self):
+        return self._loader()
+
+
+def install_fake_entry_points(monkeypatch, eps):
+    real = md.entry_points
+
+    def fake(**kwargs):
+        if kwargs.get("group") == plugmod.ENTRY_POINT_GROUP:
+            return eps
+        return real(**kwargs)
+
+    monkeypatch.setattr(md, "entry_points", fake)
+
+
+def make_module(name, **attrs):
+    module = types.ModuleType(name)
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    return module
+
+
+def good_plugin():
+    @hookimpl
+    def rlhf_register_losses(register):
+        register("zero_loss", lambda pred, target: (pred.sum() * 0, {}), family="score")
+
+    return make_module("good", rlhf_register_losses=rlhf_register_losses)
+
+
+def broken_plugin():
+    raise ImportError("No module named 'missing_dependency'")
+
+
+def test_entry_point_plugin_registers_and_is_listed(monkeypatch):
+    install_fake_entry_points(monkeypatch, [FakeEntryPoint("good", good_plugin)])
+    pm = get_plugin_manager()
+    registry = build_registry(pm)
+    assert registry.get("loss", "zero_loss").plugin == "good"
+    info = pm.rlhf_info["good"]
+    assert (info.version, info.source, info.error) == ("1.2.3", "entry point of rlhf-fake", "")
+
+
+def test_broken_plugin_warns_once_and_host_keeps_working(monkeypatch, capsys):
+    install_fake_entry_points(monkeypatch, [FakeEntryPoint("broken", broken_plugin), FakeEntryPoint("good", good_plugin)])
+    monkeypatch.delenv(plugmod.ENV_STRICT, raising=False)
+    pm = get_plugin_manager()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "plugin 'broken' from rlhf-fake 1.2.3 failed to load: ImportError: No module named 'missing_dependency'" in err[0]
+    assert "RLHF_DISABLE_PLUGINS=broken" in err[0]
+    assert "zero_loss" in build_registry(pm).names("loss")
+    assert pm.rlhf_info["broken"].error.startswith("ImportError")
+
+
+def test_strict_mode_raises(monkeypatch):
+    install_fake_entry_points(monkeypatch, [FakeEntryPoint("broken", broken_plugin)])
+    monkeypatch.setenv(plugmod.ENV_STRICT, "1")
+    with pytest.raises(PluginLoadError, match="plugin 'broken' from rlhf-fake 1.2.3 failed to load"):
+        get_plugin_manager()
+
+
+def test_disable_by_env_and_argument(monkeypatch):
+    install_fake_entry_points(monkeypatch, [FakeEntryPoint("broken", broken_plugin)])
+    monkeypatch.setenv(plugmod.ENV_STRICT, "1")
+    monkeypatch.setenv(plugmod.ENV_DISABLE, "broken")
+    pm = get_plugin_manager()  # would raise if 'broken' were loaded
+    assert "broken" not in pm.rlhf_info
+    monkeypatch.delenv(plugmod.ENV_DISABLE)
+    pm = get_plugin_manager(disabled={"broken", "ppo"})
+    assert "ppo" not in build_registry(pm).names("stage")
+
+
+def test_duplicate_component_names_both_plugins(monkeypatch):
+    def clash():
+        @hookimpl
+        def rlhf_register_losses(register):
+            register("mse", lambda p, t: (p.sum(), {}), family="score")
+
+        return make_module("clash", rlhf_register_losses=rlhf_register_losses)
+
+    install_fake_entry_points(monkeypatch, [FakeEntryPoint("clash", clash)])
+    with pytest.raises(RegistryError, match="loss 'mse' is registered twice: by plugin 'reward' and by plugin 'clash'"):
+        build_registry(get_plugin_manager())
+
+
+def test_misspelled_hook_is_an_error(monkeypatch):
+    def typo():
+        @hookimpl
+        def rlhf_register_loses(register):
+            pass
+
+        return make_module("typo", rlhf_register_loses=rlhf_register_loses)
+
+    install_fake_entry_points(monkeypatch, [FakeEntryPoint("typo", typo)])
+    with pytest.raises(PluginLoadError, match="rlhf_register_loses.*hooks must be one of: .*rlhf_register_losses"):
+        get_plugin_manager()
+
+
+def test_bad_loss_family_and_error_inside_registration(monkeypatch):
+    def bad_family():
+        @hookimpl
+        def rlhf_register_losses(register):
+            register("weird", lambda: None, family="vibes")
+
+        return make_module("badfam", rlhf_register_losses=rlhf_register_losses)
+
+    install_fake_entry_points(monkeypatch, [FakeEntryPoint("badfam", bad_family)])
+    with pytest.raises(RegistryError, match="plugin 'badfam' registered loss 'weird' with family 'vibes'; accepted: token"):
+        build_registry(get_plugin_manager())
+
+    def raises():
+        @hookimpl
+        def rlhf_register_rewards(register):
+            raise KeyError("oops")
+
+        return make_module("raiser", rlhf_register_rewards=rlhf_register_rewards)
+
+    install_fake_entry_points(monkeypatch, [FakeEntryPoint("raiser", raises)])
+    with pytest.raises(PluginLoadError, match="plugin 'raiser' failed in rlhf_register_rewards: KeyError"):
+        build_registry(get_plugin_manager())
+
+
+def test_config_module_plugin(monkeypatch):
+    module = good_plugin()
+    monkeypatch.setitem(sys.modules, "my_local_plugin", module)
+    pm = get_plugin_manager(modules=["my_local_plugin"], entry_points=False)
+    assert build_registry(pm).get("loss", "zero_loss").plugin == "my_local_plugin"
+    with pytest.raises(PluginLoadError, match="plugin module 'no_such_module_x' \\(config 'plugins'\\) failed to import"):
+        get_plugin_manager(modules=["no_such_module_x"], entry_points=False)
+
+
+def test_every_hook_documented_and_tested():
+    """The datasette pattern: each hook has a docstring, a README section and a test that names it."""
+    from pathlib import Path
+
+    from rlhf_core import hookspecs
+
+    root = Path(__file__).parents[2]
+    readme = (root / "README.md").read_text()
+    tests = "\n".join(p.read_text() for p in (root / "tests").rglob("test_*.py"))
+    hooks = [n for n in dir(hookspecs) if n.startswith("rlhf_")]
+    assert len(hooks) == 6
+    for name in hooks:
+        assert getattr(hookspecs, name).__doc__ and ":param" in getattr(hookspecs, name).__doc__, name
+        assert f"`{name}`" in readme, f"{name} missing from README plugin guide"
+        assert tests.count(name) >= 2, f"{name} has no test"
+
+
+def test_rlhf_register_commands_adds_a_cli_command(monkeypatch):
+    import click
+    from click.testing import CliRunner
+
+    from rlhf_core import cli as climod
+
+    def with_command():
+        @click.command("hello")
+        def hello():
+            click.echo("hello from plugin")
+
+        @hookimpl
+        def rlhf_register_commands(cli):
+            cli.add_command(hello)
+
+        return make_module("cmdplug", rlhf_register_commands=rlhf_register_commands)
+
+    install_fake_entry_points(monkeypatch, [FakeEntryPoint("cmdplug", with_command)])
+    group = click.Group(name="rlhf", commands=dict(climod.cli.commands))
+    get_plugin_manager().hook.rlhf_register_commands(cli=group)
+    assert CliRunner().invoke(group, ["hello"]).output == "hello from plugin\n"
+
+
+def test_rlhf_register_datasets_builtin_used_by_stage(registry):
+    from rlhf_core.data import load_records
+
+    records = load_records("builtin:letters", "reward", registry, seed=1, builtin_size=5)
+    assert len(records) == 5 and set(records[0].fields) == {"prompt", "response", "score"}
