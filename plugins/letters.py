@@ -8,7 +8,7 @@ pay: ``gold_score("a=", "aaaaaaaa") == 1.0``, ``gold_score("a=", "aabbaaaa") == 
 The SFT demonstrations are noisy, as human demonstrations are: each character is ``c`` with
 probability 1/2 and a random letter otherwise, so imitation alone reaches a gold score near
 0.56. The reward data pairs responses of every quality (share of ``c`` uniform in [0, 1], lengths
-6-10) with their gold scores, so the reward model can learn what the rater wants and PPO can
+1-16) with their gold scores, so the reward model can learn what the rater wants and PPO can
 push the policy past its demonstrations.
 """
 from __future__ import annotations
@@ -56,7 +56,10 @@ def make_records(kind: str, n: int, seed: int) -> list[dict]:
         elif kind == "sft":
             out.append({"prompt": prompt, "response": _noisy_response(rng, letter, 0.5, TARGET_LEN)})
         elif kind == "reward":
-            response = _noisy_response(rng, letter, rng.random(), rng.randint(TARGET_LEN - 2, TARGET_LEN + 2))
+            # Every length a policy can plausibly emit (1-16), so the reward model learns that
+            # short answers are penalised too; with lengths 6-10 only, PPO found 5-character
+            # answers that the reward model overrated (a real reward hack, caught by the gold judge).
+            response = _noisy_response(rng, letter, rng.random(), rng.randint(1, 2 * TARGET_LEN))
             out.append({"prompt": prompt, "response": response, "score": gold_score(prompt, response)})
         elif kind == "pairwise":
             a, b = (_noisy_response(rng, letter, rng.random(), TARGET_LEN) for _ in range(2))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from rlhf_core import hookimpl
 from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
 from rlhf_core.data import collate_scored, dataset_components, load_split, tokenize_scored
-from rlhf_core.interfaces import StageResult
+from rlhf_core.interfaces import StageError, StageResult
 from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm, load_tokenizer
 from rlhf_core.training import Trainer, make_loader, total_steps
 
@@ -79,7 +79,7 @@ class RewardStage:
         eval_items, _ = tokenize_scored(eval_recs, tokenizer, dl.max_length, dl.max_prompt_length, keys)
         print(f"reward data: {stats.describe()}; {len(eval_items)} held out")
         if not train_items:
-            raise ValueError(f"stage {ctx.name!r}: no usable training examples ({stats.describe()})")
+            raise StageError(f"stage {ctx.name!r}: no usable training examples ({stats.describe()})")
         if is_reward_model_dir(source):
             model = ScalarHeadModel.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
         else:

@@ -13,7 +13,7 @@ import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
 from rlhf_core.data import collate_sft, dataset_components, load_split, tokenize_sft
-from rlhf_core.interfaces import StageResult
+from rlhf_core.interfaces import StageError, StageResult
 from rlhf_core.models import load_causal_lm, load_tokenizer, save_causal_lm
 from rlhf_core.training import Trainer, make_loader, total_steps
 
@@ -75,7 +75,7 @@ class SFTStage:
         eval_items, _ = tokenize_sft(eval_recs, tokenizer, config.data.max_length, config.data.max_prompt_length)
         print(f"sft data: {stats.describe()}; {len(eval_items)} held out")
         if not train_items:
-            raise ValueError(f"stage {ctx.name!r}: no usable training examples ({stats.describe()})")
+            raise StageError(f"stage {ctx.name!r}: no usable training examples ({stats.describe()})")
         model = load_causal_lm(model_cfg, source, seed=ctx.seed).to(ctx.device)
         loss_entry = ctx.registry.get("loss", config.loss.name, "token")
 

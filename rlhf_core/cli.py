@@ -11,13 +11,14 @@ import yaml
 from . import __version__
 from .config import ConfigError, to_plain
 from .data import DataError
+from .interfaces import StageError
 from .engine import RunDirError, make_run_dir, prepare, run_pipeline
 from .models import ModelLoadError
 from .plugins import PluginLoadError, build_registry, disabled_from_env, get_plugin_manager, registered_by
 from .registry import RegistryError
 
 #: Errors a user can fix; shown as one message, not a traceback (RLHF_DEBUG=1 shows the traceback).
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, PluginLoadError, RegistryError, RunDirError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, PluginLoadError, RegistryError, RunDirError, StageError)
 
 
 def _user_error(exc: Exception) -> click.ClickException:

@@ -353,7 +353,10 @@ def resolve(data: dict, registry: Any, source: str = "config") -> RunConfig:
         stage_cfg = coerce_dataclass(entry.obj.config_class, options, path, problems)
         if stage_cfg is None:
             continue
-        for kind, spec, sub, families in entry.obj().components(stage_cfg):
+        stage = entry.obj()
+        if hasattr(stage, "validate"):
+            problems.extend(f"{path}.{p}" for p in stage.validate(stage_cfg, registry))
+        for kind, spec, sub, families in stage.components(stage_cfg):
             if spec is None:
                 continue
             try:

@@ -12,6 +12,10 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 
+class StageError(ValueError):
+    """A stage cannot run with the given options or inputs; shown to the user without a traceback."""
+
+
 @dataclass
 class StageResult:
     """What a stage leaves behind for later stages and the run summary.
@@ -60,7 +64,7 @@ class StageContext:
         if init.startswith("@"):
             result = self.results.get(init[1:])
             if result is None or result.model_dir is None:
-                raise ValueError(f"stage {self.name!r}: init {init!r} names no earlier stage with a saved model; "
+                raise StageError(f"stage {self.name!r}: init {init!r} names no earlier stage with a saved model; "
                                  f"earlier stages: {', '.join(self.results) or '(none)'}")
             return str(result.model_dir)
         return init
@@ -79,7 +83,8 @@ class Stage(Protocol):
 
     ``config_class`` is a dataclass whose fields are the stage's options (validated before any model
     loads); ``components(config)`` lists the ``(kind, spec, config_path, loss_families)`` it will
-    look up, so that unknown names are reported up front; ``run`` does the work.
+    look up, so that unknown names are reported up front; an optional ``validate(config, registry)
+    -> list[str]`` reports cross-field problems, also before any model loads; ``run`` does the work.
     """
 
     config_class: ClassVar[type]

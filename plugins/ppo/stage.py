@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from rlhf_core import hookimpl
 from rlhf_core.config import ComponentSpec, DataConfig
 from rlhf_core.data import dataset_components, encode_prompt, load_split, render_prompt
-from rlhf_core.interfaces import AdvantageInputs, StageResult
+from rlhf_core.interfaces import AdvantageInputs, StageError, StageResult
 from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm, load_tokenizer, save_causal_lm
 from rlhf_core.tracking import is_main_process
 from rlhf_core.training import autocast_context
@@ -107,7 +107,6 @@ class PPOStage:
         model_cfg = ctx.run_config.model
         backend = None if ctx.run_config.kernels.backend == "auto" else ctx.run_config.kernels.backend
         device = ctx.device
-        self._check(ctx, config)
         source = ctx.init_source(config.init, "policy")
         tokenizer = load_tokenizer(model_cfg, None if source == model_cfg.name_or_path else source)
         policy = load_causal_lm(model_cfg, source, seed=ctx.seed).to(device)
@@ -165,17 +164,25 @@ class PPOStage:
 
     # ------------------------------------------------------------------ pieces
 
-    @staticmethod
-    def _check(ctx, config: PPOConfig) -> None:
-        estimator_cls = ctx.registry.get("advantage", config.advantage.name).obj
+    def validate(self, config: PPOConfig, registry) -> list[str]:
+        """Cross-field problems found before any model loads (``key: message`` each)."""
+        problems = []
+        try:
+            estimator_cls = registry.get("advantage", config.advantage.name).obj
+        except ValueError:
+            estimator_cls = None  # already reported as an unknown name
         need = getattr(estimator_cls, "min_group_size", 1)
         if config.samples_per_prompt < need:
-            raise ValueError(
-                f"stage {ctx.name!r}: advantage estimator {config.advantage.name!r} compares samples of the same prompt "
-                f"and needs samples_per_prompt >= {need}, got {config.samples_per_prompt}"
+            problems.append(
+                f"samples_per_prompt: advantage estimator {config.advantage.name!r} compares samples of the same "
+                f"prompt and needs samples_per_prompt >= {need}, got {config.samples_per_prompt}"
             )
-        if config.minibatch_size <= 0 or config.prompts_per_batch <= 0 or config.ppo_epochs <= 0:
-            raise ValueError(f"stage {ctx.name!r}: prompts_per_batch, minibatch_size and ppo_epochs must be positive")
+        for key in ("iterations", "prompts_per_batch", "samples_per_prompt", "minibatch_size", "ppo_epochs"):
+            if getattr(config, key) <= 0:
+                problems.append(f"{key}: must be positive, got {getattr(config, key)}")
+        if config.generation.temperature <= 0 or not 0 < config.generation.top_p <= 1:
+            problems.append("generation: temperature must be > 0 and top_p in (0, 1]")
+        return problems
 
     @staticmethod
     def _critic(ctx, config, policy, model_cfg) -> ScalarHeadModel:
