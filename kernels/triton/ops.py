@@ -50,15 +50,15 @@ def _logprobs_bwd_kernel(
     out_row = out_ptr + row * out_stride_row
     g = tl.load(grad_ptr + row) * inv_temp
     lse = tl.load(lse_ptr + row)
-    if label == ignore_index:
-        g = 0.0
+    active = label != ignore_index
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK).to(tl.int64)
         mask = cols < n_cols
         x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
         prob = tl.exp(x - lse)
         onehot = tl.where(cols == label, 1.0, 0.0)
-        grad = g * (onehot - prob)
+        # Ignored rows have no lse (stored 0): exp(x - 0) may overflow, so select, never multiply.
+        grad = tl.where(active, g * (onehot - prob), 0.0)
         tl.store(out_row + cols, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -200,3 +200,41 @@ def test_rlhf_register_datasets_builtin_used_by_stage(registry):
 
     records = load_records("builtin:letters", "reward", registry, seed=1, builtin_size=5)
     assert len(records) == 5 and set(records[0].fields) == {"prompt", "response", "score"}
+
+
+def test_each_registration_hook_registers_under_its_kind(monkeypatch):
+    """rlhf_register_stages, rlhf_register_losses, rlhf_register_rewards, rlhf_register_advantages and
+    rlhf_register_datasets each land in their own registry table, tagged with the plugin."""
+
+    class MyStage:
+        config_class = dict
+
+    def plugin():
+        @hookimpl
+        def rlhf_register_stages(register):
+            register("my_stage", MyStage)
+
+        @hookimpl
+        def rlhf_register_losses(register):
+            register("my_loss", lambda logits, labels, *, backend=None: (logits.sum(), {}), family="token")
+
+        @hookimpl
+        def rlhf_register_rewards(register):
+            register("my_reward", type("R", (), {"__init__": lambda self, ctx, *, k=1: None}))
+
+        @hookimpl
+        def rlhf_register_advantages(register):
+            register("my_adv", type("A", (), {"needs_values": False}))
+
+        @hookimpl
+        def rlhf_register_datasets(register):
+            register("my_data", lambda kind, n, seed: [{"prompt": "p"}] * n)
+
+        return make_module("mine", **{f.__name__: f for f in (
+            rlhf_register_stages, rlhf_register_losses, rlhf_register_rewards, rlhf_register_advantages, rlhf_register_datasets)})
+
+    install_fake_entry_points(monkeypatch, [FakeEntryPoint("mine", plugin)])
+    registry = build_registry(get_plugin_manager())
+    for kind, name in [("stage", "my_stage"), ("loss", "my_loss"), ("reward", "my_reward"), ("advantage", "my_adv"), ("dataset", "my_data")]:
+        assert registry.get(kind, name).plugin == "mine"
+    assert list(registry.get("reward", "my_reward").options()) == ["k"]

@@ -1,0 +1,343 @@
+// C++ CPU row kernels for rlhf_kernels (the `cpp` backend).
+//
+// Two kernels over a [N, V] logits view (unit column stride, row stride given):
+//   forward : logp[i] = x[i, label_i] / T - lse_i, lse_i = log sum_j exp(x[i, j] / T)
+//             one sweep from memory per row: blocks of BLOCK columns are read into L1, the block
+//             max rescales the running sum once, then exp(x - max) is summed (one exp / element).
+//   backward: out[i, j] = g_i / T * (onehot(j == label_i) - exp(x[i, j] / T - lse_i))
+//             one sweep, the gradient written once (out may alias x).
+// fp32 accumulation whatever the input dtype (fp32, bf16, fp16). Rows are split across threads;
+// the AVX2+FMA(+F16C) path is chosen at run time from CPUID, with a portable scalar fallback.
+// Tensors cross the boundary as raw pointers so the extension does not link against torch.
+
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define RLHF_X86 1
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+constexpr int64_t BLOCK = 2048;
+
+// ----------------------------------------------------------------------------- scalar helpers
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ffu, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal
+      exp = 127 - 15 + 1;
+      while (!(mant & 0x400u)) { mant <<= 1; --exp; }
+      bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+inline uint16_t f32_to_f16(float f) {  // round to nearest even
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  int32_t exp = static_cast<int32_t>((x >> 23) & 0xff) - 127 + 15;
+  uint32_t mant = x & 0x7fffffu;
+  if (((x >> 23) & 0xff) == 0xff) return static_cast<uint16_t>(sign | 0x7c00u | (mant ? 0x200u : 0));
+  if (exp >= 31) return static_cast<uint16_t>(sign | 0x7c00u);
+  if (exp <= 0) {
+    if (exp < -10) return static_cast<uint16_t>(sign);
+    mant |= 0x800000u;
+    uint32_t shift = static_cast<uint32_t>(14 - exp);
+    uint32_t half = mant >> shift, rem = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
+    if (rem > mid || (rem == mid && (half & 1u))) ++half;
+    return static_cast<uint16_t>(sign | half);
+  }
+  uint32_t half = sign | (static_cast<uint32_t>(exp) << 10) | (mant >> 13);
+  uint32_t rem = mant & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (half & 1u))) ++half;
+  return static_cast<uint16_t>(half);
+}
+
+template <int D> inline float load1(const void* p, int64_t i) {
+  if constexpr (D == F32) return static_cast<const float*>(p)[i];
+  else if constexpr (D == BF16) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  else return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+}
+
+template <int D> inline void store1(void* p, int64_t i, float v) {
+  if constexpr (D == F32) static_cast<float*>(p)[i] = v;
+  else if constexpr (D == BF16) static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+  else static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
+}
+
+constexpr int elem_size(int d) { return d == F32 ? 4 : 2; }
+
+// ----------------------------------------------------------------------------- scalar rows
+
+template <int D>
+void forward_row_scalar(const void* row, int64_t n, float inv_t, float& max_out, float& sum_out) {
+  float m = -std::numeric_limits<float>::infinity(), s = 0.f;
+  for (int64_t start = 0; start < n; start += BLOCK) {
+    int64_t end = std::min(n, start + BLOCK);
+    float bm = -std::numeric_limits<float>::infinity();
+    for (int64_t j = start; j < end; ++j) bm = std::max(bm, load1<D>(row, j) * inv_t);
+    if (bm > m) { s *= std::exp(m - bm); m = bm; }
+    for (int64_t j = start; j < end; ++j) s += std::exp(load1<D>(row, j) * inv_t - m);
+  }
+  max_out = m;
+  sum_out = s;
+}
+
+template <int D>
+void backward_row_scalar(const void* row, void* out, int64_t n, float inv_t, float lse, float g) {
+  for (int64_t j = 0; j < n; ++j) store1<D>(out, j, -g * std::exp(load1<D>(row, j) * inv_t - lse));
+}
+
+// ----------------------------------------------------------------------------- AVX2 rows
+#ifdef RLHF_X86
+#define RLHF_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// exp for 8 floats: Cephes-style range reduction x = n ln2 + r, degree-6 polynomial on r,
+// scale by 2^n. Relative error ~1e-7 over the clamped range [-87.3, 88.7].
+RLHF_AVX2 inline __m256 exp256(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365478515625f);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f);
+  __m256 below = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, c1, x);
+  x = _mm256_fnmadd_ps(fx, c2, x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 x2 = _mm256_mul_ps(x, x);
+  y = _mm256_fmadd_ps(y, x2, _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+  return _mm256_andnot_ps(below, y);  // exp(-inf) and deep underflow -> 0
+}
+
+template <int D> RLHF_AVX2 inline __m256 load8(const void* p, int64_t i) {
+  if constexpr (D == F32) {
+    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  } else {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    if constexpr (D == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    else return _mm256_cvtph_ps(h);
+  }
+}
+
+template <int D> RLHF_AVX2 inline void store8(void* p, int64_t i, __m256 v) {
+  if constexpr (D == F32) {
+    _mm256_storeu_ps(static_cast<float*>(p) + i, v);
+  } else if constexpr (D == F16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {  // bf16, round to nearest even
+    __m256i b = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    b = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), packed);
+  }
+}
+
+RLHF_AVX2 inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+RLHF_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+template <int D>
+RLHF_AVX2 void forward_row_avx2(const void* row, int64_t n, float inv_t, float& max_out, float& sum_out) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const __m256 vt = _mm256_set1_ps(inv_t);
+  float m = ninf, s = 0.f;
+  for (int64_t start = 0; start < n; start += BLOCK) {
+    int64_t end = std::min(n, start + BLOCK), j = start;
+    __m256 vm = _mm256_set1_ps(ninf);
+    for (; j + 8 <= end; j += 8) vm = _mm256_max_ps(vm, _mm256_mul_ps(load8<D>(row, j), vt));
+    float bm = hmax(vm);
+    for (; j < end; ++j) bm = std::max(bm, load1<D>(row, j) * inv_t);
+    if (bm > m) { s *= std::exp(m - bm); m = bm; }
+    if (m == ninf) continue;  // block of -inf logits adds nothing
+    const __m256 vmax = _mm256_set1_ps(m);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    j = start;
+    for (; j + 16 <= end; j += 16) {
+      acc0 = _mm256_add_ps(acc0, exp256(_mm256_fmsub_ps(load8<D>(row, j), vt, vmax)));
+      acc1 = _mm256_add_ps(acc1, exp256(_mm256_fmsub_ps(load8<D>(row, j + 8), vt, vmax)));
+    }
+    for (; j + 8 <= end; j += 8) acc0 = _mm256_add_ps(acc0, exp256(_mm256_fmsub_ps(load8<D>(row, j), vt, vmax)));
+    float bs = hsum(_mm256_add_ps(acc0, acc1));
+    for (; j < end; ++j) bs += std::exp(load1<D>(row, j) * inv_t - m);
+    s += bs;
+  }
+  max_out = m;
+  sum_out = s;
+}
+
+template <int D>
+RLHF_AVX2 void backward_row_avx2(const void* row, void* out, int64_t n, float inv_t, float lse, float g) {
+  const __m256 vt = _mm256_set1_ps(inv_t), vl = _mm256_set1_ps(lse), vng = _mm256_set1_ps(-g);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) store8<D>(out, j, _mm256_mul_ps(vng, exp256(_mm256_fmsub_ps(load8<D>(row, j), vt, vl))));
+  for (; j < n; ++j) store1<D>(out, j, -g * std::exp(load1<D>(row, j) * inv_t - lse));
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+#else
+bool cpu_has_avx2() { return false; }
+#endif
+
+// ----------------------------------------------------------------------------- drivers
+
+template <typename Fn>
+void parallel_rows(int64_t n_rows, int threads, Fn fn) {
+  int t = std::max(1, std::min<int>(threads, static_cast<int>(std::min<int64_t>(n_rows, 256))));
+  if (t == 1 || n_rows < 4) { fn(0, n_rows); return; }
+  std::vector<std::thread> pool;
+  int64_t per = (n_rows + t - 1) / t;
+  for (int k = 1; k < t; ++k) {
+    int64_t a = k * per, b = std::min(n_rows, a + per);
+    if (a < b) pool.emplace_back(fn, a, b);
+  }
+  fn(0, std::min(n_rows, per));
+  for (auto& th : pool) th.join();
+}
+
+template <int D>
+void forward_impl(const char* logits, int64_t n_rows, int64_t n_cols, int64_t stride, const int64_t* labels,
+                  float* logp, float* lse, float inv_t, int64_t ignore, int threads, bool simd) {
+  parallel_rows(n_rows, threads, [=](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t label = labels[i];
+      if (label == ignore) { logp[i] = 0.f; lse[i] = 0.f; continue; }
+      const char* row = logits + i * stride * elem_size(D);
+      float m, s;
+#ifdef RLHF_X86
+      if (simd) forward_row_avx2<D>(row, n_cols, inv_t, m, s); else
+#endif
+      forward_row_scalar<D>(row, n_cols, inv_t, m, s);
+      const float l = m + std::log(s);
+      lse[i] = l;
+      logp[i] = load1<D>(row, label) * inv_t - l;
+    }
+  });
+}
+
+template <int D>
+void backward_impl(const char* logits, int64_t n_rows, int64_t n_cols, int64_t stride, const int64_t* labels,
+                   const float* lse, const float* grad, char* out, int64_t out_stride, float inv_t, int64_t ignore,
+                   int threads, bool simd) {
+  parallel_rows(n_rows, threads, [=](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t label = labels[i];
+      char* orow = out + i * out_stride * elem_size(D);
+      if (label == ignore) { std::memset(orow, 0, static_cast<size_t>(n_cols) * elem_size(D)); continue; }
+      const char* row = logits + i * stride * elem_size(D);
+      const float g = grad[i] * inv_t;
+      // Read the label's logit before the sweep: when out aliases logits it is overwritten.
+      const float p_label = std::exp(load1<D>(row, label) * inv_t - lse[i]);
+#ifdef RLHF_X86
+      if (simd) backward_row_avx2<D>(row, orow, n_cols, inv_t, lse[i], g); else
+#endif
+      backward_row_scalar<D>(row, orow, n_cols, inv_t, lse[i], g);
+      store1<D>(orow, label, g * (1.f - p_label));
+    }
+  });
+}
+
+template <template <int> class Op, typename... Args>
+void dispatch(int dtype, Args... args) {
+  switch (dtype) {
+    case F32: Op<F32>::run(args...); break;
+    case BF16: Op<BF16>::run(args...); break;
+    case F16: Op<F16>::run(args...); break;
+    default: throw std::invalid_argument("rlhf_kernels._cpu: unsupported dtype code");
+  }
+}
+
+template <int D> struct Fwd { template <typename... A> static void run(A... a) { forward_impl<D>(a...); } };
+template <int D> struct Bwd { template <typename... A> static void run(A... a) { backward_impl<D>(a...); } };
+
+bool use_simd(bool allow) { return allow && cpu_has_avx2(); }
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "rlhf C++ CPU kernels: log-prob forward (online LSE) and backward (one-write gradient)";
+  m.def("logprobs_forward",
+        [](uintptr_t logits, int dtype, int64_t n_rows, int64_t n_cols, int64_t stride, uintptr_t labels,
+           uintptr_t logp, uintptr_t lse, float inv_t, int64_t ignore, int threads, bool simd) {
+          py::gil_scoped_release release;
+          dispatch<Fwd>(dtype, reinterpret_cast<const char*>(logits), n_rows, n_cols, stride,
+                        reinterpret_cast<const int64_t*>(labels), reinterpret_cast<float*>(logp),
+                        reinterpret_cast<float*>(lse), inv_t, ignore, threads, use_simd(simd));
+        },
+        py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("stride"),
+        py::arg("labels"), py::arg("logp"), py::arg("lse"), py::arg("inv_temperature"), py::arg("ignore_index"),
+        py::arg("threads"), py::arg("simd") = true);
+  m.def("logprobs_backward",
+        [](uintptr_t logits, int dtype, int64_t n_rows, int64_t n_cols, int64_t stride, uintptr_t labels,
+           uintptr_t lse, uintptr_t grad, uintptr_t out, int64_t out_stride, float inv_t, int64_t ignore,
+           int threads, bool simd) {
+          py::gil_scoped_release release;
+          dispatch<Bwd>(dtype, reinterpret_cast<const char*>(logits), n_rows, n_cols, stride,
+                        reinterpret_cast<const int64_t*>(labels), reinterpret_cast<const float*>(lse),
+                        reinterpret_cast<const float*>(grad), reinterpret_cast<char*>(out), out_stride, inv_t,
+                        ignore, threads, use_simd(simd));
+        },
+        py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("stride"),
+        py::arg("labels"), py::arg("lse"), py::arg("grad"), py::arg("out"), py::arg("out_stride"),
+        py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("threads"), py::arg("simd") = true);
+  m.def("has_avx2", &cpu_has_avx2, "True when the AVX2+FMA+F16C path is used");
+}

@@ -1,0 +1,223 @@
+"""Every op and fast backend against the fp32 PyTorch reference: forward and backward, odd shapes,
+ignore masks, temperatures, extreme logits, dtypes; invalid input; dispatch."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import rlhf_kernels as K
+from rlhf_kernels import reference
+
+FAST = [name for name in ("triton", "cpp") if K.available_backends("cpu")[name] == ""]
+CUDA = torch.cuda.is_available()
+
+
+def reference_grad(fn, logits, *args, **kwargs):
+    x = logits.detach().float().requires_grad_()
+    out = fn(x, *args, **kwargs)
+    return out, x
+
+
+def check_op(backend, logits, labels, weights, temperature=1.0, atol=2e-5):
+    """token_logprobs forward and backward (with a non-trivial upstream gradient) vs reference."""
+    x = logits.detach().clone().requires_grad_()
+    got = K.token_logprobs(x, labels, temperature=temperature, backend=backend)
+    (got * weights).sum().backward()
+    ref_x = logits.detach().float().requires_grad_()
+    want = reference.token_logprobs(ref_x, labels, temperature=temperature)
+    (want * weights).sum().backward()
+    assert got.dtype == torch.float32 and got.shape == labels.shape
+    torch.testing.assert_close(got, want, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(x.grad.float(), ref_x.grad, atol=atol, rtol=1e-4)
+
+
+@pytest.mark.skipif(not FAST, reason="no fast backend built")
+@pytest.mark.parametrize("backend", FAST)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 9), v=st.integers(1, 700), seed=st.integers(0, 2**31 - 1),
+    ignore=st.sampled_from(["none", "some", "all"]), temperature=st.sampled_from([1.0, 0.7, 1.5]),
+    scale=st.sampled_from([1.0, 30.0]),
+)
+@example(n=1, v=1, seed=0, ignore="none", temperature=1.0, scale=1.0)
+@example(n=3, v=513, seed=1, ignore="some", temperature=0.7, scale=30.0)
+def test_token_logprobs_matches_reference(backend, n, v, seed, ignore, temperature, scale):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, v, generator=g) * scale
+    labels = torch.randint(0, v, (n,), generator=g)
+    if ignore == "some":
+        labels[::2] = -100
+    elif ignore == "all":
+        labels[:] = -100
+    weights = torch.randn(n, generator=g)
+    check_op(backend, logits, labels, weights, temperature, atol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_extreme_logits(backend):
+    logits = torch.randn(4, 300)
+    logits[0, 7] = 1e4          # one huge logit
+    logits[1] = -1e4            # all very negative
+    logits[1, 3] = 1e4
+    logits[2, ::3] = -1e4       # mixed extremes
+    labels = torch.tensor([7, 4, 2, 299])
+    check_op(backend, logits, labels, torch.tensor([1.0, -2.0, 0.5, 3.0]), atol=1e-3)
+    lp = K.token_logprobs(logits, labels, backend=backend)
+    assert torch.isfinite(lp).all() and lp[0] == 0.0 and lp[1] < -1e4
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_batched_shapes_and_large_vocab(backend):
+    if backend == "triton":
+        shape, v = (2, 3), 5003  # the interpreter is slow; keep it small
+    else:
+        shape, v = (2, 5), 152_064
+    logits = torch.randn(*shape, v)
+    labels = torch.randint(0, v, shape)
+    labels[0, 1] = -100
+    check_op(backend, logits, labels, torch.randn(*shape), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [b for b in FAST if b == "cpp"] + (["triton"] if CUDA else []))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_no_worse_than_pytorch(backend, dtype):
+    """Rule: the kernel's error vs fp32 is no worse than PyTorch's own in that dtype."""
+    device = "cuda" if backend == "triton" else "cpu"
+    torch.manual_seed(0)
+    logits32 = torch.randn(64, 3001, device=device) * 4
+    labels = torch.randint(0, 3001, (64,), device=device)
+    low = logits32.to(dtype)
+    truth = reference.token_logprobs(low.float(), labels)  # exact math on the rounded inputs
+    torch_low = torch.log_softmax(low, -1).gather(-1, labels[:, None]).squeeze(-1).float()
+    ours = K.token_logprobs(low, labels, backend=backend)
+    assert (ours - truth).abs().max() <= (torch_low - truth).abs().max() + 1e-6
+    x = low.clone().requires_grad_()
+    K.token_logprobs(x, labels, backend=backend).sum().backward()
+    assert x.grad.dtype == dtype
+    xr = low.float().requires_grad_()
+    reference.token_logprobs(xr, labels).sum().backward()
+    xt = low.clone().requires_grad_()
+    torch.log_softmax(xt, -1).gather(-1, labels[:, None]).sum().backward()
+    assert (x.grad.float() - xr.grad).abs().max() <= (xt.grad.float() - xr.grad).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_matches_torch(backend, reduction):
+    torch.manual_seed(1)
+    logits = torch.randn(6, 37, requires_grad=True)
+    labels = torch.randint(0, 37, (6,))
+    labels[2] = -100
+    got = K.cross_entropy(logits, labels, reduction=reduction, backend=backend)
+    want = torch.nn.functional.cross_entropy(logits, labels, reduction=reduction, ignore_index=-100)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    (g1,) = torch.autograd.grad(got.sum(), logits)
+    (g2,) = torch.autograd.grad(want.sum(), logits)
+    torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
+
+
+def test_cross_entropy_all_ignored_is_zero_not_nan():
+    logits = torch.randn(3, 5, requires_grad=True)
+    loss = K.cross_entropy(logits, torch.full((3,), -100), backend="reference")
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_ppo_clip_loss_and_stats_match_reference(backend):
+    torch.manual_seed(2)
+    logits = torch.randn(2, 4, 29, requires_grad=True)
+    labels = torch.randint(0, 29, (2, 4))
+    labels[1, 2:] = -100
+    old = reference.token_logprobs(logits.detach(), labels) + 0.4 * torch.randn(2, 4)
+    adv = torch.randn(2, 4)
+    loss, stats = K.ppo_clip_loss(logits, labels, old, adv, clip_eps=0.2, return_stats=True, backend=backend)
+    want, want_stats = reference.ppo_clip_loss(logits, labels, old, adv, clip_eps=0.2, return_stats=True)
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-5)
+    for key in ("clip_frac", "ratio_mean", "ratio_max", "approx_kl"):
+        torch.testing.assert_close(stats[key], want_stats[key], atol=1e-6, rtol=1e-5)
+    (g1,) = torch.autograd.grad(loss, logits)
+    (g2,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_fused_linear_ops_match_reference(backend, monkeypatch):
+    from rlhf_kernels import fused
+
+    monkeypatch.setattr(fused, "LINEAR_CHUNK_BYTES", 4 * 101 * 3)  # force several chunks (3 rows each)
+    torch.manual_seed(3)
+    hidden = torch.randn(10, 16, requires_grad=True)
+    weight = torch.randn(101, 16, requires_grad=True)
+    labels = torch.randint(0, 101, (10,))
+    labels[4] = -100
+    old, adv = torch.randn(10) - 4, torch.randn(10)
+    cases = [
+        (K.linear_token_logprobs, reference.linear_token_logprobs, (), {"temperature": 0.8}),
+        (K.linear_cross_entropy, reference.linear_cross_entropy, (), {}),
+        (K.linear_ppo_clip_loss, reference.linear_ppo_clip_loss, (old, adv), {}),
+    ]
+    for fast, ref, extra, kwargs in cases:
+        got = fast(hidden, weight, labels, *extra, backend=backend, **kwargs)
+        want = ref(hidden, weight, labels, *extra, **kwargs)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        g_fast = torch.autograd.grad(got.sum(), (hidden, weight))
+        g_ref = torch.autograd.grad(want.sum(), (hidden, weight))
+        for a, b in zip(g_fast, g_ref):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_invalid_input_is_a_clear_error(backend):
+    logits = torch.randn(3, 10)
+    with pytest.raises(IndexError, match="label 10 out of range for vocab size 10"):
+        K.token_logprobs(logits, torch.tensor([0, 10, 1]), backend=backend)
+    with pytest.raises(IndexError, match="label -5 out of range"):
+        K.cross_entropy(logits, torch.tensor([0, -5, 1]), backend=backend)
+    with pytest.raises(ValueError, match=r"labels shape \(2,\) must equal logits shape without the vocab dim \(3,\)"):
+        K.token_logprobs(logits, torch.tensor([0, 1]), backend=backend)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        K.token_logprobs(logits, torch.tensor([0.0, 1.0, 2.0]), backend=backend)
+    with pytest.raises(ValueError, match="empty input"):
+        K.token_logprobs(torch.randn(0, 10), torch.zeros(0, dtype=torch.long), backend=backend)
+    with pytest.raises(ValueError, match="old_logprobs shape"):
+        K.ppo_clip_loss(logits, torch.tensor([0, 1, 2]), torch.zeros(2), torch.zeros(3), backend=backend)
+    with pytest.raises(IndexError, match="out of range"):
+        K.linear_token_logprobs(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 7]), backend=backend)
+    with pytest.raises(ValueError, match="unknown reduction 'avg'"):
+        K.cross_entropy(logits, torch.tensor([0, 1, 2]), reduction="avg", backend=backend)
+
+
+def test_dispatch(monkeypatch):
+    assert K.resolve_backend("reference", torch.device("cpu"))[0] == "reference"
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'; accepted: auto, reference, triton, cpp"):
+        K.resolve_backend("cuda", torch.device("cpu"))
+    monkeypatch.setenv(K.ENV_BACKEND, "reference")
+    assert K.resolve_backend(None, torch.device("cpu"))[0] == "reference"
+    monkeypatch.delenv(K.ENV_BACKEND)
+    expected = "cpp" if "cpp" in FAST else "reference"
+    assert K.resolve_backend(None, torch.device("cpu"))[0] == expected
+    if "cpp" not in FAST:
+        with pytest.raises(RuntimeError, match="kernel backend 'cpp' is unavailable"):
+            K.resolve_backend("cpp", torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_on_gpu_large(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(512, 151_936, device="cuda") * 3).to(dtype)
+    labels = torch.randint(0, 151_936, (512,), device="cuda")
+    labels[::7] = -100
+    x = logits.clone().requires_grad_()
+    got = K.token_logprobs(x, labels, backend="triton")
+    got.sum().backward()
+    xr = logits.float().requires_grad_()
+    want = reference.token_logprobs(xr, labels)
+    want.sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(x.grad.float(), xr.grad, atol=tol, rtol=tol)
