@@ -66,8 +66,7 @@ class SFTStage:
 
     def run(self, ctx, config: SFTConfig) -> StageResult:
         """Train the policy on (prompt, response) pairs; returns the saved policy directory."""
-        model_cfg, backend = ctx.run_config.model, ctx.run_config.kernels.backend
-        backend = None if backend == "auto" else backend
+        model_cfg, backend = ctx.run_config.model, ctx.kernel_backend
         source = ctx.init_source(config.init, "policy")
         tokenizer = load_tokenizer(model_cfg, None if source == model_cfg.name_or_path else source)
         train_recs, eval_recs = load_split(config.data, "sft", ctx.registry, ctx.seed)

@@ -49,6 +49,12 @@ class StageContext:
     seed: int
     results: dict[str, StageResult]
 
+    @property
+    def kernel_backend(self) -> str | None:
+        """The ``backend=`` argument for ``rlhf_kernels`` ops (None = auto) from ``kernels.backend``."""
+        backend = self.run_config.kernels.backend
+        return None if backend == "auto" else backend
+
     def init_source(self, init: str, kind: str) -> str:
         """Where a stage's starting weights come from, as a ``from_pretrained`` source.
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core.config import ComponentSpec, DataConfig
 from rlhf_core.data import dataset_components, encode_prompt, load_split, render_prompt
@@ -26,7 +27,7 @@ from rlhf_core.training import autocast_context
 
 from .advantages import whiten
 from .loss import KL_ESTIMATORS, KLController, clipped_value_loss
-from .rollout import critic_values, generate, response_logits, score_tokens, token_entropy
+from .rollout import critic_values, generate, position_ids, response_logits, score_tokens, token_entropy
 
 
 @dataclass
@@ -105,7 +106,7 @@ class PPOStage:
     def run(self, ctx, config: PPOConfig) -> StageResult:
         """Run ``iterations`` PPO iterations; summary holds reward, KL and gold scores."""
         model_cfg = ctx.run_config.model
-        backend = None if ctx.run_config.kernels.backend == "auto" else ctx.run_config.kernels.backend
+        backend = ctx.kernel_backend
         device = ctx.device
         source = ctx.init_source(config.init, "policy")
         tokenizer = load_tokenizer(model_cfg, None if source == model_cfg.name_or_path else source)
@@ -236,8 +237,6 @@ class PPOStage:
                     loss, m = loss_fn(logits, roll.labels[idx], old_logp[idx], advantages[idx], backend=backend,
                                       **config.loss.options)
                     if config.kl.placement == "loss":
-                        import rlhf_kernels
-
                         logp = rlhf_kernels.token_logprobs(logits, roll.labels[idx], backend=backend)
                         kl_loss = masked_mean(KL_ESTIMATORS[config.kl.estimator](logp, ref_logp[idx]), mask[idx])
                         loss = loss + beta * kl_loss
@@ -249,8 +248,6 @@ class PPOStage:
                 optimizer.step()
                 m = {**m, "policy_loss": float(loss), "grad_norm": float(grad_norm)}
                 if critic is not None:
-                    from .rollout import position_ids
-
                     v_all = critic(roll.sequences[idx], roll.attention_mask[idx], position_ids(roll.attention_mask[idx]))
                     v_new = v_all[:, roll.prompt_len - 1: -1]
                     v_loss = clipped_value_loss(v_new, values[idx], returns[idx], mask[idx], config.vf_clip)
