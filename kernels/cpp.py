@@ -1,6 +1,8 @@
 """Python side of the C++ CPU backend (``rlhf_kernels._cpu``, built by setup.py)."""
 from __future__ import annotations
 
+import mmap
+
 import torch
 
 try:
@@ -11,6 +13,11 @@ except ImportError as exc:  # not built: no compiler at install time, or an unsu
     _IMPORT_ERROR = f"the C++ extension rlhf_kernels._cpu is not built ({exc}); reinstall with a C++ compiler present"
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+LEVELS = {0: "scalar", 1: "avx2", 2: "avx512"}
+#: Cap on the instruction set (-1 = the CPU's best); tests lower it to check every code path.
+level_cap = -1
+#: Gradients at least this large get a transparent-huge-page buffer (see :func:`new_grad`).
+HUGEPAGE_MIN_BYTES = 8 * 1024 * 1024
 
 
 def unavailable_reason() -> str:
@@ -21,6 +28,29 @@ def unavailable_reason() -> str:
 def supports(device: torch.device) -> bool:
     """The C++ kernels run CPU tensors only."""
     return device.type == "cpu"
+
+
+def cpu_level() -> str:
+    """The instruction set the kernels use on this CPU: ``avx512``, ``avx2`` or ``scalar``."""
+    return LEVELS[_cpu.cpu_level()]
+
+
+def new_grad(logits: torch.Tensor) -> torch.Tensor:
+    """An uninitialised gradient buffer shaped like ``logits``.
+
+    Large buffers come from an anonymous mapping advised for transparent huge pages: the OS then
+    faults in 2 MiB pages instead of 4 KiB ones, which halves the cost of touching a fresh
+    logits-sized buffer (the dominant cost of a CPU backward). Falls back to ``torch.empty_like``.
+    """
+    nbytes = logits.numel() * logits.element_size()
+    if nbytes < HUGEPAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # THP disabled: ordinary pages, still correct
+        pass
+    return torch.frombuffer(buf, dtype=logits.dtype).view(logits.shape)
 
 
 def _dtype_code(t: torch.Tensor) -> int:
@@ -37,7 +67,7 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, igno
     lse = torch.empty(n_rows, dtype=torch.float32)
     _cpu.logprobs_forward(
         logits.data_ptr(), _dtype_code(logits), n_rows, n_cols, logits.stride(0), labels.data_ptr(),
-        logp.data_ptr(), lse.data_ptr(), 1.0 / temperature, ignore_index, torch.get_num_threads(),
+        logp.data_ptr(), lse.data_ptr(), 1.0 / temperature, ignore_index, torch.get_num_threads(), level_cap,
     )
     return logp, lse
 
@@ -51,6 +81,6 @@ def backward(logits, labels, lse, grad, temperature: float, ignore_index: int, o
     _cpu.logprobs_backward(
         logits.data_ptr(), _dtype_code(logits), n_rows, n_cols, logits.stride(0), labels.data_ptr(),
         lse.data_ptr(), grad.data_ptr(), out.data_ptr(), out.stride(0), 1.0 / temperature, ignore_index,
-        torch.get_num_threads(),
+        torch.get_num_threads(), level_cap,
     )
     return out

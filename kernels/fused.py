@@ -8,6 +8,7 @@ backend implements just two row kernels over a 2-D ``[N, V]`` view:
 - ``backward(logits, labels, lse, grad [N] fp32, temperature, ignore_index, out) -> grad_logits``:
   ``grad * (onehot(label) - softmax(logits / T)) / T`` recomputed from ``lse`` and written once
   into ``out`` (which may alias ``logits``); ignored rows get zeros.
+- ``new_grad(logits)``: an uninitialised buffer for that gradient (the backend's cheapest).
 
 Cross-entropy and the PPO loss compose on the returned ``[N]`` log-probs with ordinary autograd;
 the only logits-sized tensor ever written is the gradient.
@@ -34,7 +35,7 @@ class TokenLogprobsFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         logits, labels, lse = ctx.saved_tensors
-        out = torch.empty_like(logits)
+        out = ctx.impl.new_grad(logits)
         grad_logits = ctx.impl.backward(
             logits, labels, lse, grad.float().contiguous(), ctx.temperature, ctx.ignore_index, out
         )

@@ -7,7 +7,8 @@
 //   backward: out[i, j] = g_i / T * (onehot(j == label_i) - exp(x[i, j] / T - lse_i))
 //             one sweep, the gradient written once (out may alias x).
 // fp32 accumulation whatever the input dtype (fp32, bf16, fp16). Rows are split across threads;
-// the AVX2+FMA(+F16C) path is chosen at run time from CPUID, with a portable scalar fallback.
+// AVX-512F, AVX2+FMA+F16C or portable scalar code is chosen at run time from CPUID (rows.h is
+// compiled once per instruction set).
 // Tensors cross the boundary as raw pointers so the extension does not link against torch.
 
 #include <pybind11/pybind11.h>
@@ -17,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -115,6 +117,7 @@ void forward_row_scalar(const void* row, int64_t n, float inv_t, float& max_out,
     float bm = -std::numeric_limits<float>::infinity();
     for (int64_t j = start; j < end; ++j) bm = std::max(bm, load1<D>(row, j) * inv_t);
     if (bm > m) { s *= std::exp(m - bm); m = bm; }
+    if (m == -std::numeric_limits<float>::infinity()) continue;  // a block of -inf logits adds nothing
     for (int64_t j = start; j < end; ++j) s += std::exp(load1<D>(row, j) * inv_t - m);
   }
   max_out = m;
@@ -126,117 +129,169 @@ void backward_row_scalar(const void* row, void* out, int64_t n, float inv_t, flo
   for (int64_t j = 0; j < n; ++j) store1<D>(out, j, -g * std::exp(load1<D>(row, j) * inv_t - lse));
 }
 
-// ----------------------------------------------------------------------------- AVX2 rows
+// ----------------------------------------------------------------------------- SIMD rows
+// Shared constants of the exp approximation: x = n ln2 + r, degree-6 polynomial on r, scale by
+// 2^n (Cephes). Relative error ~1e-7 on the clamped range; inputs below EXP_LO give exactly 0.
+#define RLHF_EXP_CONSTANTS                                                         \
+  constexpr float EXP_HI = 88.3762626647949f, EXP_LO = -87.3365478515625f;         \
+  constexpr float LOG2E = 1.44269504088896341f, LN2_HI = 0.693359375f, LN2_LO = -2.12194440e-4f; \
+  constexpr float P0 = 1.9875691500e-4f, P1 = 1.3981999507e-3f, P2 = 8.3334519073e-3f; \
+  constexpr float P3 = 4.1665795894e-2f, P4 = 1.6666665459e-1f, P5 = 5.0000001201e-1f;
+
 #ifdef RLHF_X86
-#define RLHF_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-// exp for 8 floats: Cephes-style range reduction x = n ln2 + r, degree-6 polynomial on r,
-// scale by 2^n. Relative error ~1e-7 over the clamped range [-87.3, 88.7].
-RLHF_AVX2 inline __m256 exp256(__m256 x) {
-  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365478515625f);
-  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f);
-  __m256 below = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, c1, x);
-  x = _mm256_fnmadd_ps(fx, c2, x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  __m256 x2 = _mm256_mul_ps(x, x);
-  y = _mm256_fmadd_ps(y, x2, _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(n));
-  return _mm256_andnot_ps(below, y);  // exp(-inf) and deep underflow -> 0
-}
-
-template <int D> RLHF_AVX2 inline __m256 load8(const void* p, int64_t i) {
-  if constexpr (D == F32) {
-    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
-  } else {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+struct Ops {
+  static constexpr int W = 8;
+  using V = __m256;
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fmsub(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }
+  static float hmax(V v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+  }
+  static float hsum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+  }
+  static V exp(V x) {
+    RLHF_EXP_CONSTANTS
+    const V below = _mm256_cmp_ps(x, set1(EXP_LO), _CMP_LT_OQ);
+    x = _mm256_max_ps(_mm256_min_ps(x, set1(EXP_HI)), set1(EXP_LO));
+    const V fx = _mm256_round_ps(_mm256_mul_ps(x, set1(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, set1(LN2_LO), _mm256_fnmadd_ps(fx, set1(LN2_HI), x));
+    V y = _mm256_fmadd_ps(set1(P0), x, set1(P1));
+    y = _mm256_fmadd_ps(y, x, set1(P2));
+    y = _mm256_fmadd_ps(y, x, set1(P3));
+    y = _mm256_fmadd_ps(y, x, set1(P4));
+    y = _mm256_fmadd_ps(y, x, set1(P5));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, set1(1.f)));
+    const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(below, _mm256_mul_ps(y, _mm256_castsi256_ps(pow2)));
+  }
+  template <int D> static V load(const void* p, int64_t i) {
+    if constexpr (D == F32) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
     if constexpr (D == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     else return _mm256_cvtph_ps(h);
   }
-}
-
-template <int D> RLHF_AVX2 inline void store8(void* p, int64_t i, __m256 v) {
-  if constexpr (D == F32) {
-    _mm256_storeu_ps(static_cast<float*>(p) + i, v);
-  } else if constexpr (D == F16) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i),
-                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  } else {  // bf16, round to nearest even
-    __m256i b = _mm256_castps_si256(v);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    b = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16);
-    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), packed);
-  }
-}
-
-RLHF_AVX2 inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-  return _mm_cvtss_f32(m);
-}
-
-RLHF_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
-template <int D>
-RLHF_AVX2 void forward_row_avx2(const void* row, int64_t n, float inv_t, float& max_out, float& sum_out) {
-  const float ninf = -std::numeric_limits<float>::infinity();
-  const __m256 vt = _mm256_set1_ps(inv_t);
-  float m = ninf, s = 0.f;
-  for (int64_t start = 0; start < n; start += BLOCK) {
-    int64_t end = std::min(n, start + BLOCK), j = start;
-    __m256 vm = _mm256_set1_ps(ninf);
-    for (; j + 8 <= end; j += 8) vm = _mm256_max_ps(vm, _mm256_mul_ps(load8<D>(row, j), vt));
-    float bm = hmax(vm);
-    for (; j < end; ++j) bm = std::max(bm, load1<D>(row, j) * inv_t);
-    if (bm > m) { s *= std::exp(m - bm); m = bm; }
-    if (m == ninf) continue;  // block of -inf logits adds nothing
-    const __m256 vmax = _mm256_set1_ps(m);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    j = start;
-    for (; j + 16 <= end; j += 16) {
-      acc0 = _mm256_add_ps(acc0, exp256(_mm256_fmsub_ps(load8<D>(row, j), vt, vmax)));
-      acc1 = _mm256_add_ps(acc1, exp256(_mm256_fmsub_ps(load8<D>(row, j + 8), vt, vmax)));
+  template <int D> static void store(void* p, int64_t i, V v) {
+    if constexpr (D == F32) {
+      _mm256_storeu_ps(static_cast<float*>(p) + i, v);
+    } else {
+      __m128i h;
+      if constexpr (D == F16) {
+        h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      } else {  // bf16, round to nearest even (gradients are finite)
+        __m256i b = _mm256_castps_si256(v);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+        b = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16);
+        h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), h);
     }
-    for (; j + 8 <= end; j += 8) acc0 = _mm256_add_ps(acc0, exp256(_mm256_fmsub_ps(load8<D>(row, j), vt, vmax)));
-    float bs = hsum(_mm256_add_ps(acc0, acc1));
-    for (; j < end; ++j) bs += std::exp(load1<D>(row, j) * inv_t - m);
-    s += bs;
   }
-  max_out = m;
-  sum_out = s;
+};
+#include "rows.h"
+#pragma GCC pop_options
+}  // namespace avx2
+
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c")
+struct Ops {
+  static constexpr int W = 16;
+  using V = __m512;
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V fmsub(V a, V b, V c) { return _mm512_fmsub_ps(a, b, c); }
+  static float hmax(V v) { return _mm512_reduce_max_ps(v); }
+  static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  static V exp(V x) {
+    RLHF_EXP_CONSTANTS
+    const __mmask16 below = _mm512_cmp_ps_mask(x, set1(EXP_LO), _CMP_LT_OQ);
+    x = _mm512_max_ps(_mm512_min_ps(x, set1(EXP_HI)), set1(EXP_LO));
+    const V fx = _mm512_roundscale_ps(_mm512_mul_ps(x, set1(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, set1(LN2_LO), _mm512_fnmadd_ps(fx, set1(LN2_HI), x));
+    V y = _mm512_fmadd_ps(set1(P0), x, set1(P1));
+    y = _mm512_fmadd_ps(y, x, set1(P2));
+    y = _mm512_fmadd_ps(y, x, set1(P3));
+    y = _mm512_fmadd_ps(y, x, set1(P4));
+    y = _mm512_fmadd_ps(y, x, set1(P5));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, set1(1.f)));
+    const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~below), _mm512_mul_ps(y, _mm512_castsi512_ps(pow2)));
+  }
+  template <int D> static V load(const void* p, int64_t i) {
+    if constexpr (D == F32) return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
+    if constexpr (D == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    else return _mm512_cvtph_ps(h);
+  }
+  template <int D> static void store(void* p, int64_t i, V v) {
+    if constexpr (D == F32) {
+      _mm512_storeu_ps(static_cast<float*>(p) + i, v);
+    } else {
+      __m256i h;
+      if constexpr (D == F16) {
+        h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      } else {  // bf16, round to nearest even (gradients are finite)
+        __m512i b = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+        b = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
+        h = _mm512_cvtepi32_epi16(b);
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p) + i), h);
+    }
+  }
+};
+#include "rows.h"
+#pragma GCC pop_options
+}  // namespace avx512
+#endif
+
+// Instruction-set levels: 0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512F.
+int cpu_level() {
+#ifdef RLHF_X86
+  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+                                   __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")
+                               ? 2
+                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")
+                               ? 1
+                               : 0;
+  return level;
+#else
+  return 0;
+#endif
 }
 
 template <int D>
-RLHF_AVX2 void backward_row_avx2(const void* row, void* out, int64_t n, float inv_t, float lse, float g) {
-  const __m256 vt = _mm256_set1_ps(inv_t), vl = _mm256_set1_ps(lse), vng = _mm256_set1_ps(-g);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) store8<D>(out, j, _mm256_mul_ps(vng, exp256(_mm256_fmsub_ps(load8<D>(row, j), vt, vl))));
-  for (; j < n; ++j) store1<D>(out, j, -g * std::exp(load1<D>(row, j) * inv_t - lse));
+void forward_row_at(int level, const void* row, int64_t n, float inv_t, float& m, float& s) {
+#ifdef RLHF_X86
+  if (level >= 2) return avx512::forward_row<D>(row, n, inv_t, m, s);
+  if (level == 1) return avx2::forward_row<D>(row, n, inv_t, m, s);
+#endif
+  forward_row_scalar<D>(row, n, inv_t, m, s);
 }
 
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return ok;
-}
-#else
-bool cpu_has_avx2() { return false; }
+template <int D>
+void backward_row_at(int level, const void* row, void* out, int64_t n, float inv_t, float lse, float g) {
+#ifdef RLHF_X86
+  if (level >= 2) return avx512::backward_row<D>(row, out, n, inv_t, lse, g);
+  if (level == 1) return avx2::backward_row<D>(row, out, n, inv_t, lse, g);
 #endif
+  backward_row_scalar<D>(row, out, n, inv_t, lse, g);
+}
 
 // ----------------------------------------------------------------------------- drivers
 
@@ -256,17 +311,14 @@ void parallel_rows(int64_t n_rows, int threads, Fn fn) {
 
 template <int D>
 void forward_impl(const char* logits, int64_t n_rows, int64_t n_cols, int64_t stride, const int64_t* labels,
-                  float* logp, float* lse, float inv_t, int64_t ignore, int threads, bool simd) {
+                  float* logp, float* lse, float inv_t, int64_t ignore, int threads, int level) {
   parallel_rows(n_rows, threads, [=](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
       const int64_t label = labels[i];
       if (label == ignore) { logp[i] = 0.f; lse[i] = 0.f; continue; }
       const char* row = logits + i * stride * elem_size(D);
       float m, s;
-#ifdef RLHF_X86
-      if (simd) forward_row_avx2<D>(row, n_cols, inv_t, m, s); else
-#endif
-      forward_row_scalar<D>(row, n_cols, inv_t, m, s);
+      forward_row_at<D>(level, row, n_cols, inv_t, m, s);
       const float l = m + std::log(s);
       lse[i] = l;
       logp[i] = load1<D>(row, label) * inv_t - l;
@@ -277,7 +329,7 @@ void forward_impl(const char* logits, int64_t n_rows, int64_t n_cols, int64_t st
 template <int D>
 void backward_impl(const char* logits, int64_t n_rows, int64_t n_cols, int64_t stride, const int64_t* labels,
                    const float* lse, const float* grad, char* out, int64_t out_stride, float inv_t, int64_t ignore,
-                   int threads, bool simd) {
+                   int threads, int level) {
   parallel_rows(n_rows, threads, [=](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
       const int64_t label = labels[i];
@@ -287,10 +339,7 @@ void backward_impl(const char* logits, int64_t n_rows, int64_t n_cols, int64_t s
       const float g = grad[i] * inv_t;
       // Read the label's logit before the sweep: when out aliases logits it is overwritten.
       const float p_label = std::exp(load1<D>(row, label) * inv_t - lse[i]);
-#ifdef RLHF_X86
-      if (simd) backward_row_avx2<D>(row, orow, n_cols, inv_t, lse[i], g); else
-#endif
-      backward_row_scalar<D>(row, orow, n_cols, inv_t, lse[i], g);
+      backward_row_at<D>(level, row, orow, n_cols, inv_t, lse[i], g);
       store1<D>(orow, label, g * (1.f - p_label));
     }
   });
@@ -309,7 +358,8 @@ void dispatch(int dtype, Args... args) {
 template <int D> struct Fwd { template <typename... A> static void run(A... a) { forward_impl<D>(a...); } };
 template <int D> struct Bwd { template <typename... A> static void run(A... a) { backward_impl<D>(a...); } };
 
-bool use_simd(bool allow) { return allow && cpu_has_avx2(); }
+// The level to run at: the CPU's best, capped by the caller (-1 = no cap), e.g. to test every path.
+int use_level(int cap) { return cap < 0 ? cpu_level() : std::min(cap, cpu_level()); }
 
 }  // namespace
 
@@ -317,27 +367,27 @@ PYBIND11_MODULE(_cpu, m) {
   m.doc() = "rlhf C++ CPU kernels: log-prob forward (online LSE) and backward (one-write gradient)";
   m.def("logprobs_forward",
         [](uintptr_t logits, int dtype, int64_t n_rows, int64_t n_cols, int64_t stride, uintptr_t labels,
-           uintptr_t logp, uintptr_t lse, float inv_t, int64_t ignore, int threads, bool simd) {
+           uintptr_t logp, uintptr_t lse, float inv_t, int64_t ignore, int threads, int level) {
           py::gil_scoped_release release;
           dispatch<Fwd>(dtype, reinterpret_cast<const char*>(logits), n_rows, n_cols, stride,
                         reinterpret_cast<const int64_t*>(labels), reinterpret_cast<float*>(logp),
-                        reinterpret_cast<float*>(lse), inv_t, ignore, threads, use_simd(simd));
+                        reinterpret_cast<float*>(lse), inv_t, ignore, threads, use_level(level));
         },
         py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("stride"),
         py::arg("labels"), py::arg("logp"), py::arg("lse"), py::arg("inv_temperature"), py::arg("ignore_index"),
-        py::arg("threads"), py::arg("simd") = true);
+        py::arg("threads"), py::arg("level") = -1);
   m.def("logprobs_backward",
         [](uintptr_t logits, int dtype, int64_t n_rows, int64_t n_cols, int64_t stride, uintptr_t labels,
            uintptr_t lse, uintptr_t grad, uintptr_t out, int64_t out_stride, float inv_t, int64_t ignore,
-           int threads, bool simd) {
+           int threads, int level) {
           py::gil_scoped_release release;
           dispatch<Bwd>(dtype, reinterpret_cast<const char*>(logits), n_rows, n_cols, stride,
                         reinterpret_cast<const int64_t*>(labels), reinterpret_cast<const float*>(lse),
                         reinterpret_cast<const float*>(grad), reinterpret_cast<char*>(out), out_stride, inv_t,
-                        ignore, threads, use_simd(simd));
+                        ignore, threads, use_level(level));
         },
         py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("stride"),
         py::arg("labels"), py::arg("lse"), py::arg("grad"), py::arg("out"), py::arg("out_stride"),
-        py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("threads"), py::arg("simd") = true);
-  m.def("has_avx2", &cpu_has_avx2, "True when the AVX2+FMA+F16C path is used");
+        py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("threads"), py::arg("level") = -1);
+  m.def("cpu_level", &cpu_level, "Best instruction set here: 0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512F");
 }

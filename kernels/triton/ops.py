@@ -31,7 +31,9 @@ def _logprobs_fwd_kernel(
             cols = start + tl.arange(0, BLOCK).to(tl.int64)
             x = tl.load(row_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32) * inv_temp
             new_max = tl.maximum(running_max, tl.max(x, axis=0))
-            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            # While every logit so far is -inf, shift by 0 instead: exp(-inf - -inf) would be NaN.
+            shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+            running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
             running_max = new_max
         lse = running_max + tl.log(running_sum)
         picked = tl.load(row_ptr + label).to(tl.float32) * inv_temp
@@ -74,10 +76,17 @@ def supports(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+#: Column block per loop iteration: the interpreter pays per iteration, the GPU per register.
+BLOCK_CAP = {"cpu": 65536, "cuda": 4096}
+
+
 def _block(n_cols: int, device: torch.device) -> int:
-    # The interpreter pays per loop iteration, the GPU per register: bigger blocks for the former.
-    cap = 65536 if device.type == "cpu" else 4096
-    return min(triton.next_power_of_2(n_cols), cap)
+    return min(triton.next_power_of_2(n_cols), BLOCK_CAP[device.type])
+
+
+def new_grad(logits: torch.Tensor) -> torch.Tensor:
+    """An uninitialised gradient buffer (the CUDA caching allocator makes this cheap)."""
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):

@@ -62,6 +62,7 @@ def test_extreme_logits(backend):
     logits[1] = -1e4            # all very negative
     logits[1, 3] = 1e4
     logits[2, ::3] = -1e4       # mixed extremes
+    logits[3, :200] = float("-inf")  # masked-out vocabulary entries
     labels = torch.tensor([7, 4, 2, 299])
     check_op(backend, logits, labels, torch.tensor([1.0, -2.0, 0.5, 3.0]), atol=1e-3)
     lp = K.token_logprobs(logits, labels, backend=backend)
@@ -221,3 +222,59 @@ def test_triton_on_gpu_large(dtype):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     torch.testing.assert_close(x.grad.float(), xr.grad, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif("cpp" not in FAST, reason="C++ extension not built")
+@pytest.mark.parametrize("level", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpp_every_instruction_set_path(monkeypatch, level, dtype):
+    """Scalar, AVX2 and AVX-512 row kernels each match the reference (levels above the CPU's
+    best fall back to it), including tails shorter than a vector and blocks of -inf."""
+    from rlhf_kernels import cpp
+
+    monkeypatch.setattr(cpp, "level_cap", level)
+    torch.manual_seed(level)
+    logits = (torch.randn(5, 2048 * 2 + 37) * 5).to(dtype)
+    logits[1, :2048] = float("-inf")  # a whole block that contributes nothing
+    labels = torch.tensor([0, 3000, -100, 4132, 17])
+    x = logits.clone().requires_grad_()
+    got = K.token_logprobs(x, labels, temperature=0.9, backend="cpp")
+    (got * torch.tensor([1.0, 2.0, 3.0, -1.0, 0.5])).sum().backward()
+    xr = logits.float().requires_grad_()
+    want = reference.token_logprobs(xr, labels, temperature=0.9)
+    (want * torch.tensor([1.0, 2.0, 3.0, -1.0, 0.5])).sum().backward()
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the gradient is stored in the input dtype
+    torch.testing.assert_close(x.grad.float(), xr.grad, atol=tol, rtol=tol)
+    assert x.grad[2].abs().sum() == 0
+
+
+@pytest.mark.skipif("cpp" not in FAST, reason="C++ extension not built")
+def test_cpp_hugepage_gradient_buffer_accumulates(monkeypatch):
+    """The huge-page gradient buffer behaves like any tensor: a leaf's .grad accumulates over calls."""
+    from rlhf_kernels import cpp
+
+    monkeypatch.setattr(cpp, "HUGEPAGE_MIN_BYTES", 0)
+    logits = torch.randn(64, 1000, requires_grad=True)
+    labels = torch.randint(0, 1000, (64,))
+    for _ in range(2):
+        K.cross_entropy(logits, labels, backend="cpp").backward()
+    xr = logits.detach().requires_grad_()
+    (2 * torch.nn.functional.cross_entropy(xr, labels)).backward()
+    torch.testing.assert_close(logits.grad, xr.grad, atol=1e-6, rtol=1e-5)
+    assert cpp.new_grad(logits).shape == logits.shape
+
+
+@pytest.mark.skipif("triton" not in FAST, reason="triton unavailable")
+def test_triton_multi_block_online_lse(monkeypatch):
+    """Small blocks make the interpreter run the GPU's multi-block loop: the running max/sum
+    rescaling, a leading block of -inf, and a vocabulary that is not a multiple of the block."""
+    from rlhf_kernels.triton import ops
+
+    monkeypatch.setitem(ops.BLOCK_CAP, "cpu", 64)
+    torch.manual_seed(5)
+    logits = torch.randn(4, 300) * 8
+    logits[0, :128] = float("-inf")
+    logits[2, 250] = 1e4
+    labels = torch.tensor([200, 7, 250, -100])
+    check_op("triton", logits, labels, torch.tensor([1.0, -1.0, 2.0, 3.0]), temperature=0.8, atol=1e-4)
