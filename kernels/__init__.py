@@ -14,6 +14,7 @@ variable ``RLHF_KERNEL_BACKEND`` and otherwise picks automatically: ``triton`` f
 from __future__ import annotations
 
 import os
+import warnings
 from types import ModuleType
 
 import torch
@@ -57,14 +58,29 @@ def available_backends(device: str | torch.device = "cpu") -> dict[str, str]:
     return status
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> tuple[str, ModuleType | None]:
-    """Pick the backend for tensors on ``device``; an unavailable explicit choice is an error."""
+    """Pick the backend for tensors on ``device``; an unavailable explicit choice is an error.
+    ``auto`` falling back to the reference says why, once per process."""
     choice = backend if backend is not None else os.environ.get(ENV_BACKEND) or "auto"
     if choice == "auto":
-        for name in (("triton", "cpp") if device.type == "cuda" else ("cpp",)):
-            impl, _ = _load_impl(name)
+        wanted = ("triton", "cpp") if device.type == "cuda" else ("cpp",)
+        reasons = []
+        for name in wanted:
+            impl, why = _load_impl(name)
             if impl is not None and impl.supports(device):
                 return name, impl
+            reasons.append(f"{name}: {why or 'does not run on ' + device.type}")
+        _warn_once(device.type, f"rlhf_kernels: no fast backend for {device.type} tensors ({'; '.join(reasons)}); "
+                                "using the PyTorch reference")
         return "reference", None
     if choice == "reference":
         return "reference", None

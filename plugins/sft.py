@@ -12,7 +12,7 @@ import torch
 import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
-from rlhf_core.data import collate_sft, dataset_components, load_split, tokenize_sft
+from rlhf_core.data import collate_sft, dataset_components, load_split, shift_labels, tokenize_sft
 from rlhf_core.interfaces import StageError, StageResult
 from rlhf_core.models import load_causal_lm, load_tokenizer, save_causal_lm
 from rlhf_core.training import Trainer, make_loader, total_steps
@@ -20,7 +20,8 @@ from rlhf_core.training import Trainer, make_loader, total_steps
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, backend: str | None = None,
                        aggregation: str = "token_mean") -> tuple[torch.Tensor, dict[str, float]]:
-    """Token cross-entropy of ``labels [B, T]`` under ``logits [B, T, V]`` (already shifted).
+    """Token cross-entropy of ``labels [B, T]`` under ``logits [B, T, V]`` (labels already shifted:
+    ``labels[:, t]`` is the token that ``logits[:, t]`` predicts).
 
     ``aggregation``: ``token_mean`` (default) averages over all response tokens of the batch, so
     long responses weigh more; ``sequence_mean`` averages each sequence's tokens first, then the
@@ -39,20 +40,42 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, backend: s
     return loss, {"tokens": float(valid.sum())}
 
 
-def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Align predictions with targets: position t of the logits predicts token t + 1."""
-    return logits[:, :-1], labels[:, 1:]
-
-
 @dataclass
 class SFTConfig:
     """Options of the ``sft`` stage: ``data`` (sft records), ``train`` loop, ``loss`` (a ``token``
-    loss), ``init`` (auto | base | @STAGE | path: the starting weights)."""
+    loss), ``init`` (auto | base | @STAGE | path: the starting weights), ``fused_linear`` (compute
+    the cross-entropy from the last hidden states and the LM head with
+    ``rlhf_kernels.linear_cross_entropy``, never materialising ``[B, T, V]`` logits; needs the
+    ``cross_entropy`` loss with ``token_mean`` and a plain bias-free linear LM head)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3))
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("cross_entropy"))
     init: str = "base"
+    fused_linear: bool = False
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The ``[V, H]`` weight of a plain linear LM head; an error for heads the fused path cannot mimic."""
+    head = model.get_output_embeddings()
+    config = model.config
+    scaled = any(getattr(config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or scaled:
+        raise StageError(f"sft.fused_linear: the LM head of {type(model).__name__} is not a plain bias-free linear "
+                         "layer (or its logits are scaled/soft-capped); set fused_linear: false")
+    return head.weight
+
+
+def sft_loss_terms(model, batch, loss_fn, options: dict, backend: str | None, fused_linear: bool):
+    """``(loss, metrics)`` of one batch: logits path through the registered loss, or the fused path."""
+    labels = shift_labels(batch["labels"])
+    if fused_linear:
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        loss = rlhf_kernels.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight(model),
+                                                 labels.reshape(-1), backend=backend)
+        return loss, {"tokens": float((labels != -100).sum())}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return loss_fn(logits, labels, backend=backend, **options)
 
 
 class SFTStage:
@@ -63,6 +86,13 @@ class SFTStage:
     def components(self, config: SFTConfig):
         """The loss and builtin datasets this stage will look up."""
         return [("loss", config.loss, "loss", ("token",)), *dataset_components(config.data, "data")]
+
+    def validate(self, config: SFTConfig, registry) -> list[str]:
+        """``fused_linear`` computes plain token-mean cross-entropy only."""
+        if config.fused_linear and (config.loss.name != "cross_entropy"
+                                    or config.loss.options.get("aggregation", "token_mean") != "token_mean"):
+            return [f"fused_linear: computes token-mean cross_entropy only; remove it to use loss {config.loss.name!r}"]
+        return []
 
     def run(self, ctx, config: SFTConfig) -> StageResult:
         """Train the policy on (prompt, response) pairs; returns the saved policy directory."""
@@ -79,15 +109,14 @@ class SFTStage:
         loss_entry = ctx.registry.get("loss", config.loss.name, "token")
 
         def compute_loss(batch):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return loss_entry.obj(*shift(logits, batch["labels"]), backend=backend, **config.loss.options)
+            return sft_loss_terms(model, batch, loss_entry.obj, config.loss.options, backend, config.fused_linear)
 
         def evaluate():
             total, count = 0.0, 0.0
             for batch in make_loader(eval_items, config.train.batch_size, lambda b: collate_sft(b, tokenizer.pad_token_id), 0, False):
                 batch = {k: v.to(ctx.device) for k, v in batch.items()}
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                logits, labels = shift(logits, batch["labels"])
+                labels = shift_labels(batch["labels"])
                 total += float(rlhf_kernels.cross_entropy(logits, labels, reduction="sum", backend=backend))
                 count += float((labels != -100).sum())
             return {"loss": total / max(count, 1.0)}

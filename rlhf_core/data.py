@@ -303,6 +303,20 @@ def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
+def append_column(t: torch.Tensor, value: float | int) -> torch.Tensor:
+    """``[B, T]`` -> ``[B, T + 1]`` with a last column of ``value``."""
+    return torch.cat([t, t.new_full((t.shape[0], 1), value)], dim=1)
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Targets aligned with unshifted logits: position t holds token t + 1 (the last is ignored).
+
+    Shifting the labels instead of slicing the logits keeps ``[B, T, V]`` contiguous, so the kernels
+    read the model's logits in place and write one gradient for them (no copy of the slice).
+    """
+    return append_column(labels[:, 1:], IGNORE_INDEX)
+
+
 def collate_sft(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """``input_ids``/``attention_mask``/``labels`` ``[B, T]``, right padded, labels -100 on padding."""
     ids = pad([it["input_ids"] for it in items], pad_id)

@@ -25,12 +25,13 @@ class Entry:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def options(self) -> dict[str, inspect.Parameter]:
-        """The keyword options a config may set: keyword parameters with defaults."""
+        """The keyword options a config may set: keyword parameters with defaults (not the
+        host-supplied ``ctx`` and ``backend``)."""
         target = self.obj.__init__ if inspect.isclass(self.obj) else self.obj
         params = inspect.signature(target).parameters.values()
         return {
             p.name: p for p in params
-            if p.default is not inspect.Parameter.empty and p.name not in ("backend", "self")
+            if p.default is not inspect.Parameter.empty and p.name not in ("backend", "self", "ctx")
             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
         }
 

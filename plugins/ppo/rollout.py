@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 import rlhf_kernels
-from rlhf_core.data import IGNORE_INDEX, pad
+from rlhf_core.data import IGNORE_INDEX, append_column, pad
 
 
 @dataclass
@@ -61,11 +61,18 @@ def generate(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: 
 
 
 def response_logits(model, rollout_sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Logits ``[B, R, V]`` predicting each response token (only those positions are computed)."""
+    """Logits ``[B, R + 1, V]`` of the last prompt position and every response position: column t
+    predicts response token t; the last column predicts past the response and is never a target.
+    Only these positions are computed, and the tensor is used unsliced (see :func:`widen`)."""
     n_response = rollout_sequences.shape[1] - prompt_len
     out = model(input_ids=rollout_sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                 logits_to_keep=n_response + 1)
-    return out.logits[:, :-1]
+    return out.logits
+
+
+def widen(t: torch.Tensor, value: float | int) -> torch.Tensor:
+    """A per-response-token ``[B, R]`` tensor aligned with :func:`response_logits` (``[B, R + 1]``)."""
+    return append_column(t, value)
 
 
 def token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -78,8 +85,8 @@ def token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def score_tokens(model, rollout: Rollout, backend: str | None, with_entropy: bool = False):
     """``(logprobs [B, R], entropy [B, R] or None)`` of the response tokens under ``model``."""
     logits = response_logits(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
-    logp = rlhf_kernels.token_logprobs(logits, rollout.labels, backend=backend)
-    return logp, token_entropy(logits, rollout.mask) if with_entropy else None
+    logp = rlhf_kernels.token_logprobs(logits, widen(rollout.labels, IGNORE_INDEX), backend=backend)[:, :-1]
+    return logp, token_entropy(logits, widen(rollout.mask, 0))[:, :-1] if with_entropy else None
 
 
 @torch.no_grad()

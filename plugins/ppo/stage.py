@@ -27,7 +27,7 @@ from rlhf_core.training import autocast_context
 
 from .advantages import whiten
 from .loss import KL_ESTIMATORS, KLController, clipped_value_loss
-from .rollout import critic_values, generate, position_ids, response_logits, score_tokens, token_entropy
+from .rollout import critic_values, generate, position_ids, response_logits, score_tokens, token_entropy, widen
 
 
 @dataclass
@@ -228,20 +228,23 @@ class PPOStage:
         t2 = time.perf_counter()
 
         policy.train()
+        # Aligned with the unsliced [B, R + 1, V] policy logits; the extra column is ignored.
+        labels_w, old_w, adv_w = widen(roll.labels, -100), widen(old_logp, 0.0), widen(advantages, 0.0)
+        ref_w, mask_w = widen(ref_logp, 0.0), widen(mask, 0.0)
         stats: dict[str, list[float]] = {}
         n = roll.sequences.shape[0]
         for _ in range(config.ppo_epochs):
             for idx in torch.randperm(n, device=device).split(config.minibatch_size):
                 with autocast_context(config.mixed_precision, device):
                     logits = response_logits(policy, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
-                    loss, m = loss_fn(logits, roll.labels[idx], old_logp[idx], advantages[idx], backend=backend,
-                                      **config.loss.options)
+                    loss, m = loss_fn(logits, labels_w[idx], old_w[idx], adv_w[idx], backend=backend, **config.loss.options)
                     if config.kl.placement == "loss":
-                        logp = rlhf_kernels.token_logprobs(logits, roll.labels[idx], backend=backend)
-                        kl_loss = masked_mean(KL_ESTIMATORS[config.kl.estimator](logp, ref_logp[idx]), mask[idx])
+                        logp = rlhf_kernels.token_logprobs(logits, labels_w[idx], backend=backend)
+                        kl_loss = masked_mean(KL_ESTIMATORS[config.kl.estimator](logp, ref_w[idx]), mask_w[idx])
                         loss = loss + beta * kl_loss
+                        m["kl_loss"] = float(kl_loss)
                     if config.entropy_coef > 0:
-                        loss = loss - config.entropy_coef * masked_mean(token_entropy(logits, mask[idx]), mask[idx])
+                        loss = loss - config.entropy_coef * masked_mean(token_entropy(logits, mask_w[idx]), mask_w[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)

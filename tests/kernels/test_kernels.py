@@ -278,3 +278,17 @@ def test_triton_multi_block_online_lse(monkeypatch):
     logits[2, 250] = 1e4
     labels = torch.tensor([200, 7, 250, -100])
     check_op("triton", logits, labels, torch.tensor([1.0, -1.0, 2.0, 3.0]), temperature=0.8, atol=1e-4)
+
+
+def test_auto_fallback_says_why_once(monkeypatch):
+    import rlhf_kernels
+
+    monkeypatch.setattr(rlhf_kernels, "_load_impl", lambda name: (None, "the C++ extension is not built (test)"))
+    monkeypatch.setattr(rlhf_kernels, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="no fast backend for cpu tensors \\(cpp: the C\\+\\+ extension is not built"):
+        assert K.resolve_backend(None, torch.device("cpu"))[0] == "reference"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert K.resolve_backend(None, torch.device("cpu"))[0] == "reference"  # second time: silent

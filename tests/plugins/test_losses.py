@@ -6,7 +6,8 @@ import math
 import torch
 
 from rlhf_plugins.reward_regression import bradley_terry_loss, huber_loss, mse_loss, pearson
-from rlhf_plugins.sft import cross_entropy_loss, shift
+from rlhf_core.data import shift_labels
+from rlhf_plugins.sft import cross_entropy_loss
 
 
 def test_cross_entropy_hand_computed():
@@ -29,9 +30,8 @@ def test_sequence_mean_aggregation_differs_from_token_mean():
     assert math.isclose(seq.item(), (math.log(2) + math.log(4 / 3)) / 2, rel_tol=1e-6)
 
 
-def test_shift_aligns_prediction_with_next_token():
-    logits, labels = shift(torch.arange(12.0).view(1, 3, 4), torch.tensor([[7, 8, 9]]))
-    assert logits.shape == (1, 2, 4) and labels.tolist() == [[8, 9]]
+def test_shift_labels_aligns_prediction_with_next_token():
+    assert shift_labels(torch.tensor([[7, 8, 9]])).tolist() == [[8, 9, -100]]
 
 
 def test_regression_losses_hand_computed():

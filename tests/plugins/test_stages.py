@@ -1,0 +1,95 @@
+"""Stage behaviour beyond the default pipeline: fused-linear SFT, determinism, PPO options."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rlhf_core.cli import cli
+from rlhf_core.config import ConfigError, ModelConfig, load_raw, resolve
+from rlhf_core.data import collate_sft
+from rlhf_core.models import load_causal_lm
+from rlhf_plugins.sft import cross_entropy_loss, sft_loss_terms
+
+
+def test_fused_linear_sft_loss_and_grads_equal_the_logits_path():
+    model = load_causal_lm(ModelConfig(), seed=0)
+    batch = collate_sft([
+        {"input_ids": [100, 101, 102, 103, 1], "labels": [-100, -100, 102, 103, 1]},
+        {"input_ids": [104, 105, 1], "labels": [-100, 105, 1]},
+    ], pad_id=0)
+    losses, grads = [], []
+    for fused, backend in [(False, "reference"), (True, "reference"), (True, None)]:
+        model.zero_grad()
+        loss, metrics = sft_loss_terms(model, batch, cross_entropy_loss, {}, backend, fused)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.lm_head.weight.grad.clone())
+        assert metrics["tokens"] == 5.0
+    for loss, grad in zip(losses[1:], grads[1:]):
+        torch.testing.assert_close(loss, losses[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, grads[0], atol=1e-5, rtol=1e-4)
+
+
+def test_fused_linear_needs_plain_cross_entropy(registry):
+    data = {"stages": [{"stage": "sft", "fused_linear": True, "loss": {"name": "cross_entropy", "aggregation": "sequence_mean"}}]}
+    with pytest.raises(ConfigError, match="stages\\[0\\].fused_linear: computes token-mean cross_entropy only"):
+        resolve(data, registry)
+
+
+def run(tmp_path, name, *overrides):
+    out = tmp_path / name
+    result = CliRunner().invoke(cli, ["run", "--out", str(out), *[x for o in overrides for x in ("--set", o)]], obj={})
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], out
+
+
+SHORT = ["stages.sft.train.steps=20", "stages.reward.train.steps=20", "stages.ppo.iterations=4",
+         "stages.ppo.eval_every=0", "stages.ppo.eval_prompts=8", "stages.sft.train.log_every=5"]
+
+
+def test_same_seed_same_run(tmp_path):
+    first, _ = run(tmp_path, "a", *SHORT)
+    second, _ = run(tmp_path, "b", *SHORT)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s") and not k.startswith("time_")} for r in rows]  # noqa: E731
+    assert strip(first) == strip(second)
+    other, _ = run(tmp_path, "c", *SHORT, "seed=1")
+    assert strip(other) != strip(first)
+
+
+def test_ppo_kl_in_loss_k3_adaptive_entropy_whitening(tmp_path):
+    rows, out = run(tmp_path, "kl", *SHORT, "stages.ppo.kl.placement=loss", "stages.ppo.kl.estimator=k3",
+                    "stages.ppo.kl.adaptive=true", "stages.ppo.kl.target=0.01", "stages.ppo.kl.horizon=100",
+                    "stages.ppo.entropy_coef=0.01", "stages.ppo.whiten_advantages=true", "stages.ppo.ppo_epochs=1")
+    ppo = [r for r in rows if r["stage"] == "ppo" and "kl" in r]
+    assert all("kl_loss" in r and r["entropy"] > 0 for r in ppo)
+    assert all(r["kl"] >= 0 for r in ppo)  # k3 is never negative
+    # KL above the tiny target -> the adaptive coefficient grows from its start of 0.02
+    assert ppo[-1]["kl_coef"] > ppo[0]["kl_coef"] == 0.02
+    assert abs(ppo[-1]["advantage_mean"]) < 1e-5  # whitened
+    for key in ("time_generate", "time_score", "time_train", "clip_frac", "ratio_mean", "response_length", "reward_std"):
+        assert key in ppo[-1]
+
+
+def test_length_reward_and_reward_model_path(tmp_path):
+    rows, out = run(tmp_path, "len", *SHORT, "stages.ppo.reward={name: length, target: 8}")
+    assert all(r["reward_mean"] <= 0 for r in rows if r["stage"] == "ppo" and "reward_mean" in r)
+    with pytest.raises(ConfigError, match="stages\\[2\\].reward.targett: unknown option for reward 'length'; accepted: scale, target"):
+        from rlhf_core.plugins import build_registry, get_plugin_manager
+
+        resolve(load_raw(None, ["stages.ppo.reward={name: length, targett: 8}"]), build_registry(get_plugin_manager(entry_points=False)))
+
+
+def test_chat_template_is_used_when_the_tokenizer_has_one():
+    from transformers import ByT5Tokenizer
+
+    from rlhf_core.data import Record, render_prompt, tokenize_sft
+
+    tok = ByT5Tokenizer()
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    fields = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    assert render_prompt(tok, fields) == "<user>hi<assistant>"
+    items, _ = tokenize_sft([Record("x", fields)], tok, 64, None)
+    assert tok.decode([t for t in items[0]["labels"] if t != -100], skip_special_tokens=True) == "yo"
