@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import mmap
+import os
+import sys
+import threading
 
 import torch
 
@@ -18,6 +21,10 @@ LEVELS = {0: "scalar", 1: "avx2", 2: "avx512"}
 level_cap = -1
 #: Gradients at least this large get a transparent-huge-page buffer (see :func:`new_grad`).
 HUGEPAGE_MIN_BYTES = 8 * 1024 * 1024
+#: Keep the last such buffer for reuse once nothing references it (``RLHF_CPP_GRAD_CACHE=0`` disables).
+CACHE_GRAD_BUFFER = os.environ.get("RLHF_CPP_GRAD_CACHE", "1") != "0"
+_cache_lock = threading.Lock()
+_cached_buffer: mmap.mmap | None = None
 
 
 def unavailable_reason() -> str:
@@ -38,19 +45,27 @@ def cpu_level() -> str:
 def new_grad(logits: torch.Tensor) -> torch.Tensor:
     """An uninitialised gradient buffer shaped like ``logits``.
 
-    Large buffers come from an anonymous mapping advised for transparent huge pages: the OS then
-    faults in 2 MiB pages instead of 4 KiB ones, which halves the cost of touching a fresh
-    logits-sized buffer (the dominant cost of a CPU backward). Falls back to ``torch.empty_like``.
+    Large buffers come from an anonymous mapping advised for transparent huge pages: the OS faults
+    in 2 MiB pages instead of 4 KiB ones, which halves the cost of a fresh logits-sized buffer (the
+    dominant cost of a CPU backward). The last such mapping is kept and handed out again once no
+    tensor references it any more (every tensor made from it holds a reference to the mapping), so
+    a training loop stops paying for page faults; at most one buffer is kept.
     """
+    global _cached_buffer
     nbytes = logits.numel() * logits.element_size()
     if nbytes < HUGEPAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # THP disabled: ordinary pages, still correct
-        pass
-    return torch.frombuffer(buf, dtype=logits.dtype).view(logits.shape)
+    with _cache_lock:
+        buf = _cached_buffer
+        # References when idle: the module global, this local and getrefcount's argument.
+        if not (CACHE_GRAD_BUFFER and buf is not None and len(buf) >= nbytes and sys.getrefcount(buf) == 3):
+            buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            try:
+                buf.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # THP disabled: ordinary pages, still correct
+                pass
+            _cached_buffer = buf if CACHE_GRAD_BUFFER else None
+        return torch.frombuffer(buf, dtype=logits.dtype, count=logits.numel()).view(logits.shape)
 
 
 def _dtype_code(t: torch.Tensor) -> int:

@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .tracking import is_main_process
+
 BUILTIN_TINY = "builtin:tiny"
 REWARD_MARKER = "rlhf_reward_model.json"
 HEAD_FILE = "reward_head.safetensors"
@@ -96,7 +98,10 @@ def load_causal_lm(model_cfg: Any, path: str | None = None, *, seed: int = 0):
 
 
 def save_causal_lm(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
-    """``save_pretrained`` (safetensors) of the model and its tokenizer into ``directory``."""
+    """``save_pretrained`` (safetensors) of the model and its tokenizer into ``directory``
+    (on the main process only; every rank gets the path back)."""
+    if not is_main_process():
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
@@ -138,8 +143,10 @@ class ScalarHeadModel(nn.Module):
         return values.gather(1, last.unsqueeze(1)).squeeze(1)
 
     def save_pretrained(self, directory: Path, tokenizer: Any = None) -> Path:
-        """Backbone (safetensors) + head + marker (+ tokenizer) into ``directory``."""
+        """Backbone (safetensors) + head + marker (+ tokenizer) into ``directory`` (main process only)."""
         directory = Path(directory)
+        if not is_main_process():
+            return directory
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(directory, safe_serialization=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, str(directory / HEAD_FILE))

@@ -292,3 +292,26 @@ def test_auto_fallback_says_why_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert K.resolve_backend(None, torch.device("cpu"))[0] == "reference"  # second time: silent
+
+
+@pytest.mark.skipif("cpp" not in FAST, reason="C++ extension not built")
+def test_cpp_gradient_buffer_reused_only_when_free(monkeypatch):
+    from rlhf_kernels import cpp
+
+    monkeypatch.setattr(cpp, "HUGEPAGE_MIN_BYTES", 0)
+    monkeypatch.setattr(cpp, "_cached_buffer", None)
+    logits = torch.randn(8, 100)
+    first = cpp.new_grad(logits)
+    second = cpp.new_grad(logits)  # `first` is alive: must not share memory
+    assert first.data_ptr() != second.data_ptr()
+    view = second[2:]
+    del second
+    third = cpp.new_grad(logits)  # a view still holds the cached buffer
+    assert third.data_ptr() != view.data_ptr() - 2 * 100 * 4
+    ptr = third.data_ptr()
+    del third
+    assert cpp.new_grad(logits).data_ptr() == ptr  # freed: reused
+    monkeypatch.setattr(cpp, "CACHE_GRAD_BUFFER", False)
+    a = cpp.new_grad(logits)
+    b = cpp.new_grad(logits)
+    assert a.data_ptr() != b.data_ptr()
