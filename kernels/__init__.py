@@ -13,6 +13,7 @@ variable ``RLHF_KERNEL_BACKEND`` and otherwise picks automatically: ``triton`` f
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from types import ModuleType
@@ -33,8 +34,9 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=None)
 def _load_impl(name: str) -> tuple[ModuleType | None, str]:
-    """Import a fast backend; returns (module, "") or (None, why it is unavailable)."""
+    """Import a fast backend once; returns (module, "") or (None, why it is unavailable)."""
     try:
         if name == "triton":
             from .triton import ops as impl

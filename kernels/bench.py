@@ -63,6 +63,9 @@ def _callable(op: str, impl: str, logits, labels, old, adv):
         fn = {"token_logprobs": reference.token_logprobs, "cross_entropy": reference.cross_entropy,
               "ppo_clip_loss": reference.ppo_clip_loss}[op]
         if impl == "compile":
+            # A fresh cache per case: one function compiled for many shapes would otherwise hit
+            # Dynamo's recompile limit and silently fall back to eager.
+            torch._dynamo.reset()
             fn = torch.compile(fn, dynamic=False)
     else:
         fn = {"token_logprobs": lambda *a: token_logprobs(*a, backend=impl),

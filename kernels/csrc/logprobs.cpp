@@ -295,14 +295,18 @@ void backward_row_at(int level, const void* row, void* out, int64_t n, float inv
 
 // ----------------------------------------------------------------------------- drivers
 
+// Rows split across threads; a thread is only worth starting for a few hundred KiB of logits.
+constexpr int64_t MIN_ELEMS_PER_THREAD = 1 << 16;
+
 template <typename Fn>
-void parallel_rows(int64_t n_rows, int threads, Fn fn) {
-  int t = std::max(1, std::min<int>(threads, static_cast<int>(std::min<int64_t>(n_rows, 256))));
-  if (t == 1 || n_rows < 4) { fn(0, n_rows); return; }
+void parallel_rows(int64_t n_rows, int64_t n_cols, int threads, Fn fn) {
+  const int64_t by_work = std::max<int64_t>(1, n_rows * n_cols / MIN_ELEMS_PER_THREAD);
+  const int t = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({threads, n_rows, by_work})));
+  if (t == 1) { fn(0, n_rows); return; }
   std::vector<std::thread> pool;
-  int64_t per = (n_rows + t - 1) / t;
+  const int64_t per = (n_rows + t - 1) / t;
   for (int k = 1; k < t; ++k) {
-    int64_t a = k * per, b = std::min(n_rows, a + per);
+    const int64_t a = k * per, b = std::min(n_rows, a + per);
     if (a < b) pool.emplace_back(fn, a, b);
   }
   fn(0, std::min(n_rows, per));
@@ -312,7 +316,7 @@ void parallel_rows(int64_t n_rows, int threads, Fn fn) {
 template <int D>
 void forward_impl(const char* logits, int64_t n_rows, int64_t n_cols, int64_t stride, const int64_t* labels,
                   float* logp, float* lse, float inv_t, int64_t ignore, int threads, int level) {
-  parallel_rows(n_rows, threads, [=](int64_t a, int64_t b) {
+  parallel_rows(n_rows, n_cols, threads, [=](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
       const int64_t label = labels[i];
       if (label == ignore) { logp[i] = 0.f; lse[i] = 0.f; continue; }
@@ -330,7 +334,7 @@ template <int D>
 void backward_impl(const char* logits, int64_t n_rows, int64_t n_cols, int64_t stride, const int64_t* labels,
                    const float* lse, const float* grad, char* out, int64_t out_stride, float inv_t, int64_t ignore,
                    int threads, int level) {
-  parallel_rows(n_rows, threads, [=](int64_t a, int64_t b) {
+  parallel_rows(n_rows, n_cols, threads, [=](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
       const int64_t label = labels[i];
       char* orow = out + i * out_stride * elem_size(D);

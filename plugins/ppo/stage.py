@@ -118,7 +118,7 @@ class PPOStage:
         loss_fn = ctx.registry.get("loss", config.loss.name, "policy").obj
         critic, critic_opt = None, None
         if estimator.needs_values:
-            critic = self._critic(ctx, config, policy, model_cfg).to(device)
+            critic = self._critic(ctx, config, model_cfg).to(device)
             critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.critic_lr)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         kl_ctl = KLController(config.kl.coef, config.kl.adaptive, config.kl.target, config.kl.horizon)
@@ -128,10 +128,11 @@ class PPOStage:
         eval_prompts = [render_prompt(tokenizer, r.fields) for r in eval_recs][: config.eval_prompts]
         rng = random.Random(ctx.seed)
 
-        def evaluate(step: int) -> dict[str, float]:
-            return self._evaluate(policy, tokenizer, eval_prompts, reward_fn, gold_fn, config, device, ctx.seed + step)
+        def evaluate() -> dict[str, float]:
+            # The same sampling seed every time, so that policies are compared on one random stream.
+            return self._evaluate(policy, tokenizer, eval_prompts, reward_fn, gold_fn, config, device, ctx.seed)
 
-        first = evaluate(0) if eval_prompts else {}
+        first = evaluate() if eval_prompts else {}
         if first:
             ctx.tracker.log(0, {f"eval_{k}": v for k, v in first.items()})
         last: dict[str, float] = {}
@@ -148,9 +149,9 @@ class PPOStage:
             last = metrics
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
             if eval_prompts and config.eval_every > 0 and it % config.eval_every == 0 and it != config.iterations:
-                ctx.tracker.log(it, {f"eval_{k}": v for k, v in evaluate(it).items()})
+                ctx.tracker.log(it, {f"eval_{k}": v for k, v in evaluate().items()})
         bar.close()
-        final = evaluate(config.iterations) if eval_prompts else {}
+        final = evaluate() if eval_prompts else {}
         if final:
             ctx.tracker.log(config.iterations, {f"eval_{k}": v for k, v in final.items()})
         summary = {k: last[k] for k in ("reward_mean", "kl", "kl_coef", "clip_frac", "response_length") if k in last}
@@ -186,7 +187,8 @@ class PPOStage:
         return problems
 
     @staticmethod
-    def _critic(ctx, config, policy, model_cfg) -> ScalarHeadModel:
+    def _critic(ctx, config, model_cfg) -> ScalarHeadModel:
+        """The value model for estimators that need one: ``critic_init`` (auto = latest reward model)."""
         source = ctx.init_source(config.critic_init, "reward")
         if is_reward_model_dir(source):
             return ScalarHeadModel.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
