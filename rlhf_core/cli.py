@@ -16,9 +16,11 @@ from .engine import RunDirError, make_run_dir, prepare, run_pipeline
 from .models import ModelLoadError
 from .plugins import PluginLoadError, build_registry, disabled_from_env, get_plugin_manager, registered_by
 from .registry import RegistryError
+from .training import TrainingError
 
 #: Errors a user can fix; shown as one message, not a traceback (RLHF_DEBUG=1 shows the traceback).
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, PluginLoadError, RegistryError, RunDirError, StageError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, PluginLoadError, RegistryError, RunDirError, StageError,
+               TrainingError)
 
 
 def _user_error(exc: Exception) -> click.ClickException:
@@ -57,7 +59,10 @@ def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out:
             click.echo(yaml.safe_dump(to_plain(prepared.config), sort_keys=False), nl=False)
             return
         run_dir = make_run_dir(out, overwrite)
-        run_pipeline(prepared, run_dir, echo=click.echo)
+        try:
+            run_pipeline(prepared, run_dir, echo=click.echo)
+        except KeyboardInterrupt:
+            raise click.ClickException(f"interrupted; finished stages and metrics so far are in {run_dir}") from None
     except USER_ERRORS as exc:
         raise _user_error(exc) from None
 

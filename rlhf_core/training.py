@@ -51,10 +51,20 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return fn
 
 
-def autocast_context(mode: str, device: torch.device):
-    """bf16/fp16 autocast, or nothing. ``auto`` = bf16 on CUDA that supports it, off on CPU."""
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. the loss became NaN); the message says what to change."""
+
+
+def resolve_precision(mode: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on CUDA devices that support it, else ``no``; other modes unchanged."""
     if mode == "auto":
-        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return mode
+
+
+def autocast_context(mode: str, device: torch.device):
+    """bf16/fp16 autocast, or nothing (see :func:`resolve_precision`)."""
+    mode = resolve_precision(mode, device)
     if mode == "no":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
@@ -90,6 +100,8 @@ class Trainer:
         """Train; returns the last logged training metrics merged with the final eval metrics."""
         cfg = self.cfg
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, steps))
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
+        scaler = torch.amp.GradScaler(self.device.type, enabled=resolve_precision(cfg.mixed_precision, self.device) == "fp16")
         batches = cycle(loader)
         window: dict[str, list[float]] = {}
         last: dict[str, float] = {}
@@ -102,14 +114,16 @@ class Trainer:
                 with autocast_context(cfg.mixed_precision, self.device):
                     loss, metrics = compute_loss(batch)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{self.desc}: loss became {loss.item()} at step {step}; "
-                                             "lower train.lr or check the data")
-                (loss / cfg.grad_accum).backward()
+                    raise TrainingError(f"stage {self.desc!r}: the loss became {loss.item()} at step {step}; "
+                                        "lower train.lr, set train.mixed_precision: no, or check the data")
+                scaler.scale(loss / cfg.grad_accum).backward()
                 tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
                 for key, value in {"loss": loss.item(), **metrics}.items():
                     window.setdefault(key, []).append(float(value))
+            scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            self.optimizer.step()
+            scaler.step(self.optimizer)
+            scaler.update()
             scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             if step % cfg.log_every == 0 or step == steps:

@@ -104,3 +104,10 @@ def test_group_estimator_needs_groups(tiny_pipeline_yaml, tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "== stage" not in result.output  # reported before anything ran
     assert "stages[2].samples_per_prompt: advantage estimator 'rloo' compares samples of the same prompt and needs samples_per_prompt >= 2" in result.output
+
+
+def test_diverging_training_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(cli, ["run", "--out", str(tmp_path / "r"), "--set", "stages.sft.train.lr=1e6",
+                                      "--set", "stages.sft.train.steps=30", "--set", "stages.sft.train.max_grad_norm=0"], obj={})
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "stage 'sft': the loss became" in result.output and "lower train.lr" in result.output

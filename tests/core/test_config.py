@@ -68,6 +68,11 @@ def test_overrides_by_name_and_index():
         load_raw(None, ["seed"])
 
 
+def test_exponent_without_dot_is_a_number(registry):
+    config = resolve(load_raw(None, ["stages.sft.train.lr=3e-4"]), registry)
+    assert config.stages[0].config.train.lr == 3e-4
+
+
 def test_apply_override_creates_nested_keys():
     data = {}
     apply_override(data, ["a", "b"], 1)
