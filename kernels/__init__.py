@@ -25,6 +25,8 @@ from .fused import LinearTokenLogprobsFn, TokenLogprobsFn
 from .reference import ppo_clip_terms, reduce_tokens
 
 BACKENDS = ("reference", "triton", "cpp")
+#: Logit dtypes the fast backends read; others (e.g. float64) go to the reference.
+FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ENV_BACKEND = "RLHF_KERNEL_BACKEND"
 
 __all__ = [
@@ -69,10 +71,17 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> tuple[str, ModuleType | None]:
-    """Pick the backend for tensors on ``device``; an unavailable explicit choice is an error.
-    ``auto`` falling back to the reference says why, once per process."""
+def resolve_backend(backend: str | None, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> tuple[str, ModuleType | None]:
+    """Pick the backend for ``dtype`` tensors on ``device``; an unavailable explicit choice is an
+    error. ``auto`` falling back to the reference says why, once per process (dtypes the fast
+    backends do not read, such as float64, go to the reference silently)."""
     choice = backend if backend is not None else os.environ.get(ENV_BACKEND) or "auto"
+    if choice != "reference" and dtype not in FAST_DTYPES:
+        if choice == "auto":
+            return "reference", None
+        raise TypeError(f"kernel backend {choice!r} reads float32, bfloat16 and float16 logits, got {dtype}; "
+                        "use backend 'reference' or 'auto'")
     if choice == "auto":
         wanted = ("triton", "cpp") if device.type == "cuda" else ("cpp",)
         reasons = []
@@ -129,7 +138,7 @@ def token_logprobs(
     _check(logits, labels, ignore_index, "token_logprobs")
     if temperature <= 0:
         raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
-    name, impl = resolve_backend(backend, logits.device)
+    _, impl = resolve_backend(backend, logits.device, logits.dtype)
     if impl is None:
         return reference.token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
     vocab = logits.shape[-1]
@@ -177,7 +186,7 @@ def linear_token_logprobs(
         raise ValueError(f"{op}: need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     # Validate labels against [N, V] without building it: an expanded view costs nothing.
     _check(weight[:, 0].unsqueeze(0).expand(hidden.shape[0], -1), labels, ignore_index, op)
-    name, impl = resolve_backend(backend, hidden.device)
+    _, impl = resolve_backend(backend, hidden.device, hidden.dtype)
     if impl is None:
         return reference.linear_token_logprobs(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index)
     return LinearTokenLogprobsFn.apply(

@@ -315,3 +315,13 @@ def test_cpp_gradient_buffer_reused_only_when_free(monkeypatch):
     a = cpp.new_grad(logits)
     b = cpp.new_grad(logits)
     assert a.data_ptr() != b.data_ptr()
+
+
+def test_float64_goes_to_reference_under_auto_and_is_an_error_when_explicit():
+    logits = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([1, 2, 3])
+    out = K.token_logprobs(logits, labels)
+    torch.testing.assert_close(out, reference.token_logprobs(logits, labels))
+    for backend in FAST:
+        with pytest.raises(TypeError, match=f"kernel backend '{backend}' reads float32, bfloat16 and float16 logits"):
+            K.token_logprobs(logits, labels, backend=backend)
