@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 
 from . import reference
-from .fused import LinearTokenLogprobsFn, TokenLogprobsFn
+from .fused import CrossEntropyFn, LinearTokenLogprobsFn, TokenLogprobsFn
 from .reference import ppo_clip_terms, reduce_tokens
 
 BACKENDS = ("reference", "triton", "cpp")
@@ -141,11 +141,19 @@ def token_logprobs(
     _, impl = resolve_backend(backend, logits.device, logits.dtype)
     if impl is None:
         return reference.token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
-    vocab = logits.shape[-1]
-    flat = TokenLogprobsFn.apply(
-        logits.reshape(-1, vocab).contiguous(), labels.reshape(-1).contiguous(), float(temperature), ignore_index, impl
-    )
-    return flat.view(labels.shape)
+    flat, owned = _rows(logits)
+    out = TokenLogprobsFn.apply(flat, labels.reshape(-1).contiguous(), float(temperature), ignore_index, impl, owned)
+    return out.view(labels.shape)
+
+
+def _rows(logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A ``[N, V]`` view with unit column stride, and whether it is a private copy (when the input
+    cannot be viewed that way, e.g. ``logits[:, :-1]`` of a ``[B, T, V]`` tensor)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    is_view = flat.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+    if is_view and flat.stride(-1) == 1:
+        return flat, False
+    return flat.contiguous(), True
 
 
 def cross_entropy(
@@ -155,6 +163,12 @@ def cross_entropy(
     """Token cross-entropy; ``mean`` over non-ignored tokens (0 if there are none), ``sum`` or ``none``."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"cross_entropy: unknown reduction {reduction!r}; accepted: mean, sum, none")
+    if reduction != "none" and logits.requires_grad and torch.is_grad_enabled():
+        _check(logits, labels, ignore_index, "cross_entropy")
+        _, impl = resolve_backend(backend, logits.device, logits.dtype)
+        if impl is not None and hasattr(impl, "forward_with_grad"):
+            flat, _ = _rows(logits)
+            return CrossEntropyFn.apply(flat, labels.reshape(-1).contiguous(), ignore_index, reduction == "mean", impl)
     nll = -token_logprobs(logits, labels, ignore_index=ignore_index, backend=backend)
     return reduce_tokens(nll, (labels != ignore_index).float(), reduction)
 

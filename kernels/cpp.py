@@ -76,6 +76,19 @@ def _dtype_code(t: torch.Tensor) -> int:
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
     """``(logp [N], lse [N])`` in fp32 for a 2-D ``logits`` view with unit column stride."""
+    logp, lse, _ = _forward(logits, labels, temperature, ignore_index, None, 0.0)
+    return logp, lse
+
+
+def forward_with_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, coef: float):
+    """``(logp, lse, grad)`` where ``grad`` is the gradient of ``coef * sum(logp)`` w.r.t. the logits,
+    written in the same sweep as the forward (each row is still in cache)."""
+    grad = new_grad(logits)
+    logp, lse, _ = _forward(logits, labels, 1.0, ignore_index, grad, coef)
+    return logp, lse, grad
+
+
+def _forward(logits, labels, temperature, ignore_index, out, coef):
     n_rows, n_cols = logits.shape
     labels = labels.to(torch.int64).contiguous()
     logp = torch.empty(n_rows, dtype=torch.float32)
@@ -83,8 +96,9 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, igno
     _cpu.logprobs_forward(
         logits.data_ptr(), _dtype_code(logits), n_rows, n_cols, logits.stride(0), labels.data_ptr(),
         logp.data_ptr(), lse.data_ptr(), 1.0 / temperature, ignore_index, torch.get_num_threads(), level_cap,
+        out.data_ptr() if out is not None else 0, out.stride(0) if out is not None else 0, coef,
     )
-    return logp, lse
+    return logp, lse, out
 
 
 def backward(logits, labels, lse, grad, temperature: float, ignore_index: int, out: torch.Tensor):

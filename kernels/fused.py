@@ -23,23 +23,59 @@ LINEAR_CHUNK_BYTES = 64 * 1024 * 1024
 
 
 class TokenLogprobsFn(torch.autograd.Function):
-    """``token_logprobs`` over a 2-D view, differentiable with respect to the logits."""
+    """``token_logprobs`` over a 2-D view, differentiable with respect to the logits.
+
+    ``owned``: the 2-D logits are a private copy (the caller's tensor was not contiguous), so the
+    backward writes the gradient over them instead of allocating a second logits-sized buffer. A
+    second backward through such a graph is refused, since the copy no longer holds the logits.
+    """
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, impl):
+    def forward(ctx, logits, labels, temperature, ignore_index, impl, owned=False):
         logp, lse = impl.forward(logits, labels, temperature, ignore_index)
         ctx.save_for_backward(logits, labels, lse)
-        ctx.temperature, ctx.ignore_index, ctx.impl = temperature, ignore_index, impl
+        ctx.temperature, ctx.ignore_index, ctx.impl, ctx.owned, ctx.consumed = temperature, ignore_index, impl, owned, False
         return logp
 
     @staticmethod
     def backward(ctx, grad):
         logits, labels, lse = ctx.saved_tensors
-        out = ctx.impl.new_grad(logits)
+        if ctx.consumed:
+            raise RuntimeError("rlhf_kernels: a second backward through token_logprobs of a non-contiguous logits view "
+                               "is not supported (its gradient reused the private copy); pass contiguous logits")
+        ctx.consumed = ctx.owned
+        out = logits if ctx.owned else ctx.impl.new_grad(logits)
         grad_logits = ctx.impl.backward(
             logits, labels, lse, grad.float().contiguous(), ctx.temperature, ctx.ignore_index, out
         )
-        return grad_logits, None, None, None, None
+        return grad_logits, None, None, None, None, None
+
+
+class CrossEntropyFn(torch.autograd.Function):
+    """Mean or summed token cross-entropy whose gradient is written during the forward sweep, for
+    backends with ``forward_with_grad``: the upstream gradient of a reduced loss is known up front
+    (``-1/n_valid`` per valid token for ``mean``), so each row is read from memory once for both.
+    The backward only scales that buffer; a second backward (retained graph) recomputes it."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, mean, impl):
+        n_valid = int((labels != ignore_index).sum())
+        scale = 1.0 / max(n_valid, 1) if mean else 1.0
+        logp, lse, grad = impl.forward_with_grad(logits, labels, ignore_index, -scale)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.grad, ctx.scale, ctx.ignore_index, ctx.impl = grad, scale, ignore_index, impl
+        return -logp.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            logits, labels, lse = ctx.saved_tensors
+            upstream = torch.full(labels.shape, -ctx.scale, dtype=torch.float32, device=logits.device) * grad_out.float()
+            grad = ctx.impl.backward(logits, labels, lse, upstream, 1.0, ctx.ignore_index, ctx.impl.new_grad(logits))
+        elif float(grad_out) != 1.0:
+            grad.mul_(grad_out.to(grad.dtype))
+        return grad, None, None, None, None
 
 
 def _chunk_rows(n_rows: int, vocab: int) -> int:

@@ -313,19 +313,39 @@ void parallel_rows(int64_t n_rows, int64_t n_cols, int threads, Fn fn) {
   for (auto& th : pool) th.join();
 }
 
+// One row's gradient: out = g / T * (onehot(label) - exp(x / T - lse)), or zeros for an ignored row.
+template <int D>
+void gradient_row(int level, const char* row, char* orow, int64_t n_cols, int64_t label, int64_t ignore, float inv_t,
+                  float lse, float upstream) {
+  if (label == ignore) { std::memset(orow, 0, static_cast<size_t>(n_cols) * elem_size(D)); return; }
+  const float g = upstream * inv_t;
+  // Read the label's logit before the sweep: when out aliases logits it is overwritten.
+  const float p_label = std::exp(load1<D>(row, label) * inv_t - lse);
+  backward_row_at<D>(level, row, orow, n_cols, inv_t, lse, g);
+  store1<D>(orow, label, g * (1.f - p_label));
+}
+
+// Forward; with `out`, also the gradient of sum_i coef * logp_i, written while the row is still in
+// cache (loss and gradient in one sweep from memory, for losses whose upstream gradient is known).
 template <int D>
 void forward_impl(const char* logits, int64_t n_rows, int64_t n_cols, int64_t stride, const int64_t* labels,
-                  float* logp, float* lse, float inv_t, int64_t ignore, int threads, int level) {
+                  float* logp, float* lse, float inv_t, int64_t ignore, int threads, int level, char* out,
+                  int64_t out_stride, float coef) {
   parallel_rows(n_rows, n_cols, threads, [=](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
       const int64_t label = labels[i];
-      if (label == ignore) { logp[i] = 0.f; lse[i] = 0.f; continue; }
       const char* row = logits + i * stride * elem_size(D);
-      float m, s;
-      forward_row_at<D>(level, row, n_cols, inv_t, m, s);
-      const float l = m + std::log(s);
-      lse[i] = l;
-      logp[i] = load1<D>(row, label) * inv_t - l;
+      if (label == ignore) {
+        logp[i] = 0.f;
+        lse[i] = 0.f;
+      } else {
+        float m, s;
+        forward_row_at<D>(level, row, n_cols, inv_t, m, s);
+        lse[i] = m + std::log(s);
+        logp[i] = load1<D>(row, label) * inv_t - lse[i];
+      }
+      if (out != nullptr)
+        gradient_row<D>(level, row, out + i * out_stride * elem_size(D), n_cols, label, ignore, inv_t, lse[i], coef);
     }
   });
 }
@@ -335,17 +355,9 @@ void backward_impl(const char* logits, int64_t n_rows, int64_t n_cols, int64_t s
                    const float* lse, const float* grad, char* out, int64_t out_stride, float inv_t, int64_t ignore,
                    int threads, int level) {
   parallel_rows(n_rows, n_cols, threads, [=](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      const int64_t label = labels[i];
-      char* orow = out + i * out_stride * elem_size(D);
-      if (label == ignore) { std::memset(orow, 0, static_cast<size_t>(n_cols) * elem_size(D)); continue; }
-      const char* row = logits + i * stride * elem_size(D);
-      const float g = grad[i] * inv_t;
-      // Read the label's logit before the sweep: when out aliases logits it is overwritten.
-      const float p_label = std::exp(load1<D>(row, label) * inv_t - lse[i]);
-      backward_row_at<D>(level, row, orow, n_cols, inv_t, lse[i], g);
-      store1<D>(orow, label, g * (1.f - p_label));
-    }
+    for (int64_t i = a; i < b; ++i)
+      gradient_row<D>(level, logits + i * stride * elem_size(D), out + i * out_stride * elem_size(D), n_cols,
+                      labels[i], ignore, inv_t, lse[i], grad[i]);
   });
 }
 
@@ -371,15 +383,18 @@ PYBIND11_MODULE(_cpu, m) {
   m.doc() = "rlhf C++ CPU kernels: log-prob forward (online LSE) and backward (one-write gradient)";
   m.def("logprobs_forward",
         [](uintptr_t logits, int dtype, int64_t n_rows, int64_t n_cols, int64_t stride, uintptr_t labels,
-           uintptr_t logp, uintptr_t lse, float inv_t, int64_t ignore, int threads, int level) {
+           uintptr_t logp, uintptr_t lse, float inv_t, int64_t ignore, int threads, int level, uintptr_t out,
+           int64_t out_stride, float coef) {
           py::gil_scoped_release release;
           dispatch<Fwd>(dtype, reinterpret_cast<const char*>(logits), n_rows, n_cols, stride,
                         reinterpret_cast<const int64_t*>(labels), reinterpret_cast<float*>(logp),
-                        reinterpret_cast<float*>(lse), inv_t, ignore, threads, use_level(level));
+                        reinterpret_cast<float*>(lse), inv_t, ignore, threads, use_level(level),
+                        reinterpret_cast<char*>(out), out_stride, coef);
         },
         py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("stride"),
         py::arg("labels"), py::arg("logp"), py::arg("lse"), py::arg("inv_temperature"), py::arg("ignore_index"),
-        py::arg("threads"), py::arg("level") = -1);
+        py::arg("threads"), py::arg("level") = -1, py::arg("out") = 0, py::arg("out_stride") = 0,
+        py::arg("grad_coef") = 0.f);
   m.def("logprobs_backward",
         [](uintptr_t logits, int dtype, int64_t n_rows, int64_t n_cols, int64_t stride, uintptr_t labels,
            uintptr_t lse, uintptr_t grad, uintptr_t out, int64_t out_stride, float inv_t, int64_t ignore,

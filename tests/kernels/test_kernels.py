@@ -325,3 +325,43 @@ def test_float64_goes_to_reference_under_auto_and_is_an_error_when_explicit():
     for backend in FAST:
         with pytest.raises(TypeError, match=f"kernel backend '{backend}' reads float32, bfloat16 and float16 logits"):
             K.token_logprobs(logits, labels, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_gradient_in_forward_sweep(backend, reduction):
+    """mean/sum CE on backends that write the gradient during the forward: scaled upstream
+    gradients, a retained graph backpropagated twice, and an all-ignored batch."""
+    torch.manual_seed(4)
+    logits = torch.randn(2, 6, 53, requires_grad=True)
+    labels = torch.randint(0, 53, (2, 6))
+    labels[0, :4] = -100
+    ref = logits.detach().clone().requires_grad_()
+    want = torch.nn.functional.cross_entropy(ref.view(-1, 53), labels.view(-1), reduction=reduction)
+    got = K.cross_entropy(logits, labels, reduction=reduction, backend=backend)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    (3.0 * got).backward(retain_graph=True)
+    (3.0 * want).backward(retain_graph=True)
+    torch.testing.assert_close(logits.grad, ref.grad, atol=1e-6, rtol=1e-5)
+    (0.5 * got).backward()  # second backward through the same graph: recomputed, then accumulated
+    (0.5 * want).backward()
+    torch.testing.assert_close(logits.grad, ref.grad, atol=1e-6, rtol=1e-5)
+    empty = torch.randn(3, 5, requires_grad=True)
+    loss = K.cross_entropy(empty, torch.full((3,), -100), reduction=reduction, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and empty.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_non_contiguous_logits_reuse_their_private_copy(backend):
+    """A sliced [B, T-1, V] view is copied once; the backward writes the gradient into that copy."""
+    torch.manual_seed(6)
+    full = torch.randn(2, 5, 17, requires_grad=True)
+    labels = torch.randint(0, 17, (2, 4))
+    got = K.token_logprobs(full[:, :-1], labels, backend=backend)
+    (got * torch.arange(8.0).view(2, 4)).sum().backward(retain_graph=True)
+    ref = full.detach().clone().requires_grad_()
+    (reference.token_logprobs(ref[:, :-1], labels) * torch.arange(8.0).view(2, 4)).sum().backward()
+    torch.testing.assert_close(full.grad, ref.grad, atol=1e-6, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="second backward through token_logprobs of a non-contiguous logits view"):
+        got.sum().backward()
