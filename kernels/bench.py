@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import available_backends, reference
-from . import cross_entropy, ppo_clip_loss, token_logprobs
+from . import available_backends, cross_entropy, ppo_clip_loss, reference, token_logprobs
 
 #: This 2-core CPU's limits (DESIGN.md): one read pass at ~36 GB/s, ~2.4 G exp/s.
 CPU_READ_BYTES_PER_S = 36e9

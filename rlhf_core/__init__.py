@@ -1,7 +1,12 @@
 """rlhf: instruction tuning (SFT -> reward regression -> PPO) with pluggable components."""
 from __future__ import annotations
 
+import importlib.metadata
+
 from .hookspecs import hookimpl, hookspec
 
 __all__ = ["hookimpl", "hookspec", "__version__"]
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("rlhf")  # one source of truth: pyproject.toml
+except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"

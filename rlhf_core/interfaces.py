@@ -158,8 +158,9 @@ class AdvantageInputs:
 class AdvantageEstimator(Protocol):
     """Turns rewards into per-token advantages: ``cls(**options)(inputs) -> Tensor [B, T]``.
 
-    Advantages are 0 outside ``inputs.mask``. ``needs_values`` asks the stage for a critic; an
-    estimator that needs values also returns ``returns`` through ``last_returns`` for the value loss.
+    Advantages are 0 outside ``inputs.mask``. ``needs_values`` asks the stage for a critic (whose
+    value targets are then ``advantages + values``); ``min_group_size`` (default 1) is the smallest
+    ``samples_per_prompt`` the estimator makes sense with, checked before any model loads.
     """
 
     needs_values: ClassVar[bool]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pluggy
 
-from . import hookspecs
+from . import __version__, hookspecs
 from .registry import Registry, RegistryError
 
 ENTRY_POINT_GROUP = "rlhf"
@@ -47,13 +47,6 @@ class PluginInfo:
     error: str = ""
 
 
-def _rlhf_version() -> str:
-    try:
-        return md.version("rlhf")
-    except md.PackageNotFoundError:
-        return "0+unknown"
-
-
 def disabled_from_env() -> set[str]:
     """Plugin names listed in ``RLHF_DISABLE_PLUGINS`` (comma separated)."""
     return {n.strip() for n in os.environ.get(ENV_DISABLE, "").split(",") if n.strip()}
@@ -69,7 +62,7 @@ def get_plugin_manager(
     pm = pluggy.PluginManager("rlhf")
     pm.add_hookspecs(hookspecs)
     pm.rlhf_info = {}
-    version = _rlhf_version()
+    version = __version__
     blocked = set(disabled) | disabled_from_env()
     for name in blocked:
         pm.set_blocked(name)
