@@ -15,16 +15,15 @@ import triton.language as tl
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, lse_ptr, n_cols, stride_row, inv_temp, ignore_index,
-    BLOCK: tl.constexpr,
+    logits_ptr, labels_ptr, logp_ptr, lse_ptr, grad_ptr, n_cols, stride_row, grad_stride_row, inv_temp,
+    ignore_index, coef, BLOCK: tl.constexpr, WITH_GRAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
-    if label == ignore_index:
-        tl.store(logp_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
-    else:
+    active = label != ignore_index
+    lse = 0.0
+    if active:
         running_max = -float("inf")
         running_sum = 0.0
         for start in range(0, n_cols, BLOCK):
@@ -38,7 +37,26 @@ def _logprobs_fwd_kernel(
         lse = running_max + tl.log(running_sum)
         picked = tl.load(row_ptr + label).to(tl.float32) * inv_temp
         tl.store(logp_ptr + row, picked - lse)
-        tl.store(lse_ptr + row, lse)
+    else:
+        tl.store(logp_ptr + row, 0.0)
+    tl.store(lse_ptr + row, lse)
+    if WITH_GRAD:
+        # Gradient of coef * logp, written while the row is hot in cache (loss and gradient in one kernel).
+        _write_grad_row(row_ptr, grad_ptr + row * grad_stride_row, n_cols, label, active, lse, coef * inv_temp,
+                        inv_temp, BLOCK)
+
+
+@triton.jit
+def _write_grad_row(row_ptr, out_row, n_cols, label, active, lse, g, inv_temp, BLOCK: tl.constexpr):
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = cols < n_cols
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        prob = tl.exp(x - lse)
+        onehot = tl.where(cols == label, 1.0, 0.0)
+        # Ignored rows have no lse (stored 0): exp(x - 0) may overflow, so select, never multiply.
+        grad = tl.where(active, g * (onehot - prob), 0.0)
+        tl.store(out_row + cols, grad.to(out_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -48,20 +66,9 @@ def _logprobs_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    out_row = out_ptr + row * out_stride_row
     g = tl.load(grad_ptr + row) * inv_temp
-    lse = tl.load(lse_ptr + row)
-    active = label != ignore_index
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = cols < n_cols
-        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
-        prob = tl.exp(x - lse)
-        onehot = tl.where(cols == label, 1.0, 0.0)
-        # Ignored rows have no lse (stored 0): exp(x - 0) may overflow, so select, never multiply.
-        grad = tl.where(active, g * (onehot - prob), 0.0)
-        tl.store(out_row + cols, grad.to(out_ptr.dtype.element_ty), mask=mask)
+    _write_grad_row(logits_ptr + row * stride_row, out_ptr + row * out_stride_row, n_cols, label,
+                    label != ignore_index, tl.load(lse_ptr + row), g, inv_temp, BLOCK)
 
 
 def unavailable_reason() -> str:
@@ -91,15 +98,26 @@ def new_grad(logits: torch.Tensor) -> torch.Tensor:
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
     """``(logp [N], lse [N])`` in fp32 for a 2-D ``logits`` view with unit column stride."""
+    logp, lse, _ = _forward(logits, labels, temperature, ignore_index, None, 0.0)
+    return logp, lse
+
+
+def forward_with_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, coef: float):
+    """``(logp, lse, grad)``: ``grad`` is the gradient of ``coef * sum(logp)``, from the same kernel."""
+    return _forward(logits, labels, 1.0, ignore_index, new_grad(logits), coef)
+
+
+def _forward(logits, labels, temperature, ignore_index, grad, coef):
     n_rows, n_cols = logits.shape
     logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     block = _block(n_cols, logits.device)
     _logprobs_fwd_kernel[(n_rows,)](
-        logits, labels, logp, lse, n_cols, logits.stride(0), 1.0 / temperature, ignore_index,
-        BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        logits, labels, logp, lse, grad if grad is not None else logp, n_cols, logits.stride(0),
+        grad.stride(0) if grad is not None else 0, 1.0 / temperature, ignore_index, coef,
+        BLOCK=block, WITH_GRAD=grad is not None, num_warps=8 if block >= 2048 else 4,
     )
-    return logp, lse
+    return logp, lse, grad
 
 
 def backward(logits, labels, lse, grad, temperature: float, ignore_index: int, out: torch.Tensor):

@@ -278,6 +278,11 @@ def test_triton_multi_block_online_lse(monkeypatch):
     logits[2, 250] = 1e4
     labels = torch.tensor([200, 7, 250, -100])
     check_op("triton", logits, labels, torch.tensor([1.0, -1.0, 2.0, 3.0]), temperature=0.8, atol=1e-4)
+    x = logits.clone().requires_grad_()
+    K.cross_entropy(x, labels, backend="triton").backward()  # the one-kernel loss + gradient path
+    xr = logits.clone().requires_grad_()
+    reference.cross_entropy(xr, labels).backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_auto_fallback_says_why_once(monkeypatch):
