@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 
 from . import reference
-from .fused import CrossEntropyFn, LinearTokenLogprobsFn, TokenLogprobsFn
+from .fused import CrossEntropyFn, LinearTokenLogprobsFn, PPOClipFn, TokenLogprobsFn
 from .reference import ppo_clip_terms, reduce_tokens
 
 BACKENDS = ("reference", "triton", "cpp")
@@ -185,6 +185,18 @@ def ppo_clip_loss(
     """
     _check_same_rows("old_logprobs", old_logprobs, labels, "ppo_clip_loss")
     _check_same_rows("advantages", advantages, labels, "ppo_clip_loss")
+    if logits.requires_grad and torch.is_grad_enabled():
+        _check(logits, labels, ignore_index, "ppo_clip_loss")
+        _, impl = resolve_backend(backend, logits.device, logits.dtype)
+        if impl is not None and hasattr(impl, "ppo_forward_with_grad"):
+            flat, _ = _rows(logits)
+            loss, logp = PPOClipFn.apply(
+                flat, labels.reshape(-1).contiguous(), old_logprobs.reshape(-1), advantages.reshape(-1),
+                float(clip_eps), ignore_index, impl,
+            )
+            if not return_stats:
+                return loss
+            return loss, ppo_clip_terms(logp.view(labels.shape), old_logprobs, advantages, labels != ignore_index, clip_eps)[1]
     logp = token_logprobs(logits, labels, ignore_index=ignore_index, backend=backend)
     loss, stats = ppo_clip_terms(logp, old_logprobs, advantages, labels != ignore_index, clip_eps)
     return (loss, stats) if return_stats else loss

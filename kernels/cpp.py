@@ -76,29 +76,39 @@ def _dtype_code(t: torch.Tensor) -> int:
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
     """``(logp [N], lse [N])`` in fp32 for a 2-D ``logits`` view with unit column stride."""
-    logp, lse, _ = _forward(logits, labels, temperature, ignore_index, None, 0.0)
+    logp, lse, _, _ = _forward(logits, labels, temperature, ignore_index)
     return logp, lse
 
 
 def forward_with_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, coef: float):
     """``(logp, lse, grad)`` where ``grad`` is the gradient of ``coef * sum(logp)`` w.r.t. the logits,
     written in the same sweep as the forward (each row is still in cache)."""
-    grad = new_grad(logits)
-    logp, lse, _ = _forward(logits, labels, 1.0, ignore_index, grad, coef)
+    logp, lse, grad, _ = _forward(logits, labels, 1.0, ignore_index, new_grad(logits), coef)
     return logp, lse, grad
 
 
-def _forward(logits, labels, temperature, ignore_index, out, coef):
+def ppo_forward_with_grad(logits, labels, ignore_index: int, old_logprobs, advantages, clip_eps: float, scale: float):
+    """``(logp, lse, grad, coef)`` for the PPO clipped loss: ``coef [N]`` is d loss / d logp (the
+    clipped-surrogate derivative times ``scale``) and ``grad`` the logits gradient, in one sweep."""
+    coef = torch.empty(logits.shape[0], dtype=torch.float32)
+    old = old_logprobs.float().contiguous()
+    adv = advantages.float().contiguous()
+    return _forward(logits, labels, 1.0, ignore_index, new_grad(logits), scale, old, adv, clip_eps, coef)
+
+
+def _forward(logits, labels, temperature, ignore_index, out=None, coef=0.0, old=None, adv=None, clip_eps=0.0,
+             coef_out=None):
     n_rows, n_cols = logits.shape
     labels = labels.to(torch.int64).contiguous()
     logp = torch.empty(n_rows, dtype=torch.float32)
     lse = torch.empty(n_rows, dtype=torch.float32)
+    ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
     _cpu.logprobs_forward(
         logits.data_ptr(), _dtype_code(logits), n_rows, n_cols, logits.stride(0), labels.data_ptr(),
         logp.data_ptr(), lse.data_ptr(), 1.0 / temperature, ignore_index, torch.get_num_threads(), level_cap,
-        out.data_ptr() if out is not None else 0, out.stride(0) if out is not None else 0, coef,
+        ptr(out), out.stride(0) if out is not None else 0, coef, ptr(old), ptr(adv), clip_eps, ptr(coef_out),
     )
-    return logp, lse, out
+    return logp, lse, out, coef_out
 
 
 def backward(logits, labels, lse, grad, temperature: float, ignore_index: int, out: torch.Tensor):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import ppo_clip_terms
+
 #: Upper bound on the bytes of the temporary logits chunk of the fused-linear ops; with it the
 #: extra memory of those ops is independent of the vocabulary size.
 LINEAR_CHUNK_BYTES = 64 * 1024 * 1024
@@ -76,6 +78,37 @@ class CrossEntropyFn(torch.autograd.Function):
         elif float(grad_out) != 1.0:
             grad.mul_(grad_out.to(grad.dtype))
         return grad, None, None, None, None
+
+
+class PPOClipFn(torch.autograd.Function):
+    """The PPO clipped loss with its logits gradient written during the forward sweep, for backends
+    with ``ppo_forward_with_grad``: a token's derivative ``d loss / d logp`` depends only on its own
+    log-prob (through the ratio), which is known as soon as its row's log-sum-exp is. Returns
+    ``(loss, logp)``; ``old_logprobs`` and ``advantages`` are constants. A second backward (retained
+    graph) recomputes the gradient from the saved per-token derivatives."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, old_logprobs, advantages, clip_eps, ignore_index, impl):
+        valid = labels != ignore_index
+        scale = 1.0 / max(int(valid.sum()), 1)
+        logp, lse, grad, coef = impl.ppo_forward_with_grad(logits, labels, ignore_index, old_logprobs, advantages,
+                                                           clip_eps, scale)
+        loss, _ = ppo_clip_terms(logp, old_logprobs, advantages, valid, clip_eps)
+        ctx.save_for_backward(logits, labels, lse, coef)
+        ctx.grad, ctx.ignore_index, ctx.impl = grad, ignore_index, impl
+        ctx.mark_non_differentiable(logp)
+        return loss, logp
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp):
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            logits, labels, lse, coef = ctx.saved_tensors
+            grad = ctx.impl.backward(logits, labels, lse, coef * grad_loss.float(), 1.0, ctx.ignore_index,
+                                     ctx.impl.new_grad(logits))
+        elif float(grad_loss) != 1.0:
+            grad.mul_(grad_loss.to(grad.dtype))
+        return grad, None, None, None, None, None, None
 
 
 def _chunk_rows(n_rows: int, vocab: int) -> int:

@@ -53,11 +53,12 @@ def ppo_clip_terms(
     the seed's ``min(r*A, clip(r)*A)``, so that it is minimised), averaged over valid tokens.
     Returns the loss and statistics: ``clip_frac`` (share of valid tokens where the clipped branch
     is taken and the gradient vanishes), ``ratio_mean``, ``ratio_max``, ``approx_kl`` (k3 of old vs new).
+    ``old_logprobs`` and ``advantages`` are constants: no gradient flows into them.
     """
     valid = valid.float()
-    log_ratio = (logprobs - old_logprobs.float()) * valid
+    log_ratio = (logprobs - old_logprobs.detach().float()) * valid
     ratio = torch.exp(log_ratio)
-    adv = advantages.float()
+    adv = advantages.detach().float()
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
     per_token = torch.maximum(unclipped, clipped)

@@ -325,12 +325,24 @@ void gradient_row(int level, const char* row, char* orow, int64_t n_cols, int64_
   store1<D>(orow, label, g * (1.f - p_label));
 }
 
-// Forward; with `out`, also the gradient of sum_i coef * logp_i, written while the row is still in
-// cache (loss and gradient in one sweep from memory, for losses whose upstream gradient is known).
+// The PPO clipped loss's derivative with respect to logp_i (times `scale` = 1 / n_valid):
+// -A r when the unclipped term -A r is the max (ties included, as torch.maximum + clamp give),
+// 0 where the clip is active. r = exp(logp - old).
+inline float ppo_coef(float logp, float old, float adv, float clip_eps, float scale) {
+  const float r = std::exp(logp - old);
+  const float unclipped = -adv * r;
+  const float clipped = -adv * std::min(std::max(r, 1.f - clip_eps), 1.f + clip_eps);
+  return unclipped >= clipped ? unclipped * scale : 0.f;
+}
+
+// Forward; with `out`, also the gradient of sum_i c_i * logp_i, written while the row is still in
+// cache (loss and gradient in one sweep from memory). c_i = coef, or with `old`/`adv` the PPO
+// coefficient (scaled by coef), which is returned in `coef_out`.
 template <int D>
 void forward_impl(const char* logits, int64_t n_rows, int64_t n_cols, int64_t stride, const int64_t* labels,
                   float* logp, float* lse, float inv_t, int64_t ignore, int threads, int level, char* out,
-                  int64_t out_stride, float coef) {
+                  int64_t out_stride, float coef, const float* old, const float* adv, float clip_eps,
+                  float* coef_out) {
   parallel_rows(n_rows, n_cols, threads, [=](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
       const int64_t label = labels[i];
@@ -344,8 +356,12 @@ void forward_impl(const char* logits, int64_t n_rows, int64_t n_cols, int64_t st
         lse[i] = m + std::log(s);
         logp[i] = load1<D>(row, label) * inv_t - lse[i];
       }
-      if (out != nullptr)
-        gradient_row<D>(level, row, out + i * out_stride * elem_size(D), n_cols, label, ignore, inv_t, lse[i], coef);
+      if (out != nullptr) {
+        float c = coef;
+        if (old != nullptr) c = label == ignore ? 0.f : ppo_coef(logp[i], old[i], adv[i], clip_eps, coef);
+        if (coef_out != nullptr) coef_out[i] = c;
+        gradient_row<D>(level, row, out + i * out_stride * elem_size(D), n_cols, label, ignore, inv_t, lse[i], c);
+      }
     }
   });
 }
@@ -384,17 +400,19 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("logprobs_forward",
         [](uintptr_t logits, int dtype, int64_t n_rows, int64_t n_cols, int64_t stride, uintptr_t labels,
            uintptr_t logp, uintptr_t lse, float inv_t, int64_t ignore, int threads, int level, uintptr_t out,
-           int64_t out_stride, float coef) {
+           int64_t out_stride, float coef, uintptr_t old, uintptr_t adv, float clip_eps, uintptr_t coef_out) {
           py::gil_scoped_release release;
           dispatch<Fwd>(dtype, reinterpret_cast<const char*>(logits), n_rows, n_cols, stride,
                         reinterpret_cast<const int64_t*>(labels), reinterpret_cast<float*>(logp),
                         reinterpret_cast<float*>(lse), inv_t, ignore, threads, use_level(level),
-                        reinterpret_cast<char*>(out), out_stride, coef);
+                        reinterpret_cast<char*>(out), out_stride, coef, reinterpret_cast<const float*>(old),
+                        reinterpret_cast<const float*>(adv), clip_eps, reinterpret_cast<float*>(coef_out));
         },
         py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("stride"),
         py::arg("labels"), py::arg("logp"), py::arg("lse"), py::arg("inv_temperature"), py::arg("ignore_index"),
         py::arg("threads"), py::arg("level") = -1, py::arg("out") = 0, py::arg("out_stride") = 0,
-        py::arg("grad_coef") = 0.f);
+        py::arg("grad_coef") = 0.f, py::arg("old_logprobs") = 0, py::arg("advantages") = 0,
+        py::arg("clip_eps") = 0.f, py::arg("coef_out") = 0);
   m.def("logprobs_backward",
         [](uintptr_t logits, int dtype, int64_t n_rows, int64_t n_cols, int64_t stride, uintptr_t labels,
            uintptr_t lse, uintptr_t grad, uintptr_t out, int64_t out_stride, float inv_t, int64_t ignore,

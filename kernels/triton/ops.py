@@ -15,14 +15,16 @@ import triton.language as tl
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, lse_ptr, grad_ptr, n_cols, stride_row, grad_stride_row, inv_temp,
-    ignore_index, coef, BLOCK: tl.constexpr, WITH_GRAD: tl.constexpr,
+    logits_ptr, labels_ptr, logp_ptr, lse_ptr, grad_ptr, old_ptr, adv_ptr, coef_out_ptr, n_cols, stride_row,
+    grad_stride_row, inv_temp, ignore_index, coef, clip_eps,
+    BLOCK: tl.constexpr, WITH_GRAD: tl.constexpr, PPO: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     active = label != ignore_index
     lse = 0.0
+    logp = 0.0
     if active:
         running_max = -float("inf")
         running_sum = 0.0
@@ -35,14 +37,21 @@ def _logprobs_fwd_kernel(
             running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
             running_max = new_max
         lse = running_max + tl.log(running_sum)
-        picked = tl.load(row_ptr + label).to(tl.float32) * inv_temp
-        tl.store(logp_ptr + row, picked - lse)
-    else:
-        tl.store(logp_ptr + row, 0.0)
+        logp = tl.load(row_ptr + label).to(tl.float32) * inv_temp - lse
+    tl.store(logp_ptr + row, logp)
     tl.store(lse_ptr + row, lse)
     if WITH_GRAD:
-        # Gradient of coef * logp, written while the row is hot in cache (loss and gradient in one kernel).
-        _write_grad_row(row_ptr, grad_ptr + row * grad_stride_row, n_cols, label, active, lse, coef * inv_temp,
+        # Gradient of c * logp, written while the row is hot in cache (loss and gradient in one kernel):
+        # c = coef, or for PPO the clipped surrogate's derivative -A r (0 where the clip is active).
+        c = coef
+        if PPO:
+            ratio = tl.exp(logp - tl.load(old_ptr + row))
+            adv = tl.load(adv_ptr + row)
+            unclipped = -adv * ratio
+            clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_eps), 1.0 + clip_eps)
+            c = tl.where(active & (unclipped >= clipped), unclipped * coef, 0.0)
+            tl.store(coef_out_ptr + row, c)
+        _write_grad_row(row_ptr, grad_ptr + row * grad_stride_row, n_cols, label, active, lse, c * inv_temp,
                         inv_temp, BLOCK)
 
 
@@ -98,26 +107,36 @@ def new_grad(logits: torch.Tensor) -> torch.Tensor:
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
     """``(logp [N], lse [N])`` in fp32 for a 2-D ``logits`` view with unit column stride."""
-    logp, lse, _ = _forward(logits, labels, temperature, ignore_index, None, 0.0)
+    logp, lse, _, _ = _forward(logits, labels, temperature, ignore_index)
     return logp, lse
 
 
 def forward_with_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, coef: float):
     """``(logp, lse, grad)``: ``grad`` is the gradient of ``coef * sum(logp)``, from the same kernel."""
-    return _forward(logits, labels, 1.0, ignore_index, new_grad(logits), coef)
+    return _forward(logits, labels, 1.0, ignore_index, new_grad(logits), coef)[:3]
 
 
-def _forward(logits, labels, temperature, ignore_index, grad, coef):
+def ppo_forward_with_grad(logits, labels, ignore_index: int, old_logprobs, advantages, clip_eps: float, scale: float):
+    """``(logp, lse, grad, coef)`` for the PPO clipped loss (see ``rlhf_kernels.fused.PPOClipFn``)."""
+    coef = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    return _forward(logits, labels, 1.0, ignore_index, new_grad(logits), scale, old_logprobs.float().contiguous(),
+                    advantages.float().contiguous(), clip_eps, coef)
+
+
+def _forward(logits, labels, temperature, ignore_index, grad=None, coef=0.0, old=None, adv=None, clip_eps=0.0,
+             coef_out=None):
     n_rows, n_cols = logits.shape
     logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     block = _block(n_cols, logits.device)
+    ppo = old is not None
     _logprobs_fwd_kernel[(n_rows,)](
-        logits, labels, logp, lse, grad if grad is not None else logp, n_cols, logits.stride(0),
-        grad.stride(0) if grad is not None else 0, 1.0 / temperature, ignore_index, coef,
-        BLOCK=block, WITH_GRAD=grad is not None, num_warps=8 if block >= 2048 else 4,
+        logits, labels, logp, lse, grad if grad is not None else logp, old if ppo else logp, adv if ppo else logp,
+        coef_out if ppo else logp, n_cols, logits.stride(0), grad.stride(0) if grad is not None else 0,
+        1.0 / temperature, ignore_index, coef, clip_eps,
+        BLOCK=block, WITH_GRAD=grad is not None, PPO=ppo, num_warps=8 if block >= 2048 else 4,
     )
-    return logp, lse, grad
+    return logp, lse, grad, coef_out
 
 
 def backward(logits, labels, lse, grad, temperature: float, ignore_index: int, out: torch.Tensor):

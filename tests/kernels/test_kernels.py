@@ -279,9 +279,14 @@ def test_triton_multi_block_online_lse(monkeypatch):
     labels = torch.tensor([200, 7, 250, -100])
     check_op("triton", logits, labels, torch.tensor([1.0, -1.0, 2.0, 3.0]), temperature=0.8, atol=1e-4)
     x = logits.clone().requires_grad_()
-    K.cross_entropy(x, labels, backend="triton").backward()  # the one-kernel loss + gradient path
+    K.cross_entropy(x, labels, backend="triton").backward()  # the one-kernel loss + gradient paths
     xr = logits.clone().requires_grad_()
     reference.cross_entropy(xr, labels).backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-6, rtol=1e-5)
+    old, adv = reference.token_logprobs(logits, labels) + torch.tensor([0.5, -0.1, 0.0, 0.0]), torch.tensor([1.0, -2.0, 0.5, 1.0])
+    x.grad, xr.grad = None, None
+    K.ppo_clip_loss(x, labels, old, adv, backend="triton").backward()
+    reference.ppo_clip_loss(xr, labels, old, adv).backward()
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-6, rtol=1e-5)
 
 
@@ -370,3 +375,28 @@ def test_non_contiguous_logits_reuse_their_private_copy(backend):
     torch.testing.assert_close(full.grad, ref.grad, atol=1e-6, rtol=1e-5)
     with pytest.raises(RuntimeError, match="second backward through token_logprobs of a non-contiguous logits view"):
         got.sum().backward()
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_ppo_loss_gradient_in_forward_sweep(backend):
+    """Clipped and unclipped tokens of both advantage signs, ratio exactly 1, an ignored token, a
+    scaled upstream gradient and a second backward through a retained graph."""
+    torch.manual_seed(7)
+    logits = torch.randn(3, 5, 41, requires_grad=True)
+    labels = torch.randint(0, 41, (3, 5))
+    labels[2, 3:] = -100
+    logp0 = reference.token_logprobs(logits.detach(), labels)
+    old = logp0 + torch.tensor([0.0, 0.5, -0.5, 0.05, -0.05]).repeat(3, 1)  # r = 1, clipped low/high, inside
+    adv = torch.tensor([1.0, -1.0, 2.0, -0.5, 0.0]).repeat(3, 1)
+    ref = logits.detach().clone().requires_grad_()
+    want, want_stats = reference.ppo_clip_loss(ref, labels, old, adv, clip_eps=0.2, return_stats=True)
+    got, stats = K.ppo_clip_loss(logits, labels, old, adv, clip_eps=0.2, return_stats=True, backend=backend)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for key in want_stats:
+        torch.testing.assert_close(stats[key], want_stats[key], atol=1e-6, rtol=1e-5)
+    (2.0 * got).backward(retain_graph=True)
+    (2.0 * want).backward(retain_graph=True)
+    torch.testing.assert_close(logits.grad, ref.grad, atol=1e-6, rtol=1e-5)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(logits.grad, ref.grad, atol=1e-6, rtol=1e-5)
