@@ -124,9 +124,10 @@ class LinearTokenLogprobsFn(torch.autograd.Function):
         step = _chunk_rows(n, vocab)
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        chunk = hidden.new_empty((step, vocab))  # one logits chunk, reused: extra memory is O(step * V)
         for start in range(0, n, step):
             rows = slice(start, start + step)
-            logits = hidden[rows] @ weight.t()  # [chunk, V]
+            logits = torch.mm(hidden[rows], weight.t(), out=chunk[: hidden[rows].shape[0]])
             logp[rows], lse[rows] = impl.forward(logits, labels[rows], temperature, ignore_index)
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.temperature, ctx.ignore_index, ctx.impl, ctx.step = temperature, ignore_index, impl, step
@@ -138,13 +139,14 @@ class LinearTokenLogprobsFn(torch.autograd.Function):
         grad = grad.float().contiguous()
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        chunk = hidden.new_empty((ctx.step, weight.shape[0]))
         for start in range(0, hidden.shape[0], ctx.step):
             rows = slice(start, start + ctx.step)
-            logits = hidden[rows] @ weight.t()
+            logits = torch.mm(hidden[rows], weight.t(), out=chunk[: hidden[rows].shape[0]])
             # The chunk's logits are dead after this, so the gradient overwrites them in place.
             g = ctx.impl.backward(logits, labels[rows], lse[rows], grad[rows], ctx.temperature, ctx.ignore_index, logits)
             if grad_hidden is not None:
-                grad_hidden[rows] = g @ weight
+                torch.mm(g, weight, out=grad_hidden[rows])
             if grad_weight is not None:
                 grad_weight.addmm_(g.t().float(), hidden[rows].float())
         if grad_weight is not None:
