@@ -117,7 +117,8 @@ class Trainer:
                     raise TrainingError(f"stage {self.desc!r}: the loss became {loss.item()} at step {step}; "
                                         "lower train.lr, set train.mixed_precision: no, or check the data")
                 scaler.scale(loss / cfg.grad_accum).backward()
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                # Every mask in the batch counts its real tokens (attention_mask, response_mask, chosen_mask, ...).
+                tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("_mask"))
                 for key, value in {"loss": loss.item(), **metrics}.items():
                     window.setdefault(key, []).append(float(value))
             scaler.unscale_(self.optimizer)

@@ -76,6 +76,7 @@ def test_end_to_end_sft_reward_ppo_learns(tiny_pipeline_yaml, tmp_path):
     sft = [r["loss"] for r in rows if r["stage"] == "sft" and "loss" in r]
     reward = [r["loss"] for r in rows if r["stage"] == "reward" and "loss" in r]
     assert sft[-1] < 0.5 * sft[0] and reward[-1] < 0.5 * reward[0]
+    assert all(r["tokens_per_s"] > 0 for r in rows if r["stage"] in ("sft", "reward") and "tokens_per_s" in r)
     # Noisy demonstrations put the optimal SFT loss near 1.37 nats/token (see plugins/letters.py).
     assert summary["stages"]["sft"]["eval_loss"] < 1.6
     assert summary["stages"]["reward"]["eval_corr"] > 0.8
