@@ -134,8 +134,10 @@ class Trainer:
                 self.tracker.log(step, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
                 window = {}
+                tokens, started = 0, time.perf_counter()  # throughput over the last logging window
             if evaluate is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != steps:
                 self.tracker.log(step, {f"eval_{k}": v for k, v in self._eval(evaluate).items()})
+                started = time.perf_counter()  # evaluation time is not training throughput
         bar.close()
         final = {f"train_{k}": v for k, v in last.items() if k in ("loss",)}
         if evaluate is not None:
