@@ -130,20 +130,31 @@ def _check_same_rows(name: str, t: torch.Tensor, labels: torch.Tensor, op: str) 
         raise ValueError(f"{op}: {name} shape {tuple(t.shape)} must equal labels shape {tuple(labels.shape)}")
 
 
-def token_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """Per-token ``log softmax(logits / temperature)[label]``, fp32, 0 at ignored positions. Shape ``labels.shape``."""
-    _check(logits, labels, ignore_index, "token_logprobs")
-    if temperature <= 0:
-        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
-    _, impl = resolve_backend(backend, logits.device, logits.dtype)
+def _prepare(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, backend: str | None,
+             op: str) -> ModuleType | None:
+    """Validate once per public call and pick the backend (None = reference)."""
+    _check(logits, labels, ignore_index, op)
+    return resolve_backend(backend, logits.device, logits.dtype)[1]
+
+
+def _token_logprobs(logits, labels, temperature: float, ignore_index: int, impl: ModuleType | None) -> torch.Tensor:
+    """``token_logprobs`` on input already checked by :func:`_prepare`."""
     if impl is None:
         return reference.token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index)
     flat, owned = _rows(logits)
     out = TokenLogprobsFn.apply(flat, labels.reshape(-1).contiguous(), float(temperature), ignore_index, impl, owned)
     return out.view(labels.shape)
+
+
+def token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Per-token ``log softmax(logits / temperature)[label]``, fp32, 0 at ignored positions. Shape ``labels.shape``."""
+    impl = _prepare(logits, labels, ignore_index, backend, "token_logprobs")
+    if temperature <= 0:
+        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
+    return _token_logprobs(logits, labels, temperature, ignore_index, impl)
 
 
 def _rows(logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -163,13 +174,12 @@ def cross_entropy(
     """Token cross-entropy; ``mean`` over non-ignored tokens (0 if there are none), ``sum`` or ``none``."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"cross_entropy: unknown reduction {reduction!r}; accepted: mean, sum, none")
-    if reduction != "none" and logits.requires_grad and torch.is_grad_enabled():
-        _check(logits, labels, ignore_index, "cross_entropy")
-        _, impl = resolve_backend(backend, logits.device, logits.dtype)
-        if impl is not None and hasattr(impl, "forward_with_grad"):
-            flat, _ = _rows(logits)
-            return CrossEntropyFn.apply(flat, labels.reshape(-1).contiguous(), ignore_index, reduction == "mean", impl)
-    nll = -token_logprobs(logits, labels, ignore_index=ignore_index, backend=backend)
+    impl = _prepare(logits, labels, ignore_index, backend, "cross_entropy")
+    if (reduction != "none" and logits.requires_grad and torch.is_grad_enabled()
+            and hasattr(impl, "forward_with_grad")):
+        flat, _ = _rows(logits)
+        return CrossEntropyFn.apply(flat, labels.reshape(-1).contiguous(), ignore_index, reduction == "mean", impl)
+    nll = -_token_logprobs(logits, labels, 1.0, ignore_index, impl)
     return reduce_tokens(nll, (labels != ignore_index).float(), reduction)
 
 
@@ -185,19 +195,17 @@ def ppo_clip_loss(
     """
     _check_same_rows("old_logprobs", old_logprobs, labels, "ppo_clip_loss")
     _check_same_rows("advantages", advantages, labels, "ppo_clip_loss")
-    if logits.requires_grad and torch.is_grad_enabled():
-        _check(logits, labels, ignore_index, "ppo_clip_loss")
-        _, impl = resolve_backend(backend, logits.device, logits.dtype)
-        if impl is not None and hasattr(impl, "ppo_forward_with_grad"):
-            flat, _ = _rows(logits)
-            loss, logp = PPOClipFn.apply(
-                flat, labels.reshape(-1).contiguous(), old_logprobs.reshape(-1), advantages.reshape(-1),
-                float(clip_eps), ignore_index, impl,
-            )
-            if not return_stats:
-                return loss
-            return loss, ppo_clip_terms(logp.view(labels.shape), old_logprobs, advantages, labels != ignore_index, clip_eps)[1]
-    logp = token_logprobs(logits, labels, ignore_index=ignore_index, backend=backend)
+    impl = _prepare(logits, labels, ignore_index, backend, "ppo_clip_loss")
+    if logits.requires_grad and torch.is_grad_enabled() and hasattr(impl, "ppo_forward_with_grad"):
+        flat, _ = _rows(logits)
+        loss, logp = PPOClipFn.apply(
+            flat, labels.reshape(-1).contiguous(), old_logprobs.reshape(-1), advantages.reshape(-1),
+            float(clip_eps), ignore_index, impl,
+        )
+        if not return_stats:
+            return loss
+        return loss, ppo_clip_terms(logp.view(labels.shape), old_logprobs, advantages, labels != ignore_index, clip_eps)[1]
+    logp = _token_logprobs(logits, labels, 1.0, ignore_index, impl)
     loss, stats = ppo_clip_terms(logp, old_logprobs, advantages, labels != ignore_index, clip_eps)
     return (loss, stats) if return_stats else loss
 
@@ -211,8 +219,7 @@ def linear_token_logprobs(
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"{op}: need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     # Validate labels against [N, V] without building it: an expanded view costs nothing.
-    _check(weight[:, 0].unsqueeze(0).expand(hidden.shape[0], -1), labels, ignore_index, op)
-    _, impl = resolve_backend(backend, hidden.device, hidden.dtype)
+    impl = _prepare(weight[:, 0].unsqueeze(0).expand(hidden.shape[0], -1), labels, ignore_index, backend, op)
     if impl is None:
         return reference.linear_token_logprobs(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index)
     return LinearTokenLogprobsFn.apply(
