@@ -89,8 +89,13 @@ def score_tokens(model, rollout: Rollout, backend: str | None, with_entropy: boo
     return logp, token_entropy(logits, widen(rollout.mask, 0))[:, :-1] if with_entropy else None
 
 
+def response_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Critic values ``[B, R]``: V at the context before each response token (differentiable)."""
+    values = critic(sequences, attention_mask, position_ids(attention_mask))  # [B, P+R]
+    return values[:, prompt_len - 1: -1]
+
+
 @torch.no_grad()
 def critic_values(critic, rollout: Rollout) -> torch.Tensor:
-    """Critic values ``[B, R]``: V at the context before each response token."""
-    values = critic(rollout.sequences, rollout.attention_mask, position_ids(rollout.attention_mask))  # [B, P+R]
-    return values[:, rollout.prompt_len - 1: -1] * rollout.mask
+    """:func:`response_values` of a rollout under no_grad, 0 off the response mask."""
+    return response_values(critic, rollout.sequences, rollout.attention_mask, rollout.prompt_len) * rollout.mask

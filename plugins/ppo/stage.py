@@ -27,7 +27,9 @@ from rlhf_core.training import autocast_context
 
 from .advantages import whiten
 from .loss import KL_ESTIMATORS, KLController, clipped_value_loss
-from .rollout import critic_values, generate, position_ids, response_logits, score_tokens, token_entropy, widen
+from .rollout import (
+    critic_values, generate, response_logits, response_values, score_tokens, token_entropy, widen,
+)
 
 
 @dataclass
@@ -253,8 +255,7 @@ class PPOStage:
                 optimizer.step()
                 m = {**m, "policy_loss": float(loss), "grad_norm": float(grad_norm)}
                 if critic is not None:
-                    v_all = critic(roll.sequences[idx], roll.attention_mask[idx], position_ids(roll.attention_mask[idx]))
-                    v_new = v_all[:, roll.prompt_len - 1: -1]
+                    v_new = response_values(critic, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
                     v_loss = clipped_value_loss(v_new, values[idx], returns[idx], mask[idx], config.vf_clip)
                     critic_opt.zero_grad(set_to_none=True)
                     v_loss.backward()
