@@ -116,7 +116,7 @@ class RewardStage:
         steps = total_steps(config.train, len(train_items))
         trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}")
         summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps)
-        summary.update(steps=float(steps), examples=float(stats.total), truncated=float(stats.truncated), skipped=float(stats.skipped))
+        summary.update(steps=float(steps), **stats.summary())
         model_dir = model.save_pretrained(ctx.stage_dir, tokenizer) if config.train.save else None
         return StageResult(model_dir, "reward", summary)
 

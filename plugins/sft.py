@@ -125,7 +125,7 @@ class SFTStage:
         steps = total_steps(config.train, len(train_items))
         trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}")
         summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps)
-        summary.update(steps=float(steps), examples=float(stats.total), truncated=float(stats.truncated), skipped=float(stats.skipped))
+        summary.update(steps=float(steps), **stats.summary())
         model_dir = save_causal_lm(model, tokenizer, ctx.stage_dir) if config.train.save else None
         return StageResult(model_dir, "policy", summary)
 

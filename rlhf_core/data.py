@@ -235,6 +235,15 @@ class TokenStats:
     skipped: int = 0
     skipped_sources: list[str] = field(default_factory=list)
 
+    def skip(self, source: str) -> None:
+        """Count an example left with no response token, remembering where it came from."""
+        self.skipped += 1
+        self.skipped_sources.append(source)
+
+    def summary(self) -> dict[str, float]:
+        """The counts as stage-summary numbers."""
+        return {"examples": float(self.total), "truncated": float(self.truncated), "skipped": float(self.skipped)}
+
     def describe(self) -> str:
         """One line for the log."""
         text = f"{self.total} examples, {self.truncated} truncated, {self.skipped} skipped (no response token within max_length)"
@@ -264,8 +273,7 @@ def tokenize_sft(records: list[Record], tokenizer: Any, max_length: int, max_pro
         prompt, response, cut = fit_length(prompt, response, max_length, max_prompt_length)
         stats.truncated += cut
         if not response:
-            stats.skipped += 1
-            stats.skipped_sources.append(rec.source)
+            stats.skip(rec.source)
             continue
         out.append({"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response})
     return out, stats
@@ -287,8 +295,7 @@ def tokenize_scored(records: list[Record], tokenizer: Any, max_length: int, max_
                 item = {}
                 break
         if not item:
-            stats.skipped += 1
-            stats.skipped_sources.append(rec.source)
+            stats.skip(rec.source)
             continue
         if "score" in rec.fields:
             item["score"] = float(rec.fields["score"])
