@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from rlhf_core import hookimpl
 from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
-from rlhf_core.data import collate_scored, dataset_components, load_split, tokenize_scored
-from rlhf_core.interfaces import StageError, StageResult
+from rlhf_core.data import collate_scored, data_inputs, dataset_components, load_split, tokenize_scored
+from rlhf_core.interfaces import StageError, StageInput, StageResult
 from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm, load_tokenizer
 from rlhf_core.training import Trainer, make_loader, total_steps
 
@@ -28,6 +28,14 @@ def huber_loss(pred: torch.Tensor, target: torch.Tensor, *, delta: float = 1.0) 
     """Huber loss: ``0.5 e^2`` for ``|e| <= delta``, else ``delta (|e| - 0.5 delta)``, mean over B.
     Robust to a few wildly mis-scored examples."""
     return F.huber_loss(pred.float(), target.float(), delta=delta), {}
+
+
+def _check_huber(*, delta: float = 1.0) -> None:
+    if not delta > 0:
+        raise ValueError(f"huber: delta must be > 0, got {delta}")
+
+
+huber_loss.check_options = _check_huber
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
@@ -65,10 +73,16 @@ class RewardStage:
         """The loss and builtin datasets this stage will look up."""
         return [("loss", config.loss, "loss", ("score", "pairwise")), *dataset_components(config.data, "data")]
 
+    def inputs(self, config: RewardConfig, registry) -> list[StageInput]:
+        """Scored (or, for a pairwise loss, pairwise) records and the backbone's weights."""
+        family = registry.lookup("loss", config.loss, ("score", "pairwise")).meta["family"]
+        kind = "pairwise" if family == "pairwise" else "reward"
+        return [*data_inputs(config.data, kind), StageInput("init", "model", config.init)]
+
     def run(self, ctx, config: RewardConfig) -> StageResult:
         """Train R_phi; report held-out MSE and correlation (or pairwise accuracy)."""
         model_cfg = ctx.run_config.model
-        loss_entry = ctx.registry.get("loss", config.loss.name, ("score", "pairwise"))
+        loss_entry = ctx.registry.lookup("loss", config.loss, ("score", "pairwise"))
         pairwise = loss_entry.meta["family"] == "pairwise"
         keys = ("chosen", "rejected") if pairwise else ("response",)
         source = ctx.init_source(config.init, "policy")

@@ -6,20 +6,21 @@ reference response y_i given the prompt x_i (prompt tokens are masked out of the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
-from rlhf_core.data import collate_sft, dataset_components, load_split, shift_labels, tokenize_sft
-from rlhf_core.interfaces import StageError, StageResult
+from rlhf_core.data import collate_sft, data_inputs, dataset_components, load_split, shift_labels, tokenize_sft
+from rlhf_core.interfaces import StageError, StageInput, StageResult
 from rlhf_core.models import load_causal_lm, load_tokenizer, save_causal_lm
 from rlhf_core.training import Trainer, make_loader, total_steps
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, backend: str | None = None,
-                       aggregation: str = "token_mean") -> tuple[torch.Tensor, dict[str, float]]:
+                       aggregation: Literal["token_mean", "sequence_mean"] = "token_mean") -> tuple[torch.Tensor, dict[str, float]]:
     """Token cross-entropy of ``labels [B, T]`` under ``logits [B, T, V]`` (labels already shifted:
     ``labels[:, t]`` is the token that ``logits[:, t]`` predicts).
 
@@ -94,6 +95,10 @@ class SFTStage:
             return [f"fused_linear: computes token-mean cross_entropy only; remove it to use loss {config.loss.name!r}"]
         return []
 
+    def inputs(self, config: SFTConfig, registry) -> list[StageInput]:
+        """The sft records and the starting weights."""
+        return [*data_inputs(config.data, "sft"), StageInput("init", "model", config.init)]
+
     def run(self, ctx, config: SFTConfig) -> StageResult:
         """Train the policy on (prompt, response) pairs; returns the saved policy directory."""
         model_cfg, backend = ctx.run_config.model, ctx.kernel_backend
@@ -106,7 +111,7 @@ class SFTStage:
         if not train_items:
             raise StageError(f"stage {ctx.name!r}: no usable training examples ({stats.describe()})")
         model = load_causal_lm(model_cfg, source, seed=ctx.seed).to(ctx.device)
-        loss_entry = ctx.registry.get("loss", config.loss.name, "token")
+        loss_entry = ctx.registry.lookup("loss", config.loss, "token")
 
         def compute_loss(batch):
             return sft_loss_terms(model, batch, loss_entry.obj, config.loss.options, backend, config.fused_linear)

@@ -11,22 +11,34 @@ import yaml
 from . import __version__
 from .config import ConfigError, to_plain
 from .data import DataError
-from .interfaces import StageError
-from .engine import RunDirError, make_run_dir, prepare, run_pipeline
+from .interfaces import ComponentError, StageError
+from .engine import RunDir, RunDirError, preflight, prepare, run_pipeline, signals_interrupt
 from .models import ModelLoadError
 from .plugins import PluginLoadError, build_registry, disabled_from_env, get_plugin_manager, registered_by
 from .registry import RegistryError
 from .training import TrainingError
 
 #: Errors a user can fix; shown as one message, not a traceback (RLHF_DEBUG=1 shows the traceback).
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, PluginLoadError, RegistryError, RunDirError, StageError,
-               TrainingError)
+USER_ERRORS = (ConfigError, ComponentError, DataError, ModelLoadError, PluginLoadError, RegistryError, RunDirError,
+               StageError, TrainingError)
 
 
 def _user_error(exc: Exception) -> click.ClickException:
     if os.environ.get("RLHF_DEBUG"):
         raise exc
     return click.ClickException(str(exc))
+
+
+def _plugin_manager(ctx: click.Context):
+    """The command's one plugin manager: the one ``main`` built (honouring ``--disable``), else a new one."""
+    if ctx.obj.get("pm") is None:
+        ctx.obj["pm"] = get_plugin_manager(disabled=ctx.obj["disabled"])
+    return ctx.obj["pm"]
+
+
+def _warn_conflicts(registry) -> None:
+    for line in registry.conflicts():
+        click.echo(f"rlhf: warning: {line}", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,7 +50,7 @@ def cli(ctx: click.Context, disabled: tuple[str, ...]) -> None:
     """Instruction tuning: SFT -> reward regression -> PPO, with pluggable stages, losses, rewards
     and advantage estimators."""
     ctx.ensure_object(dict)
-    ctx.obj["disabled"] = set(disabled)
+    ctx.obj["disabled"] = set(disabled) | ctx.obj.get("disabled", set())
 
 
 @cli.command()
@@ -46,7 +58,8 @@ def cli(ctx: click.Context, disabled: tuple[str, ...]) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a config value, e.g. --set stages.sft.train.lr=3e-4 (stages by name or index).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<timestamp>).")
-@click.option("--overwrite", is_flag=True, help="Reuse a non-empty run directory.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a previous run in --out: its contents are deleted once validation has passed.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
 @click.pass_context
 def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out: str | None, overwrite: bool,
@@ -54,15 +67,22 @@ def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out:
     """Run the pipeline in CONFIG (YAML); without CONFIG, the embedded default
     (SFT -> reward -> PPO on the builtin letters task with the builtin tiny model)."""
     try:
-        prepared = prepare(config, list(overrides), ctx.obj["disabled"])
+        prepared = prepare(config, list(overrides), pm=_plugin_manager(ctx))
+        _warn_conflicts(prepared.registry)
         if print_config:
             click.echo(yaml.safe_dump(to_plain(prepared.config), sort_keys=False), nl=False)
             return
-        run_dir = make_run_dir(out, overwrite)
-        try:
-            run_pipeline(prepared, run_dir, echo=click.echo)
-        except KeyboardInterrupt:
-            raise click.ClickException(f"interrupted; finished stages and metrics so far are in {run_dir}") from None
+        with signals_interrupt():
+            preflight(prepared, echo=lambda line: click.echo(line, err=True))
+            with RunDir(out, overwrite) as run_dir:
+                try:
+                    run_pipeline(prepared, run_dir.path, echo=click.echo)
+                except KeyboardInterrupt as exc:
+                    raise click.ClickException(
+                        f"interrupted by {getattr(exc, 'signame', 'SIGINT')}; completed stages and metrics so far are "
+                        f"in {run_dir.path} (summary.json status: interrupted)") from None
+    except KeyboardInterrupt as exc:
+        raise click.ClickException(f"interrupted by {getattr(exc, 'signame', 'SIGINT')} before training started") from None
     except USER_ERRORS as exc:
         raise _user_error(exc) from None
 
@@ -73,10 +93,11 @@ def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out:
 def plugins(ctx: click.Context, as_json: bool) -> None:
     """List loaded plugins (name, version, source) and what each registered."""
     try:
-        pm = get_plugin_manager(disabled=ctx.obj["disabled"])
+        pm = _plugin_manager(ctx)
         registry = build_registry(pm)
     except USER_ERRORS as exc:
         raise _user_error(exc) from None
+    _warn_conflicts(registry)
     rows = []
     for name, info in pm.rlhf_info.items():
         row = {"name": name, "version": info.version, "source": info.source}
@@ -125,12 +146,27 @@ def bench_kernels(shapes, dtypes, ops, backends, repeats, no_compile, device, ou
                compile_baseline=not no_compile, device=device, out_dir=out, echo=click.echo)
 
 
+def disabled_from_argv(argv: list[str]) -> set[str]:
+    """The ``--disable NAME`` / ``--disable=NAME`` options given before the subcommand."""
+    out: set[str] = set()
+    for i, arg in enumerate(argv):
+        if arg == "--disable" and i + 1 < len(argv):
+            out.add(argv[i + 1])
+        elif arg.startswith("--disable="):
+            out.add(arg.split("=", 1)[1])
+        elif not arg.startswith("-") and (i == 0 or argv[i - 1] != "--disable"):
+            break  # the subcommand: later options are its own
+    return out
+
+
 def main() -> None:
-    """Console entry point: adds plugin commands, then runs the CLI."""
+    """Console entry point: loads plugins once (honouring ``--disable``), lets them add commands,
+    and hands the same manager to the command that runs."""
+    disabled = disabled_from_env() | disabled_from_argv(sys.argv[1:])
     try:
-        pm = get_plugin_manager(disabled=disabled_from_env())
+        pm = get_plugin_manager(disabled=disabled)
         pm.hook.rlhf_register_commands(cli=cli)
     except USER_ERRORS as exc:
         click.echo(f"rlhf: error: {exc}", err=True)
         sys.exit(1)
-    cli(obj={})
+    cli(obj={"pm": pm, "disabled": disabled})

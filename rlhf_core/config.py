@@ -8,11 +8,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 import yaml
 
@@ -28,10 +29,35 @@ class ConfigError(ValueError):
 @dataclass
 class ComponentSpec:
     """A component choice: ``name`` plus keyword ``options``. In YAML either ``mse`` or
-    ``{name: huber, delta: 2.0}``."""
+    ``{name: huber, delta: 2.0}``; ``plugin`` picks which plugin's component a name means when two
+    plugins register it (``{name: length, plugin: my-plugin}``)."""
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+    plugin: str | None = None
+
+
+# ----------------------------------------------------------------------------- value rules
+# A config dataclass may define ``problems() -> list[str]`` ("field: message", relative paths) for
+# value checks; it is called only when every field parsed, so it never sees half-parsed values.
+
+Rule = tuple[Callable[[Any], bool], str]
+POSITIVE: Rule = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE: Rule = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+AT_LEAST_1: Rule = (lambda v: v >= 1, "at least 1")
+AT_LEAST_0: Rule = (lambda v: v >= 0, "at least 0")
+FRACTION: Rule = (lambda v: 0 <= v < 1, "in [0, 1)")
+UNIT: Rule = (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def rule_problems(obj: Any, rules: dict[str, Rule]) -> list[str]:
+    """``field: must be ..., got ...`` for each non-None field of ``obj`` that breaks its rule."""
+    out = []
+    for name, (ok, accepted) in rules.items():
+        value = getattr(obj, name)
+        if value is not None and not ok(value):
+            out.append(f"{name}: must be {accepted}, got {value!r}")
+    return out
 
 
 @dataclass
@@ -44,6 +70,10 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     trust_remote_code: bool = False
+
+    def problems(self) -> list[str]:
+        """Value checks (see :func:`rule_problems`)."""
+        return [] if self.name_or_path else ["name_or_path: must not be empty"]
 
 
 @dataclass
@@ -65,6 +95,18 @@ class DataConfig:
     max_prompt_length: int | None = None
     builtin_size: int = 2000
     limit: int | None = None
+
+    def problems(self) -> list[str]:
+        """Value checks: lengths that leave room for a response, a held-out share below 1."""
+        out = rule_problems(self, {"eval_fraction": FRACTION, "max_length": (lambda v: v >= 2, "at least 2"),
+                                   "builtin_size": AT_LEAST_1, "limit": AT_LEAST_1})
+        if not self.train:
+            out.append("train: must name a data file or builtin:NAME")
+        mpl = self.max_prompt_length
+        if mpl is not None and self.max_length >= 2 and not 1 <= mpl < self.max_length:
+            out.append(f"max_prompt_length: must be at least 1 and below max_length ({self.max_length}) so that a "
+                       f"response token fits, got {mpl}")
+        return out
 
 
 @dataclass
@@ -93,6 +135,17 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     save: bool = True
 
+    def problems(self) -> list[str]:
+        """Value checks: counts at least 1, a positive finite lr, betas in [0, 1)."""
+        out = rule_problems(self, {
+            "steps": AT_LEAST_1, "epochs": POSITIVE, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1,
+            "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_steps": AT_LEAST_0, "max_grad_norm": NON_NEGATIVE,
+            "eval_every": AT_LEAST_0, "log_every": AT_LEAST_1,
+        })
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            out.append(f"betas: must be two numbers in [0, 1), got {self.betas!r}")
+        return out
+
 
 @dataclass
 class KernelConfig:
@@ -103,12 +156,14 @@ class KernelConfig:
 
 @dataclass
 class StageSpec:
-    """One pipeline entry: the stage plugin (``stage``), its unique ``name`` (default: the stage)
-    and its validated options (``config``, an instance of the stage's ``config_class``)."""
+    """One pipeline entry: the stage plugin (``stage``), its unique ``name`` (default: the stage),
+    its validated options (``config``, an instance of the stage's ``config_class``) and, when two
+    plugins register the stage name, the ``plugin`` that provides it."""
 
     stage: str
     name: str
     config: Any
+    plugin: str | None = None
 
 
 @dataclass
@@ -177,9 +232,13 @@ def coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     if tp is ComponentSpec:
         if isinstance(value, str) and value:
             return ComponentSpec(value)
-        if isinstance(value, dict) and isinstance(value.get("name"), str):
-            options = {k: v for k, v in value.items() if k != "name"}
-            return ComponentSpec(value["name"], options)
+        if isinstance(value, dict) and isinstance(value.get("name"), str) and value["name"]:
+            plugin = value.get("plugin")
+            if plugin is not None and not isinstance(plugin, str):
+                problems.append(f"{path}.plugin: expected a plugin name, got {plugin!r}")
+                return None
+            options = {k: v for k, v in value.items() if k not in ("name", "plugin")}
+            return ComponentSpec(value["name"], options, plugin)
         problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
         return None
     if dataclasses.is_dataclass(tp):
@@ -219,6 +278,7 @@ def coerce_dataclass(cls: type, value: Any, path: str, problems: list[str]) -> A
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    before = len(problems)
     kwargs = {}
     for key, raw in value.items():
         sub = f"{path}.{key}" if path else str(key)
@@ -230,10 +290,13 @@ def coerce_dataclass(cls: type, value: Any, path: str, problems: list[str]) -> A
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{path}.{name}: required" if path else f"{name}: required")
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         problems.append(f"{path or 'config'}: {exc}")
         return None
+    if len(problems) == before and hasattr(obj, "problems"):
+        problems.extend(f"{path}.{p}" if path else p for p in obj.problems())
+    return obj
 
 
 def check_options(entry: Any, spec: ComponentSpec, path: str, problems: list[str]) -> None:
@@ -245,12 +308,29 @@ def check_options(entry: Any, spec: ComponentSpec, path: str, problems: list[str
         hints = typing.get_type_hints(target)
     except Exception:  # plugin annotations that do not resolve: check names only
         pass
+    before = len(problems)
     for key, value in spec.options.items():
         if key not in accepted:
             choices = ", ".join(sorted(accepted)) or "(no options)"
             problems.append(f"{path}.{key}: unknown option for {entry.kind} {spec.name!r}; accepted: {choices}")
         elif key in hints:
             spec.options[key] = coerce(hints[key], value, f"{path}.{key}", problems)
+    if len(problems) > before:
+        return
+    # Values: the component's own ``check_options(**options)``; an advantage estimator (built from
+    # its options alone) is simply constructed. Either raises ValueError with a readable message.
+    check = getattr(entry.obj, "check_options", None)
+    if check is None and entry.kind == "advantage":
+        check = entry.obj
+    if check is None:
+        return
+    try:
+        check(**spec.options)
+    except (ValueError, TypeError) as exc:
+        problems.append(f"{path}: {exc}")
+    except Exception as exc:  # a plugin's validator that crashed: still one line, naming the plugin
+        problems.append(f"{path}: {entry.kind} {spec.name!r} of plugin {entry.plugin!r} failed to check its "
+                        f"options: {type(exc).__name__}: {exc}")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -262,7 +342,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError([f"--set {text!r}: empty key"], "command line")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"--set {key}: the value {raw!r} is not valid YAML ({getattr(exc, 'problem', exc)}); "
+                           "quote it, e.g. --set 'KEY=[0.9, 0.95]'"], "command line") from None
+    return key.split("."), value
 
 
 def apply_override(data: dict, keys: list[str], value: Any) -> None:
@@ -282,8 +367,15 @@ def apply_override(data: dict, keys: list[str], value: Any) -> None:
         if last:
             node[key] = value
         else:
-            if not isinstance(node.get(key), (dict, list)):
+            current = node.get(key)
+            if isinstance(current, str):
+                # A component written as a bare name: ``loss: mse`` + ``loss.delta=2`` keeps the name.
+                node[key] = {"name": current}
+            elif current is None:
                 node[key] = {}
+            elif not isinstance(current, (dict, list)):
+                raise ConfigError([f"--set {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is {current!r}, not a mapping"],
+                                  "command line")
             node = node[key]
 
 
@@ -346,32 +438,47 @@ def resolve(data: dict, registry: Any, source: str = "config") -> RunConfig:
             problems.append(f"{path}: expected a mapping with a 'stage' key naming a stage plugin; available: "
                             f"{', '.join(registry.names('stage'))}")
             continue
+        plugin = raw.get("plugin")
+        if plugin is not None and not isinstance(plugin, str):
+            problems.append(f"{path}.plugin: expected a plugin name, got {plugin!r}")
+            continue
         try:
-            entry = registry.get("stage", raw["stage"])
+            entry = registry.get("stage", raw["stage"], plugin=plugin)
         except ValueError as exc:
             problems.append(f"{path}.stage: {exc}")
             continue
         name = raw.get("name") or raw["stage"]
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            problems.append(f"{path}.name: expected a plain name (it becomes a directory), got {name!r}")
+            continue
         if name in seen:
             problems.append(f"{path}.name: stage name {name!r} is used twice; give each stage a unique 'name'")
         seen.add(name)
-        options = {k: v for k, v in raw.items() if k not in ("stage", "name")}
+        options = {k: v for k, v in raw.items() if k not in ("stage", "name", "plugin")}
+        before = len(problems)
         stage_cfg = coerce_dataclass(entry.obj.config_class, options, path, problems)
         if stage_cfg is None:
             continue
+        parsed = len(problems) == before
         stage = entry.obj()
-        if hasattr(stage, "validate"):
-            problems.extend(f"{path}.{p}" for p in stage.validate(stage_cfg, registry))
-        for kind, spec, sub, families in stage.components(stage_cfg):
+        try:
+            components = stage.components(stage_cfg)
+        except Exception:
+            if parsed:
+                raise
+            components = []  # a half-parsed config; its problems are already listed
+        for kind, spec, sub, families in components:
             if spec is None:
                 continue
             try:
-                comp = registry.get(kind, spec.name, families)
+                comp = registry.lookup(kind, spec, families)
             except ValueError as exc:
                 problems.append(f"{path}.{sub}: {exc}")
                 continue
             check_options(comp, spec, f"{path}.{sub}", problems)
-        config.stages.append(StageSpec(raw["stage"], name, stage_cfg))
+        if parsed and len(problems) == before and hasattr(stage, "validate"):  # never sees half-parsed fields
+            problems.extend(f"{path}.{p}" for p in stage.validate(stage_cfg, registry))
+        config.stages.append(StageSpec(raw["stage"], name, stage_cfg, plugin))
     if problems:
         raise ConfigError(problems, source)
     return config
@@ -380,9 +487,12 @@ def resolve(data: dict, registry: Any, source: str = "config") -> RunConfig:
 def to_plain(obj: Any) -> Any:
     """A resolved config as plain YAML-able data (what ``config.yaml`` in a run dir holds)."""
     if isinstance(obj, StageSpec):
-        return {"stage": obj.stage, "name": obj.name, **to_plain(obj.config)}
+        head = {"stage": obj.stage, "name": obj.name, **({"plugin": obj.plugin} if obj.plugin else {})}
+        return {**head, **to_plain(obj.config)}
     if isinstance(obj, ComponentSpec):
-        return {"name": obj.name, **obj.options} if obj.options else obj.name
+        if not obj.options and obj.plugin is None:
+            return obj.name
+        return {"name": obj.name, **({"plugin": obj.plugin} if obj.plugin else {}), **obj.options}
     if dataclasses.is_dataclass(obj):
         return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):

@@ -7,8 +7,12 @@ Record formats (one JSON object per line in ``.jsonl``; also ``.json`` (a list),
   whose last message is the assistant's response (the tokenizer's chat template renders the rest
   when it has one; otherwise ``"<role>: <content>\\n"`` lines followed by ``"assistant: "``).
 - ``reward``: ``{"prompt": str, "response": str, "score": finite number}``.
-- ``pairwise``: ``{"prompt": str, "chosen": str, "rejected": str}``.
+- ``pairwise``: ``{"prompt": str, "chosen": str, "rejected": str}``. A pair whose ``chosen`` equals
+  its ``rejected`` carries no preference: it is dropped, counted and reported with its file:line.
 - ``prompts``: ``{"prompt": str}`` or ``{"messages": [...]}`` (the conversation so far).
+
+Chat roles other than ``system``, ``user``, ``assistant``, ``tool``, ``developer`` are kept (a chat
+template may know them) but counted and reported with the file:line of the first few.
 
 Sequences are ``[bos] prompt response eos``; labels are ``-100`` on the prompt (loss on response
 tokens only). Bad input raises :class:`DataError` naming file, line and field.
@@ -18,15 +22,17 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 IGNORE_INDEX = -100
 KINDS = ("sft", "reward", "pairwise", "prompts")
+KNOWN_ROLES = ("system", "user", "assistant", "tool", "developer")
 _FIELDS = {
     "sft": ("prompt", "response"),
     "reward": ("prompt", "response", "score"),
@@ -106,26 +112,63 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
-def read_records(path: str | Path, kind: str) -> list[Record]:
-    """Read and validate every record of ``path`` for data ``kind``; errors name file, line, field."""
+def check_data_path(path: str | Path) -> str | None:
+    """None when ``path`` is a readable data file of a known format, else a one-line reason."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    reader = _READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: unknown data format {path.suffix!r}; accepted: {', '.join(_READERS)}")
-    records = [validate_record(obj, where, kind) for where, obj in reader(path)]
+    if path.is_dir():
+        return f"{path}: is a directory; expected a data file ({', '.join(_READERS)})"
+    if not path.exists():
+        return f"{path}: no such file"
+    if path.suffix.lower() not in _READERS:
+        return f"{path}: unknown data format {path.suffix!r}; accepted: {', '.join(_READERS)}"
+    if not os.access(path, os.R_OK):
+        return f"{path}: permission denied"
+    return None
+
+
+@dataclass
+class DataNotes:
+    """Legal but suspicious records: counted, with the first few sources, for one warning each."""
+
+    dropped_pairs: list[str] = field(default_factory=list)
+    unknown_roles: list[str] = field(default_factory=list)
+
+    def lines(self, where: str) -> list[str]:
+        """Warning lines (empty when nothing was suspicious)."""
+        out = []
+        if self.dropped_pairs:
+            out.append(f"{where}: dropped {len(self.dropped_pairs)} pairwise record(s) whose chosen equals rejected "
+                       f"(no preference to learn); first: {', '.join(self.dropped_pairs[:3])}")
+        if self.unknown_roles:
+            out.append(f"{where}: {len(self.unknown_roles)} chat message(s) with a role other than "
+                       f"{', '.join(KNOWN_ROLES)}; kept as written; first: {', '.join(self.unknown_roles[:3])}")
+        return out
+
+
+def read_records(path: str | Path, kind: str, notes: DataNotes | None = None) -> list[Record]:
+    """Read and validate every record of ``path`` for data ``kind``; errors name file, line, field.
+    Suspicious records are counted in ``notes`` (pairs with chosen == rejected are dropped)."""
+    problem = check_data_path(path)
+    if problem:
+        raise DataError(problem)
+    path = Path(path)
+    notes = notes if notes is not None else DataNotes()
+    records = [r for where, obj in _READERS[path.suffix.lower()](path) if (r := validate_record(obj, where, kind, notes))]
     if not records:
-        raise DataError(f"{path}: no records (the file is empty)")
+        raise DataError(f"{path}: no records (the file is empty)" if not notes.dropped_pairs
+                        else f"{path}: no usable records (every pair has chosen == rejected)")
     return records
 
 
-def validate_record(obj: Any, where: str, kind: str) -> Record:
-    """Check the fields that ``kind`` needs; returns a :class:`Record` or raises :class:`DataError`."""
+def validate_record(obj: Any, where: str, kind: str, notes: DataNotes | None = None) -> Record | None:
+    """Check the fields that ``kind`` needs; returns a :class:`Record`, None for a record that is
+    dropped (counted in ``notes``), or raises :class:`DataError`."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if kind in ("sft", "prompts") and "messages" in obj:
         _check_messages(obj["messages"], where, need_assistant_last=kind == "sft")
+        if notes is not None and any(m["role"] not in KNOWN_ROLES for m in obj["messages"]):
+            notes.unknown_roles.append(where)
         return Record(where, {"messages": obj["messages"]})
     for name in _FIELDS[kind]:
         if name not in obj or obj[name] is None:
@@ -139,6 +182,10 @@ def validate_record(obj: Any, where: str, kind: str) -> Record:
                 raise DataError(f"{where}: field 'score' must be finite, got {value!r}")
         elif not isinstance(value, str):
             raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    if kind == "pairwise" and obj["chosen"] == obj["rejected"]:
+        if notes is not None:
+            notes.dropped_pairs.append(where)
+        return None
     return Record(where, {name: obj[name] for name in _FIELDS[kind]})
 
 
@@ -153,14 +200,16 @@ def _check_messages(messages: Any, where: str, need_assistant_last: bool) -> Non
                         "and follow at least one other message")
 
 
-def load_records(spec: str, kind: str, registry: Any, *, seed: int, builtin_size: int) -> list[Record]:
+def load_records(spec: str, kind: str, registry: Any, *, seed: int, builtin_size: int,
+                 notes: DataNotes | None = None) -> list[Record]:
     """Records from a path or from ``builtin:NAME`` (a registered dataset)."""
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         factory = registry.get("dataset", name).obj
         raw = factory(kind, builtin_size, seed)
-        return [validate_record(obj, f"builtin:{name} record {i}", kind) for i, obj in enumerate(raw)]
-    return read_records(spec, kind)
+        records = [validate_record(obj, f"builtin:{name} record {i}", kind, notes) for i, obj in enumerate(raw)]
+        return [r for r in records if r is not None]
+    return read_records(spec, kind, notes)
 
 
 def split_records(records: list[Record], eval_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -181,6 +230,14 @@ def load_split(data_cfg: Any, kind: str, registry: Any, seed: int) -> tuple[list
     if data_cfg.limit is not None:
         train = train[: data_cfg.limit]
     return train, held
+
+
+def data_inputs(data_cfg: Any, kind: str, path: str = "data") -> list[Any]:
+    """The :class:`~rlhf_core.interfaces.StageInput` of a stage's ``train`` (and ``eval``) data."""
+    from .interfaces import StageInput
+
+    return [StageInput(f"{path}.{key}", "data", getattr(data_cfg, key), kind, data_cfg.builtin_size)
+            for key in ("train", "eval") if getattr(data_cfg, key)]
 
 
 def dataset_components(data_cfg: Any, path: str) -> list[tuple[str, Any, str, None]]:

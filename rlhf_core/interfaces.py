@@ -16,6 +16,29 @@ class StageError(ValueError):
     """A stage cannot run with the given options or inputs; shown to the user without a traceback."""
 
 
+class ComponentError(RuntimeError):
+    """A plugin component (reward, advantage estimator, ...) misbehaved at run time: it raised or
+    returned something other than its contract says. The message names it, its plugin and what was
+    expected."""
+
+
+@dataclass
+class StageInput:
+    """Something a stage will read, checked by the host before the first stage trains.
+
+    ``path``: where it is set in the stage's config (``data.train``, ``init``); ``kind``:
+    ``"data"`` (``value`` is a data file or ``builtin:NAME``, read and validated as ``data_kind``
+    records, ``builtin_size`` of them for a builtin) or ``"model"`` (``value`` is an init source:
+    ``auto``, ``base``, ``@STAGE`` naming an earlier stage, or a directory / hub id).
+    """
+
+    path: str
+    kind: str
+    value: str
+    data_kind: str | None = None
+    builtin_size: int = 0
+
+
 @dataclass
 class StageResult:
     """What a stage leaves behind for later stages and the run summary.
@@ -88,9 +111,12 @@ class Stage(Protocol):
     """A pipeline step. Reads top to bottom: setup -> loop -> save.
 
     ``config_class`` is a dataclass whose fields are the stage's options (validated before any model
-    loads); ``components(config)`` lists the ``(kind, spec, config_path, loss_families)`` it will
-    look up, so that unknown names are reported up front; an optional ``validate(config, registry)
-    -> list[str]`` reports cross-field problems, also before any model loads; ``run`` does the work.
+    loads; an optional ``problems() -> list[str]`` method on it checks values); ``components(config)``
+    lists the ``(kind, spec, config_path, loss_families)`` it will look up, so that unknown names and
+    bad options are reported up front; an optional ``validate(config, registry) -> list[str]``
+    reports cross-field problems (it only ever sees a fully parsed config); an optional
+    ``inputs(config, registry) -> list[StageInput]`` lists the data and models it reads, which the
+    host checks before the first stage trains; ``run`` does the work.
     """
 
     config_class: ClassVar[type]
@@ -166,3 +192,45 @@ class AdvantageEstimator(Protocol):
     needs_values: ClassVar[bool]
 
     def __call__(self, inputs: AdvantageInputs) -> torch.Tensor: ...
+
+
+def describe(entry: Any) -> str:
+    """``reward 'length' (plugin 'ppo-rewards')`` for a registry entry, for error messages."""
+    human = {"advantage": "advantage estimator"}.get(entry.kind, entry.kind)
+    return f"{human} {entry.name!r} (plugin {entry.plugin!r})"
+
+
+def checked_rewards(entry: Any, reward: Any, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """Call ``reward(prompts, responses)`` and check the :class:`Reward` contract: a float tensor of
+    shape ``[B]`` with finite values. Anything else is a :class:`ComponentError` naming the reward."""
+    who, n = describe(entry), len(responses)
+    try:
+        out = reward(prompts, responses)
+    except Exception as exc:
+        raise ComponentError(f"{who} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(out, torch.Tensor):
+        raise ComponentError(f"{who} returned {type(out).__name__}; expected a float tensor of shape [{n}] "
+                             "(one score per response)")
+    if tuple(out.shape) != (n,):
+        raise ComponentError(f"{who} returned shape {list(out.shape)}; expected [{n}] (one score per response)")
+    out = out.float()
+    bad = ~torch.isfinite(out)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ComponentError(f"{who} returned a non-finite score ({float(out[i])}) for {int(bad.sum())} of {n} "
+                             f"responses, first for response {i}: {responses[i][:80]!r}; rewards must be finite")
+    return out
+
+
+def checked_advantages(entry: Any, advantages: Any, mask: torch.Tensor) -> torch.Tensor:
+    """Check an advantage estimator's output: a tensor of exactly ``mask``'s shape ``[B, T]`` (a
+    ``[B]`` or ``[B, 1]`` result is an error even where it would broadcast), finite on the mask."""
+    who, shape = describe(entry), list(mask.shape)
+    if not isinstance(advantages, torch.Tensor):
+        raise ComponentError(f"{who} returned {type(advantages).__name__}; expected a tensor of shape {shape} [B, T]")
+    if list(advantages.shape) != shape:
+        raise ComponentError(f"{who} returned shape {list(advantages.shape)}; expected {shape} [B, T], one "
+                             "advantage per response token (broadcast per-sequence values over the mask)")
+    if not torch.isfinite(advantages[mask.bool()]).all():
+        raise ComponentError(f"{who} returned non-finite advantages on response tokens")
+    return advantages.float()

@@ -8,6 +8,8 @@ off unless the config turns it on. Weights are saved as safetensors.
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_dir
 from .tracking import is_main_process
 
 BUILTIN_TINY = "builtin:tiny"
@@ -38,6 +41,47 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"model.device is {spec!r} but CUDA is not available; use 'auto' or 'cpu'")
     return device
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def check_model_source(source: str, *, what: str = "model") -> str | None:
+    """None when ``source`` can be loaded, else a one-line reason; never waits on network retries.
+
+    A local-looking path (absolute, ``./``, ``../``, ``~``, or with more than one ``/``) must be an
+    existing directory; a hub id must be in the local hub cache or, unless ``HF_HUB_OFFLINE`` is
+    set, known to the hub (one request with a short timeout).
+    """
+    if source == BUILTIN_TINY:
+        return None
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if what == "model" and not (path / "config.json").is_file():
+            return f"{source}: the directory has no config.json, so it is not a saved model"
+        return None
+    if path.exists():
+        return f"{source}: is a file; expected a model directory (what save_pretrained writes)"
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.sep in source.replace("/", ""):
+        return f"{source}: no such directory"
+    if not _REPO_ID.match(source):
+        return f"{source}: no such directory, and not a hub id of the form org/name"
+    from huggingface_hub import try_to_load_from_cache
+
+    filename = "config.json" if what == "model" else "tokenizer_config.json"
+    if isinstance(try_to_load_from_cache(source, filename), str):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return f"{source}: not a local directory, and not in the hub cache while HF_HUB_OFFLINE is set"
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(source, timeout=10)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return (f"{source}: not a local directory, and the hub could not confirm it ({reason}); "
+                "check the name, download it first, or point to a local directory")
+    return None
 
 
 def tiny_config(vocab_size: int):
@@ -102,9 +146,9 @@ def save_causal_lm(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
     (on the main process only; every rank gets the path back)."""
     if not is_main_process():
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
+    with atomic_dir(directory) as tmp:  # a kill half-way leaves the previous directory, never a torn one
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return directory
 
 
@@ -147,12 +191,12 @@ class ScalarHeadModel(nn.Module):
         directory = Path(directory)
         if not is_main_process():
             return directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(directory, safe_serialization=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, str(directory / HEAD_FILE))
-        (directory / REWARD_MARKER).write_text(json.dumps({"format": 1, "head": HEAD_FILE}) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+        with atomic_dir(directory) as tmp:
+            self.backbone.save_pretrained(tmp, safe_serialization=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_FILE))
+            (tmp / REWARD_MARKER).write_text(json.dumps({"format": 1, "head": HEAD_FILE}) + "\n")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
         return directory
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Plugin manager factory: hookspecs -> built-ins -> blocked names -> config modules -> entry points.
+"""Plugin manager factory: hookspecs -> blocked names -> built-ins -> entry points; a config's
+``plugins:`` modules are added afterwards (:func:`add_modules`), so one manager serves a whole command.
 
 Entry points (group ``rlhf``) load one at a time: a broken third-party plugin prints one line and
 the host keeps working, unless ``RLHF_STRICT_PLUGINS=1``. ``RLHF_DISABLE_PLUGINS=a,b`` (or the CLI's
@@ -67,25 +68,38 @@ def get_plugin_manager(
     for name in blocked:
         pm.set_blocked(name)
     strict = os.environ.get(ENV_STRICT, "") not in ("", "0")
+    pm.rlhf_blocked = blocked
     for name, module in BUILTINS.items():
         if name not in blocked:
             pm.register(importlib.import_module(module), name=name)
             pm.rlhf_info[name] = PluginInfo(name, version, "builtin")
+    if entry_points:
+        _load_entry_points(pm, blocked, strict)
+    _check_pending(pm)
+    add_modules(pm, modules)
+    return pm
+
+
+def add_modules(pm: pluggy.PluginManager, modules: list[str] | tuple[str, ...]) -> pluggy.PluginManager:
+    """Register local plugin modules (a config's ``plugins:`` list) by import path; a module that
+    is already registered or disabled is skipped, one that fails to import is an error."""
     for module in modules:
-        if module in blocked:
+        if module in pm.rlhf_blocked or pm.has_plugin(module):
             continue
         try:
             pm.register(importlib.import_module(module), name=module)
         except Exception as exc:
             raise PluginLoadError(f"plugin module {module!r} (config 'plugins') failed to import: {type(exc).__name__}: {exc}") from exc
         pm.rlhf_info[module] = PluginInfo(module, "-", "config module")
-    if entry_points:
-        _load_entry_points(pm, blocked, strict)
+    _check_pending(pm)
+    return pm
+
+
+def _check_pending(pm: pluggy.PluginManager) -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginLoadError(f"{exc}; hooks must be one of: {', '.join(_hook_names())}") from exc
-    return pm
 
 
 def _hook_names() -> list[str]:
@@ -133,7 +147,8 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
             except RegistryError:
                 raise
             except Exception as exc:
-                raise PluginLoadError(f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
+                raise PluginLoadError(f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {exc} "
+                                      f"(disable it with {ENV_DISABLE}={plugin} or 'rlhf --disable {plugin}')") from exc
     return registry
 
 

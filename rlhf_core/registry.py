@@ -1,4 +1,9 @@
-"""Name -> component tables for every kind a plugin can register."""
+"""Name -> component tables for every kind a plugin can register.
+
+Two plugins may register the same name: the name is then *contested*. Nothing breaks until a
+config selects it; then the config must say which plugin's component it means
+(``{name: length, plugin: my-plugin}``), otherwise the lookup is an error naming both plugins.
+"""
 from __future__ import annotations
 
 import inspect
@@ -11,7 +16,7 @@ _HUMAN = {"stage": "stage", "loss": "loss", "reward": "reward", "advantage": "ad
 
 
 class RegistryError(ValueError):
-    """A duplicate, unknown or malformed component."""
+    """A contested, unknown or malformed component."""
 
 
 @dataclass
@@ -37,13 +42,14 @@ class Entry:
 
 
 class Registry:
-    """Components by kind and name; duplicates and unknown names raise errors that list choices."""
+    """Components by kind and name; unknown and contested names raise errors that list choices."""
 
     def __init__(self) -> None:
-        self._tables: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+        self._tables: dict[str, dict[str, list[Entry]]] = {k: {} for k in KINDS}
 
     def add(self, kind: str, name: str, obj: Any, plugin: str, **meta: Any) -> None:
-        """Register ``obj`` under ``name``; a name registered twice names both plugins."""
+        """Register ``obj`` under ``name``. A name another plugin already registered becomes
+        contested (see :meth:`conflicts`); the same plugin registering it twice is an error."""
         if not isinstance(name, str) or not name:
             raise RegistryError(f"plugin {plugin!r} registered a {_HUMAN[kind]} with an invalid name {name!r}")
         if kind == "loss" and meta.get("family") not in LOSS_FAMILIES:
@@ -51,32 +57,68 @@ class Registry:
                 f"plugin {plugin!r} registered loss {name!r} with family {meta.get('family')!r}; "
                 f"accepted: {', '.join(LOSS_FAMILIES)}"
             )
-        table = self._tables[kind]
-        if name in table:
-            raise RegistryError(
-                f"{_HUMAN[kind]} {name!r} is registered twice: by plugin {table[name].plugin!r} and by "
-                f"plugin {plugin!r}; disable one of them (RLHF_DISABLE_PLUGINS=NAME or --disable NAME)"
-            )
-        table[name] = Entry(kind, name, obj, plugin, dict(meta))
+        entries = self._tables[kind].setdefault(name, [])
+        if any(e.plugin == plugin for e in entries):
+            raise RegistryError(f"plugin {plugin!r} registered {_HUMAN[kind]} {name!r} twice")
+        entries.append(Entry(kind, name, obj, plugin, dict(meta)))
+
+    def conflicts(self) -> list[str]:
+        """One line per contested name: which plugins registered it and how to choose."""
+        out = []
+        for kind, table in self._tables.items():
+            for name, entries in sorted(table.items()):
+                if len(entries) > 1:
+                    plugins = " and ".join(repr(e.plugin) for e in entries)
+                    out.append(
+                        f"{_HUMAN[kind]} {name!r} is registered by plugins {plugins}; a config that uses it must "
+                        f"pick one ({_pick_hint(kind, name, entries[0].plugin)}) or disable one plugin"
+                    )
+        return out
 
     def names(self, kind: str, family: str | None = None) -> list[str]:
         """Sorted names of ``kind`` (losses optionally filtered by family)."""
-        return sorted(n for n, e in self._tables[kind].items() if family is None or e.meta.get("family") == family)
+        return sorted(n for n, es in self._tables[kind].items()
+                      if family is None or any(e.meta.get("family") == family for e in es))
 
     def entries(self, kind: str) -> list[Entry]:
-        """All entries of ``kind`` sorted by name."""
-        return [self._tables[kind][n] for n in self.names(kind)]
+        """All entries of ``kind`` sorted by name (every plugin's entry for a contested name)."""
+        return [e for n in sorted(self._tables[kind]) for e in self._tables[kind][n]]
 
-    def get(self, kind: str, name: str, family: str | tuple[str, ...] | None = None) -> Entry:
-        """The entry for ``name``; an unknown name or a loss of the wrong family lists what is available."""
+    def get(self, kind: str, name: str, family: str | tuple[str, ...] | None = None, *,
+            plugin: str | None = None) -> Entry:
+        """The entry for ``name`` (from ``plugin`` when given). An unknown name, a loss of the wrong
+        family, or a contested name without ``plugin`` is an error listing what is available."""
         families = (family,) if isinstance(family, str) else family
-        entry = self._tables[kind].get(name)
-        allowed = sorted(n for f in families for n in self.names(kind, f)) if families else self.names(kind)
-        if entry is None:
+        entries = self._tables[kind].get(name, [])
+        allowed = sorted({n for f in families for n in self.names(kind, f)}) if families else self.names(kind)
+        if not entries:
             raise RegistryError(f"unknown {_HUMAN[kind]} {name!r}; available: {', '.join(allowed) or '(none)'}")
+        if plugin is not None:
+            chosen = [e for e in entries if e.plugin == plugin]
+            if not chosen:
+                raise RegistryError(f"plugin {plugin!r} registers no {_HUMAN[kind]} {name!r}; it is registered by: "
+                                    f"{', '.join(e.plugin for e in entries)}")
+            entry = chosen[0]
+        elif len(entries) > 1:
+            raise RegistryError(
+                f"{_HUMAN[kind]} {name!r} is registered by plugins {' and '.join(repr(e.plugin) for e in entries)}; "
+                f"say which one: {_pick_hint(kind, name, entries[0].plugin)}"
+            )
+        else:
+            entry = entries[0]
         if families and entry.meta.get("family") not in families:
             raise RegistryError(
                 f"loss {name!r} is a {entry.meta.get('family')!r} loss, but this stage needs "
                 f"{' or '.join(repr(f) for f in families)}; available: {', '.join(allowed) or '(none)'}"
             )
         return entry
+
+    def lookup(self, kind: str, spec: Any, family: str | tuple[str, ...] | None = None) -> Entry:
+        """:meth:`get` for a config's :class:`~rlhf_core.config.ComponentSpec` (its name and plugin)."""
+        return self.get(kind, spec.name, family, plugin=getattr(spec, "plugin", None))
+
+
+def _pick_hint(kind: str, name: str, plugin: str) -> str:
+    if kind == "stage":
+        return f"{{stage: {name}, plugin: {plugin}}}"
+    return f"{{name: {name}, plugin: {plugin}}}"

@@ -4,13 +4,14 @@ Only the main process (``RANK`` unset or 0) writes, so a torchrun launch logs on
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_write_text, dumps_strict
 
 
 def is_main_process() -> bool:
@@ -37,7 +38,7 @@ class Tracker:
         self.rows.append(row)
         if is_main_process():
             with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
+                fh.write(dumps_strict(row) + "\n")
 
     def series(self, stage: str) -> dict[str, tuple[list[int], list[float]]]:
         """``metric -> (steps, values)`` for one stage (numeric, finite values only)."""
@@ -85,10 +86,11 @@ class Tracker:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    """``summary.json`` (main process only)."""
+    """``summary.json``, atomically and as strict JSON (non-finite numbers become null; main
+    process only)."""
     path = run_dir / "summary.json"
     if is_main_process():
-        path.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        atomic_write_text(path, dumps_strict(summary, indent=2, sort_keys=False) + "\n")
     return path
 
 
@@ -99,7 +101,7 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(f"[{stage}]")
         for key, value in metrics.items():
             lines.append(f"  {key:<28} {value:.4g}" if isinstance(value, float) else f"  {key:<28} {value}")
-    headline = {k: v for k, v in summary.items() if k not in ("stages", "run_dir")}
+    headline = {k: v for k, v in summary.items() if k not in ("stages", "run_dir", "stages_completed", "pid")}
     if headline:
         lines.append("[run]")
         for key, value in headline.items():

@@ -74,6 +74,8 @@ class GroupMeanBaseline:
     min_group_size = 2
 
     def __init__(self, *, scale: bool = False, eps: float = 1e-6):
+        if not eps >= 0:
+            raise ValueError(f"group_mean: eps must be >= 0, got {eps}")
         self.scale, self.eps = scale, eps
 
     def __call__(self, inputs: AdvantageInputs) -> torch.Tensor:
@@ -108,6 +110,9 @@ class GAE:
     min_group_size = 1
 
     def __init__(self, *, gamma: float = 1.0, lam: float = 0.95):
+        for name, value in (("gamma", gamma), ("lam", lam)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"gae: {name} must be in [0, 1], got {value}")
         self.gamma, self.lam = gamma, lam
 
     def __call__(self, inputs: AdvantageInputs) -> torch.Tensor:

@@ -22,6 +22,14 @@ def ppo_clip(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Ten
     return loss, {k: float(v) for k, v in stats.items()}
 
 
+def _check_ppo_clip(*, clip_eps: float = 0.2) -> None:
+    if not 0 < clip_eps < 1:
+        raise ValueError(f"ppo_clip: clip_eps must be in (0, 1), got {clip_eps}")
+
+
+ppo_clip.check_options = _check_ppo_clip
+
+
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k1 estimator of KL(pi || ref) per token: ``logp - logp_ref`` (unbiased, can be negative)."""
     return logprobs - ref_logprobs

@@ -1,11 +1,14 @@
 """Built-in PPO rewards: ``reward_model`` (the trained R_phi) and ``length`` (rule-based)."""
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import torch
 
 from rlhf_core import hookimpl
 from rlhf_core.data import encode_prompt, encode_response, pad
-from rlhf_core.models import ScalarHeadModel, load_tokenizer
+from rlhf_core.models import REWARD_MARKER, ScalarHeadModel, is_reward_model_dir, load_tokenizer
 
 
 class RewardModelReward:
@@ -16,11 +19,21 @@ class RewardModelReward:
     """
 
     def __init__(self, ctx, *, path: str = "auto", batch_size: int = 64):
+        self.check_options(path=path, batch_size=batch_size)
         source = ctx.init_source(path, "reward")
         self.model = ScalarHeadModel.from_pretrained(source, trust_remote_code=ctx.run_config.model.trust_remote_code)
         self.model.to(ctx.device).eval().requires_grad_(False)
         self.tokenizer = load_tokenizer(ctx.run_config.model, source)
         self.device, self.batch_size = ctx.device, batch_size
+
+    @staticmethod
+    def check_options(*, path: str = "auto", batch_size: int = 64) -> None:
+        """Called before anything trains: a directory ``path`` must hold a saved reward model."""
+        if batch_size < 1:
+            raise ValueError(f"reward_model: batch_size must be at least 1, got {batch_size}")
+        if path != "auto" and not path.startswith("@") and not is_reward_model_dir(path):
+            what = "no such directory" if not Path(path).exists() else f"not a saved reward model (no {REWARD_MARKER})"
+            raise ValueError(f"reward_model: path {path!r}: {what}; use auto, @STAGE or a reward stage's output directory")
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -39,9 +52,16 @@ class LengthReward:
     """Rule-based: ``-scale * |len(response) - target| / target`` (characters); 0 at the target length."""
 
     def __init__(self, ctx=None, *, target: int = 64, scale: float = 1.0):
+        self.check_options(target=target, scale=scale)
+        self.target, self.scale = target, scale
+
+    @staticmethod
+    def check_options(*, target: int = 64, scale: float = 1.0) -> None:
+        """``target`` > 0 characters, a finite ``scale``."""
         if target <= 0:
             raise ValueError(f"length reward: target must be > 0, got {target}")
-        self.target, self.scale = target, scale
+        if not math.isfinite(scale):
+            raise ValueError(f"length reward: scale must be finite, got {scale}")
 
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """``[B]`` length rewards."""

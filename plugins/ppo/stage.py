@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 
 import rlhf_kernels
 from rlhf_core import hookimpl
-from rlhf_core.config import ComponentSpec, DataConfig
-from rlhf_core.data import dataset_components, encode_prompt, load_split, render_prompt
-from rlhf_core.interfaces import AdvantageInputs, StageError, StageResult
+from rlhf_core.config import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, ComponentSpec, DataConfig, rule_problems
+from rlhf_core.data import TokenStats, data_inputs, dataset_components, encode_prompt, load_split, render_prompt
+from rlhf_core.interfaces import AdvantageInputs, StageInput, StageResult, checked_advantages, checked_rewards
 from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm, load_tokenizer, save_causal_lm
 from rlhf_core.tracking import is_main_process
-from rlhf_core.training import autocast_context
+from rlhf_core.training import TrainingError, autocast_context
 
 from .advantages import whiten
 from .loss import KL_ESTIMATORS, KLController, clipped_value_loss
@@ -40,6 +40,11 @@ class GenerationConfig:
     top_p: float = 1.0
     max_new_tokens: int = 32
 
+    def problems(self) -> list[str]:
+        """Value checks."""
+        return rule_problems(self, {"temperature": POSITIVE, "max_new_tokens": AT_LEAST_1,
+                                    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]")})
+
 
 @dataclass
 class KLConfig:
@@ -54,10 +59,16 @@ class KLConfig:
     target: float = 6.0
     horizon: int = 10000
 
+    def problems(self) -> list[str]:
+        """Value checks."""
+        return rule_problems(self, {"coef": NON_NEGATIVE, "target": POSITIVE, "horizon": AT_LEAST_1})
+
 
 @dataclass
 class PPOConfig:
-    """Options of the ``ppo`` stage (see README "Config reference")."""
+    """Options of the ``ppo`` stage (see README "Config reference"). Prompts longer than
+    ``data.max_prompt_length`` tokens (default ``data.max_length - generation.max_new_tokens``) keep
+    their last tokens, counted and printed like the other stages' truncation."""
 
     data: DataConfig = field(default_factory=DataConfig)
     init: str = "auto"
@@ -84,6 +95,25 @@ class PPOConfig:
     eval_prompts: int = 64
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     save: bool = True
+
+    def problems(self) -> list[str]:
+        """Value checks: counts at least 1, positive finite learning rates, room for a prompt."""
+        out = []
+        if self.data.max_prompt_length is None and self.data.max_length <= self.generation.max_new_tokens:
+            out.append(f"data.max_length: must exceed generation.max_new_tokens ({self.generation.max_new_tokens}) "
+                       f"to leave room for the prompt, got {self.data.max_length}")
+        return out + rule_problems(self, {
+            "iterations": AT_LEAST_1, "prompts_per_batch": AT_LEAST_1, "samples_per_prompt": AT_LEAST_1,
+            "ppo_epochs": AT_LEAST_1, "minibatch_size": AT_LEAST_1, "lr": POSITIVE, "critic_lr": POSITIVE,
+            "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE, "entropy_coef": NON_NEGATIVE,
+            "vf_clip": POSITIVE, "eval_every": AT_LEAST_0, "eval_prompts": AT_LEAST_0,
+        })
+
+    def prompt_budget(self) -> int:
+        """The most prompt tokens a rollout keeps (the last ones)."""
+        if self.data.max_prompt_length is not None:
+            return self.data.max_prompt_length
+        return self.data.max_length - self.generation.max_new_tokens
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -114,10 +144,15 @@ class PPOStage:
         tokenizer = load_tokenizer(model_cfg, None if source == model_cfg.name_or_path else source)
         policy = load_causal_lm(model_cfg, source, seed=ctx.seed).to(device)
         reference = load_causal_lm(model_cfg, source, seed=ctx.seed).to(device).eval().requires_grad_(False)
-        reward_fn = ctx.registry.get("reward", config.reward.name).obj(ctx, **config.reward.options)
-        gold_fn = ctx.registry.get("reward", config.gold.name).obj(ctx, **config.gold.options) if config.gold else None
-        estimator = ctx.registry.get("advantage", config.advantage.name).obj(**config.advantage.options)
-        loss_fn = ctx.registry.get("loss", config.loss.name, "policy").obj
+        reward_entry = ctx.registry.lookup("reward", config.reward)
+        reward_fn = Scorer(reward_entry, reward_entry.obj(ctx, **config.reward.options))
+        gold_fn = None
+        if config.gold:
+            gold_entry = ctx.registry.lookup("reward", config.gold)
+            gold_fn = Scorer(gold_entry, gold_entry.obj(ctx, **config.gold.options))
+        estimator_entry = ctx.registry.lookup("advantage", config.advantage)
+        estimator = Estimator(estimator_entry, estimator_entry.obj(**config.advantage.options))
+        loss_fn = ctx.registry.lookup("loss", config.loss, "policy").obj
         critic, critic_opt = None, None
         if estimator.needs_values:
             critic = self._critic(ctx, config, model_cfg).to(device)
@@ -126,8 +161,12 @@ class PPOStage:
         kl_ctl = KLController(config.kl.coef, config.kl.adaptive, config.kl.target, config.kl.horizon)
 
         train_recs, eval_recs = load_split(config.data, "prompts", ctx.registry, ctx.seed)
-        prompts = [render_prompt(tokenizer, r.fields) for r in train_recs]
-        eval_prompts = [render_prompt(tokenizer, r.fields) for r in eval_recs][: config.eval_prompts]
+        stats = TokenStats()
+        prompts = fit_prompts(tokenizer, [render_prompt(tokenizer, r.fields) for r in train_recs], config.prompt_budget(), stats)
+        eval_prompts = fit_prompts(tokenizer, [render_prompt(tokenizer, r.fields) for r in eval_recs][: config.eval_prompts],
+                                   config.prompt_budget(), TokenStats())
+        print(f"ppo data: {stats.total} prompts, {stats.truncated} cut to their last {config.prompt_budget()} tokens; "
+              f"{len(eval_prompts)} held out")
         rng = random.Random(ctx.seed)
 
         def evaluate() -> dict[str, float]:
@@ -158,6 +197,7 @@ class PPOStage:
             ctx.tracker.log(config.iterations, {f"eval_{k}": v for k, v in final.items()})
         summary = {k: last[k] for k in ("reward_mean", "kl", "kl_coef", "clip_frac", "response_length") if k in last}
         summary["kl_max"] = max(kl_history) if kl_history else 0.0
+        summary.update(prompts=float(stats.total), prompts_truncated=float(stats.truncated))
         summary.update({f"eval_{k}_start": v for k, v in first.items()})
         summary.update({f"eval_{k}_end": v for k, v in final.items()})
         headline = {}
@@ -171,22 +211,21 @@ class PPOStage:
     def validate(self, config: PPOConfig, registry) -> list[str]:
         """Cross-field problems found before any model loads (``key: message`` each)."""
         problems = []
-        try:
-            estimator_cls = registry.get("advantage", config.advantage.name).obj
-        except ValueError:
-            estimator_cls = None  # already reported as an unknown name
+        estimator_cls = registry.lookup("advantage", config.advantage).obj
         need = getattr(estimator_cls, "min_group_size", 1)
         if config.samples_per_prompt < need:
             problems.append(
                 f"samples_per_prompt: advantage estimator {config.advantage.name!r} compares samples of the same "
                 f"prompt and needs samples_per_prompt >= {need}, got {config.samples_per_prompt}"
             )
-        for key in ("iterations", "prompts_per_batch", "samples_per_prompt", "minibatch_size", "ppo_epochs"):
-            if getattr(config, key) <= 0:
-                problems.append(f"{key}: must be positive, got {getattr(config, key)}")
-        if config.generation.temperature <= 0 or not 0 < config.generation.top_p <= 1:
-            problems.append("generation: temperature must be > 0 and top_p in (0, 1]")
         return problems
+
+    def inputs(self, config: PPOConfig, registry) -> list[StageInput]:
+        """The prompt data, the starting policy and (for estimators that need one) the critic."""
+        out = [*data_inputs(config.data, "prompts"), StageInput("init", "model", config.init)]
+        if registry.lookup("advantage", config.advantage).obj.needs_values:
+            out.append(StageInput("critic_init", "model", config.critic_init))
+        return out
 
     @staticmethod
     def _critic(ctx, config, model_cfg) -> ScalarHeadModel:
@@ -209,7 +248,7 @@ class PPOStage:
         roll = generate(policy, tokenizer, prompt_ids, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                         top_p=g.top_p, device=device)
         t1 = time.perf_counter()
-        rewards = reward_fn(prompt_text, roll.responses).to(device).float()  # [B]
+        rewards = reward_fn(prompt_text, roll.responses).to(device)  # [B], checked: finite, one per response
         with torch.no_grad(), autocast_context(config.mixed_precision, device):
             old_logp, entropy = score_tokens(policy, roll, backend, with_entropy=True)
             ref_logp, _ = score_tokens(reference, roll, backend)
@@ -246,22 +285,28 @@ class PPOStage:
                         logp = rlhf_kernels.token_logprobs(logits, labels_w[idx], backend=backend)
                         kl_loss = masked_mean(KL_ESTIMATORS[config.kl.estimator](logp, ref_w[idx]), mask_w[idx])
                         loss = loss + beta * kl_loss
-                        m["kl_loss"] = float(kl_loss)
+                        m["kl_loss"] = float(kl_loss.detach())
                     if config.entropy_coef > 0:
                         loss = loss - config.entropy_coef * masked_mean(token_entropy(logits, mask_w[idx]), mask_w[idx])
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"stage 'ppo': the policy loss became {float(loss)}; lower lr, kl.coef or "
+                                        "entropy_coef, set mixed_precision: no, or check the reward's scale")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                grad_norm = clip_gradients(policy.parameters(), config.max_grad_norm, "policy")
                 optimizer.step()
-                m = {**m, "policy_loss": float(loss), "grad_norm": float(grad_norm)}
+                m = {**m, "policy_loss": float(loss.detach()), "grad_norm": float(grad_norm)}
                 if critic is not None:
                     v_new = response_values(critic, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
                     v_loss = clipped_value_loss(v_new, values[idx], returns[idx], mask[idx], config.vf_clip)
+                    if not torch.isfinite(v_loss):
+                        raise TrainingError(f"stage 'ppo': the value loss became {float(v_loss)}; lower critic_lr "
+                                            "or check the reward's scale")
                     critic_opt.zero_grad(set_to_none=True)
                     v_loss.backward()
-                    torch.nn.utils.clip_grad_norm_(critic.parameters(), config.max_grad_norm)
+                    clip_gradients(critic.parameters(), config.max_grad_norm, "critic")
                     critic_opt.step()
-                    m["value_loss"] = float(v_loss)
+                    m["value_loss"] = float(v_loss.detach())
                 for key, value in m.items():
                     stats.setdefault(key, []).append(float(value))
         t3 = time.perf_counter()
@@ -286,10 +331,55 @@ class PPOStage:
             policy.eval()
             roll = generate(policy, tokenizer, [encode_prompt(tokenizer, p) for p in prompts],
                             max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, device=device)
-        result = {"reward": float(reward_fn(prompts, roll.responses).float().mean())}
+        result = {"reward": float(reward_fn(prompts, roll.responses).mean())}
         if gold_fn is not None:
-            result["gold"] = float(gold_fn(prompts, roll.responses).float().mean())
+            result["gold"] = float(gold_fn(prompts, roll.responses).mean())
         return result
+
+
+class Scorer:
+    """A reward component whose every output is checked against the Reward contract."""
+
+    def __init__(self, entry, reward):
+        self.entry, self.reward = entry, reward
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return checked_rewards(self.entry, self.reward, prompts, responses)
+
+
+class Estimator:
+    """An advantage estimator whose every output is checked against its contract."""
+
+    def __init__(self, entry, estimator):
+        self.entry, self.estimator = entry, estimator
+        self.needs_values = entry.obj.needs_values
+
+    def __call__(self, inputs: AdvantageInputs) -> torch.Tensor:
+        return checked_advantages(self.entry, self.estimator(inputs), inputs.mask)
+
+
+def clip_gradients(params, max_norm: float, which: str) -> torch.Tensor:
+    """Clip to ``max_norm`` (0 = off); a non-finite gradient norm stops training with advice."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if not torch.isfinite(norm):
+        raise TrainingError(f"stage 'ppo': the {which} gradient became {float(norm)}; lower the learning rate, "
+                            "set max_grad_norm > 0, set mixed_precision: no, or check the reward's scale")
+    return norm
+
+
+def fit_prompts(tokenizer, prompts: list[str], budget: int, stats: TokenStats) -> list[str]:
+    """Prompts that fit ``budget`` tokens: longer ones keep their last tokens (counted in ``stats``)."""
+    out = []
+    for text in prompts:
+        stats.total += 1
+        ids = encode_prompt(tokenizer, text)
+        if len(ids) > budget:
+            stats.truncated += 1
+            bos = 1 if getattr(tokenizer, "bos_token_id", None) is not None else 0
+            text = tokenizer.decode(ids[len(ids) - budget + bos:], skip_special_tokens=False)
+        out.append(text)
+    return out
 
 
 @hookimpl

@@ -10,6 +10,7 @@ import pytest
 from rlhf_core import hookimpl
 from rlhf_core import plugins as plugmod
 from rlhf_core.plugins import PluginLoadError, build_registry, get_plugin_manager
+from rlhf_core.config import ConfigError, resolve
 from rlhf_core.registry import RegistryError
 
 
@@ -105,8 +106,22 @@ def test_duplicate_component_names_both_plugins(monkeypatch):
         return make_module("clash", rlhf_register_losses=rlhf_register_losses)
 
     install_fake_entry_points(monkeypatch, [FakeEntryPoint("clash", clash)])
-    with pytest.raises(RegistryError, match="loss 'mse' is registered twice: by plugin 'reward' and by plugin 'clash'"):
-        build_registry(get_plugin_manager())
+    registry = build_registry(get_plugin_manager())  # a contested name breaks nothing by itself
+    assert registry.conflicts() == [
+        "loss 'mse' is registered by plugins 'reward' and 'clash'; a config that uses it must pick one "
+        "({name: mse, plugin: reward}) or disable one plugin"]
+    assert registry.get("loss", "huber").plugin == "reward"  # other names unaffected
+    with pytest.raises(RegistryError, match="loss 'mse' is registered by plugins 'reward' and 'clash'; say which one"):
+        registry.get("loss", "mse")
+    assert registry.get("loss", "mse", plugin="clash").plugin == "clash"
+    with pytest.raises(RegistryError, match="plugin 'nope' registers no loss 'mse'; it is registered by: reward, clash"):
+        registry.get("loss", "mse", plugin="nope")
+    # A config picks the winner explicitly; without the pick the error names both plugins.
+    with pytest.raises(ConfigError, match="stages\\[0\\].loss: loss 'mse' is registered by plugins"):
+        resolve({"stages": [{"stage": "reward", "loss": "mse"}]}, registry)
+    chosen = resolve({"stages": [{"stage": "reward", "loss": {"name": "mse", "plugin": "clash"}}]}, registry)
+    assert chosen.stages[0].config.loss.plugin == "clash"
+    assert registry.lookup("loss", chosen.stages[0].config.loss).plugin == "clash"
 
 
 def test_misspelled_hook_is_an_error(monkeypatch):
