@@ -170,3 +170,7 @@ def main() -> None:
         click.echo(f"rlhf: error: {exc}", err=True)
         sys.exit(1)
     cli(obj={"pm": pm, "disabled": disabled})
+
+
+if __name__ == "__main__":
+    main()

@@ -285,6 +285,9 @@ def coerce_dataclass(cls: type, value: Any, path: str, problems: list[str]) -> A
         if key not in fields:
             problems.append(f"{sub}: unknown key; accepted: {', '.join(sorted(fields))}")
             continue
+        if isinstance(raw, dict) and "name" not in raw and _default_component(fields[key]) is not None:
+            # Options set on a component the config left at its default: ``loss.clip_eps=0.1``.
+            raw = {"name": _default_component(fields[key]).name, **raw}
         kwargs[key] = coerce(hints[key], raw, sub, problems)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -297,6 +300,11 @@ def coerce_dataclass(cls: type, value: Any, path: str, problems: list[str]) -> A
     if len(problems) == before and hasattr(obj, "problems"):
         problems.extend(f"{path}.{p}" if path else p for p in obj.problems())
     return obj
+
+
+def _default_component(f: dataclasses.Field) -> ComponentSpec | None:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return default if isinstance(default, ComponentSpec) else None
 
 
 def check_options(entry: Any, spec: ComponentSpec, path: str, problems: list[str]) -> None:
@@ -345,6 +353,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
+        if not raw.lstrip().startswith(("[", "{", '"', "'")):
+            return key.split("."), raw  # a plain word YAML cannot start with, such as @sft: the text itself
         raise ConfigError([f"--set {key}: the value {raw!r} is not valid YAML ({getattr(exc, 'problem', exc)}); "
                            "quote it, e.g. --set 'KEY=[0.9, 0.95]'"], "command line") from None
     return key.split("."), value

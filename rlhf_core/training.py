@@ -123,6 +123,11 @@ class Trainer:
                     window.setdefault(key, []).append(float(value))
             scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            # With fp16 loss scaling an inf gradient is expected now and then (the scaler skips that
+            # step and lowers the scale); anywhere else it would silently poison the weights.
+            if not scaler.is_enabled() and not torch.isfinite(grad_norm):
+                raise TrainingError(f"stage {self.desc!r}: the gradient norm became {float(grad_norm)} at step {step}; "
+                                    "lower train.lr, set train.max_grad_norm > 0, or check the data")
             scaler.step(self.optimizer)
             scaler.update()
             scheduler.step()

@@ -289,7 +289,7 @@ class PPOStage:
                     if config.entropy_coef > 0:
                         loss = loss - config.entropy_coef * masked_mean(token_entropy(logits, mask_w[idx]), mask_w[idx])
                 if not torch.isfinite(loss):
-                    raise TrainingError(f"stage 'ppo': the policy loss became {float(loss)}; lower lr, kl.coef or "
+                    raise TrainingError(f"stage 'ppo': the policy loss became {float(loss.detach())}; lower lr, kl.coef or "
                                         "entropy_coef, set mixed_precision: no, or check the reward's scale")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -300,7 +300,7 @@ class PPOStage:
                     v_new = response_values(critic, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
                     v_loss = clipped_value_loss(v_new, values[idx], returns[idx], mask[idx], config.vf_clip)
                     if not torch.isfinite(v_loss):
-                        raise TrainingError(f"stage 'ppo': the value loss became {float(v_loss)}; lower critic_lr "
+                        raise TrainingError(f"stage 'ppo': the value loss became {float(v_loss.detach())}; lower critic_lr "
                                             "or check the reward's scale")
                     critic_opt.zero_grad(set_to_none=True)
                     v_loss.backward()

@@ -253,3 +253,54 @@ def test_each_registration_hook_registers_under_its_kind(monkeypatch):
     for kind, name in [("stage", "my_stage"), ("loss", "my_loss"), ("reward", "my_reward"), ("advantage", "my_adv"), ("dataset", "my_data")]:
         assert registry.get(kind, name).plugin == "mine"
     assert list(registry.get("reward", "my_reward").options()) == ["k"]
+
+
+def _run_main(monkeypatch, capsys, *argv):
+    from rlhf_core import cli as climod
+
+    monkeypatch.setattr(sys, "argv", ["rlhf", *argv])
+    with pytest.raises(SystemExit) as info:
+        climod.main()
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+def test_plugins_load_once_per_command_and_disable_is_honoured_everywhere(monkeypatch, capsys):
+    calls = []
+
+    def counted_broken():
+        calls.append(1)
+        raise ImportError("No module named 'missing_dependency'")
+
+    install_fake_entry_points(monkeypatch, [FakeEntryPoint("broken", counted_broken)])
+    monkeypatch.delenv(plugmod.ENV_STRICT, raising=False)
+    code, out, err = _run_main(monkeypatch, capsys, "plugins")
+    assert code == 0 and len(calls) == 1 and err.count("plugin 'broken' from rlhf-fake 1.2.3 failed to load") == 1
+    # Strict mode: the suggested --disable really gets past the first load.
+    monkeypatch.setenv(plugmod.ENV_STRICT, "1")
+    code, out, err = _run_main(monkeypatch, capsys, "plugins")
+    assert code == 1 and "rlhf --disable broken" in err
+    calls.clear()
+    code, out, err = _run_main(monkeypatch, capsys, "--disable", "broken", "plugins", "--json")
+    assert code == 0 and calls == [] and err == "" and "broken" not in out
+
+
+def test_contested_name_warns_but_every_command_works(monkeypatch, capsys):
+    def clash():
+        @hookimpl
+        def rlhf_register_rewards(register):
+            register("length", lambda ctx=None, **kw: None)
+
+        return make_module("clash", rlhf_register_rewards=rlhf_register_rewards)
+
+    install_fake_entry_points(monkeypatch, [FakeEntryPoint("clash", clash)])
+    code, out, err = _run_main(monkeypatch, capsys, "plugins")
+    assert code == 0 and "reward 'length' is registered by plugins 'ppo-rewards' and 'clash'" in err
+    code, out, err = _run_main(monkeypatch, capsys, "run", "--print-config")  # the default never uses 'length'
+    assert code == 0 and "stages:" in out
+    code, out, err = _run_main(monkeypatch, capsys, "run", "--print-config", "--set", "stages.ppo.reward=length")
+    assert code == 1 and "stages[2].reward: reward 'length' is registered by plugins 'ppo-rewards' and 'clash'; " \
+                          "say which one: {name: length, plugin: ppo-rewards}" in err
+    code, out, err = _run_main(monkeypatch, capsys, "run", "--print-config", "--set",
+                               "stages.ppo.reward={name: length, plugin: ppo-rewards, target: 8}")
+    assert code == 0 and "plugin: ppo-rewards" in out
