@@ -57,7 +57,7 @@ def cli(ctx: click.Context, disabled: tuple[str, ...]) -> None:
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
               help="Override a config value, e.g. --set stages.sft.train.lr=3e-4 (stages by name or index).")
-@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<timestamp>).")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<timestamp>-<suffix>).")
 @click.option("--overwrite", is_flag=True,
               help="Replace a previous run in --out: its contents are deleted once validation has passed.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")

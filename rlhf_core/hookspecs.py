@@ -3,7 +3,7 @@
 Registration hooks receive a host-built ``register`` callback, so the host owns validation,
 duplicate detection and error messages. They all fire once, when the registry is built (at the
 start of ``rlhf run``, ``rlhf plugins`` and friends), in plugin registration order: built-ins
-first, then ``plugins:`` modules from the config, then entry points.
+first, then entry points, then ``plugins:`` modules from the config. Plugins load once per command.
 """
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ def rlhf_register_stages(register):
     """Register pipeline stages.
 
     :param register: ``register(name, stage_class)``. ``stage_class`` follows
-        :class:`rlhf_core.interfaces.Stage`: a ``config_class`` dataclass for its options and
-        ``run(ctx, config) -> StageResult``. The name is what a pipeline's ``stage:`` key selects.
+        :class:`rlhf_core.interfaces.Stage`: a ``config_class`` dataclass for its options (an
+        optional ``problems()`` method checks values), ``components(config)``, optional
+        ``validate(config, registry)`` and ``inputs(config, registry)`` (data and models the host
+        checks before the first stage trains), and ``run(ctx, config) -> StageResult``. The name is
+        what a pipeline's ``stage:`` key selects.
     :return: nothing; call ``register`` once per stage.
     """
 
@@ -34,7 +37,9 @@ def rlhf_register_losses(register):
         (``fn(pred [B], target [B], **options)``), ``"pairwise"`` (``fn(chosen [B], rejected [B],
         **options)``) or ``"policy"`` (``fn(logits, labels, old_logprobs, advantages, *, backend,
         **options)``). Every loss returns ``(scalar loss, dict of float metrics)``. Keyword-only
-        parameters with defaults are its options, settable from the config.
+        parameters with defaults are its options, settable from the config; a
+        ``fn.check_options(**options)`` attribute that raises ``ValueError`` validates their values
+        before anything trains.
     :return: nothing.
     """
 
@@ -45,7 +50,10 @@ def rlhf_register_rewards(register):
 
     :param register: ``register(name, reward_class)``; the class follows
         :class:`rlhf_core.interfaces.Reward`: built as ``reward_class(ctx, **options)`` once per
-        stage, then called ``reward(prompts, responses) -> Tensor [B]``.
+        stage, then called ``reward(prompts, responses) -> Tensor [B]`` of finite floats (checked:
+        anything else stops the stage with an error naming the reward). A static
+        ``check_options(**options)`` that raises ``ValueError`` validates option values before
+        anything trains (the constructor needs ``ctx``, so the host cannot simply build one).
     :return: nothing.
     """
 
@@ -57,7 +65,9 @@ def rlhf_register_advantages(register):
     :param register: ``register(name, estimator_class)``; the class follows
         :class:`rlhf_core.interfaces.AdvantageEstimator`: built as ``estimator_class(**options)``,
         then called with :class:`rlhf_core.interfaces.AdvantageInputs` and returning
-        advantages ``[B, T]``. ``needs_values = True`` asks the stage for a value model.
+        advantages of exactly ``[B, T]`` (checked). ``needs_values = True`` asks the stage for a
+        value model. The host builds one from the config's options before anything trains, so
+        ``__init__`` raising ``ValueError`` is how an estimator rejects a bad option.
     :return: nothing.
     """
 
