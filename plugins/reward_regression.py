@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from rlhf_core import hookimpl
 from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
+from rlhf_core.distributed import all_gather_objects, unwrap
 from rlhf_core.data import collate_scored, data_inputs, dataset_components, load_split, tokenize_scored
 from rlhf_core.interfaces import StageError, StageInput, StageResult
 from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm, load_tokenizer
@@ -101,27 +102,37 @@ class RewardStage:
             if not pairwise:  # start at the mean score so the head learns deviations, not the offset
                 with torch.no_grad():
                     model.head.bias.fill_(sum(it["score"] for it in train_items) / len(train_items))
-        model.to(ctx.device)
+        model = ctx.wrap(model.to(ctx.device))
         collate = lambda b: collate_scored(b, tokenizer.pad_token_id, keys)  # noqa: E731
 
+        def scores(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """R_phi of the batch's responses (pairwise: chosen and rejected in one forward)."""
+            if not pairwise:
+                return model(batch["response_ids"], batch["response_mask"], score=True), None
+            width = max(batch["chosen_ids"].shape[1], batch["rejected_ids"].shape[1])
+            ids = torch.cat([F.pad(batch[f"{k}_ids"], (0, width - batch[f"{k}_ids"].shape[1]), value=tokenizer.pad_token_id)
+                             for k in keys])
+            mask = torch.cat([F.pad(batch[f"{k}_mask"], (0, width - batch[f"{k}_mask"].shape[1])) for k in keys])
+            both = model(ids, mask, score=True)
+            return both[: len(both) // 2], both[len(both) // 2:]
+
         def compute_loss(batch):
+            first, second = scores(batch)
             if pairwise:
-                chosen = model.score(batch["chosen_ids"], batch["chosen_mask"])
-                rejected = model.score(batch["rejected_ids"], batch["rejected_mask"])
-                return loss_entry.obj(chosen, rejected, **config.loss.options)
-            return loss_entry.obj(model.score(batch["response_ids"], batch["response_mask"]), batch["score"], **config.loss.options)
+                return loss_entry.obj(first, second, **config.loss.options)
+            return loss_entry.obj(first, batch["score"], **config.loss.options)
 
         def evaluate():
             preds, targets = [], []
             for batch in make_loader(eval_items, config.train.batch_size, collate, 0, False):
                 batch = {k: v.to(ctx.device) for k, v in batch.items()}
-                if pairwise:
-                    preds.append(model.score(batch["chosen_ids"], batch["chosen_mask"]).float().cpu())
-                    targets.append(model.score(batch["rejected_ids"], batch["rejected_mask"]).float().cpu())
-                else:
-                    preds.append(model.score(batch["response_ids"], batch["response_mask"]).float().cpu())
-                    targets.append(batch["score"].cpu())
-            p, t = torch.cat(preds), torch.cat(targets)
+                first, second = scores(batch)
+                if batch["real"]:
+                    preds.append(first.float().cpu())
+                    targets.append(second.float().cpu() if pairwise else batch["score"].cpu())
+            gathered = all_gather_objects((preds, targets))
+            p = torch.cat([t for ps, _ in gathered for t in ps])
+            t = torch.cat([t for _, ts in gathered for t in ts])
             if pairwise:
                 return {"accuracy": float((p > t).float().mean())}
             return {"mse": float(F.mse_loss(p, t)), "corr": pearson(p, t)}
@@ -131,7 +142,7 @@ class RewardStage:
         trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}")
         summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps)
         summary.update(steps=float(steps), **stats.summary())
-        model_dir = model.save_pretrained(ctx.stage_dir, tokenizer) if config.train.save else None
+        model_dir = unwrap(model).save_pretrained(ctx.stage_dir, tokenizer) if config.train.save else None
         return StageResult(model_dir, "reward", summary)
 
 

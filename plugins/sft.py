@@ -13,6 +13,7 @@ import torch
 import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
+from rlhf_core.distributed import all_reduce_sum, launched_distributed
 from rlhf_core.data import collate_sft, data_inputs, dataset_components, load_split, shift_labels, tokenize_sft
 from rlhf_core.interfaces import StageError, StageInput, StageResult
 from rlhf_core.models import load_causal_lm, load_tokenizer, save_causal_lm
@@ -89,10 +90,13 @@ class SFTStage:
         return [("loss", config.loss, "loss", ("token",)), *dataset_components(config.data, "data")]
 
     def validate(self, config: SFTConfig, registry) -> list[str]:
-        """``fused_linear`` computes plain token-mean cross-entropy only."""
+        """``fused_linear`` computes plain token-mean cross-entropy only, in one process."""
         if config.fused_linear and (config.loss.name != "cross_entropy"
                                     or config.loss.options.get("aggregation", "token_mean") != "token_mean"):
             return [f"fused_linear: computes token-mean cross_entropy only; remove it to use loss {config.loss.name!r}"]
+        if config.fused_linear and launched_distributed():
+            return ["fused_linear: not yet available with several processes (it reads the LM head's weight outside "
+                    "the sharded forward); set fused_linear: false"]
         return []
 
     def inputs(self, config: SFTConfig, registry) -> list[StageInput]:
@@ -110,26 +114,33 @@ class SFTStage:
         print(f"sft data: {stats.describe()}; {len(eval_items)} held out")
         if not train_items:
             raise StageError(f"stage {ctx.name!r}: no usable training examples ({stats.describe()})")
-        model = load_causal_lm(model_cfg, source, seed=ctx.seed).to(ctx.device)
+        model = ctx.wrap(load_causal_lm(model_cfg, source, seed=ctx.seed).to(ctx.device))
         loss_entry = ctx.registry.lookup("loss", config.loss, "token")
+        per_sequence = config.loss.options.get("aggregation") == "sequence_mean"
 
         def compute_loss(batch):
             return sft_loss_terms(model, batch, loss_entry.obj, config.loss.options, backend, config.fused_linear)
 
+        def count(batch):
+            # What the loss averages over: response tokens (token_mean) or sequences that have one.
+            valid = shift_labels(batch["labels"]) != -100
+            return float(valid.any(dim=1).sum() if per_sequence else valid.sum())
+
         def evaluate():
-            total, count = 0.0, 0.0
+            sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # [nll sum, token count]
             for batch in make_loader(eval_items, config.train.batch_size, lambda b: collate_sft(b, tokenizer.pad_token_id), 0, False):
                 batch = {k: v.to(ctx.device) for k, v in batch.items()}
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 labels = shift_labels(batch["labels"])
-                total += float(rlhf_kernels.cross_entropy(logits, labels, reduction="sum", backend=backend))
-                count += float((labels != -100).sum())
-            return {"loss": total / max(count, 1.0)}
+                nll = rlhf_kernels.cross_entropy(logits, labels, reduction="sum", backend=backend)
+                sums += batch["real"] * torch.stack([nll.double(), (labels != -100).sum().double()])
+            total, tokens = all_reduce_sum(sums).tolist()
+            return {"loss": total / max(tokens, 1.0)}
 
         loader = make_loader(train_items, config.train.batch_size, lambda b: collate_sft(b, tokenizer.pad_token_id), ctx.seed)
         steps = total_steps(config.train, len(train_items))
         trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}")
-        summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps)
+        summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps, count)
         summary.update(steps=float(steps), **stats.summary())
         model_dir = save_causal_lm(model, tokenizer, ctx.stage_dir) if config.train.save else None
         return StageResult(model_dir, "policy", summary)

@@ -63,13 +63,16 @@ def rule_problems(obj: Any, rules: dict[str, Rule]) -> list[str]:
 @dataclass
 class ModelConfig:
     """The base model. ``name_or_path``: ``builtin:tiny`` (offline tiny Llama + byte tokenizer),
-    a local directory, or a hub id (loaded with ``from_pretrained``)."""
+    a local directory, or a hub id (loaded with ``from_pretrained``). ``gradient_checkpointing``
+    recomputes each block's activations in the backward pass of every trainable model (less memory,
+    about a third more compute)."""
 
     name_or_path: str = "builtin:tiny"
     tokenizer: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
 
     def problems(self) -> list[str]:
         """Value checks (see :func:`rule_problems`)."""
@@ -148,6 +151,36 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How several processes share the work (ignored in a single process).
+
+    ``strategy``: ``auto`` (FSDP2 when launched with several processes), ``fsdp`` (``fully_shard``
+    per transformer block plus the root), ``ddp`` (whole replicas, gradients all-reduced) or
+    ``none``. ``reshard_after_forward``: free gathered parameters after each block's forward (less
+    memory, one more all-gather in backward). ``param_dtype``: ``auto`` = bf16 compute with fp32
+    gradient reduction on CUDA devices that support it, fp32 elsewhere; or ``float32`` /
+    ``bfloat16``. ``cpu_offload``: keep sharded parameters, gradients and optimizer state in CPU
+    memory (FSDP only).
+    """
+
+    strategy: Literal["auto", "fsdp", "ddp", "none"] = "auto"
+    reshard_after_forward: bool = True
+    param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    cpu_offload: bool = False
+
+    def problems(self) -> list[str]:
+        """Several processes need a strategy that keeps their replicas in step."""
+        import os
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and self.strategy == "none":
+            return [f"strategy: 'none' would train {world} unsynchronised copies; use auto, fsdp or ddp"]
+        if self.cpu_offload and self.strategy == "ddp":
+            return ["cpu_offload: needs strategy fsdp (or auto)"]
+        return []
+
+
+@dataclass
 class KernelConfig:
     """``backend``: auto | reference | triton | cpp (see ``rlhf_kernels``)."""
 
@@ -168,11 +201,13 @@ class StageSpec:
 
 @dataclass
 class RunConfig:
-    """A whole run: seed, base model, kernel backend, local plugin modules and the stage list."""
+    """A whole run: seed, base model, kernel backend, distribution, local plugin modules and the
+    stage list."""
 
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     plugins: list[str] = field(default_factory=list)
     stages: list[StageSpec] = field(default_factory=list)
 

@@ -72,6 +72,17 @@ class StageContext:
     seed: int
     results: dict[str, StageResult]
 
+    def wrap(self, model: torch.nn.Module, *, trainable: bool = True) -> torch.nn.Module:
+        """Prepare a model for this run's processes: gradient checkpointing for trainable models
+        when ``model.gradient_checkpointing`` is on, then sharding as ``distributed:`` says (a no-op
+        in a single process). Create optimizers after this, from the returned module's parameters."""
+        from .distributed import wrap
+
+        if trainable and self.run_config.model.gradient_checkpointing:
+            target = getattr(model, "backbone", model)
+            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return wrap(model, self.run_config.distributed, self.device, trainable=trainable)
+
     @property
     def kernel_backend(self) -> str | None:
         """The ``backend=`` argument for ``rlhf_kernels`` ops (None = auto) from ``kernels.backend``."""

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_dir
+from .distributed import full_state_dict, unwrap
 from .tracking import is_main_process
 
 BUILTIN_TINY = "builtin:tiny"
@@ -142,12 +143,14 @@ def load_causal_lm(model_cfg: Any, path: str | None = None, *, seed: int = 0):
 
 
 def save_causal_lm(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
-    """``save_pretrained`` (safetensors) of the model and its tokenizer into ``directory``
-    (on the main process only; every rank gets the path back)."""
+    """``save_pretrained`` (safetensors) of the model and its tokenizer into ``directory``: the full
+    state dict is gathered on rank 0, which writes; every rank gets the path back. The result is an
+    ordinary Hugging Face directory whatever the number of processes that trained it."""
+    state = full_state_dict(model)  # a collective for sharded models: every rank takes part
     if not is_main_process():
         return directory
     with atomic_dir(directory) as tmp:  # a kill half-way leaves the previous directory, never a torn one
-        model.save_pretrained(tmp, safe_serialization=True)
+        unwrap(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return directory
 
@@ -174,26 +177,34 @@ class ScalarHeadModel(nn.Module):
         return model.to(next(causal_lm.parameters()).dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-token scalars ``[B, T]`` in fp32 (pass ``position_ids`` for left-padded rows)."""
+                position_ids: torch.Tensor | None = None, *, score: bool = False) -> torch.Tensor:
+        """Per-token scalars ``[B, T]`` in fp32 (pass ``position_ids`` for left-padded rows); with
+        ``score``, ``R_phi(x, y)`` ``[B]``: the scalar at the last non-pad token of each
+        right-padded row. (One forward for both, so DDP/FSDP wrappers see every call.)"""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids).last_hidden_state  # [B, T, H]
-        return self.head(hidden).squeeze(-1).float()
-
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``R_phi(x, y)`` ``[B]``: the scalar at the last non-pad token of each right-padded row."""
-        values = self(input_ids, attention_mask)
+        values = self.head(hidden).squeeze(-1).float()
+        if not score:
+            return values
         last = attention_mask.long().sum(dim=1).clamp(min=1) - 1  # [B]
         return values.gather(1, last.unsqueeze(1)).squeeze(1)
 
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``R_phi(x, y)`` ``[B]`` (see :meth:`forward`)."""
+        return self(input_ids, attention_mask, score=True)
+
     def save_pretrained(self, directory: Path, tokenizer: Any = None) -> Path:
-        """Backbone (safetensors) + head + marker (+ tokenizer) into ``directory`` (main process only)."""
+        """Backbone (safetensors) + head + marker (+ tokenizer) into ``directory``: gathered on rank
+        0, which writes. Call it on every rank (on the unwrapped module under DDP)."""
         directory = Path(directory)
+        state = full_state_dict(self)  # every rank takes part; rank 0 gets the whole model
         if not is_main_process():
             return directory
+        backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        head = {k[len("head."):]: v.contiguous() for k, v in state.items() if k.startswith("head.")}
         with atomic_dir(directory) as tmp:
-            self.backbone.save_pretrained(tmp, safe_serialization=True)
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_FILE))
+            self.backbone.save_pretrained(tmp, state_dict=backbone, safe_serialization=True)
+            save_file(head, str(tmp / HEAD_FILE))
             (tmp / REWARD_MARKER).write_text(json.dumps({"format": 1, "head": HEAD_FILE}) + "\n")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)

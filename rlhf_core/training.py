@@ -1,8 +1,11 @@
 """The optimisation loop shared by the stages: AdamW, warm-up + schedule, gradient accumulation,
 clipping, periodic eval, autocast, progress bar, stage-tagged metric logging.
 
-Distributed-ready: data comes through a ``DataLoader`` whose sampler can be swapped for a
-``DistributedSampler``, and logging/saving go through rank-aware helpers.
+The same on one process or many: the loader yields *global* batches and each rank collates its
+contiguous share (:func:`rlhf_core.distributed.shard`); every micro-batch loss is weighted by its
+share of the step's global count (tokens, sequences: what the loss averages over), so that the
+gradient equals that of the mean over the whole step, whatever the number of ranks and of
+accumulation micro-batches.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed as dist_utils
 from .tracking import is_main_process
 
 
@@ -29,9 +33,20 @@ def seed_everything(seed: int) -> None:
 
 
 def make_loader(items: list, batch_size: int, collate: Callable, seed: int, shuffle: bool = True) -> DataLoader:
-    """A seeded ``DataLoader`` over in-memory items."""
+    """A seeded ``DataLoader`` over in-memory items: every rank draws the same global batches of
+    ``batch_size`` and collates its own share. A rank whose share of a (last, short) batch is empty
+    collates one stand-in item and marks the batch ``real = 0``, so that it still takes part in
+    every collective but adds nothing to the loss."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator, drop_last=False)
+    return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=lambda b: _collate_share(b, collate),
+                      generator=generator, drop_last=False)
+
+
+def _collate_share(batch: list, collate: Callable) -> dict[str, torch.Tensor]:
+    share = dist_utils.shard(batch)
+    out = collate(share or batch[:1])
+    out["real"] = torch.tensor(1.0 if share else 0.0)
+    return out
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -96,8 +111,13 @@ class Trainer:
         self.params = trainable
 
     def fit(self, loader: DataLoader, compute_loss: Callable[[dict], tuple[torch.Tensor, dict]],
-            evaluate: Callable[[], dict[str, float]] | None, steps: int) -> dict[str, float]:
-        """Train; returns the last logged training metrics merged with the final eval metrics."""
+            evaluate: Callable[[], dict[str, float]] | None, steps: int,
+            count: Callable[[dict], float] | None = None) -> dict[str, float]:
+        """Train; returns the last logged training metrics merged with the final eval metrics.
+
+        ``compute_loss(batch)`` returns a mean over ``count(batch)`` units (valid tokens for a
+        token-mean loss, rows for a per-example loss; default: rows of ``real`` batches), which
+        weights it in the step's global mean."""
         cfg = self.cfg
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, steps))
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
@@ -108,21 +128,26 @@ class Trainer:
         tokens, started = 0, time.perf_counter()
         bar = tqdm(range(1, steps + 1), desc=self.desc, disable=not is_main_process(), dynamic_ncols=True, leave=True)
         self.model.train()
+        count = count or (lambda batch: float(batch["real"]) * len(next(iter(batch.values()))))
         for step in bar:
-            for _ in range(cfg.grad_accum):
-                batch = {k: v.to(self.device) for k, v in next(batches).items()}
+            micro = [{k: v.to(self.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
+            counts = [count(b) * float(b["real"]) for b in micro]
+            # Each micro-batch's mean weighs by its share of the step's count over every rank.
+            step_total = float(dist_utils.all_reduce_sum(torch.tensor(sum(counts), dtype=torch.float64, device=self.device)))
+            for batch, n in zip(micro, counts):
                 with autocast_context(cfg.mixed_precision, self.device):
                     loss, metrics = compute_loss(batch)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"stage {self.desc!r}: the loss became {loss.item()} at step {step}; "
                                         "lower train.lr, set train.mixed_precision: no, or check the data")
-                scaler.scale(loss / cfg.grad_accum).backward()
+                weight = n / step_total * dist_utils.world_size() if step_total > 0 else 0.0
+                scaler.scale(loss * weight).backward()
                 # Every mask in the batch counts its real tokens (attention_mask, response_mask, chosen_mask, ...).
-                tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("_mask"))
+                tokens += float(batch["real"]) * sum(int(v.sum()) for k, v in batch.items() if k.endswith("_mask"))
                 for key, value in {"loss": loss.item(), **metrics}.items():
                     window.setdefault(key, []).append(float(value))
             scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            grad_norm = dist_utils.clip_grad_norm(self.params, cfg.max_grad_norm)
             # With fp16 loss scaling an inf gradient is expected now and then (the scaler skips that
             # step and lowers the scale); anywhere else it would silently poison the weights.
             if not scaler.is_enabled() and not torch.isfinite(grad_norm):
@@ -134,8 +159,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if step % cfg.log_every == 0 or step == steps:
                 elapsed = time.perf_counter() - started
-                last = {k: sum(v) / len(v) for k, v in window.items()}
-                last.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), tokens_per_s=tokens / max(elapsed, 1e-9))
+                last = dist_utils.global_mean({k: sum(v) / len(v) for k, v in window.items()}, self.device)
+                all_tokens = float(dist_utils.all_reduce_sum(torch.tensor(float(tokens), dtype=torch.float64, device=self.device)))
+                last.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), tokens_per_s=all_tokens / max(elapsed, 1e-9))
                 self.tracker.log(step, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
                 window = {}

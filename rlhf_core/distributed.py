@@ -1,0 +1,197 @@
+"""One process or many: the process group, sharding (FSDP2 / DDP), global reductions, full state
+dicts for saving. Everything here is a no-op in a single process, so stages call it unconditionally.
+
+Launch with ``torchrun --nproc_per_node N -m rlhf_core.cli run CONFIG`` (or ``rlhf run CONFIG
+--nproc N``): torchrun sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; :func:`init` joins the process
+group (``nccl`` on CUDA, ``gloo`` on CPU).
+
+Semantics that do not depend on the number of processes: every batch size in a config is global.
+A rank takes its contiguous share of each global batch (:func:`shard`), and a loss that is a mean
+over its share is weighted by ``local_count / global_count * world_size`` before backward, so that
+the gradient all-reduce (an average over ranks) yields exactly the global mean's gradient.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def launched_distributed() -> bool:
+    """True when torchrun (or another launcher) started several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device_type: str) -> None:
+    """Join the process group when launched with several processes (idempotent)."""
+    if not launched_distributed() or dist.is_initialized():
+        return
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (a barrier first, so no rank tears it down under another)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of ``tensor`` (a new tensor; ``tensor`` itself in a single process)."""
+    if world_size() == 1:
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The maximum over ranks of ``tensor``."""
+    if world_size() == 1:
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+def global_mean(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """Average of each number over ranks (for logged metrics: every rank contributes equally)."""
+    if world_size() == 1 or not values:
+        return values
+    keys = sorted(values)
+    total = all_reduce_sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device))
+    return {k: float(v) / world_size() for k, v in zip(keys, total.tolist())}
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (``[obj]`` in a single process)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, *, global_: bool = False) -> torch.Tensor:
+    """Mean of ``values`` over ``mask`` (0 when the mask is empty), differentiable. With
+    ``global_`` and several processes, the (detached) mean over every rank's masked elements: a
+    collective that every rank must call; in a single process the two are the same computation."""
+    mask = mask.to(values.dtype) if values.is_floating_point() else mask.float()
+    total, count = (values * mask).sum(), mask.sum()
+    if global_ and world_size() > 1:
+        both = all_reduce_sum(torch.stack([total.detach().double(), count.detach().double()]))
+        return (both[0] / both[1].clamp(min=1)).to(total.dtype)
+    return total / count.clamp(min=1)
+
+
+def shard(items: Sequence[Any]) -> list[Any]:
+    """This rank's contiguous share of a global batch (sizes differ by at most one)."""
+    n, w, r = len(items), world_size(), rank()
+    start, stop = r * n // w, (r + 1) * n // w
+    return list(items[start:stop])
+
+
+def loss_weight(local_count: float, device: torch.device) -> tuple[float, float]:
+    """``(weight, global_count)``: a loss that is a mean over ``local_count`` units, multiplied by
+    ``weight``, has the gradient of the global mean once the ranks' gradients are averaged."""
+    global_count = float(all_reduce_sum(torch.tensor(float(local_count), dtype=torch.float64, device=device)))
+    if global_count <= 0:
+        return 0.0, 0.0
+    return local_count / global_count * world_size(), global_count
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a Hugging Face model (``_no_split_modules`` classes), the unit of sharding."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    base = getattr(model, "backbone", None)
+    if base is not None:
+        names |= set(getattr(base, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def resolve_strategy(strategy: str) -> str:
+    """``auto`` -> ``fsdp`` with several processes, else ``none``."""
+    if strategy == "auto":
+        return "fsdp" if world_size() > 1 else "none"
+    return strategy if world_size() > 1 else "none"
+
+
+def wrap(model: nn.Module, dist_cfg: Any, device: torch.device, *, trainable: bool = True) -> nn.Module:
+    """Shard ``model`` as ``distributed.strategy`` says: FSDP2 ``fully_shard`` per transformer block
+    plus the root (torchtune's layout), DDP for trainable models, or nothing in a single process.
+    Frozen models (``trainable=False``) under ``ddp`` stay whole on every rank (no gradients to sync)."""
+    strategy = resolve_strategy(dist_cfg.strategy)
+    if strategy == "none":
+        return model
+    if strategy == "ddp":
+        if not trainable or not any(p.requires_grad for p in model.parameters()):
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size(),))
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": dist_cfg.reshard_after_forward}
+    if dist_cfg.param_dtype == "bfloat16" or (dist_cfg.param_dtype == "auto" and device.type == "cuda"
+                                              and torch.cuda.is_bf16_supported()):
+        # bf16 compute and all-gathers, fp32 gradient reduction and fp32 master weights.
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if dist_cfg.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for block in transformer_blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (FSDP2 modules are their own)."""
+    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole model's state dict on CPU, gathered on rank 0 (None elsewhere). A collective for
+    sharded models: every rank must call it."""
+    model = unwrap(model)
+    if world_size() == 1 or not any(_is_dtensor(p) for p in model.parameters()):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank() == 0 else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if rank() == 0 else None
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` (0 = no clipping) returning a plain tensor for sharded parameters too."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if _is_dtensor(norm) else norm
