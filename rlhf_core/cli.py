@@ -13,7 +13,8 @@ from .config import ConfigError, to_plain
 from .data import DataError
 from .interfaces import ComponentError, StageError
 from .engine import RunDir, RunDirError, preflight, prepare, run_pipeline, signals_interrupt
-from .models import ModelLoadError
+from . import distributed as dist_utils
+from .models import ModelLoadError, resolve_device
 from .plugins import PluginLoadError, build_registry, disabled_from_env, get_plugin_manager, registered_by
 from .registry import RegistryError
 from .training import TrainingError
@@ -61,23 +62,70 @@ def cli(ctx: click.Context, disabled: tuple[str, ...]) -> None:
 @click.option("--overwrite", is_flag=True,
               help="Replace a previous run in --out: its contents are deleted once validation has passed.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Run on N local processes (launched with torch's own launcher, as torchrun would).")
 @click.pass_context
 def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out: str | None, overwrite: bool,
-        print_config: bool) -> None:
+        print_config: bool, nproc: int | None) -> None:
     """Run the pipeline in CONFIG (YAML); without CONFIG, the embedded default
-    (SFT -> reward -> PPO on the builtin letters task with the builtin tiny model)."""
+    (SFT -> reward -> PPO on the builtin letters task with the builtin tiny model).
+
+    Under torchrun (or with --nproc N) every process runs this command; batch sizes stay global."""
+    if nproc is not None and nproc > 1 and not dist_utils.launched_distributed() and not print_config:
+        _launch_local(ctx, nproc, config, overrides, out, overwrite)
+        return
+    if not dist_utils.launched_distributed() or print_config:
+        _run(ctx, config, overrides, out, overwrite, print_config)
+        return
+    # One of several processes: errors carry the rank, a failing rank tells the others and exits at
+    # once (the launcher then stops the rest), and a clean end leaves the process group together.
+    try:
+        _run(ctx, config, overrides, out, overwrite, print_config)
+    except click.ClickException as exc:
+        _exit_rank(exc.format_message(), exc.exit_code)
+    except BaseException as exc:  # a bug: the traceback matters, and the other ranks must not hang
+        import traceback
+
+        traceback.print_exc()
+        _exit_rank(f"{type(exc).__name__}: {exc}", 1)
+    dist_utils.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skips C++ static destructors that can abort after the process group is gone
+
+
+def _exit_rank(message: str, code: int) -> None:
+    text = f"[rank {dist_utils.rank()}] {message}"
+    dist_utils.report_failure(text)
+    click.echo(f"Error: {text}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(ctx: click.Context, config, overrides, out, overwrite, print_config) -> None:
+    main_rank = os.environ.get("RANK", "0") == "0"
+    echo = click.echo if main_rank else (lambda *a, **k: None)
     try:
         prepared = prepare(config, list(overrides), pm=_plugin_manager(ctx))
-        _warn_conflicts(prepared.registry)
+        if main_rank:
+            _warn_conflicts(prepared.registry)
         if print_config:
             click.echo(yaml.safe_dump(to_plain(prepared.config), sort_keys=False), nl=False)
             return
+        if dist_utils.launched_distributed():
+            dist_utils.init(resolve_device(prepared.config.model.device).type)
+            if not main_rank:
+                sys.stdout = open(os.devnull, "w")  # one progress log per job: rank 0's
         with signals_interrupt():
-            preflight(prepared, echo=lambda line: click.echo(line, err=True))
+            preflight(prepared, echo=lambda line: echo(line, err=True))
             with RunDir(out, overwrite) as run_dir:
                 try:
-                    run_pipeline(prepared, run_dir.path, echo=click.echo)
+                    run_pipeline(prepared, run_dir.path, echo=echo)
                 except KeyboardInterrupt as exc:
+                    elsewhere = dist_utils.failure_elsewhere()
+                    if elsewhere:
+                        raise click.ClickException(f"stopped because {elsewhere}") from None
                     raise click.ClickException(
                         f"interrupted by {getattr(exc, 'signame', 'SIGINT')}; completed stages and metrics so far are "
                         f"in {run_dir.path} (summary.json status: interrupted)") from None
@@ -85,6 +133,26 @@ def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out:
         raise click.ClickException(f"interrupted by {getattr(exc, 'signame', 'SIGINT')} before training started") from None
     except USER_ERRORS as exc:
         raise _user_error(exc) from None
+
+
+def _launch_local(ctx: click.Context, nproc: int, config, overrides, out, overwrite) -> None:
+    """``rlhf run ... --nproc N``: the same command on N local processes through torch's launcher."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    args = ["--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc), "--module", "rlhf_core.cli"]
+    for name in sorted(ctx.obj.get("disabled", ())):
+        args += ["--disable", name]
+    args += ["run", *([config] if config else [])]
+    for item in overrides:
+        args += ["--set", item]
+    args += [*(["--out", out] if out else []), *(["--overwrite"] if overwrite else [])]
+    try:
+        torchrun(args)
+    except ChildFailedError as exc:
+        ranks = ", ".join(str(f.global_rank) for f in exc.failures.values())
+        raise click.ClickException(f"{len(exc.failures)} of {nproc} processes failed (rank {ranks}); "
+                                   "their errors are printed above") from None
 
 
 @cli.command()

@@ -51,6 +51,41 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+_FAILURE_KEY = "rlhf/failure"
+
+
+def report_failure(message: str) -> None:
+    """Tell the other ranks (through the launcher's key-value store) why this rank is stopping, so
+    that rank 0 can record the real reason instead of 'interrupted'."""
+    with _quiet():
+        dist.distributed_c10d._get_default_store().set(_FAILURE_KEY, message)
+
+
+def failure_elsewhere() -> str | None:
+    """The message another rank reported with :func:`report_failure`, if any."""
+    if world_size() == 1:
+        return None
+    with _quiet():
+        store = dist.distributed_c10d._get_default_store()
+        if store.check([_FAILURE_KEY]):
+            return store.get(_FAILURE_KEY).decode("utf-8", "replace")
+    return None
+
+
+class _quiet:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], Exception)
+
+
+def barrier() -> None:
+    """Wait for every rank (e.g. until rank 0 has finished writing a checkpoint the others will read)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum over ranks of ``tensor`` (a new tensor; ``tensor`` itself in a single process)."""
     if world_size() == 1:

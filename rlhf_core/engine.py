@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import yaml
 
 from . import config as cfgmod
+from . import distributed as dist_utils
 from .atomic import atomic_write_text
 from .data import DataError, DataNotes, load_records
 from .interfaces import StageContext, StageResult
@@ -125,10 +126,22 @@ class RunDir:
     with ``overwrite``, emptied of the previous run. :meth:`close` releases the lock."""
 
     def __init__(self, out: str | None, overwrite: bool):
-        self.path = self._create(out, overwrite)
-        self._lock = self._acquire() if is_main_process() else None
-        if overwrite and is_main_process():
-            self._clear()
+        self._lock = None
+        if dist_utils.rank() == 0:
+            try:
+                self.path = self._create(out, overwrite)
+                self._lock = self._acquire()
+                if overwrite:
+                    self._clear()
+            except RunDirError as exc:
+                dist_utils.broadcast_object(("error", str(exc)))
+                raise
+            dist_utils.broadcast_object(("ok", str(self.path)))  # every rank uses rank 0's directory
+        else:
+            status, value = dist_utils.broadcast_object(None)
+            if status == "error":
+                raise RunDirError(value)
+            self.path = Path(value)
 
     @staticmethod
     def _create(out: str | None, overwrite: bool) -> Path:
@@ -210,19 +223,55 @@ def make_run_dir(out: str | None, overwrite: bool) -> Path:
         return run_dir.path
 
 
+#: Called by the watchdog before it ends a process that cannot handle a signal itself.
+_on_abort: list[Any] = []
+#: Seconds a signalled process may take to stop by itself before the watchdog ends it.
+ABORT_GRACE_S = 3.0
+
+
 @contextlib.contextmanager
 def signals_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM (and SIGINT) raise :class:`Interrupted` in the main thread, so a
-    scheduler's preemption is handled exactly like Ctrl-C."""
+    scheduler's preemption is handled exactly like Ctrl-C.
+
+    With several processes, a rank can be blocked inside a collective when the launcher stops the
+    job (because another rank failed): Python runs signal handlers only between bytecodes, so the
+    handler would wait forever. A watchdog thread hears the signal through the wakeup fd and, if the
+    process has not stopped within ``ABORT_GRACE_S``, records the stop (``_on_abort``) and exits."""
+    import threading
+
     def handler(signum, frame):
         raise Interrupted(signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    watchdog = None
+    if dist_utils.world_size() > 1:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+        def watch() -> None:
+            data = os.read(read_fd, 1)
+            if not data:
+                return
+            time.sleep(ABORT_GRACE_S)
+            signame = signal.Signals(data[0]).name
+            for callback in list(_on_abort):
+                with contextlib.suppress(Exception):
+                    callback(signame)
+            os.write(2, f"[rank {dist_utils.rank()}] stopped by {signame} while waiting on other ranks\n".encode())
+            os._exit(1)
+
+        watchdog = threading.Thread(target=watch, daemon=True, name="rlhf-signal-watchdog")
+        watchdog.start()
     try:
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        if watchdog is not None:
+            signal.set_wakeup_fd(old_fd)
+            os.close(write_fd)  # ends the watchdog's read
 
 
 def _reason(exc: BaseException) -> str:
@@ -248,6 +297,15 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print) -> dict[str, Any
                                "pid": os.getpid(), "stages": {}}
     write_summary(run_dir, summary)
     current = None
+
+    def on_abort(signame: str) -> None:  # the watchdog's last word, for a rank stuck in a collective
+        reason = dist_utils.failure_elsewhere()
+        summary.update(status=f"failed: {reason}" if reason else "interrupted", stage_in_progress=current)
+        if not reason:
+            summary["interrupted_by"] = signame
+        write_summary(run_dir, summary)
+
+    _on_abort.append(on_abort)
     try:
         for spec in config.stages:
             current = spec.name
@@ -270,13 +328,20 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print) -> dict[str, Any
             write_summary(run_dir, summary)
         current = None
     except KeyboardInterrupt as exc:
-        summary.update(status="interrupted", interrupted_by=getattr(exc, "signame", "SIGINT"), stage_in_progress=current)
+        elsewhere = dist_utils.failure_elsewhere()  # stopped because another rank failed?
+        if elsewhere:
+            summary.update(status=f"failed: {elsewhere}", stage_in_progress=current)
+        else:
+            summary.update(status="interrupted", interrupted_by=getattr(exc, "signame", "SIGINT"),
+                           stage_in_progress=current)
         write_summary(run_dir, summary)
         raise
     except BaseException as exc:
         summary.update(status=f"failed: {_reason(exc)}", stage_in_progress=current)
         write_summary(run_dir, summary)
         raise
+    finally:
+        _on_abort.remove(on_abort)
     summary["status"] = "finished"
     del summary["pid"]
     write_summary(run_dir, summary)

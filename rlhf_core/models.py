@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_dir
-from .distributed import full_state_dict, unwrap
+from .distributed import barrier, full_state_dict, unwrap
 from .tracking import is_main_process
 
 BUILTIN_TINY = "builtin:tiny"
@@ -147,11 +147,11 @@ def save_causal_lm(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
     state dict is gathered on rank 0, which writes; every rank gets the path back. The result is an
     ordinary Hugging Face directory whatever the number of processes that trained it."""
     state = full_state_dict(model)  # a collective for sharded models: every rank takes part
-    if not is_main_process():
-        return directory
-    with atomic_dir(directory) as tmp:  # a kill half-way leaves the previous directory, never a torn one
-        unwrap(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    if is_main_process():
+        with atomic_dir(directory) as tmp:  # a kill half-way leaves the previous directory, never a torn one
+            unwrap(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    barrier()  # no rank reads the checkpoint before it is complete
     return directory
 
 
@@ -198,16 +198,16 @@ class ScalarHeadModel(nn.Module):
         0, which writes. Call it on every rank (on the unwrapped module under DDP)."""
         directory = Path(directory)
         state = full_state_dict(self)  # every rank takes part; rank 0 gets the whole model
-        if not is_main_process():
-            return directory
-        backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-        head = {k[len("head."):]: v.contiguous() for k, v in state.items() if k.startswith("head.")}
-        with atomic_dir(directory) as tmp:
-            self.backbone.save_pretrained(tmp, state_dict=backbone, safe_serialization=True)
-            save_file(head, str(tmp / HEAD_FILE))
-            (tmp / REWARD_MARKER).write_text(json.dumps({"format": 1, "head": HEAD_FILE}) + "\n")
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+        if is_main_process():
+            backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+            head = {k[len("head."):]: v.contiguous() for k, v in state.items() if k.startswith("head.")}
+            with atomic_dir(directory) as tmp:
+                self.backbone.save_pretrained(tmp, state_dict=backbone, safe_serialization=True)
+                save_file(head, str(tmp / HEAD_FILE))
+                (tmp / REWARD_MARKER).write_text(json.dumps({"format": 1, "head": HEAD_FILE}) + "\n")
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+        barrier()
         return directory
 
     @classmethod
