@@ -32,7 +32,7 @@ def rank() -> int:
 
 def launched_distributed() -> bool:
     """True when torchrun (or another launcher) started several processes."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return planned_world_size() > 1
 
 
 def init(device_type: str) -> None:
@@ -131,16 +131,26 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, *, global_: bool = False) -> torch.Tensor:
-    """Mean of ``values`` over ``mask`` (0 when the mask is empty), differentiable. With
-    ``global_`` and several processes, the (detached) mean over every rank's masked elements: a
-    collective that every rank must call; in a single process the two are the same computation."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None, *,
+                global_: bool = False) -> torch.Tensor:
+    """Mean of ``values`` over ``mask`` (0 where the mask is empty), differentiable; along ``dim``
+    when given. With ``global_`` and several processes, the (detached) mean over every rank's
+    masked elements: a collective that every rank must call; in a single process the two are the
+    same computation. The project's one masked mean."""
     mask = mask.to(values.dtype) if values.is_floating_point() else mask.float()
-    total, count = (values * mask).sum(), mask.sum()
+    total, count = (values * mask).sum(dim) if dim is not None else (values * mask).sum(), \
+        mask.sum(dim) if dim is not None else mask.sum()
     if global_ and world_size() > 1:
+        if dim is not None:
+            raise ValueError("masked_mean: global_ reduces over every element; leave dim unset")
         both = all_reduce_sum(torch.stack([total.detach().double(), count.detach().double()]))
         return (both[0] / both[1].clamp(min=1)).to(total.dtype)
     return total / count.clamp(min=1)
+
+
+def planned_world_size() -> int:
+    """The number of processes this run was launched with (readable before the process group exists)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def shard(items: Sequence[Any]) -> list[Any]:
@@ -205,9 +215,14 @@ def wrap(model: nn.Module, dist_cfg: Any, device: torch.device, *, trainable: bo
     return model
 
 
+def is_ddp(model: nn.Module) -> bool:
+    """True for a DDP wrapper."""
+    return type(model).__name__ == "DistributedDataParallel"
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (FSDP2 modules are their own)."""
-    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+    return model.module if is_ddp(model) else model
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:

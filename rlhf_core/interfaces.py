@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -182,6 +182,11 @@ class AdvantageInputs:
     ``token_rewards [B, T]``: the same reward spread per token (KL penalty per token, the
     sequence reward on the last response token); ``mask [B, T]``: 1 on response tokens;
     ``group_ids [B]``: which prompt each sample came from; ``values [B, T]`` or None: critic values.
+
+    With several processes each rank holds its share of the rollout batch (a prompt's samples stay
+    on one rank, so per-group statistics are local). A statistic over the *batch* must use
+    ``all_reduce(tensor)``, the sum over ranks (the identity in a single process): e.g. the batch
+    mean is ``all_reduce(rewards.sum()) / all_reduce(count)``.
     """
 
     rewards: torch.Tensor
@@ -189,6 +194,14 @@ class AdvantageInputs:
     mask: torch.Tensor
     group_ids: torch.Tensor
     values: torch.Tensor | None = None
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t, repr=False)
+
+    def batch_mean(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        """Mean of a ``[B]`` tensor over the whole (global) rollout batch."""
+        both = self.all_reduce(torch.stack([per_sequence.double().sum(),
+                                            torch.tensor(float(per_sequence.numel()), dtype=torch.float64,
+                                                         device=per_sequence.device)]))
+        return (both[0] / both[1].clamp(min=1)).to(per_sequence.dtype)
 
 
 @runtime_checkable

@@ -1,7 +1,8 @@
 """Advantage estimators (registered plugins). Each returns advantages ``[B, T]``, 0 off the mask.
 
 Outcome estimators (one scalar reward per sequence, broadcast to its response tokens):
-- ``batch_mean``: the seed's ``A = R - baseline`` with the batch mean as baseline.
+- ``batch_mean``: the seed's ``A = R - baseline`` with the batch mean as baseline (over every
+  rank's samples: ``AdvantageInputs.batch_mean``).
 - ``ema``: baseline = exponential moving average of past batch means (``decay``); the first batch
   uses its own mean.
 - ``group_mean``: baseline = mean reward of the samples of the same prompt (``scale=True`` also
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_core import hookimpl
+from rlhf_core.distributed import masked_mean
 from rlhf_core.interfaces import AdvantageInputs
 
 
@@ -43,7 +45,7 @@ class BatchMeanBaseline:
 
     def __call__(self, inputs: AdvantageInputs) -> torch.Tensor:
         rewards = inputs.rewards.float()
-        return broadcast(rewards - rewards.mean(), inputs.mask)
+        return broadcast(rewards - inputs.batch_mean(rewards), inputs.mask)
 
 
 class EMABaseline:
@@ -61,7 +63,7 @@ class EMABaseline:
 
     def __call__(self, inputs: AdvantageInputs) -> torch.Tensor:
         rewards = inputs.rewards.float()
-        mean = float(rewards.mean())
+        mean = float(inputs.batch_mean(rewards))
         baseline = mean if self.baseline is None else self.baseline
         self.baseline = mean if self.baseline is None else self.decay * self.baseline + (1 - self.decay) * mean
         return broadcast(rewards - baseline, inputs.mask)
@@ -131,12 +133,11 @@ class GAE:
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise to zero mean, unit variance over the masked entries (0 elsewhere)."""
-    mask = mask.float()
-    n = mask.sum().clamp(min=1)
-    mean = (values * mask).sum() / n
-    var = (((values - mean) * mask) ** 2).sum() / n
-    return (values - mean) * torch.rsqrt(var + eps) * mask
+    """Normalise to zero mean, unit variance over the masked entries of the whole batch (every
+    rank's, with several processes), 0 elsewhere."""
+    mean = masked_mean(values, mask, global_=True)
+    var = masked_mean((values - mean) ** 2, mask, global_=True)
+    return (values - mean) * torch.rsqrt(var + eps) * mask.float()
 
 
 @hookimpl

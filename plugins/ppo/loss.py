@@ -1,10 +1,14 @@
-"""Policy loss ``ppo_clip`` (the seed's clipped objective), KL estimators, KL control, value loss."""
+"""PPO math: the policy loss ``ppo_clip`` (the seed's clipped objective), KL estimators and
+control, reward shaping, the whole policy objective, the clipped value loss. Pure functions."""
 from __future__ import annotations
 
 import torch
 
 import rlhf_kernels
 from rlhf_core import hookimpl
+from rlhf_core.distributed import masked_mean
+
+from .rollout import token_entropy
 
 
 def ppo_clip(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
@@ -63,8 +67,49 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     """``0.5 * mean_mask max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     per_token = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * masked_mean(per_token, mask)
+
+
+def shape_rewards(rewards: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor, beta: float,
+                  placement: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sequence rewards [B], token rewards [B, R])`` from the reward ``R [B]`` and the per-token KL
+    to the reference ``kl_tokens [B, R]`` (0 off ``mask``).
+
+    With ``placement == "reward"`` (Ziegler et al. 2019) the KL penalty is part of the reward:
+    ``r_t = -beta * KL_t`` on every response token plus ``R`` on the last one, and the sequence
+    reward is ``R - beta * sum_t KL_t``. With ``"loss"`` the rewards are ``R`` alone (the penalty is
+    added to the policy loss instead, see :func:`policy_objective`).
+    """
     mask = mask.float()
-    return 0.5 * (per_token * mask).sum() / mask.sum().clamp(min=1)
+    token_rewards = torch.zeros_like(mask)
+    seq_rewards = rewards.float().clone()
+    if placement == "reward":
+        token_rewards -= beta * kl_tokens
+        seq_rewards -= beta * kl_tokens.sum(1)
+    last = (mask.sum(1).long() - 1).clamp(min=0)  # [B] index of the last response token
+    token_rewards[torch.arange(len(last), device=mask.device), last] += rewards.float()
+    return seq_rewards, token_rewards
+
+
+def policy_objective(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,
+                     advantages: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, *, loss_fn,
+                     loss_options: dict, kl_estimator: str, kl_in_loss: bool, beta: float, entropy_coef: float,
+                     backend: str | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss the policy minimises on one minibatch, a token mean over ``mask``:
+    ``L_clip + beta * KL`` (when the KL penalty is placed in the loss) ``- entropy_coef * H``.
+
+    Shapes: ``logits [B, R + 1, V]`` (the response positions plus one, see ``response_logits``),
+    every other tensor ``[B, R + 1]`` aligned with them (``labels`` -100 off the response).
+    """
+    loss, metrics = loss_fn(logits, labels, old_logprobs, advantages, backend=backend, **loss_options)
+    if kl_in_loss:
+        logp = rlhf_kernels.token_logprobs(logits, labels, backend=backend)
+        kl_loss = masked_mean(KL_ESTIMATORS[kl_estimator](logp, ref_logprobs), mask)
+        loss = loss + beta * kl_loss
+        metrics["kl_loss"] = float(kl_loss.detach())
+    if entropy_coef > 0:
+        loss = loss - entropy_coef * masked_mean(token_entropy(logits, mask), mask)
+    return loss, metrics
 
 
 @hookimpl

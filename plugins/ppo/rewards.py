@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_core import distributed as dist_utils
 from rlhf_core import hookimpl
 from rlhf_core.data import encode_prompt, encode_response, pad
 from rlhf_core.models import REWARD_MARKER, ScalarHeadModel, is_reward_model_dir, load_tokenizer
@@ -21,8 +22,8 @@ class RewardModelReward:
     def __init__(self, ctx, *, path: str = "auto", batch_size: int = 64):
         self.check_options(path=path, batch_size=batch_size)
         source = ctx.init_source(path, "reward")
-        self.model = ScalarHeadModel.from_pretrained(source, trust_remote_code=ctx.run_config.model.trust_remote_code)
-        self.model.to(ctx.device).eval().requires_grad_(False)
+        model = ScalarHeadModel.from_pretrained(source, trust_remote_code=ctx.run_config.model.trust_remote_code)
+        self.model = ctx.wrap(model.to(ctx.device).eval().requires_grad_(False), trainable=False)
         self.tokenizer = load_tokenizer(ctx.run_config.model, source)
         self.device, self.batch_size = ctx.device, batch_size
 
@@ -39,12 +40,17 @@ class RewardModelReward:
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """``[B]`` reward-model scores."""
         seqs = [encode_prompt(self.tokenizer, p) + encode_response(self.tokenizer, r) for p, r in zip(prompts, responses)]
-        out = []
-        for start in range(0, len(seqs), self.batch_size):
-            chunk = seqs[start: start + self.batch_size]
-            ids = pad(chunk, self.tokenizer.pad_token_id).to(self.device)
-            mask = pad([[1] * len(s) for s in chunk], 0).to(self.device)
-            out.append(self.model.score(ids, mask).float().cpu())
+        # A sharded model needs the same number of forwards on every rank: pad with stand-in chunks.
+        n_chunks = -(-len(seqs) // self.batch_size)
+        n_chunks = int(dist_utils.all_reduce_max(torch.tensor(n_chunks, device=self.device)))
+        out = [torch.zeros(0)]
+        for i in range(n_chunks):
+            chunk = seqs[i * self.batch_size: (i + 1) * self.batch_size]
+            ids = pad(chunk or [[self.tokenizer.eos_token_id]], self.tokenizer.pad_token_id).to(self.device)
+            mask = (ids != -1).long() if not chunk else pad([[1] * len(s) for s in chunk], 0).to(self.device)
+            scores = self.model(ids, mask, score=True).float().cpu()
+            if chunk:
+                out.append(scores)
         return torch.cat(out)
 
 

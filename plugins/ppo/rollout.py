@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 import rlhf_kernels
+from rlhf_core import distributed as dist_utils
 from rlhf_core.data import IGNORE_INDEX, append_column, pad
 
 
@@ -31,6 +32,30 @@ class Rollout:
     responses: list[str]
 
 
+@dataclass
+class Experience:
+    """One rollout batch with everything the update needs (this rank's share with several processes).
+
+    ``rollout``: the sampled sequences (see :class:`Rollout`); ``rewards [B]``: the reward component's
+    scores; ``old_logprobs [B, R]`` and ``ref_logprobs [B, R]``: log-probs of the response tokens
+    under the policy that sampled them and under the frozen reference; ``entropy [B, R]``;
+    ``kl_tokens [B, R]``: per-token KL estimate to the reference (0 off the mask);
+    ``advantages [B, R]`` (0 off the mask); ``values [B, R]`` and ``returns [B, R]``: the critic's
+    values and value targets (None without a critic); ``time_generate``: seconds spent sampling.
+    """
+
+    rollout: Rollout
+    rewards: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    entropy: torch.Tensor
+    kl_tokens: torch.Tensor
+    advantages: torch.Tensor
+    values: torch.Tensor | None
+    returns: torch.Tensor | None
+    time_generate: float = 0.0
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counting only real tokens (left padding gets position 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -42,9 +67,13 @@ def generate(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: 
     """Sample one response per prompt row with HF ``generate`` (KV cache, sampling)."""
     ids = pad(prompt_ids, tokenizer.pad_token_id, left=True).to(device)  # [B, P]
     attn = pad([[1] * len(p) for p in prompt_ids], 0, left=True).to(device)
-    out = policy.generate(
+    # Under FSDP every rank must run the same number of forward passes: synced_gpus keeps a rank
+    # whose responses all ended stepping until every rank's have. A DDP replica generates alone.
+    several = dist_utils.world_size() > 1
+    out = dist_utils.unwrap(policy).generate(
         input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        synced_gpus=several and not dist_utils.is_ddp(policy),
     )
     prompt_len = ids.shape[1]
     response = out[:, prompt_len:]  # [B, R]

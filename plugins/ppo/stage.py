@@ -16,9 +16,10 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-import rlhf_kernels
 from rlhf_core import hookimpl
+from rlhf_core import distributed as dist_utils
 from rlhf_core.config import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, ComponentSpec, DataConfig, rule_problems
+from rlhf_core.distributed import masked_mean
 from rlhf_core.data import TokenStats, data_inputs, dataset_components, encode_prompt, load_split, render_prompt
 from rlhf_core.interfaces import AdvantageInputs, StageInput, StageResult, checked_advantages, checked_rewards
 from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm, load_tokenizer, save_causal_lm
@@ -26,10 +27,8 @@ from rlhf_core.tracking import is_main_process
 from rlhf_core.training import TrainingError, autocast_context
 
 from .advantages import whiten
-from .loss import KL_ESTIMATORS, KLController, clipped_value_loss
-from .rollout import (
-    critic_values, generate, response_logits, response_values, score_tokens, token_entropy, widen,
-)
+from .loss import KL_ESTIMATORS, KLController, clipped_value_loss, policy_objective, shape_rewards
+from .rollout import Experience, critic_values, generate, response_logits, response_values, score_tokens, widen
 
 
 @dataclass
@@ -116,14 +115,22 @@ class PPOConfig:
         return self.data.max_length - self.generation.max_new_tokens
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` over ``mask`` (0 when the mask is empty)."""
-    mask = mask.float()
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+@dataclass
+class PPOModels:
+    """Everything PPO trains or consults, built once in :meth:`PPOStage.run`: the policy and its
+    optimizer, the frozen reference (the starting policy), the optional critic and its optimizer,
+    and the KL controller. Models are already sharded for this run's processes."""
+
+    policy: Any
+    reference: Any
+    optimizer: torch.optim.Optimizer
+    kl: KLController
+    critic: Any = None
+    critic_optimizer: torch.optim.Optimizer | None = None
 
 
 class PPOStage:
-    """setup (policy, reference, reward, estimator, critic) -> loop (generate, score, train) -> save."""
+    """setup (models, reward, estimator) -> loop (rollout -> Experience -> update) -> save."""
 
     config_class = PPOConfig
 
@@ -137,13 +144,9 @@ class PPOStage:
 
     def run(self, ctx, config: PPOConfig) -> StageResult:
         """Run ``iterations`` PPO iterations; summary holds reward, KL and gold scores."""
-        model_cfg = ctx.run_config.model
-        backend = ctx.kernel_backend
-        device = ctx.device
+        model_cfg, device = ctx.run_config.model, ctx.device
         source = ctx.init_source(config.init, "policy")
         tokenizer = load_tokenizer(model_cfg, None if source == model_cfg.name_or_path else source)
-        policy = load_causal_lm(model_cfg, source, seed=ctx.seed).to(device)
-        reference = load_causal_lm(model_cfg, source, seed=ctx.seed).to(device).eval().requires_grad_(False)
         reward_entry = ctx.registry.lookup("reward", config.reward)
         reward_fn = Scorer(reward_entry, reward_entry.obj(ctx, **config.reward.options))
         gold_fn = None
@@ -153,12 +156,9 @@ class PPOStage:
         estimator_entry = ctx.registry.lookup("advantage", config.advantage)
         estimator = Estimator(estimator_entry, estimator_entry.obj(**config.advantage.options))
         loss_fn = ctx.registry.lookup("loss", config.loss, "policy").obj
-        critic, critic_opt = None, None
-        if estimator.needs_values:
-            critic = self._critic(ctx, config, model_cfg).to(device)
-            critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.critic_lr)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        kl_ctl = KLController(config.kl.coef, config.kl.adaptive, config.kl.target, config.kl.horizon)
+        models = self._models(ctx, config, source, estimator.needs_values)
+        if dist_utils.rank() > 0:
+            torch.manual_seed(ctx.seed + dist_utils.rank())  # each rank samples its own responses
 
         train_recs, eval_recs = load_split(config.data, "prompts", ctx.registry, ctx.seed)
         stats = TokenStats()
@@ -167,11 +167,12 @@ class PPOStage:
                                    config.prompt_budget(), TokenStats())
         print(f"ppo data: {stats.total} prompts, {stats.truncated} cut to their last {config.prompt_budget()} tokens; "
               f"{len(eval_prompts)} held out")
-        rng = random.Random(ctx.seed)
+        rng = random.Random(ctx.seed)  # the same global prompt batches on every rank
 
         def evaluate() -> dict[str, float]:
             # The same sampling seed every time, so that policies are compared on one random stream.
-            return self._evaluate(policy, tokenizer, eval_prompts, reward_fn, gold_fn, config, device, ctx.seed)
+            return evaluate_policy(models.policy, tokenizer, eval_prompts, reward_fn, gold_fn, config.generation,
+                                   device, ctx.seed)
 
         first = evaluate() if eval_prompts else {}
         if first:
@@ -180,11 +181,16 @@ class PPOStage:
         kl_history: list[float] = []
         bar = tqdm(range(1, config.iterations + 1), desc=ctx.name, disable=not is_main_process(), dynamic_ncols=True)
         for it in bar:
-            batch_prompts = [rng.choice(prompts) for _ in range(config.prompts_per_batch)]
-            metrics = self._iteration(
-                batch_prompts, policy, reference, critic, tokenizer, reward_fn, estimator, loss_fn, optimizer,
-                critic_opt, kl_ctl, config, device, backend,
-            )
+            # A rank takes a contiguous share of the global prompt batch; a prompt's samples stay together.
+            batch_prompts = dist_utils.shard([rng.choice(prompts) for _ in range(config.prompts_per_batch)])
+            t0 = time.perf_counter()
+            exp = make_experience(models, batch_prompts, tokenizer, reward_fn, estimator, config, device, ctx.kernel_backend)
+            t1 = time.perf_counter()
+            metrics = update(models, exp, loss_fn, config, ctx.kernel_backend)
+            t2 = time.perf_counter()
+            metrics.update(experience_stats(exp, models.kl.value))
+            models.kl.update(metrics["kl"], config.prompts_per_batch * config.samples_per_prompt)
+            metrics.update(time_generate=exp.time_generate, time_score=t1 - t0 - exp.time_generate, time_train=t2 - t1)
             kl_history.append(metrics["kl"])
             ctx.tracker.log(it, metrics)
             last = metrics
@@ -203,10 +209,10 @@ class PPOStage:
         headline = {}
         if gold_fn is not None and first and final:
             headline = {"gold_score_sft": first["gold"], "gold_score_ppo": final["gold"]}
-        model_dir = save_causal_lm(policy, tokenizer, ctx.stage_dir) if config.save else None
+        model_dir = save_causal_lm(models.policy, tokenizer, ctx.stage_dir) if config.save else None
         return StageResult(model_dir, "policy", summary, headline)
 
-    # ------------------------------------------------------------------ pieces
+    # ------------------------------------------------------------------ setup and checks
 
     def validate(self, config: PPOConfig, registry) -> list[str]:
         """Cross-field problems found before any model loads (``key: message`` each)."""
@@ -218,6 +224,13 @@ class PPOStage:
                 f"samples_per_prompt: advantage estimator {config.advantage.name!r} compares samples of the same "
                 f"prompt and needs samples_per_prompt >= {need}, got {config.samples_per_prompt}"
             )
+        world = dist_utils.planned_world_size()
+        if world > 1:
+            if config.prompts_per_batch % world:
+                problems.append(f"prompts_per_batch: must be a multiple of the {world} processes (each takes an equal "
+                                f"share), got {config.prompts_per_batch}")
+            if config.minibatch_size % world:
+                problems.append(f"minibatch_size: must be a multiple of the {world} processes, got {config.minibatch_size}")
         return problems
 
     def inputs(self, config: PPOConfig, registry) -> list[StageInput]:
@@ -228,113 +241,144 @@ class PPOStage:
         return out
 
     @staticmethod
-    def _critic(ctx, config, model_cfg) -> ScalarHeadModel:
-        """The value model for estimators that need one: ``critic_init`` (auto = latest reward model)."""
-        source = ctx.init_source(config.critic_init, "reward")
-        if is_reward_model_dir(source):
-            return ScalarHeadModel.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
-        return ScalarHeadModel.from_causal_lm(load_causal_lm(model_cfg, source, seed=ctx.seed))
+    def _models(ctx, config: PPOConfig, source: str, needs_critic: bool) -> PPOModels:
+        """Policy, reference (frozen copy of the start), critic, optimizers, KL controller."""
+        model_cfg, device = ctx.run_config.model, ctx.device
+        policy = ctx.wrap(load_causal_lm(model_cfg, source, seed=ctx.seed).to(device))
+        reference = load_causal_lm(model_cfg, source, seed=ctx.seed).to(device).eval().requires_grad_(False)
+        reference = ctx.wrap(reference, trainable=False)
+        critic, critic_opt = None, None
+        if needs_critic:
+            critic_source = ctx.init_source(config.critic_init, "reward")
+            if is_reward_model_dir(critic_source):
+                critic = ScalarHeadModel.from_pretrained(critic_source, trust_remote_code=model_cfg.trust_remote_code)
+            else:
+                critic = ScalarHeadModel.from_causal_lm(load_causal_lm(model_cfg, critic_source, seed=ctx.seed))
+            critic = ctx.wrap(critic.to(device))
+            critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.critic_lr)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        kl = KLController(config.kl.coef, config.kl.adaptive, config.kl.target, config.kl.horizon)
+        return PPOModels(policy, reference, optimizer, kl, critic, critic_opt)
 
-    def _iteration(self, batch_prompts, policy, reference, critic, tokenizer, reward_fn, estimator, loss_fn, optimizer,
-                   critic_opt, kl_ctl, config: PPOConfig, device, backend) -> dict[str, float]:
-        k = config.samples_per_prompt
-        prompt_ids = [encode_prompt(tokenizer, p) for p in batch_prompts for _ in range(k)]
-        prompt_text = [p for p in batch_prompts for _ in range(k)]
-        group_ids = torch.arange(len(batch_prompts), device=device).repeat_interleave(k)
 
-        t0 = time.perf_counter()
+# ---------------------------------------------------------------------- the phases of an iteration
+
+@torch.no_grad()
+def make_experience(models: PPOModels, prompts: list[str], tokenizer, reward_fn, estimator, config: PPOConfig,
+                    device: torch.device, backend: str | None) -> Experience:
+    """Rollout phase: sample ``samples_per_prompt`` responses per prompt, score them (reward, old
+    and reference log-probs, values), shape the rewards and estimate advantages."""
+    k = config.samples_per_prompt
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts for _ in range(k)]
+    prompt_text = [p for p in prompts for _ in range(k)]
+    group_ids = torch.arange(len(prompts), device=device).repeat_interleave(k)
+    started = time.perf_counter()
+    models.policy.eval()
+    g = config.generation
+    roll = generate(models.policy, tokenizer, prompt_ids, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                    top_p=g.top_p, device=device)
+    time_generate = time.perf_counter() - started
+    rewards = reward_fn(prompt_text, roll.responses).to(device)  # [B], checked: finite, one per response
+    with autocast_context(config.mixed_precision, device):
+        old_logp, entropy = score_tokens(models.policy, roll, backend, with_entropy=True)
+        ref_logp, _ = score_tokens(models.reference, roll, backend)
+        values = critic_values(models.critic, roll) if models.critic is not None else None
+    mask = roll.mask.float()
+    kl_tokens = KL_ESTIMATORS[config.kl.estimator](old_logp, ref_logp) * mask  # [B, R]
+    seq_rewards, token_rewards = shape_rewards(rewards, kl_tokens, mask, models.kl.value, config.kl.placement)
+    advantages = estimator(AdvantageInputs(seq_rewards, token_rewards, mask, group_ids, values,
+                                           all_reduce=dist_utils.all_reduce_sum)) * mask
+    returns = advantages + values if values is not None else None
+    if config.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return Experience(roll, rewards, old_logp, ref_logp, entropy, kl_tokens, advantages, values, returns, time_generate)
+
+
+def update(models: PPOModels, exp: Experience, loss_fn, config: PPOConfig, backend: str | None) -> dict[str, float]:
+    """Training phase: ``ppo_epochs`` passes of minibatch updates of the policy (and critic) on one
+    Experience. Every minibatch loss is a token mean weighted by its share of the global minibatch's
+    tokens, so N ranks take the step one process would. Returns minibatch-averaged stats."""
+    roll = exp.rollout
+    mask = roll.mask.float()
+    # Aligned with the unsliced [B, R + 1, V] policy logits; the extra column is ignored.
+    labels_w, old_w, adv_w = widen(roll.labels, -100), widen(exp.old_logprobs, 0.0), widen(exp.advantages, 0.0)
+    ref_w, mask_w = widen(exp.ref_logprobs, 0.0), widen(mask, 0.0)
+    local_minibatch = max(1, config.minibatch_size // dist_utils.world_size())
+    stats: dict[str, list[float]] = {}
+    models.policy.train()
+    for _ in range(config.ppo_epochs):
+        for idx in torch.randperm(len(mask), device=mask.device).split(local_minibatch):
+            weight, _ = dist_utils.loss_weight(float(mask[idx].sum()), mask.device)
+            with autocast_context(config.mixed_precision, mask.device):
+                logits = response_logits(models.policy, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
+                loss, m = policy_objective(
+                    logits, labels_w[idx], old_w[idx], adv_w[idx], ref_w[idx], mask_w[idx], loss_fn=loss_fn,
+                    loss_options=config.loss.options, kl_estimator=config.kl.estimator,
+                    kl_in_loss=config.kl.placement == "loss", beta=models.kl.value, entropy_coef=config.entropy_coef,
+                    backend=backend,
+                )
+            if not torch.isfinite(loss):
+                raise TrainingError(f"stage 'ppo': the policy loss became {float(loss.detach())}; lower lr, kl.coef or "
+                                    "entropy_coef, set mixed_precision: no, or check the reward's scale")
+            models.optimizer.zero_grad(set_to_none=True)
+            (loss * weight).backward()
+            grad_norm = clip_gradients(models.policy.parameters(), config.max_grad_norm, "policy")
+            models.optimizer.step()
+            m = {**m, "policy_loss": float(loss.detach()), "grad_norm": float(grad_norm)}
+            if models.critic is not None:
+                v_new = response_values(models.critic, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
+                v_loss = clipped_value_loss(v_new, exp.values[idx], exp.returns[idx], mask[idx], config.vf_clip)
+                if not torch.isfinite(v_loss):
+                    raise TrainingError(f"stage 'ppo': the value loss became {float(v_loss.detach())}; lower critic_lr "
+                                        "or check the reward's scale")
+                models.critic_optimizer.zero_grad(set_to_none=True)
+                (v_loss * weight).backward()
+                clip_gradients(models.critic.parameters(), config.max_grad_norm, "critic")
+                models.critic_optimizer.step()
+                m["value_loss"] = float(v_loss.detach())
+            for key, value in m.items():
+                stats.setdefault(key, []).append(float(value))
+    return dist_utils.global_mean({key: sum(v) / len(v) for key, v in stats.items()}, mask.device)
+
+
+def experience_stats(exp: Experience, beta: float) -> dict[str, float]:
+    """Batch statistics of one Experience over every rank's samples: reward mean and std, mean
+    sequence KL (what the KL controller tracks), entropy, response length, advantage mean."""
+    mask = exp.rollout.mask.float()
+    rewards = exp.rewards.double()
+    sums = dist_utils.all_reduce_sum(torch.stack([
+        rewards.sum(), (rewards ** 2).sum(), torch.tensor(float(len(rewards)), dtype=torch.float64, device=rewards.device),
+        exp.kl_tokens.sum().double(), mask.sum().double(),
+    ]))
+    n = float(sums[2])
+    mean = float(sums[0]) / n
+    var = max(0.0, (float(sums[1]) - n * mean ** 2) / (n - 1)) if n > 1 else 0.0
+    return {
+        "reward_mean": mean, "reward_std": var ** 0.5, "kl": float(sums[3]) / n, "kl_coef": beta,
+        "entropy": float(masked_mean(exp.entropy, mask, global_=True)), "response_length": float(sums[4]) / n,
+        "advantage_mean": float(masked_mean(exp.advantages, mask, global_=True)),
+    }
+
+
+@torch.no_grad()
+def evaluate_policy(policy, tokenizer, prompts: list[str], reward_fn, gold_fn, g: GenerationConfig,
+                    device: torch.device, seed: int) -> dict[str, float]:
+    """Mean reward (and gold score) of fresh samples on held-out prompts, with a fixed RNG seed so
+    that the starting and final policies are compared on the same random stream. Each rank samples
+    its share of the prompts; the means are over all of them."""
+    share = dist_utils.shard(prompts)
+    real = 1.0 if share else 0.0
+    share = share or prompts[:1]  # a rank without prompts still takes part in the sharded forwards
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed + dist_utils.rank())
         policy.eval()
-        g = config.generation
-        roll = generate(policy, tokenizer, prompt_ids, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                        top_p=g.top_p, device=device)
-        t1 = time.perf_counter()
-        rewards = reward_fn(prompt_text, roll.responses).to(device)  # [B], checked: finite, one per response
-        with torch.no_grad(), autocast_context(config.mixed_precision, device):
-            old_logp, entropy = score_tokens(policy, roll, backend, with_entropy=True)
-            ref_logp, _ = score_tokens(reference, roll, backend)
-            values = critic_values(critic, roll) if critic is not None else None
-        mask = roll.mask.float()
-        kl_tokens = KL_ESTIMATORS[config.kl.estimator](old_logp, ref_logp) * mask  # [B, R]
-        seq_kl = kl_tokens.sum(1)
-        beta = kl_ctl.value
-        token_rewards = torch.zeros_like(mask)
-        seq_rewards = rewards.clone()
-        if config.kl.placement == "reward":
-            token_rewards -= beta * kl_tokens
-            seq_rewards -= beta * seq_kl
-        last = (mask.sum(1).long() - 1).clamp(min=0)
-        token_rewards[torch.arange(len(last), device=device), last] += rewards
-        advantages = estimator(AdvantageInputs(seq_rewards, token_rewards, mask, group_ids, values)) * mask
-        returns = advantages + values if values is not None else None
-        if config.whiten_advantages:
-            advantages = whiten(advantages, mask)
-        t2 = time.perf_counter()
-
-        policy.train()
-        # Aligned with the unsliced [B, R + 1, V] policy logits; the extra column is ignored.
-        labels_w, old_w, adv_w = widen(roll.labels, -100), widen(old_logp, 0.0), widen(advantages, 0.0)
-        ref_w, mask_w = widen(ref_logp, 0.0), widen(mask, 0.0)
-        stats: dict[str, list[float]] = {}
-        n = roll.sequences.shape[0]
-        for _ in range(config.ppo_epochs):
-            for idx in torch.randperm(n, device=device).split(config.minibatch_size):
-                with autocast_context(config.mixed_precision, device):
-                    logits = response_logits(policy, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
-                    loss, m = loss_fn(logits, labels_w[idx], old_w[idx], adv_w[idx], backend=backend, **config.loss.options)
-                    if config.kl.placement == "loss":
-                        logp = rlhf_kernels.token_logprobs(logits, labels_w[idx], backend=backend)
-                        kl_loss = masked_mean(KL_ESTIMATORS[config.kl.estimator](logp, ref_w[idx]), mask_w[idx])
-                        loss = loss + beta * kl_loss
-                        m["kl_loss"] = float(kl_loss.detach())
-                    if config.entropy_coef > 0:
-                        loss = loss - config.entropy_coef * masked_mean(token_entropy(logits, mask_w[idx]), mask_w[idx])
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"stage 'ppo': the policy loss became {float(loss.detach())}; lower lr, kl.coef or "
-                                        "entropy_coef, set mixed_precision: no, or check the reward's scale")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = clip_gradients(policy.parameters(), config.max_grad_norm, "policy")
-                optimizer.step()
-                m = {**m, "policy_loss": float(loss.detach()), "grad_norm": float(grad_norm)}
-                if critic is not None:
-                    v_new = response_values(critic, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
-                    v_loss = clipped_value_loss(v_new, values[idx], returns[idx], mask[idx], config.vf_clip)
-                    if not torch.isfinite(v_loss):
-                        raise TrainingError(f"stage 'ppo': the value loss became {float(v_loss.detach())}; lower critic_lr "
-                                            "or check the reward's scale")
-                    critic_opt.zero_grad(set_to_none=True)
-                    v_loss.backward()
-                    clip_gradients(critic.parameters(), config.max_grad_norm, "critic")
-                    critic_opt.step()
-                    m["value_loss"] = float(v_loss.detach())
-                for key, value in m.items():
-                    stats.setdefault(key, []).append(float(value))
-        t3 = time.perf_counter()
-        kl_ctl.update(float(seq_kl.mean()), n)
-
-        out = {key: sum(v) / len(v) for key, v in stats.items()}
-        out.update(
-            reward_mean=float(rewards.mean()), reward_std=float(rewards.std()) if n > 1 else 0.0,
-            kl=float(seq_kl.mean()), kl_coef=beta, entropy=float(masked_mean(entropy, mask)),
-            response_length=float(mask.sum(1).mean()), advantage_mean=float(masked_mean(advantages, mask)),
-            time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
-        )
-        return out
-
-    @staticmethod
-    def _evaluate(policy, tokenizer, prompts, reward_fn, gold_fn, config, device, seed) -> dict[str, float]:
-        """Mean reward (and gold score) of fresh samples on held-out prompts, with a fixed RNG seed so
-        that the starting and final policies are compared on the same random stream."""
-        g = config.generation
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            policy.eval()
-            roll = generate(policy, tokenizer, [encode_prompt(tokenizer, p) for p in prompts],
-                            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, device=device)
-        result = {"reward": float(reward_fn(prompts, roll.responses).mean())}
-        if gold_fn is not None:
-            result["gold"] = float(gold_fn(prompts, roll.responses).mean())
-        return result
+        roll = generate(policy, tokenizer, [encode_prompt(tokenizer, p) for p in share],
+                        max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, device=device)
+    judges = {"reward": reward_fn, **({"gold": gold_fn} if gold_fn is not None else {})}
+    sums = torch.tensor([real * float(fn(share, roll.responses).double().sum()) for fn in judges.values()]
+                        + [real * len(share)], dtype=torch.float64, device=device)
+    sums = dist_utils.all_reduce_sum(sums)
+    return {name: float(sums[i] / sums[-1]) for i, name in enumerate(judges)}
 
 
 class Scorer:
@@ -360,8 +404,7 @@ class Estimator:
 
 def clip_gradients(params, max_norm: float, which: str) -> torch.Tensor:
     """Clip to ``max_norm`` (0 = off); a non-finite gradient norm stops training with advice."""
-    params = [p for p in params if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    norm = dist_utils.clip_grad_norm([p for p in params if p.grad is not None], max_norm)
     if not torch.isfinite(norm):
         raise TrainingError(f"stage 'ppo': the {which} gradient became {float(norm)}; lower the learning rate, "
                             "set max_grad_norm > 0, set mixed_precision: no, or check the reward's scale")
