@@ -83,8 +83,11 @@ def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out:
         _run(ctx, config, overrides, out, overwrite, print_config)
     except click.ClickException as exc:
         _exit_rank(exc.format_message(), exc.exit_code)
-    except BaseException as exc:  # a bug: the traceback matters, and the other ranks must not hang
-        import traceback
+    except BaseException as exc:
+        elsewhere = dist_utils.failure_elsewhere()
+        if elsewhere:  # a collective broke because another rank stopped: that rank's error is the cause
+            _exit_rank(f"stopped because {elsewhere}", 1)
+        import traceback  # a bug here: the traceback matters, and the other ranks must not hang
 
         traceback.print_exc()
         _exit_rank(f"{type(exc).__name__}: {exc}", 1)
@@ -96,7 +99,8 @@ def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out:
 
 def _exit_rank(message: str, code: int) -> None:
     text = f"[rank {dist_utils.rank()}] {message}"
-    dist_utils.report_failure(text)
+    if not dist_utils.failure_elsewhere():
+        dist_utils.report_failure(text)  # the first failure is the one the others report
     click.echo(f"Error: {text}", err=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -138,7 +142,8 @@ def _run(ctx: click.Context, config, overrides, out, overwrite, print_config) ->
 def _launch_local(ctx: click.Context, nproc: int, config, overrides, out, overwrite) -> None:
     """``rlhf run ... --nproc N``: the same command on N local processes through torch's launcher."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
 
     args = ["--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc), "--module", "rlhf_core.cli"]
     for name in sorted(ctx.obj.get("disabled", ())):
@@ -148,11 +153,11 @@ def _launch_local(ctx: click.Context, nproc: int, config, overrides, out, overwr
         args += ["--set", item]
     args += [*(["--out", out] if out else []), *(["--overwrite"] if overwrite else [])]
     try:
-        torchrun(args)
+        torchrun(parse_args(args))
     except ChildFailedError as exc:
-        ranks = ", ".join(str(f.global_rank) for f in exc.failures.values())
-        raise click.ClickException(f"{len(exc.failures)} of {nproc} processes failed (rank {ranks}); "
-                                   "their errors are printed above") from None
+        first, failure = exc.get_first_failure()
+        raise click.ClickException(f"rank {first} failed (exit code {failure.exitcode}) and the launcher stopped the "
+                                   f"other processes; its error is printed above") from None
 
 
 @cli.command()

@@ -337,7 +337,9 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print) -> dict[str, Any
         write_summary(run_dir, summary)
         raise
     except BaseException as exc:
-        summary.update(status=f"failed: {_reason(exc)}", stage_in_progress=current)
+        # A collective that broke because another rank died: record that rank's reason, the root cause.
+        reason = dist_utils.failure_elsewhere() or _reason(exc)
+        summary.update(status=f"failed: {reason}", stage_in_progress=current)
         write_summary(run_dir, summary)
         raise
     finally:
