@@ -82,11 +82,14 @@ def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out:
     try:
         _run(ctx, config, overrides, out, overwrite, print_config)
     except click.ClickException as exc:
+        elsewhere = dist_utils.failure_elsewhere()
+        if elsewhere:
+            _exit_rank(f"stopped because {elsewhere}", 0)
         _exit_rank(exc.format_message(), exc.exit_code)
     except BaseException as exc:
         elsewhere = dist_utils.failure_elsewhere()
         if elsewhere:  # a collective broke because another rank stopped: that rank's error is the cause
-            _exit_rank(f"stopped because {elsewhere}", 1)
+            _exit_rank(f"stopped because {elsewhere}", 0)
         import traceback  # a bug here: the traceback matters, and the other ranks must not hang
 
         traceback.print_exc()
@@ -98,9 +101,12 @@ def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out:
 
 
 def _exit_rank(message: str, code: int) -> None:
+    """Print this rank's error and leave at once. The first rank to fail reports its error to the
+    others; a rank that only stopped because of it exits 0, so that the launcher (and a scheduler
+    reading its exit codes) names the rank that caused the failure, not the ones it took down."""
     text = f"[rank {dist_utils.rank()}] {message}"
-    if not dist_utils.failure_elsewhere():
-        dist_utils.report_failure(text)  # the first failure is the one the others report
+    if code != 0:
+        dist_utils.report_failure(text)
     click.echo(f"Error: {text}", err=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -127,9 +133,6 @@ def _run(ctx: click.Context, config, overrides, out, overwrite, print_config) ->
                 try:
                     run_pipeline(prepared, run_dir.path, echo=echo)
                 except KeyboardInterrupt as exc:
-                    elsewhere = dist_utils.failure_elsewhere()
-                    if elsewhere:
-                        raise click.ClickException(f"stopped because {elsewhere}") from None
                     raise click.ClickException(
                         f"interrupted by {getattr(exc, 'signame', 'SIGINT')}; completed stages and metrics so far are "
                         f"in {run_dir.path} (summary.json status: interrupted)") from None

@@ -66,6 +66,13 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return fn
 
 
+def _weighted_means(window: dict[str, list[float]], device: torch.device) -> dict[str, float]:
+    """Each metric's mean over every micro-batch of every rank, weighted by the loss's count."""
+    keys = sorted(window)
+    sums = dist_utils.all_reduce_sum(torch.tensor([window[k] for k in keys], dtype=torch.float64, device=device))
+    return {k: float(total / count) if count > 0 else float("nan") for k, (total, count) in zip(keys, sums.tolist())}
+
+
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. the loss became NaN); the message says what to change."""
 
@@ -123,7 +130,7 @@ class Trainer:
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
         scaler = torch.amp.GradScaler(self.device.type, enabled=resolve_precision(cfg.mixed_precision, self.device) == "fp16")
         batches = cycle(loader)
-        window: dict[str, list[float]] = {}
+        window: dict[str, list[float]] = {}  # metric -> [sum of value * count, sum of count]
         last: dict[str, float] = {}
         tokens, started = 0, time.perf_counter()
         bar = tqdm(range(1, steps + 1), desc=self.desc, disable=not is_main_process(), dynamic_ncols=True, leave=True)
@@ -144,8 +151,10 @@ class Trainer:
                 scaler.scale(loss * weight).backward()
                 # Every mask in the batch counts its real tokens (attention_mask, response_mask, chosen_mask, ...).
                 tokens += float(batch["real"]) * sum(int(v.sum()) for k, v in batch.items() if k.endswith("_mask"))
-                for key, value in {"loss": loss.item(), **metrics}.items():
-                    window.setdefault(key, []).append(float(value))
+                for key, value in {"loss": loss.item(), **metrics}.items():  # weighted like the loss
+                    window.setdefault(key, [0.0, 0.0])
+                    window[key][0] += float(value) * n
+                    window[key][1] += n
             scaler.unscale_(self.optimizer)
             grad_norm = dist_utils.clip_grad_norm(self.params, cfg.max_grad_norm)
             # With fp16 loss scaling an inf gradient is expected now and then (the scaler skips that
@@ -159,7 +168,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if step % cfg.log_every == 0 or step == steps:
                 elapsed = time.perf_counter() - started
-                last = dist_utils.global_mean({k: sum(v) / len(v) for k, v in window.items()}, self.device)
+                last = _weighted_means(window, self.device)
                 all_tokens = float(dist_utils.all_reduce_sum(torch.tensor(float(tokens), dtype=torch.float64, device=self.device)))
                 last.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), tokens_per_s=all_tokens / max(elapsed, 1e-9))
                 self.tracker.log(step, last)

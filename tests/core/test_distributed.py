@@ -1,0 +1,188 @@
+"""Results that do not depend on the number of processes: 2 gloo processes on CPU against 1.
+
+Every test here launches real processes through torch's launcher (``rlhf run --nproc 2`` or
+torchrun), so they are kept small: a few optimizer steps of the builtin tiny model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rlhf_core
+
+HERE = Path(__file__).parent
+ROOT = Path(rlhf_core.__file__).resolve().parent.parent
+
+SFT_REWARD = """
+seed: 0
+distributed: {{strategy: {strategy}}}
+stages:
+  - stage: sft
+    data: {{train: "builtin:letters", builtin_size: 200, max_length: 16}}
+    train: {{steps: 4, batch_size: 8, grad_accum: 2, lr: 1.0e-3, log_every: 1, eval_every: 2}}
+  - stage: reward
+    data: {{train: "builtin:letters", builtin_size: 200, max_length: 16}}
+    train: {{steps: 3, batch_size: 7, lr: 1.0e-3, log_every: 1}}
+  - stage: reward
+    name: pairs
+    loss: bradley_terry
+    data: {{train: "builtin:letters", builtin_size: 100, max_length: 16}}
+    train: {{steps: 2, batch_size: 6, lr: 3.0e-4, log_every: 1}}
+"""
+
+
+def rlhf(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "rlhf_core.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        out.update({f"{file.name}:{k}": v for k, v in load_file(file).items()})
+    return out
+
+
+def max_diff(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and wa
+    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    root = tmp_path_factory.mktemp("one")
+    cfg = root / "c.yaml"
+    cfg.write_text(SFT_REWARD.format(strategy="auto"))
+    result = rlhf("run", str(cfg), "--out", str(root / "run"))
+    assert result.returncode == 0, result.stderr
+    return root / "run"
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_two_processes_train_the_same_weights_as_one(one_process, tmp_path, strategy):
+    """Global batch 8 (grad_accum 2), 7 (uneven shares) and pairwise 6: the same final weights."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(SFT_REWARD.format(strategy=strategy))
+    result = rlhf("run", str(cfg), "--out", str(tmp_path / "run"), "--nproc", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("sft", "reward", "pairs"):
+        assert max_diff(one_process / stage, tmp_path / "run" / stage) <= 1e-5, stage
+    one = [json.loads(x) for x in (one_process / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # Logged numbers are global too (one line per step, written by rank 0 only).
+    assert [(r["stage"], r["step"]) for r in one] == [(r["stage"], r["step"]) for r in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "eval_loss", "eval_mse", "eval_accuracy"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["stage"], key)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["stages_completed"] == ["sft", "reward", "pairs"]
+
+
+def test_checkpoints_load_across_world_sizes(one_process, tmp_path):
+    """A 1-process checkpoint continues on 2 processes and the 2-process result on 1."""
+    two = tmp_path / "two"
+    result = rlhf("run", "--out", str(two), "--nproc", "2", "--set", f"model.name_or_path={one_process / 'sft'}",
+                  "--set", "stages=[{stage: sft, data: {train: 'builtin:letters', builtin_size: 64, max_length: 16}, "
+                           "train: {steps: 1, batch_size: 8}}]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    back = tmp_path / "back"
+    result = rlhf("run", "--out", str(back), "--set", f"model.name_or_path={two / 'sft'}",
+                  "--set", "stages=[{stage: reward, data: {train: 'builtin:letters', builtin_size: 64, max_length: 16}, "
+                           "train: {steps: 1, batch_size: 8}}]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (back / "reward" / "reward_head.safetensors").is_file()
+
+
+def test_ppo_batch_statistics_are_global(tmp_path):
+    """Baselines, whitening, logged statistics and the KL controller on 2 ranks (each holding half
+    of the rollouts) equal the single-process computation on the same rollouts."""
+    sys.path.insert(0, str(HERE))
+    try:
+        import _ppo_stats_worker as worker
+    finally:
+        sys.path.remove(str(HERE))
+    single = worker.statistics(*worker.fixed_batch(), list(range(8)))
+    out = tmp_path / "stats.json"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(HERE / "_ppo_stats_worker.py"), str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parts = json.loads(out.read_text())
+    merged = {key: [] for key in ("batch_mean", "ema_second", "whitened")}
+    for rows, stats in parts:
+        for key in merged:
+            merged[key] += stats[key]
+        assert stats["ema_baseline"] == pytest.approx(single["ema_baseline"], abs=1e-6)
+        assert stats["kl_coef"] == pytest.approx(single["kl_coef"], abs=1e-9)
+        for key, value in single["stats"].items():
+            assert stats["stats"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    for key, value in merged.items():
+        assert torch.allclose(torch.tensor(value), torch.tensor(single[key]), atol=1e-6), key
+
+
+def test_two_process_pipeline_learns(tiny_pipeline_yaml, tmp_path):
+    """The CI-sized SFT -> reward -> PPO pipeline on 2 processes: PPO beats SFT on the gold judge."""
+    result = rlhf("run", tiny_pipeline_yaml(iterations=30), "--out", str(tmp_path / "run"), "--nproc", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert summary["gold_score_ppo"] > summary["gold_score_sft"] + 0.1
+    assert (tmp_path / "run" / "ppo" / "model.safetensors").is_file()
+    assert result.stdout.count("== stage ppo") == 1  # progress from rank 0 only
+
+
+BOMB = '''
+import os, torch
+from rlhf_core import hookimpl
+
+class Bomb:
+    def __init__(self, ctx=None, *, on_rank: int = 1):
+        self.on_rank = on_rank
+
+    def __call__(self, prompts, responses):
+        if int(os.environ.get("RANK", "0")) == self.on_rank:
+            raise RuntimeError("judge crashed on this rank")
+        return torch.zeros(len(responses))
+
+@hookimpl
+def rlhf_register_rewards(register):
+    register("bomb", Bomb)
+'''
+
+
+def test_a_failing_rank_ends_the_job_promptly_with_its_error(tmp_path):
+    (tmp_path / "rank_bomb.py").write_text(BOMB)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("""
+plugins: [rank_bomb]
+stages:
+  - stage: ppo
+    data: {train: "builtin:letters", builtin_size: 40}
+    reward: bomb
+    iterations: 3
+    prompts_per_batch: 4
+    minibatch_size: 4
+    generation: {max_new_tokens: 4}
+    eval_prompts: 0
+""")
+    started = time.monotonic()
+    result = rlhf("run", str(cfg), "--out", str(tmp_path / "run"), "--nproc", "2",
+                  env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}, timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1 and elapsed < 60  # seconds, not a collective's 30-minute timeout
+    message = "[rank 1] reward 'bomb' (plugin 'rank_bomb') raised RuntimeError: judge crashed on this rank"
+    assert f"Error: {message}" in result.stderr
+    assert f"[rank 0] stopped because {message}" in result.stderr
+    assert "Error: rank 1 failed (exit code 1)" in result.stderr
+    assert "Traceback" not in result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == f"failed: {message}" and summary["stages_completed"] == []
