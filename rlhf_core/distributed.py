@@ -241,6 +241,24 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA; a CPU process's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The largest per-process peak over every rank, in MiB: on CUDA the memory torch allocated
+    since :func:`reset_peak_memory`, on CPU the process's peak resident set size so far."""
+    if device.type == "cuda":
+        mine = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        import resource
+
+        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return float(all_reduce_max(torch.tensor(float(mine), dtype=torch.float64, device=device)))
+
+
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """``clip_grad_norm_`` (0 = no clipping) returning a plain tensor for sharded parameters too."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))

@@ -107,6 +107,9 @@ def preflight(prepared: Prepared, echo=print) -> None:
             for line in notes.lines(f"stage {spec.name!r} {item.path}"):
                 echo(f"rlhf: warning: {line}")
         earlier.append(spec.name)
+    if config.distributed.cpu_offload and resolve_device(config.model.device).type != "cuda":
+        problems.append("distributed.cpu_offload: moves sharded parameters from GPU to CPU memory; this run is on "
+                        "the CPU already, so leave it off")
     if problems:
         raise cfgmod.ConfigError(problems, prepared.source)
 
@@ -318,8 +321,10 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print) -> dict[str, Any
                 tracker=tracker, device=device, seed=config.seed, results=dict(results),
             )
             started = time.perf_counter()
+            dist_utils.reset_peak_memory(device)
             result = stage.run(ctx, spec.config)
             result.summary["seconds"] = round(time.perf_counter() - started, 2)
+            result.summary["peak_memory_mb"] = round(dist_utils.peak_memory_mb(device), 1)
             results[spec.name] = result
             summary["stages"][spec.name] = result.summary
             summary.update(result.headline)

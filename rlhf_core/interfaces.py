@@ -80,7 +80,10 @@ class StageContext:
 
         if trainable and self.run_config.model.gradient_checkpointing:
             target = getattr(model, "backbone", model)
-            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(target, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                target.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return wrap(model, self.run_config.distributed, self.device, trainable=trainable)
 
     @property
