@@ -12,8 +12,9 @@ the gradient all-reduce (an average over ranks) yields exactly the global mean's
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -223,6 +224,26 @@ def is_ddp(model: nn.Module) -> bool:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (FSDP2 modules are their own)."""
     return model.module if is_ddp(model) else model
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module, reshard_after: bool = True) -> Iterator[nn.Module]:
+    """Keep an FSDP2 model's parameters gathered for the block (e.g. token-by-token generation:
+    one all-gather per block instead of one per block per token), then free them again. A no-op
+    for unsharded models."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    model.set_reshard_after_forward(False)
+    try:
+        yield model
+    finally:
+        model.set_reshard_after_forward(reshard_after)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:

@@ -70,11 +70,12 @@ def generate(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: 
     # Under FSDP every rank must run the same number of forward passes: synced_gpus keeps a rank
     # whose responses all ended stepping until every rank's have. A DDP replica generates alone.
     several = dist_utils.world_size() > 1
-    out = dist_utils.unwrap(policy).generate(
-        input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        synced_gpus=several and not dist_utils.is_ddp(policy),
-    )
+    with dist_utils.gathered(policy):
+        out = dist_utils.unwrap(policy).generate(
+            input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=several and not dist_utils.is_ddp(policy),
+        )
     prompt_len = ids.shape[1]
     response = out[:, prompt_len:]  # [B, R]
     is_eos = response == tokenizer.eos_token_id
