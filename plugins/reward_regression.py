@@ -140,7 +140,7 @@ class RewardStage:
         loader = make_loader(train_items, config.train.batch_size, collate, ctx.seed)
         steps = total_steps(config.train, len(train_items))
         trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}")
-        summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps)
+        summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps, checkpointer=ctx.checkpointer)
         summary.update(steps=float(steps), **stats.summary())
         model_dir = unwrap(model).save_pretrained(ctx.stage_dir, tokenizer) if config.train.save else None
         return StageResult(model_dir, "reward", summary)

@@ -140,7 +140,7 @@ class SFTStage:
         loader = make_loader(train_items, config.train.batch_size, lambda b: collate_sft(b, tokenizer.pad_token_id), ctx.seed)
         steps = total_steps(config.train, len(train_items))
         trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}")
-        summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps, count)
+        summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps, count, ctx.checkpointer)
         summary.update(steps=float(steps), **stats.summary())
         model_dir = save_causal_lm(model, tokenizer, ctx.stage_dir) if config.train.save else None
         return StageResult(model_dir, "policy", summary)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 import yaml
@@ -12,7 +13,7 @@ from . import __version__
 from .config import ConfigError, to_plain
 from .data import DataError
 from .interfaces import ComponentError, StageError
-from .engine import RunDir, RunDirError, preflight, prepare, run_pipeline, signals_interrupt
+from .engine import RunDir, RunDirError, check_resumable, preflight, prepare, refuse_changes, run_pipeline, signals_interrupt
 from . import distributed as dist_utils
 from .models import ModelLoadError, resolve_device
 from .plugins import PluginLoadError, build_registry, disabled_from_env, get_plugin_manager, registered_by
@@ -64,23 +65,29 @@ def cli(ctx: click.Context, disabled: tuple[str, ...]) -> None:
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Run on N local processes (launched with torch's own launcher, as torchrun would).")
+@click.option("--resume", "resume", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+              help="Continue an interrupted run in RUN_DIR from its newest checkpoint (its own config.yaml).")
 @click.pass_context
 def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out: str | None, overwrite: bool,
-        print_config: bool, nproc: int | None) -> None:
+        print_config: bool, nproc: int | None, resume: str | None) -> None:
     """Run the pipeline in CONFIG (YAML); without CONFIG, the embedded default
     (SFT -> reward -> PPO on the builtin letters task with the builtin tiny model).
 
-    Under torchrun (or with --nproc N) every process runs this command; batch sizes stay global."""
+    Under torchrun (or with --nproc N) every process runs this command; batch sizes stay global.
+    --resume RUN_DIR continues a run: finished stages are reused, the interrupted one continues from
+    its newest checkpoint, and the final weights are those an uninterrupted run would have."""
+    if resume is not None and (out is not None or overwrite):
+        raise click.UsageError("--resume continues RUN_DIR in place; do not combine it with --out or --overwrite")
     if nproc is not None and nproc > 1 and not dist_utils.launched_distributed() and not print_config:
-        _launch_local(ctx, nproc, config, overrides, out, overwrite)
+        _launch_local(ctx, nproc, config, overrides, out, overwrite, resume)
         return
     if not dist_utils.launched_distributed() or print_config:
-        _run(ctx, config, overrides, out, overwrite, print_config)
+        _run(ctx, config, overrides, out, overwrite, print_config, resume)
         return
     # One of several processes: errors carry the rank, a failing rank tells the others and exits at
     # once (the launcher then stops the rest), and a clean end leaves the process group together.
     try:
-        _run(ctx, config, overrides, out, overwrite, print_config)
+        _run(ctx, config, overrides, out, overwrite, print_config, resume)
     except click.ClickException as exc:
         elsewhere = dist_utils.failure_elsewhere()
         if elsewhere:
@@ -113,11 +120,20 @@ def _exit_rank(message: str, code: int) -> None:
     os._exit(code)
 
 
-def _run(ctx: click.Context, config, overrides, out, overwrite, print_config) -> None:
+def _run(ctx: click.Context, config, overrides, out, overwrite, print_config, resume=None) -> None:
     main_rank = os.environ.get("RANK", "0") == "0"
     echo = click.echo if main_rank else (lambda *a, **k: None)
     try:
-        prepared = prepare(config, list(overrides), pm=_plugin_manager(ctx))
+        if resume is not None:
+            finished = check_resumable(Path(resume))
+            if finished:
+                echo(finished)
+                return
+            prepared = prepare(config or str(Path(resume) / "config.yaml"), list(overrides), pm=_plugin_manager(ctx))
+            refuse_changes(Path(resume), prepared)
+            out = resume
+        else:
+            prepared = prepare(config, list(overrides), pm=_plugin_manager(ctx))
         if main_rank:
             _warn_conflicts(prepared.registry)
         if print_config:
@@ -129,9 +145,9 @@ def _run(ctx: click.Context, config, overrides, out, overwrite, print_config) ->
                 sys.stdout = open(os.devnull, "w")  # one progress log per job: rank 0's
         with signals_interrupt():
             preflight(prepared, echo=lambda line: echo(line, err=True))
-            with RunDir(out, overwrite) as run_dir:
+            with RunDir(out, overwrite, resume=resume is not None) as run_dir:
                 try:
-                    run_pipeline(prepared, run_dir.path, echo=echo)
+                    run_pipeline(prepared, run_dir.path, echo=echo, resume=resume is not None)
                 except KeyboardInterrupt as exc:
                     raise click.ClickException(
                         f"interrupted by {getattr(exc, 'signame', 'SIGINT')}; completed stages and metrics so far are "
@@ -142,7 +158,7 @@ def _run(ctx: click.Context, config, overrides, out, overwrite, print_config) ->
         raise _user_error(exc) from None
 
 
-def _launch_local(ctx: click.Context, nproc: int, config, overrides, out, overwrite) -> None:
+def _launch_local(ctx: click.Context, nproc: int, config, overrides, out, overwrite, resume=None) -> None:
     """``rlhf run ... --nproc N``: the same command on N local processes through torch's launcher."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args
@@ -154,7 +170,8 @@ def _launch_local(ctx: click.Context, nproc: int, config, overrides, out, overwr
     args += ["run", *([config] if config else [])]
     for item in overrides:
         args += ["--set", item]
-    args += [*(["--out", out] if out else []), *(["--overwrite"] if overwrite else [])]
+    args += [*(["--out", out] if out else []), *(["--overwrite"] if overwrite else []),
+             *(["--resume", resume] if resume else [])]
     try:
         torchrun(parse_args(args))
     except ChildFailedError as exc:

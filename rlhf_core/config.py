@@ -181,6 +181,22 @@ class DistributedConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Mid-stage checkpoints for ``rlhf run --resume``. ``every``: optimizer steps (sft, reward) or
+    iterations (ppo) between checkpoints, 0 = none mid-stage (a finished stage is always kept);
+    ``keep``: how many of a stage's newest checkpoints to keep; ``on_signal``: on SIGTERM/SIGINT,
+    write a checkpoint at the next step boundary before stopping."""
+
+    every: int = 0
+    keep: int = 2
+    on_signal: bool = True
+
+    def problems(self) -> list[str]:
+        """Value checks."""
+        return rule_problems(self, {"every": AT_LEAST_0, "keep": AT_LEAST_1})
+
+
+@dataclass
 class KernelConfig:
     """``backend``: auto | reference | triton | cpp (see ``rlhf_kernels``)."""
 
@@ -208,6 +224,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     plugins: list[str] = field(default_factory=list)
     stages: list[StageSpec] = field(default_factory=list)
 

@@ -24,7 +24,9 @@ from typing import Any, Iterator
 
 import yaml
 
+from . import checkpoint as ckptmod
 from . import config as cfgmod
+from .checkpoint import Interrupted
 from . import distributed as dist_utils
 from .atomic import atomic_write_text
 from .data import DataError, DataNotes, load_records
@@ -41,14 +43,6 @@ RUN_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl", ".lock")
 
 class RunDirError(RuntimeError):
     """The output directory cannot be used."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """The run was stopped by SIGINT (Ctrl-C) or SIGTERM (what schedulers send before preemption)."""
-
-    def __init__(self, signame: str = "SIGINT"):
-        super().__init__(signame)
-        self.signame = signame
 
 
 @dataclass
@@ -128,11 +122,11 @@ class RunDir:
     """An output directory owned by this process: created, locked (``.lock`` holds our pid) and,
     with ``overwrite``, emptied of the previous run. :meth:`close` releases the lock."""
 
-    def __init__(self, out: str | None, overwrite: bool):
+    def __init__(self, out: str | None, overwrite: bool, resume: bool = False):
         self._lock = None
         if dist_utils.rank() == 0:
             try:
-                self.path = self._create(out, overwrite)
+                self.path = Path(out) if resume else self._create(out, overwrite)
                 self._lock = self._acquire()
                 if overwrite:
                     self._clear()
@@ -220,6 +214,55 @@ class RunDir:
         self.close()
 
 
+#: Config keys a resumed run may change: they affect logging and checkpointing, not results.
+RESUME_HARMLESS = ("checkpoint.every", "checkpoint.keep", "checkpoint.on_signal", "stages[*].train.log_every")
+
+
+def check_resumable(run_dir: Path) -> str | None:
+    """Raise :class:`RunDirError` when ``run_dir`` holds nothing to resume; return a message (and
+    nothing to do) when its run already finished; None when it can be resumed."""
+    if not run_dir.is_dir():
+        raise RunDirError(f"--resume {run_dir}: no such directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirError(f"--resume {run_dir}: nothing to resume (no config.yaml: not an rlhf run directory, or the "
+                          "run stopped before it started)")
+    if read_summary(run_dir).get("status") == "finished":
+        return f"run {run_dir} already finished; nothing to resume (summary.json status: finished)"
+    return None
+
+
+def refuse_changes(run_dir: Path, prepared: Prepared) -> None:
+    """A resumed run must compute what the original would have: any difference between the run's
+    own ``config.yaml`` and the resolved config, except :data:`RESUME_HARMLESS`, is an error that
+    lists each change."""
+    import re
+
+    saved = _flatten(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
+    now = _flatten(cfgmod.to_plain(prepared.config))
+    harmless = [re.compile("^" + re.escape(k).replace(r"\*", r"\d+") + "$") for k in RESUME_HARMLESS]
+    changes = [f"{key}: {saved.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
+               for key in sorted(set(saved) | set(now))
+               if saved.get(key) != now.get(key) and not any(h.match(key) for h in harmless)]
+    if changes:
+        raise cfgmod.ConfigError(
+            [f"{c} (a resumed run must compute what the original would have; only "
+             f"{', '.join(RESUME_HARMLESS)} may change)" for c in changes], f"--resume {run_dir}")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        out = {}
+        for i, value in enumerate(data):
+            out.update(_flatten(value, f"{prefix}[{i}]"))
+        return out
+    return {prefix: data}
+
+
 def make_run_dir(out: str | None, overwrite: bool) -> Path:
     """Create (and with ``overwrite`` empty) a run directory without holding its lock."""
     with RunDir(out, overwrite) as run_dir:
@@ -228,8 +271,10 @@ def make_run_dir(out: str | None, overwrite: bool) -> Path:
 
 #: Called by the watchdog before it ends a process that cannot handle a signal itself.
 _on_abort: list[Any] = []
-#: Seconds a signalled process may take to stop by itself before the watchdog ends it.
+#: Seconds a signalled process may take to stop by itself before the watchdog ends it (longer while
+#: it is writing a checkpoint before stopping).
 ABORT_GRACE_S = 3.0
+CHECKPOINT_GRACE_S = 60.0
 
 
 @contextlib.contextmanager
@@ -244,7 +289,11 @@ def signals_interrupt() -> Iterator[None]:
     import threading
 
     def handler(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        # A loop that checkpoints on signals gets until its next step boundary (a second signal is final).
+        if ckptmod.is_honoured() and ckptmod.request_stop(name):
+            return
+        raise Interrupted(name)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     watchdog = None
@@ -257,7 +306,8 @@ def signals_interrupt() -> Iterator[None]:
             data = os.read(read_fd, 1)
             if not data:
                 return
-            time.sleep(ABORT_GRACE_S)
+            # A checkpoint-before-stopping may take a while; a rank stuck in a collective does not.
+            time.sleep(CHECKPOINT_GRACE_S if ckptmod.is_honoured() else ABORT_GRACE_S)
             signame = signal.Signals(data[0]).name
             for callback in list(_on_abort):
                 with contextlib.suppress(Exception):
@@ -277,27 +327,65 @@ def signals_interrupt() -> Iterator[None]:
             os.close(write_fd)  # ends the watchdog's read
 
 
+def _record(summary: dict[str, Any], name: str, result: StageResult, results: dict[str, StageResult]) -> None:
+    """A completed stage: its numbers, its output (for a later resume), its headline."""
+    results[name] = result
+    summary["stages"][name] = result.summary
+    summary["outputs"][name] = {"kind": result.kind, "model_dir": str(result.model_dir) if result.model_dir else None,
+                                "headline": result.headline}
+    summary.update(result.headline)
+    summary["stages_completed"].append(name)
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
     return line[:300]
 
 
-def run_pipeline(prepared: Prepared, run_dir: Path, echo=print) -> dict[str, Any]:
+def checkpointer_for(config: cfgmod.RunConfig, run_dir: Path, stage: str) -> ckptmod.Checkpointer:
+    """The stage's checkpoints: ``run_dir/checkpoints/<stage>/``."""
+    c = config.checkpoint
+    return ckptmod.Checkpointer(run_dir / "checkpoints" / stage, c.every, c.keep, c.on_signal)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """``summary.json`` of a run directory ({} when there is none or it is unreadable)."""
+    import json
+
+    try:
+        return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = False) -> dict[str, Any]:
     """Run every stage in order; returns the summary (also written to ``summary.json``, whose
     ``status`` is ``running`` until the run ends as ``finished``, ``interrupted`` or
-    ``failed: <reason>``; ``stages_completed`` lists the stages whose outputs are complete)."""
+    ``failed: <reason>``; ``stages_completed`` lists the stages whose outputs are complete).
+
+    With ``resume``, stages the directory's summary lists as completed are skipped (their outputs
+    reused), the first unfinished stage continues from its newest complete checkpoint,
+    ``metrics.jsonl`` is cut back to that checkpoint, and ``resumed_from`` records the step."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     config = prepared.config
+    previous = read_summary(run_dir) if resume else {}
+    done = [n for n in previous.get("stages_completed", []) if n in previous.get("outputs", {})]
+    checkpointers = {spec.name: checkpointer_for(config, run_dir, spec.name) for spec in config.stages}
+    resumed_from = {name: c.latest()[0] for name, c in checkpointers.items() if name not in done and c.latest()}
     if is_main_process():
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfgmod.to_plain(config), sort_keys=False))
     device = resolve_device(config.model.device)
     tracker = Tracker(run_dir)
+    if resume:
+        tracker.keep_only(lambda row: row.get("stage") in done or row.get("step", 0) <= resumed_from.get(row.get("stage"), -1))
     results: dict[str, StageResult] = {}
     summary: dict[str, Any] = {"status": "running", "stages_completed": [], "run_dir": str(run_dir),
-                               "pid": os.getpid(), "stages": {}}
+                               "pid": os.getpid(), "stages": {}, "outputs": {}}
+    if resume:
+        summary["resumed_from"] = {**previous.get("resumed_from", {}), **resumed_from}
     write_summary(run_dir, summary)
     current = None
 
@@ -311,26 +399,35 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print) -> dict[str, Any
     _on_abort.append(on_abort)
     try:
         for spec in config.stages:
+            if spec.name in done:  # finished before the interruption: reuse its output and numbers
+                out = previous["outputs"][spec.name]
+                result = StageResult(Path(out["model_dir"]) if out["model_dir"] else None, out["kind"],
+                                     previous["stages"].get(spec.name, {}), out.get("headline", {}))
+                echo(f"== stage {spec.name} ({spec.stage}): completed earlier, output reused ==")
+                _record(summary, spec.name, result, results)
+                tracker.plot(spec.name)
+                continue
             current = spec.name
             stage = prepared.registry.get("stage", spec.stage, plugin=spec.plugin).obj()
             tracker.stage = spec.name
-            echo(f"== stage {spec.name} ({spec.stage}) ==")
+            where = f", resuming from step {resumed_from[spec.name]}" if spec.name in resumed_from else ""
+            echo(f"== stage {spec.name} ({spec.stage}){where} ==")
             seed_everything(config.seed)
             ctx = StageContext(
                 name=spec.name, stage_dir=run_dir / spec.name, run_config=config, registry=prepared.registry,
                 tracker=tracker, device=device, seed=config.seed, results=dict(results),
+                checkpointer=checkpointers[spec.name],
             )
             started = time.perf_counter()
             dist_utils.reset_peak_memory(device)
             result = stage.run(ctx, spec.config)
             result.summary["seconds"] = round(time.perf_counter() - started, 2)
             result.summary["peak_memory_mb"] = round(dist_utils.peak_memory_mb(device), 1)
-            results[spec.name] = result
-            summary["stages"][spec.name] = result.summary
-            summary.update(result.headline)
+            _record(summary, spec.name, result, results)
             tracker.plot(spec.name)
-            summary["stages_completed"].append(spec.name)
             write_summary(run_dir, summary)
+            if is_main_process():  # the stage's output is its final state; its checkpoints are spent
+                shutil.rmtree(checkpointers[spec.name].directory, ignore_errors=True)
         current = None
     except KeyboardInterrupt as exc:
         elsewhere = dist_utils.failure_elsewhere()  # stopped because another rank failed?

@@ -61,6 +61,8 @@ class StageContext:
 
     ``results`` maps earlier stage names to their :class:`StageResult` in pipeline order.
     ``tracker`` logs metrics (``tracker.log(step, {...})``) tagged with this stage's name.
+    ``checkpointer`` (:class:`rlhf_core.checkpoint.Checkpointer`) saves and restores mid-stage
+    checkpoints; a stage that uses it resumes exactly after a kill (the built-in ones do).
     """
 
     name: str
@@ -71,6 +73,7 @@ class StageContext:
     device: torch.device
     seed: int
     results: dict[str, StageResult]
+    checkpointer: Any = None
 
     def wrap(self, model: torch.nn.Module, *, trainable: bool = True) -> torch.nn.Module:
         """Prepare a model for this run's processes: gradient checkpointing for trainable models

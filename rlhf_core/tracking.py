@@ -29,6 +29,22 @@ class Tracker:
         self.rows: list[dict[str, Any]] = []
         self._start = time.time()
 
+    def keep_only(self, keep) -> None:
+        """Resume: cut ``metrics.jsonl`` back to the rows ``keep(row)`` accepts (those up to the
+        checkpoint a run continues from), atomically, and hold them for the plots."""
+        import json
+
+        rows = []
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue  # a line torn by the kill
+        self.rows = [r for r in rows if keep(r)]
+        if is_main_process():
+            atomic_write_text(self.path, "".join(dumps_strict(r) + "\n" for r in self.rows))
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record ``metrics`` (numbers; tensors are converted) at ``step`` of the current stage."""
         row = {"stage": self.stage, "step": int(step), "time": round(time.time() - self._start, 3)}
@@ -101,7 +117,8 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(f"[{stage}]")
         for key, value in metrics.items():
             lines.append(f"  {key:<28} {value:.4g}" if isinstance(value, float) else f"  {key:<28} {value}")
-    headline = {k: v for k, v in summary.items() if k not in ("stages", "run_dir", "stages_completed", "pid")}
+    headline = {k: v for k, v in summary.items()
+                if k not in ("stages", "run_dir", "stages_completed", "pid", "outputs", "resumed_from")}
     if headline:
         lines.append("[run]")
         for key, value in headline.items():

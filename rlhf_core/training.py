@@ -15,10 +15,10 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
+from .checkpoint import honour_stop_requests
 from .tracking import is_main_process
 
 
@@ -32,14 +32,51 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def make_loader(items: list, batch_size: int, collate: Callable, seed: int, shuffle: bool = True) -> DataLoader:
-    """A seeded ``DataLoader`` over in-memory items: every rank draws the same global batches of
-    ``batch_size`` and collates its own share. A rank whose share of a (last, short) batch is empty
-    collates one stand-in item and marks the batch ``real = 0``, so that it still takes part in
-    every collective but adds nothing to the loss."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=lambda b: _collate_share(b, collate),
-                      generator=generator, drop_last=False)
+class Batches:
+    """Global batches of ``batch_size`` items in a seeded order, each rank collating its share.
+
+    Epoch ``e`` visits the items in the order ``randperm(n)`` drawn from a generator seeded with
+    ``seed + e`` (or in order without ``shuffle``), so the batch at any position of the stream is a
+    pure function of the position: a resumed run continues with exactly the batch it would have
+    seen. A rank whose share of a (last, short) batch is empty collates one stand-in item and marks
+    the batch ``real = 0``, so that it still takes part in every collective but adds nothing."""
+
+    def __init__(self, items: list, batch_size: int, collate: Callable, seed: int, shuffle: bool = True):
+        self.items, self.batch_size, self.collate, self.seed, self.shuffle = items, batch_size, collate, seed, shuffle
+        self._orders: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.items) / self.batch_size)
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            if self.shuffle:
+                self._orders = {epoch: torch.randperm(len(self.items), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()}
+            else:
+                self._orders = {epoch: list(range(len(self.items)))}
+        return self._orders[epoch]
+
+    def batch(self, position: int) -> dict[str, torch.Tensor]:
+        """The collated share of global batch number ``position`` of the endless stream."""
+        epoch, index = divmod(position, len(self))
+        order = self._order(epoch)[index * self.batch_size: (index + 1) * self.batch_size]
+        return _collate_share([self.items[i] for i in order], self.collate)
+
+    def stream(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless batches from position ``start``, reshuffled every epoch."""
+        position = start
+        while True:
+            yield self.batch(position)
+            position += 1
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch (evaluation)."""
+        return (self.batch(i) for i in range(len(self)))
+
+
+def make_loader(items: list, batch_size: int, collate: Callable, seed: int, shuffle: bool = True) -> Batches:
+    """:class:`Batches` over in-memory items (every rank draws the same global batches)."""
+    return Batches(items, batch_size, collate, seed, shuffle)
 
 
 def _collate_share(batch: list, collate: Callable) -> dict[str, torch.Tensor]:
@@ -100,12 +137,6 @@ def total_steps(train_cfg: Any, n_items: int) -> int:
     return max(1, math.ceil(per_epoch * train_cfg.epochs))
 
 
-def cycle(loader: Iterable) -> Iterator:
-    """Endless iteration; each pass reshuffles through the loader's generator."""
-    while True:
-        yield from loader
-
-
 class Trainer:
     """Runs ``steps`` optimizer steps of ``compute_loss(batch) -> (loss, metrics)`` over a loader."""
 
@@ -117,25 +148,49 @@ class Trainer:
                                            betas=tuple(train_cfg.betas))
         self.params = trainable
 
-    def fit(self, loader: DataLoader, compute_loss: Callable[[dict], tuple[torch.Tensor, dict]],
+    def fit(self, loader: Batches, compute_loss: Callable[[dict], tuple[torch.Tensor, dict]],
             evaluate: Callable[[], dict[str, float]] | None, steps: int,
-            count: Callable[[dict], float] | None = None) -> dict[str, float]:
+            count: Callable[[dict], float] | None = None, checkpointer: Any = None) -> dict[str, float]:
         """Train; returns the last logged training metrics merged with the final eval metrics.
 
         ``compute_loss(batch)`` returns a mean over ``count(batch)`` units (valid tokens for a
         token-mean loss, rows for a per-example loss; default: rows of ``real`` batches), which
-        weights it in the step's global mean."""
+        weights it in the step's global mean.
+
+        With a ``checkpointer`` the loop starts from its newest checkpoint (model, optimizer,
+        scheduler, scaler, RNGs, data position, logging window) and saves one whenever it is due."""
         cfg = self.cfg
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, steps))
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
         scaler = torch.amp.GradScaler(self.device.type, enabled=resolve_precision(cfg.mixed_precision, self.device) == "fp16")
-        batches = cycle(loader)
         window: dict[str, list[float]] = {}  # metric -> [sum of value * count, sum of count]
         last: dict[str, float] = {}
-        tokens, started = 0, time.perf_counter()
-        bar = tqdm(range(1, steps + 1), desc=self.desc, disable=not is_main_process(), dynamic_ncols=True, leave=True)
+        start = 0
+        saved = checkpointer.restore({"model": self.model}, {"model": self.optimizer}) if checkpointer else None
+        if saved is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+            scaler.load_state_dict(saved["scaler"])
+            start, window, last = saved["step"], saved["window"], saved["last"]
+        batches = loader.stream(start * cfg.grad_accum)
+        bar = tqdm(range(start + 1, steps + 1), desc=self.desc, disable=not is_main_process(), dynamic_ncols=True,
+                   leave=True, initial=start, total=steps)
         self.model.train()
         count = count or (lambda batch: float(batch["real"]) * len(next(iter(batch.values()))))
+        with honour_stop_requests(checkpointer):
+            last = self._loop(bar, batches, compute_loss, evaluate, steps, count, scheduler, scaler, window, last,
+                              checkpointer)
+        bar.close()
+        final = {f"train_{k}": v for k, v in last.items() if k in ("loss",)}
+        if evaluate is not None:
+            result = self._eval(evaluate)
+            self.tracker.log(steps, {f"eval_{k}": v for k, v in result.items()})
+            final.update({f"eval_{k}": v for k, v in result.items()})
+        return final
+
+    def _loop(self, bar, batches, compute_loss, evaluate, steps, count, scheduler, scaler, window, last,
+              checkpointer) -> dict[str, float]:
+        cfg = self.cfg
+        tokens, started = 0, time.perf_counter()
         for step in bar:
             micro = [{k: v.to(self.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
             counts = [count(b) * float(b["real"]) for b in micro]
@@ -178,13 +233,13 @@ class Trainer:
             if evaluate is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != steps:
                 self.tracker.log(step, {f"eval_{k}": v for k, v in self._eval(evaluate).items()})
                 started = time.perf_counter()  # evaluation time is not training throughput
-        bar.close()
-        final = {f"train_{k}": v for k, v in last.items() if k in ("loss",)}
-        if evaluate is not None:
-            result = self._eval(evaluate)
-            self.tracker.log(steps, {f"eval_{k}": v for k, v in result.items()})
-            final.update({f"eval_{k}": v for k, v in result.items()})
-        return final
+            if checkpointer is not None and checkpointer.due(step, steps):
+                checkpointer.save(step, {"model": self.model}, {"model": self.optimizer}, {
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "window": window, "last": last,
+                })
+                checkpointer.after_save()
+                started = time.perf_counter()
+        return last
 
     def _eval(self, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
         self.model.eval()

@@ -61,6 +61,14 @@ class EMABaseline:
         self.decay = decay
         self.baseline: float | None = None
 
+    def state_dict(self) -> dict:
+        """The running baseline (saved in checkpoints, so a resumed run continues it)."""
+        return {"baseline": self.baseline}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        self.baseline = state["baseline"]
+
     def __call__(self, inputs: AdvantageInputs) -> torch.Tensor:
         rewards = inputs.rewards.float()
         mean = float(inputs.batch_mean(rewards))

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from rlhf_core import hookimpl
 from rlhf_core import distributed as dist_utils
+from rlhf_core.checkpoint import honour_stop_requests
 from rlhf_core.config import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, ComponentSpec, DataConfig, rule_problems
 from rlhf_core.distributed import masked_mean
 from rlhf_core.data import TokenStats, data_inputs, dataset_components, encode_prompt, load_split, render_prompt
@@ -174,12 +175,46 @@ class PPOStage:
             return evaluate_policy(models.policy, tokenizer, eval_prompts, reward_fn, gold_fn, config.generation,
                                    device, ctx.seed)
 
-        first = evaluate() if eval_prompts else {}
-        if first:
-            ctx.tracker.log(0, {f"eval_{k}": v for k, v in first.items()})
-        last: dict[str, float] = {}
-        kl_history: list[float] = []
-        bar = tqdm(range(1, config.iterations + 1), desc=ctx.name, disable=not is_main_process(), dynamic_ncols=True)
+        ckpt = ctx.checkpointer
+        trained = {"policy": models.policy, **({"critic": models.critic} if models.critic is not None else {})}
+        optims = {"policy": models.optimizer, **({"critic": models.critic_optimizer} if models.critic is not None else {})}
+        saved = ckpt.restore(trained, optims) if ckpt is not None else None
+        start = 0
+        if saved is not None:  # continue exactly: prompt order, KL coefficient, estimator state, progress
+            start, first, last, kl_history = saved["step"], saved["first"], saved["last"], saved["kl_history"]
+            rng.setstate(saved["prompt_rng"])
+            models.kl.value = saved["kl_coef"]
+            if hasattr(estimator.estimator, "load_state_dict"):
+                estimator.estimator.load_state_dict(saved["estimator"])
+        else:
+            first = evaluate() if eval_prompts else {}
+            if first:
+                ctx.tracker.log(0, {f"eval_{k}": v for k, v in first.items()})
+            last, kl_history = {}, []
+        bar = tqdm(range(start + 1, config.iterations + 1), desc=ctx.name, disable=not is_main_process(),
+                   dynamic_ncols=True, initial=start, total=config.iterations)
+        with honour_stop_requests(ckpt):
+            last = self._loop(ctx, config, bar, models, prompts, rng, tokenizer, reward_fn, estimator, loss_fn,
+                              evaluate, eval_prompts, first, last, kl_history, trained, optims)
+        bar.close()
+        final = evaluate() if eval_prompts else {}
+        if final:
+            ctx.tracker.log(config.iterations, {f"eval_{k}": v for k, v in final.items()})
+        summary = {k: last[k] for k in ("reward_mean", "kl", "kl_coef", "clip_frac", "response_length") if k in last}
+        summary["kl_max"] = max(kl_history) if kl_history else 0.0
+        summary.update(prompts=float(stats.total), prompts_truncated=float(stats.truncated))
+        summary.update({f"eval_{k}_start": v for k, v in first.items()})
+        summary.update({f"eval_{k}_end": v for k, v in final.items()})
+        headline = {}
+        if gold_fn is not None and first and final:
+            headline = {"gold_score_sft": first["gold"], "gold_score_ppo": final["gold"]}
+        model_dir = save_causal_lm(models.policy, tokenizer, ctx.stage_dir) if config.save else None
+        return StageResult(model_dir, "policy", summary, headline)
+
+    def _loop(self, ctx, config, bar, models, prompts, rng, tokenizer, reward_fn, estimator, loss_fn, evaluate,
+              eval_prompts, first, last, kl_history, trained, optims) -> dict[str, float]:
+        """Iterations ``bar``: rollout -> Experience -> update -> stats, evaluation, checkpoints."""
+        device, ckpt = ctx.device, ctx.checkpointer
         for it in bar:
             # A rank takes a contiguous share of the global prompt batch; a prompt's samples stay together.
             batch_prompts = dist_utils.shard([rng.choice(prompts) for _ in range(config.prompts_per_batch)])
@@ -197,20 +232,14 @@ class PPOStage:
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
             if eval_prompts and config.eval_every > 0 and it % config.eval_every == 0 and it != config.iterations:
                 ctx.tracker.log(it, {f"eval_{k}": v for k, v in evaluate().items()})
-        bar.close()
-        final = evaluate() if eval_prompts else {}
-        if final:
-            ctx.tracker.log(config.iterations, {f"eval_{k}": v for k, v in final.items()})
-        summary = {k: last[k] for k in ("reward_mean", "kl", "kl_coef", "clip_frac", "response_length") if k in last}
-        summary["kl_max"] = max(kl_history) if kl_history else 0.0
-        summary.update(prompts=float(stats.total), prompts_truncated=float(stats.truncated))
-        summary.update({f"eval_{k}_start": v for k, v in first.items()})
-        summary.update({f"eval_{k}_end": v for k, v in final.items()})
-        headline = {}
-        if gold_fn is not None and first and final:
-            headline = {"gold_score_sft": first["gold"], "gold_score_ppo": final["gold"]}
-        model_dir = save_causal_lm(models.policy, tokenizer, ctx.stage_dir) if config.save else None
-        return StageResult(model_dir, "policy", summary, headline)
+            if ckpt is not None and ckpt.due(it, config.iterations):
+                state = estimator.estimator.state_dict() if hasattr(estimator.estimator, "state_dict") else None
+                ckpt.save(it, trained, optims, {
+                    "first": first, "last": last, "kl_history": kl_history, "prompt_rng": rng.getstate(),
+                    "kl_coef": models.kl.value, "estimator": state,
+                })
+                ckpt.after_save()
+        return last
 
     # ------------------------------------------------------------------ setup and checks
 
