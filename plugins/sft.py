@@ -13,7 +13,7 @@ import torch
 import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
-from rlhf_core.distributed import all_reduce_sum, launched_distributed
+from rlhf_core.distributed import all_reduce_sum, launched_distributed, masked_mean
 from rlhf_core.data import collate_sft, data_inputs, dataset_components, load_split, shift_labels, tokenize_sft
 from rlhf_core.interfaces import StageError, StageInput, StageResult
 from rlhf_core.models import load_causal_lm, load_tokenizer, save_causal_lm
@@ -34,9 +34,7 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, backend: s
         loss = rlhf_kernels.cross_entropy(logits, labels, reduction="mean", backend=backend)
     elif aggregation == "sequence_mean":
         nll = rlhf_kernels.cross_entropy(logits, labels, reduction="none", backend=backend)  # [B, T]
-        per_seq = nll.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
-        has_tokens = valid.any(dim=1).float()
-        loss = (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+        loss = masked_mean(masked_mean(nll, valid, dim=1), valid.any(dim=1))
     else:
         raise ValueError(f"cross_entropy: unknown aggregation {aggregation!r}; accepted: token_mean, sequence_mean")
     return loss, {"tokens": float(valid.sum())}

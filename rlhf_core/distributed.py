@@ -87,22 +87,22 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum over ranks of ``tensor`` (a new tensor; ``tensor`` itself in a single process)."""
+def _all_reduce(tensor: torch.Tensor, op: Any) -> torch.Tensor:
     if world_size() == 1:
         return tensor
     out = tensor.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    dist.all_reduce(out, op=op)
     return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of ``tensor`` (a new tensor; ``tensor`` itself in a single process)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     """The maximum over ranks of ``tensor``."""
-    if world_size() == 1:
-        return tensor
-    out = tensor.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 def global_mean(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:

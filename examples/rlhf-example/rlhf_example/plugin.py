@@ -5,6 +5,7 @@ import torch
 
 import rlhf_kernels
 from rlhf_core import hookimpl
+from rlhf_core.distributed import masked_mean
 from rlhf_core.interfaces import AdvantageInputs
 
 
@@ -13,7 +14,7 @@ def label_smoothed_ce(logits, labels, *, backend=None, smoothing: float = 0.1):
     valid = labels != -100
     nll = rlhf_kernels.cross_entropy(logits, labels, reduction="mean", backend=backend)
     uniform = -torch.log_softmax(logits.float(), dim=-1).mean(-1)  # [B, T]
-    smooth = (uniform * valid).sum() / valid.sum().clamp(min=1)
+    smooth = masked_mean(uniform, valid)
     return (1 - smoothing) * nll + smoothing * smooth, {"smooth_term": float(smooth)}
 
 
