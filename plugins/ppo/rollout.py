@@ -1,4 +1,4 @@
-"""Rollouts: sample responses from the policy and score their tokens.
+"""Rollouts: score the tokens of sampled responses (sampling itself is :mod:`rlhf_core.sampling`).
 
 Prompts are left-padded so that every response starts at the same column ``P``; position ids are
 derived from the attention mask so that the forward passes here see the same positions as
@@ -11,25 +11,8 @@ from dataclasses import dataclass
 import torch
 
 import rlhf_kernels
-from rlhf_core import distributed as dist_utils
-from rlhf_core.data import IGNORE_INDEX, append_column, pad
-
-
-@dataclass
-class Rollout:
-    """One batch of sampled sequences.
-
-    ``sequences [B, P+R]`` (left-padded prompt, then response, pad after EOS), ``attention_mask``
-    ``[B, P+R]``, ``prompt_len`` = P, ``labels [B, R]`` (response ids, -100 after EOS),
-    ``mask [B, R]`` (1 on response tokens up to and including EOS), ``responses`` (decoded text).
-    """
-
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    prompt_len: int
-    labels: torch.Tensor
-    mask: torch.Tensor
-    responses: list[str]
+from rlhf_core.data import IGNORE_INDEX, append_column
+from rlhf_core.sampling import Rollout, position_ids
 
 
 @dataclass
@@ -54,40 +37,6 @@ class Experience:
     values: torch.Tensor | None
     returns: torch.Tensor | None
     time_generate: float = 0.0
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting only real tokens (left padding gets position 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-@torch.no_grad()
-def generate(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-             top_p: float, device: torch.device) -> Rollout:
-    """Sample one response per prompt row with HF ``generate`` (KV cache, sampling)."""
-    ids = pad(prompt_ids, tokenizer.pad_token_id, left=True).to(device)  # [B, P]
-    attn = pad([[1] * len(p) for p in prompt_ids], 0, left=True).to(device)
-    # Under FSDP every rank must run the same number of forward passes: synced_gpus keeps a rank
-    # whose responses all ended stepping until every rank's have. A DDP replica generates alone.
-    several = dist_utils.world_size() > 1
-    with dist_utils.gathered(policy):
-        out = dist_utils.unwrap(policy).generate(
-            input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            synced_gpus=several and not dist_utils.is_ddp(policy),
-        )
-    prompt_len = ids.shape[1]
-    response = out[:, prompt_len:]  # [B, R]
-    is_eos = response == tokenizer.eos_token_id
-    # Keep tokens up to and including the first EOS.
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-    mask = (~after_eos).long()
-    response = response.masked_fill(after_eos, tokenizer.pad_token_id)
-    labels = response.masked_fill(mask == 0, IGNORE_INDEX)
-    texts = tokenizer.batch_decode(response.masked_fill(is_eos | after_eos, tokenizer.pad_token_id), skip_special_tokens=True)
-    sequences = torch.cat([ids, response], dim=1)
-    attention = torch.cat([attn, mask], dim=1)
-    return Rollout(sequences, attention, prompt_len, labels, mask, texts)
 
 
 def response_logits(model, rollout_sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:

@@ -23,13 +23,14 @@ from rlhf_core.config import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, Com
 from rlhf_core.distributed import masked_mean
 from rlhf_core.data import TokenStats, data_inputs, dataset_components, encode_prompt, load_split, render_prompt
 from rlhf_core.interfaces import AdvantageInputs, StageInput, StageResult, checked_advantages, checked_rewards
+from rlhf_core.sampling import evaluate_samples, generate
 from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm, load_tokenizer, save_causal_lm
 from rlhf_core.tracking import is_main_process
 from rlhf_core.training import TrainingError, autocast_context
 
 from .advantages import whiten
 from .loss import KL_ESTIMATORS, KLController, clipped_value_loss, policy_objective, shape_rewards
-from .rollout import Experience, critic_values, generate, response_logits, response_values, score_tokens, widen
+from .rollout import Experience, critic_values, response_logits, response_values, score_tokens, widen
 
 
 @dataclass
@@ -172,8 +173,10 @@ class PPOStage:
 
         def evaluate() -> dict[str, float]:
             # The same sampling seed every time, so that policies are compared on one random stream.
-            return evaluate_policy(models.policy, tokenizer, eval_prompts, reward_fn, gold_fn, config.generation,
-                                   device, ctx.seed)
+            g = config.generation
+            judges = {"reward": reward_fn, **({"gold": gold_fn} if gold_fn is not None else {})}
+            return evaluate_samples(models.policy, tokenizer, eval_prompts, judges, max_new_tokens=g.max_new_tokens,
+                                    temperature=g.temperature, top_p=g.top_p, device=device, seed=ctx.seed)
 
         ckpt = ctx.checkpointer
         trained = {"policy": models.policy, **({"critic": models.critic} if models.critic is not None else {})}
@@ -387,27 +390,6 @@ def experience_stats(exp: Experience, beta: float) -> dict[str, float]:
         "entropy": float(masked_mean(exp.entropy, mask, global_=True)), "response_length": float(sums[4]) / n,
         "advantage_mean": float(masked_mean(exp.advantages, mask, global_=True)),
     }
-
-
-@torch.no_grad()
-def evaluate_policy(policy, tokenizer, prompts: list[str], reward_fn, gold_fn, g: GenerationConfig,
-                    device: torch.device, seed: int) -> dict[str, float]:
-    """Mean reward (and gold score) of fresh samples on held-out prompts, with a fixed RNG seed so
-    that the starting and final policies are compared on the same random stream. Each rank samples
-    its share of the prompts; the means are over all of them."""
-    share = dist_utils.shard(prompts)
-    real = 1.0 if share else 0.0
-    share = share or prompts[:1]  # a rank without prompts still takes part in the sharded forwards
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed + dist_utils.rank())
-        policy.eval()
-        roll = generate(policy, tokenizer, [encode_prompt(tokenizer, p) for p in share],
-                        max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, device=device)
-    judges = {"reward": reward_fn, **({"gold": gold_fn} if gold_fn is not None else {})}
-    sums = torch.tensor([real * float(fn(share, roll.responses).double().sum()) for fn in judges.values()]
-                        + [real * len(share)], dtype=torch.float64, device=device)
-    sums = dist_utils.all_reduce_sum(sums)
-    return {name: float(sums[i] / sums[-1]) for i, name in enumerate(judges)}
 
 
 class Scorer:

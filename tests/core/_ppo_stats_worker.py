@@ -12,7 +12,8 @@ from rlhf_core import distributed as dist_utils
 from rlhf_core.interfaces import AdvantageInputs
 from rlhf_plugins.ppo.advantages import BatchMeanBaseline, EMABaseline, whiten
 from rlhf_plugins.ppo.loss import KLController
-from rlhf_plugins.ppo.rollout import Experience, Rollout
+from rlhf_core.sampling import Rollout
+from rlhf_plugins.ppo.rollout import Experience
 from rlhf_plugins.ppo.stage import experience_stats
 
 
