@@ -210,6 +210,145 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
             click.echo(f"    {kind}: {', '.join(names)}")
 
 
+def _sampling_options(fn):
+    """The sampling flags ``generate`` and ``eval`` share."""
+    for option in reversed([
+        click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True)),
+        click.option("--top-p", "top_p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True)),
+        click.option("--max-new-tokens", "max_new_tokens", default=64, show_default=True, type=click.IntRange(min=1)),
+        click.option("--seed", default=0, show_default=True, help="Sampling seed (the same seed gives the same samples)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _prompts(texts: tuple[str, ...], path: str | None, registry, tokenizer, seed: int, limit: int | None) -> list[str]:
+    from .data import load_records, render_prompt
+
+    prompts = list(texts)
+    if path:
+        records = load_records(path, "prompts", registry, seed=seed, builtin_size=limit or 64)
+        prompts += [render_prompt(tokenizer, r.fields) for r in records]
+    if not prompts:
+        raise click.UsageError("give at least one --prompt TEXT or a prompts file")
+    return prompts[:limit] if limit else prompts
+
+
+@cli.command("generate")
+@click.argument("model_dir")
+@click.option("--prompt", "texts", multiple=True, metavar="TEXT", help="A prompt (repeatable).")
+@click.option("--file", "path", metavar="FILE", help="Prompts: a .jsonl/.json/.csv/.parquet file of prompt records, or builtin:NAME.")
+@click.option("--n", "n", default=1, show_default=True, type=click.IntRange(min=1), help="Samples per prompt.")
+@click.option("--limit", type=click.IntRange(min=1), help="Use at most this many prompts.")
+@_sampling_options
+@click.pass_context
+def generate_command(ctx: click.Context, model_dir, texts, path, n, limit, temperature, top_p, max_new_tokens, seed,
+                     device, as_json) -> None:
+    """Sample responses from a trained policy (any sft or ppo stage output, or a model directory)."""
+    import torch
+
+    from .data import encode_prompt
+    from .sampling import generate
+
+    try:
+        registry = build_registry(_plugin_manager(ctx))
+        tokenizer, model, dev = load_policy(model_dir, device)
+        prompts = _prompts(texts, path, registry, tokenizer, seed, limit)
+        torch.manual_seed(seed)
+        roll = generate(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts for _ in range(n)],
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, device=dev)
+    except USER_ERRORS as exc:
+        raise _user_error(exc) from None
+    rows = [{"prompt": p, "samples": roll.responses[i * n:(i + 1) * n]} for i, p in enumerate(prompts)]
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps(row, ensure_ascii=False))
+            continue
+        click.echo(f"### {row['prompt']}")
+        for sample in row["samples"]:
+            click.echo(f"  -> {sample}")
+
+
+@cli.command("eval")
+@click.argument("model_dir")
+@click.option("--prompts", "path", required=True, metavar="FILE",
+              help="Prompts: a prompt-records file, or builtin:NAME.")
+@click.option("--reward", "reward", required=True, metavar="SPEC",
+              help="A registered reward: a name, or YAML such as '{name: reward_model, path: runs/x/reward}'.")
+@click.option("--gold", "gold", metavar="SPEC", help="A second judge reported beside the reward (e.g. letters_gold).")
+@click.option("--limit", type=click.IntRange(min=1), help="Use at most this many prompts.")
+@_sampling_options
+@click.pass_context
+def eval_command(ctx: click.Context, model_dir, path, reward, gold, limit, temperature, top_p, max_new_tokens, seed,
+                 device, as_json) -> None:
+    """Mean reward (and gold score) of one sample per prompt: the numbers PPO's evaluation reports
+    (the same function, the same seed gives the same samples)."""
+    from .config import ComponentSpec, ConfigError, ModelConfig, RunConfig, check_options, coerce
+    from .interfaces import StageContext
+    from .sampling import evaluate_samples
+
+    try:
+        registry = build_registry(_plugin_manager(ctx))
+        problems: list[str] = []
+        specs = {}
+        for name, text in (("reward", reward), ("gold", gold)):
+            if text is None:
+                continue
+            spec = coerce(ComponentSpec, yaml.safe_load(text), f"--{name}", problems)
+            if spec is not None:
+                try:
+                    check_options(registry.lookup("reward", spec), spec, f"--{name}", problems)
+                    specs[name] = spec
+                except RegistryError as exc:
+                    problems.append(f"--{name}: {exc}")
+        if problems:
+            raise ConfigError(problems, "command line")
+        tokenizer, model, dev = load_policy(model_dir, device)
+        stage_ctx = StageContext(name="eval", stage_dir=Path(model_dir), registry=registry, tracker=None, device=dev,
+                                 run_config=RunConfig(model=ModelConfig(name_or_path=model_dir, device=device)),
+                                 seed=seed, results={})
+        judges = {name: _checked_reward(registry, spec, stage_ctx) for name, spec in specs.items()}
+        prompts = _prompts((), path, registry, tokenizer, seed, limit)
+        result = evaluate_samples(model, tokenizer, prompts, judges, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, device=dev, seed=seed)
+    except (USER_ERRORS + (yaml.YAMLError,)) as exc:
+        raise _user_error(exc) from None
+    result["prompts"] = len(prompts)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for key, value in result.items():
+        click.echo(f"{key:<10} {value:.4f}" if isinstance(value, float) else f"{key:<10} {value}")
+
+
+def _checked_reward(registry, spec, stage_ctx):
+    from .interfaces import checked_rewards
+
+    entry = registry.lookup("reward", spec)
+    fn = entry.obj(stage_ctx, **spec.options)
+    return lambda prompts, responses: checked_rewards(entry, fn, prompts, responses)
+
+
+def load_policy(model_dir: str, device: str):
+    """``(tokenizer, causal LM in eval mode, device)`` for a policy directory (or builtin:tiny)."""
+    from transformers.utils import logging as hf_logging
+
+    from .config import ModelConfig
+    from .models import check_model_source, is_reward_model_dir, load_causal_lm, load_tokenizer
+
+    hf_logging.disable_progress_bar()
+    problem = check_model_source(model_dir)
+    if problem:
+        raise ModelLoadError(problem)
+    if is_reward_model_dir(model_dir):
+        raise ModelLoadError(f"{model_dir} is a reward model; sample from a policy (an sft or ppo stage output)")
+    dev = resolve_device(device)
+    cfg = ModelConfig(name_or_path=model_dir, device=device)
+    return load_tokenizer(cfg), load_causal_lm(cfg).to(dev).eval(), dev
+
+
 @cli.group()
 def bench() -> None:
     """Benchmarks (never part of the test suite)."""

@@ -89,6 +89,27 @@ def test_end_to_end_sft_reward_ppo_learns(tiny_pipeline_yaml, tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["stages"][2]["stage"] == "ppo"
     assert "gold_score_ppo" in result.output
 
+    # `rlhf eval` reports the number PPO's final evaluation reported (same prompts, same seed).
+    from rlhf_core.config import DataConfig
+    from rlhf_core.data import load_split
+    from rlhf_core.plugins import build_registry, get_plugin_manager
+
+    registry = build_registry(get_plugin_manager(entry_points=False))
+    _, held = load_split(DataConfig(train="builtin:letters", builtin_size=300), "prompts", registry, seed=0)
+    prompts = tmp_path / "eval_prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r.fields) + "\n" for r in held[:48]))
+    result = invoke("eval", str(out / "ppo"), "--prompts", str(prompts), "--reward", "{name: reward_model, path: "
+                    f"{out / 'reward'}}}", "--gold", "letters_gold", "--max-new-tokens", "12", "--json")
+    assert result.exit_code == 0, result.output
+    numbers = json.loads(result.output)
+    assert numbers["prompts"] == len(held[:48])
+    assert numbers["gold"] == pytest.approx(summary["stages"]["ppo"]["eval_gold_end"], abs=1e-9)
+    assert numbers["reward"] == pytest.approx(summary["stages"]["ppo"]["eval_reward_end"], abs=1e-6)
+    # `rlhf generate` samples from the same directory.
+    samples = [json.loads(x) for x in invoke("generate", str(out / "ppo"), "--prompt", "a=", "--prompt", "b=",
+                                             "--n", "3", "--max-new-tokens", "8", "--json").output.splitlines()]
+    assert [s["prompt"] for s in samples] == ["a=", "b="] and all(len(s["samples"]) == 3 for s in samples)
+
 
 @pytest.mark.parametrize("advantage", ["rloo", "gae", "group_mean", "ema"])
 def test_every_estimator_runs_and_improves_reward(tiny_pipeline_yaml, tmp_path, advantage):
