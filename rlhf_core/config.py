@@ -225,6 +225,7 @@ class RunConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: list[ComponentSpec] = field(default_factory=list)
     plugins: list[str] = field(default_factory=list)
     stages: list[StageSpec] = field(default_factory=list)
 
@@ -490,6 +491,13 @@ def resolve(data: dict, registry: Any, source: str = "config") -> RunConfig:
     stages_raw = data.get("stages", None)
     top = {k: v for k, v in data.items() if k != "stages"}
     config = coerce_dataclass(RunConfig, top, "", problems) or RunConfig()
+    for i, spec in enumerate(config.tracking or []):
+        if spec is None:
+            continue
+        try:
+            check_options(registry.lookup("tracker", spec), spec, f"tracking[{i}]", problems)
+        except ValueError as exc:
+            problems.append(f"tracking[{i}]: {exc}")
     if not isinstance(stages_raw, list) or not stages_raw:
         problems.append("stages: expected a non-empty list of stages, e.g. [{stage: sft}, {stage: reward}]")
         stages_raw = []

@@ -327,6 +327,23 @@ def signals_interrupt() -> Iterator[None]:
             os.close(write_fd)  # ends the watchdog's read
 
 
+def _tracker_backends(prepared: Prepared, run_dir: Path) -> list[Any]:
+    """The config's ``tracking:`` plugins, built with the resolved config (main process only)."""
+    plain = cfgmod.to_plain(prepared.config)
+    return [prepared.registry.lookup("tracker", spec).obj(run_dir, plain, **spec.options)
+            for spec in prepared.config.tracking]
+
+
+def _finish_trackers(tracker: Tracker, summary: dict[str, Any]) -> None:
+    """A tracker that fails to close must not hide the run's own outcome: warn and go on."""
+    import sys
+
+    try:
+        tracker.finish(summary)
+    except Exception as exc:
+        print(f"rlhf: warning: a tracker failed to finish: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
 def _record(summary: dict[str, Any], name: str, result: StageResult, results: dict[str, StageResult]) -> None:
     """A completed stage: its numbers, its output (for a later resume), its headline."""
     results[name] = result
@@ -378,7 +395,7 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = F
     if is_main_process():
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfgmod.to_plain(config), sort_keys=False))
     device = resolve_device(config.model.device)
-    tracker = Tracker(run_dir)
+    tracker = Tracker(run_dir, _tracker_backends(prepared, run_dir) if is_main_process() else [])
     if resume:
         tracker.keep_only(lambda row: row.get("stage") in done or row.get("step", 0) <= resumed_from.get(row.get("stage"), -1))
     results: dict[str, StageResult] = {}
@@ -437,18 +454,21 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = F
             summary.update(status="interrupted", interrupted_by=getattr(exc, "signame", "SIGINT"),
                            stage_in_progress=current)
         write_summary(run_dir, summary)
+        _finish_trackers(tracker, summary)
         raise
     except BaseException as exc:
         # A collective that broke because another rank died: record that rank's reason, the root cause.
         reason = dist_utils.failure_elsewhere() or _reason(exc)
         summary.update(status=f"failed: {reason}", stage_in_progress=current)
         write_summary(run_dir, summary)
+        _finish_trackers(tracker, summary)
         raise
     finally:
         _on_abort.remove(on_abort)
     summary["status"] = "finished"
     del summary["pid"]
     write_summary(run_dir, summary)
+    _finish_trackers(tracker, summary)
     echo(format_table(summary))
     echo(f"run directory: {run_dir}  (summary.json, metrics.jsonl, plots/)")
     return summary

@@ -84,6 +84,22 @@ def rlhf_register_datasets(register):
 
 
 @hookspec
+def rlhf_register_trackers(register):
+    """Register experiment trackers, selected with the config's ``tracking: [NAME, {name: NAME, ...}]``.
+
+    :param register: ``register(name, tracker_class)``; the class follows
+        :class:`rlhf_core.interfaces.TrackerBackend`: built on the main process at the start of a
+        run as ``tracker_class(run_dir, config, **options)`` (``config``: the resolved run config
+        as plain data, for the tool's hyper-parameters), then ``log(stage, step, metrics)`` for
+        every logged row and ``finish(summary)`` once when the run ends (``summary["status"]``:
+        ``finished``, ``interrupted`` or ``failed: ...``). A static ``check_options(**options)``
+        raising ``ValueError`` (say, a missing package) is called before anything trains.
+        ``metrics.jsonl`` and the plots are written whatever trackers are chosen.
+    :return: nothing.
+    """
+
+
+@hookspec
 def rlhf_register_commands(cli):
     """Add commands to the ``rlhf`` command line.
 

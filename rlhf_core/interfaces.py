@@ -264,3 +264,15 @@ def checked_advantages(entry: Any, advantages: Any, mask: torch.Tensor) -> torch
     if not torch.isfinite(advantages[mask.bool()]).all():
         raise ComponentError(f"{who} returned non-finite advantages on response tokens")
     return advantages.float()
+
+
+@runtime_checkable
+class TrackerBackend(Protocol):
+    """An experiment tracker (TensorBoard, W&B, MLflow ...): built as
+    ``cls(run_dir: Path, config: dict, **options)`` on the main process; every logged row goes to
+    ``log(stage, step, metrics)`` (numbers only; ``step`` counts within ``stage``), and
+    ``finish(summary)`` is called once at the end of the run, whatever its status."""
+
+    def log(self, stage: str, step: int, metrics: dict[str, float]) -> None: ...
+
+    def finish(self, summary: dict[str, Any]) -> None: ...

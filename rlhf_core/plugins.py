@@ -31,6 +31,7 @@ BUILTINS = {
     "ppo-advantages": "rlhf_plugins.ppo.advantages",
     "ppo-rewards": "rlhf_plugins.ppo.rewards",
     "letters": "rlhf_plugins.letters",
+    "trackers": "rlhf_plugins.trackers",
 }
 
 
@@ -134,6 +135,7 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
     hooks = [
         ("rlhf_register_stages", "stage"), ("rlhf_register_losses", "loss"), ("rlhf_register_rewards", "reward"),
         ("rlhf_register_advantages", "advantage"), ("rlhf_register_datasets", "dataset"),
+        ("rlhf_register_trackers", "tracker"),
     ]
     for hook_name, kind in hooks:
         for impl in getattr(pm.hook, hook_name).get_hookimpls():  # registration order

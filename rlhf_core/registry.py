@@ -10,9 +10,10 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("stage", "loss", "reward", "advantage", "dataset")
+KINDS = ("stage", "loss", "reward", "advantage", "dataset", "tracker")
 LOSS_FAMILIES = ("token", "score", "pairwise", "policy")
-_HUMAN = {"stage": "stage", "loss": "loss", "reward": "reward", "advantage": "advantage estimator", "dataset": "dataset"}
+_HUMAN = {"stage": "stage", "loss": "loss", "reward": "reward", "advantage": "advantage estimator", "dataset": "dataset",
+          "tracker": "tracker"}
 
 
 class RegistryError(ValueError):
@@ -31,12 +32,12 @@ class Entry:
 
     def options(self) -> dict[str, inspect.Parameter]:
         """The keyword options a config may set: keyword parameters with defaults (not the
-        host-supplied ``ctx`` and ``backend``)."""
+        host-supplied ``ctx``, ``backend``, ``run_dir`` and ``config``)."""
         target = self.obj.__init__ if inspect.isclass(self.obj) else self.obj
         params = inspect.signature(target).parameters.values()
         return {
             p.name: p for p in params
-            if p.default is not inspect.Parameter.empty and p.name not in ("backend", "self", "ctx")
+            if p.default is not inspect.Parameter.empty and p.name not in ("backend", "self", "ctx", "run_dir", "config")
             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
         }
 

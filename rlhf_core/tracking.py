@@ -20,14 +20,22 @@ def is_main_process() -> bool:
 
 
 class Tracker:
-    """Appends stage-tagged metric rows to ``metrics.jsonl`` and keeps them for plotting."""
+    """Appends stage-tagged metric rows to ``metrics.jsonl`` (always: resume and the plots read it),
+    keeps them for plotting, and hands each row to the run's tracker plugins (``tracking:``, e.g.
+    TensorBoard), which exist on the main process only."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, backends: list[Any] = ()):
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.stage = ""
         self.rows: list[dict[str, Any]] = []
+        self.backends = list(backends)
         self._start = time.time()
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Tell every tracker plugin the run ended (``summary['status']`` says how)."""
+        for backend in self.backends:
+            backend.finish(summary)
 
     def keep_only(self, keep) -> None:
         """Resume: cut ``metrics.jsonl`` back to the rows ``keep(row)`` accepts (those up to the
@@ -55,6 +63,9 @@ class Tracker:
         if is_main_process():
             with self.path.open("a", encoding="utf-8") as fh:
                 fh.write(dumps_strict(row) + "\n")
+            numbers = {k: v for k, v in row.items() if k not in ("stage", "step") and isinstance(v, (int, float))}
+            for backend in self.backends:
+                backend.log(self.stage, int(step), numbers)
 
     def series(self, stage: str) -> dict[str, tuple[list[int], list[float]]]:
         """``metric -> (steps, values)`` for one stage (numeric, finite values only)."""
