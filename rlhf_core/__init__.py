@@ -7,6 +7,6 @@ from .hookspecs import hookimpl, hookspec
 
 __all__ = ["hookimpl", "hookspec", "__version__"]
 try:
-    __version__ = importlib.metadata.version("rlhf")  # one source of truth: pyproject.toml
+    __version__ = importlib.metadata.version("rlhf-kit")  # one source of truth: pyproject.toml
 except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"

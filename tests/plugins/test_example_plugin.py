@@ -70,3 +70,13 @@ def test_unknown_option_of_plugin_component_is_reported(installed, tmp_path):
     result = rlhf(installed, "run", str(config))
     assert result.returncode == 1
     assert "stages[0].loss.smoothin: unknown option for loss 'label_smoothed_ce'; accepted: smoothing" in result.stderr
+
+
+def test_the_example_depends_on_this_distribution_not_the_unrelated_pypi_rlhf():
+    import tomllib
+
+    root = Path(__file__).parents[2]
+    ours = tomllib.loads((root / "pyproject.toml").read_text())["project"]["name"]
+    example = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
+    assert ours == "rlhf-kit" and example["dependencies"] == [ours]
+    assert list(example["entry-points"]) == ["rlhf"]
