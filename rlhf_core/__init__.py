@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import importlib.metadata
 
+from .errors import UserError
 from .hookspecs import hookimpl, hookspec
 
-__all__ = ["hookimpl", "hookspec", "__version__"]
+__all__ = ["UserError", "hookimpl", "hookspec", "__version__"]
 try:
     __version__ = importlib.metadata.version("rlhf-kit")  # one source of truth: pyproject.toml
 except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed

@@ -10,19 +10,16 @@ import click
 import yaml
 
 from . import __version__
-from .config import ConfigError, to_plain
-from .data import DataError
-from .interfaces import ComponentError, StageError
-from .engine import RunDir, RunDirError, check_resumable, preflight, prepare, refuse_changes, run_pipeline, signals_interrupt
 from . import distributed as dist_utils
+from .config import to_plain
+from .engine import RunDir, check_resumable, preflight, prepare, refuse_changes, run_pipeline, signals_interrupt
+from .errors import UserError
 from .models import ModelLoadError, resolve_device
-from .plugins import PluginLoadError, build_registry, disabled_from_env, get_plugin_manager, registered_by
+from .plugins import build_registry, disabled_from_env, get_plugin_manager, registered_by
 from .registry import RegistryError
-from .training import TrainingError
 
 #: Errors a user can fix; shown as one message, not a traceback (RLHF_DEBUG=1 shows the traceback).
-USER_ERRORS = (ConfigError, ComponentError, DataError, ModelLoadError, PluginLoadError, RegistryError, RunDirError,
-               StageError, TrainingError)
+USER_ERRORS = (UserError,)
 
 
 def _user_error(exc: Exception) -> click.ClickException:

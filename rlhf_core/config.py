@@ -17,8 +17,10 @@ from typing import Any, Callable, Literal, Union
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """One or more config problems; ``problems`` lists them as ``path: message``."""
 
     def __init__(self, problems: list[str], source: str = "config"):

@@ -30,6 +30,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .errors import UserError
+
 IGNORE_INDEX = -100
 KINDS = ("sft", "reward", "pairwise", "prompts")
 KNOWN_ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -41,7 +43,7 @@ _FIELDS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Malformed input data; the message names the file, line and field."""
 
 

@@ -30,6 +30,7 @@ from .checkpoint import Interrupted
 from . import distributed as dist_utils
 from .atomic import atomic_write_text
 from .data import DataError, DataNotes, load_records
+from .errors import UserError
 from .interfaces import StageContext, StageResult
 from .models import check_model_source, resolve_device
 from .plugins import add_modules, build_registry, get_plugin_manager
@@ -41,7 +42,7 @@ from .training import seed_everything
 RUN_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl", ".lock")
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The output directory cannot be used."""
 
 

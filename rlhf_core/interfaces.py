@@ -11,12 +11,14 @@ from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from .errors import UserError
 
-class StageError(ValueError):
+
+class StageError(UserError, ValueError):
     """A stage cannot run with the given options or inputs; shown to the user without a traceback."""
 
 
-class ComponentError(RuntimeError):
+class ComponentError(UserError, RuntimeError):
     """A plugin component (reward, advantage estimator, ...) misbehaved at run time: it raised or
     returned something other than its contract says. The message names it, its plugin and what was
     expected."""

@@ -19,6 +19,7 @@ from torch import nn
 
 from .atomic import atomic_dir
 from .distributed import barrier, full_state_dict, unwrap
+from .errors import UserError
 from .tracking import is_main_process
 
 BUILTIN_TINY = "builtin:tiny"
@@ -27,7 +28,7 @@ HEAD_FILE = "reward_head.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model or tokenizer could not be loaded; the message names the path."""
 
 

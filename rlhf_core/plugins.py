@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pluggy
 
 from . import __version__, hookspecs
+from .errors import UserError
 from .registry import Registry, RegistryError
 
 ENTRY_POINT_GROUP = "rlhf"
@@ -35,7 +36,7 @@ BUILTINS = {
 }
 
 
-class PluginLoadError(RuntimeError):
+class PluginLoadError(UserError, RuntimeError):
     """A plugin failed to import or register (raised in strict mode or for config modules)."""
 
 

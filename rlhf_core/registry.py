@@ -10,13 +10,15 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import UserError
+
 KINDS = ("stage", "loss", "reward", "advantage", "dataset", "tracker")
 LOSS_FAMILIES = ("token", "score", "pairwise", "policy")
 _HUMAN = {"stage": "stage", "loss": "loss", "reward": "reward", "advantage": "advantage estimator", "dataset": "dataset",
           "tracker": "tracker"}
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError, ValueError):
     """A contested, unknown or malformed component."""
 
 

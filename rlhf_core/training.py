@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
 from .checkpoint import honour_stop_requests
+from .errors import UserError
 from .tracking import is_main_process
 
 
@@ -110,7 +111,7 @@ def _weighted_means(window: dict[str, list[float]], device: torch.device) -> dic
     return {k: float(total / count) if count > 0 else float("nan") for k, (total, count) in zip(keys, sums.tolist())}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot continue (e.g. the loss became NaN); the message says what to change."""
 
 
