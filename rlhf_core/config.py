@@ -90,7 +90,9 @@ class DataConfig:
     the prompt keeps its last ``max_prompt_length`` tokens (default half of ``max_length``), then the
     response is cut on the right; an example left with no response token is skipped and counted.
     ``builtin_size``: number of examples a builtin dataset generates. ``limit``: use at most this
-    many training examples.
+    many training examples. ``train``/``eval`` may also be a 🤗 ``save_to_disk`` directory or
+    ``hf:NAME``; ``split``/``eval_split`` choose their split; ``fields`` maps our field names to
+    the source's columns, e.g. ``{prompt: question, response: answer, score: rating}``.
     """
 
     train: str = "builtin:letters"
@@ -100,6 +102,9 @@ class DataConfig:
     max_prompt_length: int | None = None
     builtin_size: int = 2000
     limit: int | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+    split: str = "train"
+    eval_split: str = "test"
 
     def problems(self) -> list[str]:
         """Value checks: lengths that leave room for a response, a held-out share below 1."""
@@ -107,6 +112,10 @@ class DataConfig:
                                    "builtin_size": AT_LEAST_1, "limit": AT_LEAST_1})
         if not self.train:
             out.append("train: must name a data file or builtin:NAME")
+        known = ("prompt", "response", "score", "chosen", "rejected", "messages")
+        for ours, theirs in self.fields.items():
+            if ours not in known or not isinstance(theirs, str) or not theirs:
+                out.append(f"fields.{ours}: maps one of {', '.join(known)} to a column name, got {ours}: {theirs!r}")
         mpl = self.max_prompt_length
         if mpl is not None and self.max_length >= 2 and not 1 <= mpl < self.max_length:
             out.append(f"max_prompt_length: must be at least 1 and below max_length ({self.max_length}) so that a "

@@ -1,7 +1,8 @@
 """Datasets: reading records, validating fields, tokenising with prompt masking, collation.
 
-Record formats (one JSON object per line in ``.jsonl``; also ``.json`` (a list), ``.csv`` and
-``.parquet``):
+Sources: a ``.jsonl`` file (one JSON object per line), ``.json`` (a list), ``.csv``, ``.parquet``, a
+directory written by 🤗 ``Dataset.save_to_disk``, or ``hf:NAME`` (a hub dataset, when online). Columns
+named otherwise are mapped with ``data.fields`` (``{prompt: question}``). Record formats:
 
 - ``sft``: ``{"prompt": str, "response": str}`` or ``{"messages": [{"role", "content"}, ...]}``
   whose last message is the assistant's response (the tokenizer's chat template renders the rest
@@ -114,11 +115,64 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
+_SAVED_DATASET = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def is_saved_dataset(path: str | Path) -> bool:
+    """True for a directory written by 🤗 ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return Path(path).is_dir() and any((Path(path) / m).is_file() for m in _SAVED_DATASET)
+
+
+def _read_saved_dataset(path: Path, split: str) -> Iterator[tuple[str, Any]]:
+    """Rows of a ``save_to_disk`` directory, one at a time from the memory-mapped Arrow table."""
+    try:
+        from datasets import DatasetDict, load_from_disk
+    except ImportError:
+        raise DataError(f"{path}: reading a saved 🤗 dataset needs the datasets package (pip install -e \".[datasets]\")") from None
+    data = load_from_disk(str(path))
+    if isinstance(data, DatasetDict):
+        if split not in data:
+            raise DataError(f"{path}: no split {split!r}; splits: {', '.join(data)} (set data.split)")
+        data = data[split]
+    for i, row in enumerate(data):
+        yield f"{path}: row {i}", row
+
+
+def _read_hub_dataset(name: str, split: str) -> Iterator[tuple[str, Any]]:
+    """Rows of a 🤗 hub dataset (``hf:NAME``), streamed; a machine without network gets one line."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError(f"hf:{name}: reading hub datasets needs the datasets package (pip install -e \".[datasets]\")") from None
+    if any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        raise DataError(f"hf:{name}: hub datasets cannot be read while HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set; save "
+                        "it first with Dataset.save_to_disk(DIR) and set data.train: DIR")
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().dataset_info(name, timeout=10)  # one quick request, instead of the loader's retries
+        data = load_dataset(name, split=split, streaming=True)
+        rows = iter(data)
+        first = next(rows, None)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"hf:{name}: could not load the hub dataset (split {split!r}): {reason}; offline, save it "
+                        "first with Dataset.save_to_disk(DIR) and set data.train: DIR") from None
+    if first is not None:
+        yield f"hf:{name} row 0", first
+    for i, row in enumerate(rows, start=1):
+        yield f"hf:{name} row {i}", row
+
+
 def check_data_path(path: str | Path) -> str | None:
-    """None when ``path`` is a readable data file of a known format, else a one-line reason."""
+    """None when ``path`` is a readable data file of a known format or a saved 🤗 dataset
+    directory, else a one-line reason."""
     path = Path(path)
+    if is_saved_dataset(path):
+        return None
     if path.is_dir():
-        return f"{path}: is a directory; expected a data file ({', '.join(_READERS)})"
+        return (f"{path}: is a directory; expected a data file ({', '.join(_READERS)}) or a directory written by "
+                "Dataset.save_to_disk")
     if not path.exists():
         return f"{path}: no such file"
     if path.suffix.lower() not in _READERS:
@@ -147,19 +201,39 @@ class DataNotes:
         return out
 
 
-def read_records(path: str | Path, kind: str, notes: DataNotes | None = None) -> list[Record]:
-    """Read and validate every record of ``path`` for data ``kind``; errors name file, line, field.
-    Suspicious records are counted in ``notes`` (pairs with chosen == rejected are dropped)."""
-    problem = check_data_path(path)
-    if problem:
-        raise DataError(problem)
-    path = Path(path)
+def read_records(path: str | Path, kind: str, notes: DataNotes | None = None, *, fields: dict[str, str] | None = None,
+                 split: str = "train") -> list[Record]:
+    """Read and validate every record of ``path`` (a data file, a saved 🤗 dataset directory, or
+    ``hf:NAME``) for data ``kind``; errors name file, line, field. ``fields`` maps our field names to
+    the source's columns (``{prompt: question}``). Suspicious records are counted in ``notes``
+    (pairs with chosen == rejected are dropped)."""
     notes = notes if notes is not None else DataNotes()
-    records = [r for where, obj in _READERS[path.suffix.lower()](path) if (r := validate_record(obj, where, kind, notes))]
+    if str(path).startswith("hf:"):
+        rows = _read_hub_dataset(str(path)[3:], split)
+    else:
+        problem = check_data_path(path)
+        if problem:
+            raise DataError(problem)
+        path = Path(path)
+        rows = _read_saved_dataset(path, split) if is_saved_dataset(path) else _READERS[path.suffix.lower()](path)
+    records = [r for where, obj in rows if (r := validate_record(map_fields(obj, fields, where), where, kind, notes))]
     if not records:
         raise DataError(f"{path}: no records (the file is empty)" if not notes.dropped_pairs
                         else f"{path}: no usable records (every pair has chosen == rejected)")
     return records
+
+
+def map_fields(obj: Any, fields: dict[str, str] | None, where: str) -> Any:
+    """A record with the source's columns renamed to our field names (``data.fields``)."""
+    if not fields or not isinstance(obj, dict):
+        return obj
+    out = dict(obj)
+    for ours, theirs in fields.items():
+        if theirs not in obj:
+            raise DataError(f"{where}: no column {theirs!r} (data.fields maps {ours!r} to it); columns: "
+                            f"{', '.join(map(str, obj))}")
+        out[ours] = obj[theirs]
+    return out
 
 
 def validate_record(obj: Any, where: str, kind: str, notes: DataNotes | None = None) -> Record | None:
@@ -203,15 +277,16 @@ def _check_messages(messages: Any, where: str, need_assistant_last: bool) -> Non
 
 
 def load_records(spec: str, kind: str, registry: Any, *, seed: int, builtin_size: int,
-                 notes: DataNotes | None = None) -> list[Record]:
-    """Records from a path or from ``builtin:NAME`` (a registered dataset)."""
+                 notes: DataNotes | None = None, fields: dict[str, str] | None = None,
+                 split: str = "train") -> list[Record]:
+    """Records from a file, a saved 🤗 dataset, ``hf:NAME`` or ``builtin:NAME`` (a registered dataset)."""
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         factory = registry.get("dataset", name).obj
         raw = factory(kind, builtin_size, seed)
         records = [validate_record(obj, f"builtin:{name} record {i}", kind, notes) for i, obj in enumerate(raw)]
         return [r for r in records if r is not None]
-    return read_records(spec, kind, notes)
+    return read_records(spec, kind, notes, fields=fields, split=split)
 
 
 def split_records(records: list[Record], eval_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -224,9 +299,11 @@ def split_records(records: list[Record], eval_fraction: float, seed: int) -> tup
 
 def load_split(data_cfg: Any, kind: str, registry: Any, seed: int) -> tuple[list[Record], list[Record]]:
     """(train, eval) records for a stage's :class:`~rlhf_core.config.DataConfig`."""
-    train = load_records(data_cfg.train, kind, registry, seed=seed, builtin_size=data_cfg.builtin_size)
+    train = load_records(data_cfg.train, kind, registry, seed=seed, builtin_size=data_cfg.builtin_size,
+                         fields=data_cfg.fields, split=data_cfg.split)
     if data_cfg.eval:
-        held = load_records(data_cfg.eval, kind, registry, seed=seed + 1, builtin_size=max(1, data_cfg.builtin_size // 10))
+        held = load_records(data_cfg.eval, kind, registry, seed=seed + 1, builtin_size=max(1, data_cfg.builtin_size // 10),
+                            fields=data_cfg.fields, split=data_cfg.eval_split)
     else:
         train, held = split_records(train, data_cfg.eval_fraction, seed)
     if data_cfg.limit is not None:
@@ -238,7 +315,8 @@ def data_inputs(data_cfg: Any, kind: str, path: str = "data") -> list[Any]:
     """The :class:`~rlhf_core.interfaces.StageInput` of a stage's ``train`` (and ``eval``) data."""
     from .interfaces import StageInput
 
-    return [StageInput(f"{path}.{key}", "data", getattr(data_cfg, key), kind, data_cfg.builtin_size)
+    return [StageInput(f"{path}.{key}", "data", getattr(data_cfg, key), kind, data_cfg.builtin_size, data_cfg.fields,
+                       data_cfg.split if key == "train" else data_cfg.eval_split)
             for key in ("train", "eval") if getattr(data_cfg, key)]
 
 

@@ -96,7 +96,7 @@ def preflight(prepared: Prepared, echo=print) -> None:
             notes = DataNotes()
             try:
                 load_records(item.value, item.data_kind, registry, seed=config.seed, builtin_size=item.builtin_size,
-                             notes=notes)
+                             notes=notes, fields=item.fields, split=item.split)
             except DataError as exc:
                 problems.append(f"{path}: {exc}")
             for line in notes.lines(f"stage {spec.name!r} {item.path}"):

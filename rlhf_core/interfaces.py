@@ -30,7 +30,7 @@ class StageInput:
 
     ``path``: where it is set in the stage's config (``data.train``, ``init``); ``kind``:
     ``"data"`` (``value`` is a data file or ``builtin:NAME``, read and validated as ``data_kind``
-    records, ``builtin_size`` of them for a builtin) or ``"model"`` (``value`` is an init source:
+    records, ``builtin_size`` of them for a builtin, columns renamed by ``fields``, 🤗 ``split``) or ``"model"`` (``value`` is an init source:
     ``auto``, ``base``, ``@STAGE`` naming an earlier stage, or a directory / hub id).
     """
 
@@ -39,6 +39,8 @@ class StageInput:
     value: str
     data_kind: str | None = None
     builtin_size: int = 0
+    fields: dict[str, str] | None = None
+    split: str = "train"
 
 
 @dataclass

@@ -108,3 +108,49 @@ def test_split_is_seeded_and_holds_out():
     assert len(train) == 18 and len(held) == 2
     assert split_records(records, 0.1, seed=3)[1] == held
     assert {r.source for r in train} | {r.source for r in held} == {str(i) for i in range(20)}
+
+
+def test_saved_hf_dataset_with_mapped_columns_trains(tmp_path):
+    """A 🤗 ``save_to_disk`` directory (Dataset and DatasetDict) whose columns are named otherwise."""
+    import json
+
+    from click.testing import CliRunner
+    from datasets import Dataset, DatasetDict
+
+    from rlhf_core.cli import cli
+
+    rows = [{"question": f"{c}=", "answer": c * 6, "id": i} for i, c in enumerate("abcdefgh" * 8)]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "qa"))
+    chat = [{"conversation": [{"role": "user", "content": f"{c}="}, {"role": "assistant", "content": c * 4}]}
+            for c in "abcd" * 4]
+    DatasetDict({"train": Dataset.from_list(chat), "validation": Dataset.from_list(chat[:4])}).save_to_disk(str(tmp_path / "chat"))
+    stages = ("stages=[{stage: sft, data: {train: %s, fields: {prompt: question, response: answer}, max_length: 16}, "
+              "train: {steps: 2, batch_size: 8}}, {stage: sft, name: chat, data: {train: %s, eval: %s, "
+              "eval_split: validation, fields: {messages: conversation}, max_length: 32}, train: {steps: 1, batch_size: 4}}]"
+              % (tmp_path / "qa", tmp_path / "chat", tmp_path / "chat"))
+    result = CliRunner().invoke(cli, ["run", "--out", str(tmp_path / "run"), "--set", stages], obj={})
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stages"]["sft"]["examples"] == 58  # 64 rows, 10% held out
+    assert summary["stages"]["chat"]["examples"] == 16 and "eval_loss" in summary["stages"]["chat"]
+
+
+def test_hf_dataset_problems_are_one_line_before_anything_trains(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from datasets import Dataset, DatasetDict
+
+    from rlhf_core.cli import cli
+
+    DatasetDict({"train": Dataset.from_list([{"q": "a=", "a": "aaa"}])}).save_to_disk(str(tmp_path / "dd"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(cli, [
+        "run", "--out", str(tmp_path / "run"),
+        "--set", f"stages.sft.data={{train: {tmp_path / 'dd'}, split: training, fields: {{prompt: q, response: a}}}}",
+        "--set", f"stages.reward.data={{train: {tmp_path / 'dd'}, fields: {{prompt: question}}}}",
+        "--set", "stages.ppo.data.train=hf:someorg/prompts-nobody-has"], obj={})
+    assert result.exit_code == 1 and "Traceback" not in result.output and "== stage" not in result.output
+    assert f"stages[0].data.train: {tmp_path / 'dd'}: no split 'training'; splits: train (set data.split)" in result.output
+    assert f"stages[1].data.train: {tmp_path / 'dd'}: row 0: no column 'question' (data.fields maps 'prompt' to it); columns: q, a" in result.output
+    assert ("stages[2].data.train: hf:someorg/prompts-nobody-has: hub datasets cannot be read while "
+            "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set; save it first with Dataset.save_to_disk(DIR)") in result.output
