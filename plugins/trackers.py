@@ -9,22 +9,7 @@ from typing import Any
 import yaml
 
 from rlhf_core import hookimpl
-
-
-def _flat_scalars(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Config leaves as ``a.b.c -> value`` (numbers, strings, booleans), for hyper-parameter tables."""
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flat_scalars(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    if isinstance(data, list):
-        out = {}
-        for i, value in enumerate(data):
-            name = value.get("name") if isinstance(value, dict) and isinstance(value.get("name"), str) else str(i)
-            out.update(_flat_scalars(value, f"{prefix}.{name}"))
-        return out
-    return {prefix: data} if isinstance(data, (int, float, str, bool)) else {}
+from rlhf_core.config import flatten
 
 
 class TensorBoardTracker:
@@ -57,7 +42,7 @@ class TensorBoardTracker:
 
     def finish(self, summary: dict[str, Any]) -> None:
         headline = {f"run/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and k != "pid"}
-        hparams = {k: v for k, v in _flat_scalars(self.config).items()}
+        hparams = {k: v for k, v in flatten(self.config).items() if isinstance(v, (int, float, str, bool))}
         self.writer.add_hparams(hparams, headline or {"run/finished": float(summary.get("status") == "finished")},
                                 run_name=".")
         self.writer.add_text("summary", "```json\n" + json.dumps(summary, indent=2, default=str) + "\n```")

@@ -565,6 +565,21 @@ def resolve(data: dict, registry: Any, source: str = "config") -> RunConfig:
     return config
 
 
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Plain config data as ``path -> leaf`` with the paths problems use (``stages[0].train.lr``)."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        out = {}
+        for i, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}[{i}]"))
+        return out
+    return {prefix: data}
+
+
 def to_plain(obj: Any) -> Any:
     """A resolved config as plain YAML-able data (what ``config.yaml`` in a run dir holds)."""
     if isinstance(obj, StageSpec):

@@ -238,8 +238,8 @@ def refuse_changes(run_dir: Path, prepared: Prepared) -> None:
     lists each change."""
     import re
 
-    saved = _flatten(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
-    now = _flatten(cfgmod.to_plain(prepared.config))
+    saved = cfgmod.flatten(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
+    now = cfgmod.flatten(cfgmod.to_plain(prepared.config))
     harmless = [re.compile("^" + re.escape(k).replace(r"\*", r"\d+") + "$") for k in RESUME_HARMLESS]
     changes = [f"{key}: {saved.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
                for key in sorted(set(saved) | set(now))
@@ -248,20 +248,6 @@ def refuse_changes(run_dir: Path, prepared: Prepared) -> None:
         raise cfgmod.ConfigError(
             [f"{c} (a resumed run must compute what the original would have; only "
              f"{', '.join(RESUME_HARMLESS)} may change)" for c in changes], f"--resume {run_dir}")
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
-        out = {}
-        for i, value in enumerate(data):
-            out.update(_flatten(value, f"{prefix}[{i}]"))
-        return out
-    return {prefix: data}
 
 
 def make_run_dir(out: str | None, overwrite: bool) -> Path:
