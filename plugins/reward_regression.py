@@ -16,7 +16,7 @@ from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
 from rlhf_core.distributed import all_gather_objects, unwrap
 from rlhf_core.data import collate_scored, data_inputs, dataset_components, load_split, tokenize_scored
 from rlhf_core.interfaces import StageError, StageInput, StageResult
-from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm, load_tokenizer
+from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm
 from rlhf_core.training import Trainer, make_loader, total_steps
 
 
@@ -87,7 +87,7 @@ class RewardStage:
         pairwise = loss_entry.meta["family"] == "pairwise"
         keys = ("chosen", "rejected") if pairwise else ("response",)
         source = ctx.init_source(config.init, "policy")
-        tokenizer = load_tokenizer(model_cfg, None if source == model_cfg.name_or_path else source)
+        tokenizer = ctx.tokenizer_for(source)
         train_recs, eval_recs = load_split(config.data, "pairwise" if pairwise else "reward", ctx.registry, ctx.seed)
         dl = config.data
         train_items, stats = tokenize_scored(train_recs, tokenizer, dl.max_length, dl.max_prompt_length, keys)

@@ -16,7 +16,7 @@ from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
 from rlhf_core.distributed import all_reduce_sum, launched_distributed, masked_mean
 from rlhf_core.data import collate_sft, data_inputs, dataset_components, load_split, shift_labels, tokenize_sft
 from rlhf_core.interfaces import StageError, StageInput, StageResult
-from rlhf_core.models import load_causal_lm, load_tokenizer, save_causal_lm
+from rlhf_core.models import save_causal_lm
 from rlhf_core.training import Trainer, make_loader, total_steps
 
 
@@ -103,16 +103,15 @@ class SFTStage:
 
     def run(self, ctx, config: SFTConfig) -> StageResult:
         """Train the policy on (prompt, response) pairs; returns the saved policy directory."""
-        model_cfg, backend = ctx.run_config.model, ctx.kernel_backend
-        source = ctx.init_source(config.init, "policy")
-        tokenizer = load_tokenizer(model_cfg, None if source == model_cfg.name_or_path else source)
+        backend = ctx.kernel_backend
+        tokenizer = ctx.tokenizer_for(ctx.init_source(config.init, "policy"))
         train_recs, eval_recs = load_split(config.data, "sft", ctx.registry, ctx.seed)
         train_items, stats = tokenize_sft(train_recs, tokenizer, config.data.max_length, config.data.max_prompt_length)
         eval_items, _ = tokenize_sft(eval_recs, tokenizer, config.data.max_length, config.data.max_prompt_length)
         print(f"sft data: {stats.describe()}; {len(eval_items)} held out")
         if not train_items:
             raise StageError(f"stage {ctx.name!r}: no usable training examples ({stats.describe()})")
-        model = ctx.wrap(load_causal_lm(model_cfg, source, seed=ctx.seed).to(ctx.device))
+        _, model = ctx.load_policy(config.init)
         loss_entry = ctx.registry.lookup("loss", config.loss, "token")
         per_sequence = config.loss.options.get("aggregation") == "sequence_mean"
 

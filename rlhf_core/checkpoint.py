@@ -31,6 +31,9 @@ import torch
 from . import distributed as dist_utils
 from .atomic import _fsync_dir, atomic_write_text
 
+#: The supported plugin API of this module (see README "Plugin API").
+__all__ = ["Checkpointer", "Interrupted"]
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 class Interrupted(KeyboardInterrupt):

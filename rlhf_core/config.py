@@ -20,6 +20,11 @@ import yaml
 from .errors import UserError
 
 
+#: The supported plugin API of this module (see README "Plugin API").
+__all__ = ["ComponentSpec", "ConfigError", "DataConfig", "TrainConfig", "ModelConfig", "RunConfig",
+           "rule_problems", "POSITIVE", "NON_NEGATIVE", "AT_LEAST_0", "AT_LEAST_1", "FRACTION", "UNIT",
+           "flatten", "to_plain"]
+
 class ConfigError(UserError, ValueError):
     """One or more config problems; ``problems`` lists them as ``path: message``."""
 

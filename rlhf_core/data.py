@@ -33,6 +33,11 @@ import torch
 
 from .errors import UserError
 
+#: The supported plugin API of this module (see README "Plugin API").
+__all__ = ["DataError", "Record", "TokenStats", "IGNORE_INDEX", "load_split", "load_records", "data_inputs",
+           "dataset_components", "render_prompt", "encode_prompt", "encode_response", "tokenize_sft",
+           "tokenize_scored", "collate_sft", "collate_scored", "shift_labels", "pad"]
+
 IGNORE_INDEX = -100
 KINDS = ("sft", "reward", "pairwise", "prompts")
 KNOWN_ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -418,7 +423,9 @@ def tokenize_sft(records: list[Record], tokenizer: Any, max_length: int, max_pro
 
 def tokenize_scored(records: list[Record], tokenizer: Any, max_length: int, max_prompt_length: int | None,
                     response_keys: tuple[str, ...] = ("response",)):
-    """Reward data: ``[{"<key>_ids": ..., "score"?: float}]`` for each response key, plus stats."""
+    """Scored or pairwise data: ``[{"<key>_ids": ..., "<key>_labels": ..., "score"?: float}]`` for each
+    response key (``("chosen", "rejected")`` for pairwise records), plus stats. Labels are ``-100``
+    on the prompt, so a stage can take response log-probs (DPO) as well as scores."""
     stats, out = TokenStats(), []
     for rec in records:
         stats.total += 1
@@ -428,6 +435,7 @@ def tokenize_scored(records: list[Record], tokenizer: Any, max_length: int, max_
             p, r, cut = fit_length(prompt, encode_response(tokenizer, rec.fields[key]), max_length, max_prompt_length)
             stats.truncated += cut
             item[f"{key}_ids"] = p + r
+            item[f"{key}_labels"] = [IGNORE_INDEX] * len(p) + r
             if not r:
                 item = {}
                 break
@@ -470,12 +478,14 @@ def collate_sft(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def collate_scored(items: list[dict], pad_id: int, keys: tuple[str, ...] = ("response",)) -> dict[str, torch.Tensor]:
-    """Per key: ``<key>_ids``/``<key>_mask`` ``[B, T]`` right padded; ``score [B]`` when present."""
+    """Per key: ``<key>_ids``/``<key>_mask``/``<key>_labels`` ``[B, T]`` right padded (labels -100 on
+    prompt and padding); ``score [B]`` when present."""
     out: dict[str, torch.Tensor] = {}
     for key in keys:
         seqs = [it[f"{key}_ids"] for it in items]
         out[f"{key}_ids"] = pad(seqs, pad_id)
         out[f"{key}_mask"] = pad([[1] * len(s) for s in seqs], 0)
+        out[f"{key}_labels"] = pad([it[f"{key}_labels"] for it in items], IGNORE_INDEX)
     if "score" in items[0]:
         out["score"] = torch.tensor([it["score"] for it in items], dtype=torch.float32)
     return out

@@ -21,6 +21,10 @@ import torch.distributed as dist
 from torch import nn
 
 
+#: The supported plugin API of this module (see README "Plugin API").
+__all__ = ["masked_mean", "all_reduce_sum", "all_reduce_max", "all_gather_objects", "shard", "world_size",
+           "rank", "barrier", "unwrap"]
+
 def world_size() -> int:
     """Number of processes (1 without a process group)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

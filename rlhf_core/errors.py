@@ -7,5 +7,9 @@ The ``rlhf`` command shows a :class:`UserError` as one message without a traceba
 from __future__ import annotations
 
 
+#: The supported plugin API of this module (see README "Plugin API").
+__all__ = ["UserError"]
+
+
 class UserError(Exception):
     """A problem the user can fix; its message says what, where, and what is accepted."""

@@ -14,6 +14,11 @@ import torch
 from .errors import UserError
 
 
+#: The supported plugin API of this module (see README "Plugin API").
+__all__ = ["Stage", "StageContext", "StageResult", "StageInput", "StageError", "ComponentError", "TokenLoss",
+           "ScoreLoss", "PairwiseLoss", "PolicyLoss", "Reward", "AdvantageInputs", "AdvantageEstimator",
+           "TrackerBackend", "checked_rewards", "checked_advantages"]
+
 class StageError(UserError, ValueError):
     """A stage cannot run with the given options or inputs; shown to the user without a traceback."""
 
@@ -118,6 +123,26 @@ class StageContext:
                                  f"earlier stages: {', '.join(self.results) or '(none)'}")
             return str(result.model_dir)
         return init
+
+    def load_policy(self, init: str, *, trainable: bool = True) -> tuple[Any, torch.nn.Module]:
+        """``(tokenizer, causal LM)`` for an ``init`` source (see :meth:`init_source`), on this
+        run's device, prepared with :meth:`wrap`; ``trainable=False`` gives a frozen copy (a
+        reference model), in eval mode."""
+        from .models import load_causal_lm
+
+        source = self.init_source(init, "policy")
+        model = load_causal_lm(self.run_config.model, source, seed=self.seed).to(self.device)
+        if not trainable:
+            model = model.eval().requires_grad_(False)
+        return self.tokenizer_for(source), self.wrap(model, trainable=trainable)
+
+    def tokenizer_for(self, source: str):
+        """The tokenizer of a model source: the config's ``model.tokenizer`` for the base model,
+        else the one saved with the model."""
+        from .models import load_tokenizer
+
+        model_cfg = self.run_config.model
+        return load_tokenizer(model_cfg, None if source == model_cfg.name_or_path else source)
 
     def find_result(self, kind: str) -> tuple[str, StageResult] | None:
         """The most recent earlier stage result of ``kind`` (``"policy"``/``"reward"``), if any."""

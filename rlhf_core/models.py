@@ -22,6 +22,10 @@ from .distributed import barrier, full_state_dict, unwrap
 from .errors import UserError
 from .tracking import is_main_process
 
+#: The supported plugin API of this module (see README "Plugin API").
+__all__ = ["ModelLoadError", "ScalarHeadModel", "load_causal_lm", "load_tokenizer", "save_causal_lm",
+           "is_reward_model_dir"]
+
 BUILTIN_TINY = "builtin:tiny"
 REWARD_MARKER = "rlhf_reward_model.json"
 HEAD_FILE = "reward_head.safetensors"

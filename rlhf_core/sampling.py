@@ -15,6 +15,9 @@ from . import distributed as dist_utils
 from .data import IGNORE_INDEX, encode_prompt, pad
 
 
+#: The supported plugin API of this module (see README "Plugin API").
+__all__ = ["Rollout", "generate", "evaluate_samples", "position_ids"]
+
 @dataclass
 class Rollout:
     """One batch of sampled sequences.

@@ -23,6 +23,9 @@ from .errors import UserError
 from .tracking import is_main_process
 
 
+#: The supported plugin API of this module (see README "Plugin API").
+__all__ = ["Trainer", "TrainingError", "Batches", "make_loader", "total_steps", "autocast_context"]
+
 def seed_everything(seed: int) -> None:
     """Seed Python, torch (CPU and CUDA)."""
     import random
@@ -152,7 +155,8 @@ class Trainer:
     def fit(self, loader: Batches, compute_loss: Callable[[dict], tuple[torch.Tensor, dict]],
             evaluate: Callable[[], dict[str, float]] | None, steps: int,
             count: Callable[[dict], float] | None = None, checkpointer: Any = None) -> dict[str, float]:
-        """Train; returns the last logged training metrics merged with the final eval metrics.
+        """Train; returns the last logged training metrics (``train_<name>``: the loss and every metric
+        ``compute_loss`` returned) merged with the final eval metrics (``eval_<name>``).
 
         ``compute_loss(batch)`` returns a mean over ``count(batch)`` units (valid tokens for a
         token-mean loss, rows for a per-example loss; default: rows of ``real`` batches), which
@@ -181,7 +185,8 @@ class Trainer:
             last = self._loop(bar, batches, compute_loss, evaluate, steps, count, scheduler, scaler, window, last,
                               checkpointer)
         bar.close()
-        final = {f"train_{k}": v for k, v in last.items() if k in ("loss",)}
+        # Every training metric of the last logging window (the loss's own ones included), not the schedule.
+        final = {f"train_{k}": v for k, v in last.items() if k not in ("lr", "grad_norm", "tokens_per_s")}
         if evaluate is not None:
             result = self._eval(evaluate)
             self.tracker.log(steps, {f"eval_{k}": v for k, v in result.items()})

@@ -24,7 +24,7 @@ from rlhf_core.distributed import masked_mean
 from rlhf_core.data import TokenStats, data_inputs, dataset_components, encode_prompt, load_split, render_prompt
 from rlhf_core.interfaces import AdvantageInputs, StageInput, StageResult, checked_advantages, checked_rewards
 from rlhf_core.sampling import evaluate_samples, generate
-from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm, load_tokenizer, save_causal_lm
+from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm, save_causal_lm
 from rlhf_core.tracking import is_main_process
 from rlhf_core.training import TrainingError, autocast_context
 
@@ -146,9 +146,9 @@ class PPOStage:
 
     def run(self, ctx, config: PPOConfig) -> StageResult:
         """Run ``iterations`` PPO iterations; summary holds reward, KL and gold scores."""
-        model_cfg, device = ctx.run_config.model, ctx.device
+        device = ctx.device
         source = ctx.init_source(config.init, "policy")
-        tokenizer = load_tokenizer(model_cfg, None if source == model_cfg.name_or_path else source)
+        tokenizer = ctx.tokenizer_for(source)
         reward_entry = ctx.registry.lookup("reward", config.reward)
         reward_fn = Scorer(reward_entry, reward_entry.obj(ctx, **config.reward.options))
         gold_fn = None
@@ -158,7 +158,7 @@ class PPOStage:
         estimator_entry = ctx.registry.lookup("advantage", config.advantage)
         estimator = Estimator(estimator_entry, estimator_entry.obj(**config.advantage.options))
         loss_fn = ctx.registry.lookup("loss", config.loss, "policy").obj
-        models = self._models(ctx, config, source, estimator.needs_values)
+        models = self._models(ctx, config, estimator.needs_values)
         if dist_utils.rank() > 0:
             torch.manual_seed(ctx.seed + dist_utils.rank())  # each rank samples its own responses
 
@@ -273,12 +273,11 @@ class PPOStage:
         return out
 
     @staticmethod
-    def _models(ctx, config: PPOConfig, source: str, needs_critic: bool) -> PPOModels:
+    def _models(ctx, config: PPOConfig, needs_critic: bool) -> PPOModels:
         """Policy, reference (frozen copy of the start), critic, optimizers, KL controller."""
         model_cfg, device = ctx.run_config.model, ctx.device
-        policy = ctx.wrap(load_causal_lm(model_cfg, source, seed=ctx.seed).to(device))
-        reference = load_causal_lm(model_cfg, source, seed=ctx.seed).to(device).eval().requires_grad_(False)
-        reference = ctx.wrap(reference, trainable=False)
+        _, policy = ctx.load_policy(config.init)
+        _, reference = ctx.load_policy(config.init, trainable=False)
         critic, critic_opt = None, None
         if needs_critic:
             critic_source = ctx.init_source(config.critic_init, "reward")
