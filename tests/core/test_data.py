@@ -97,7 +97,8 @@ def test_chat_records_without_template_fall_back_to_role_lines():
 def test_reward_and_pairwise_tokenisation():
     tok = ByT5Tokenizer()
     items, _ = tokenize_scored([Record("x", {"prompt": "a", "response": "b", "score": 2.0})], tok, 16, None)
-    assert items == [{"response_ids": [100, 101, 1], "score": 2.0}]
+    # prompt "a" -> [100], response "b" + EOS -> [101, 1]; labels mask the prompt
+    assert items == [{"response_ids": [100, 101, 1], "response_labels": [-100, 101, 1], "score": 2.0}]
     items, _ = tokenize_scored([Record("x", {"prompt": "a", "chosen": "b", "rejected": "c"})], tok, 16, None, ("chosen", "rejected"))
     assert items[0]["chosen_ids"][-2] == 101 and items[0]["rejected_ids"][-2] == 102
 
