@@ -30,11 +30,16 @@ import torch
 
 from . import distributed as dist_utils
 from .atomic import _fsync_dir, atomic_write_text
+from .errors import UserError
 
 #: The supported plugin API of this module (see README "Plugin API").
-__all__ = ["Checkpointer", "Interrupted"]
+__all__ = ["Checkpointer", "CheckpointError", "Interrupted"]
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint cannot be used as asked (e.g. written by another number of processes)."""
+
 
 class Interrupted(KeyboardInterrupt):
     """The run was stopped by SIGINT (Ctrl-C) or SIGTERM (what schedulers send before preemption)."""
@@ -182,7 +187,7 @@ class Checkpointer:
         step, path = found
         meta = json.loads((path / "meta.json").read_text())
         if meta["world_size"] != dist_utils.world_size():
-            raise RuntimeError(f"checkpoint {path} was written by {meta['world_size']} processes; resume it with "
+            raise CheckpointError(f"checkpoint {path} was written by {meta['world_size']} processes; resume it with "
                                f"--nproc {meta['world_size']} (this run has {dist_utils.world_size()})")
         state = _tensor_state(models, optimizers)
         with warnings.catch_warnings():

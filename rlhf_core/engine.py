@@ -229,6 +229,13 @@ def check_resumable(run_dir: Path) -> str | None:
                           "run stopped before it started)")
     if read_summary(run_dir).get("status") == "finished":
         return f"run {run_dir} already finished; nothing to resume (summary.json status: finished)"
+    import json
+
+    for meta in sorted((run_dir / "checkpoints").glob("*/step-*/meta.json")):
+        written = json.loads(meta.read_text())["world_size"]
+        if written != dist_utils.planned_world_size():
+            raise RunDirError(f"--resume {run_dir}: its checkpoints were written by {written} processes; resume with "
+                              f"--nproc {written} (the same world size gives the same weights)")
     return None
 
 

@@ -180,6 +180,9 @@ stages:
     kill_at(config, tmp_path / "cut", "sft", 7, "--nproc", "2")
     subprocess.run(["pkill", "-9", "-f", str(tmp_path / "cut")], check=False)  # the launcher's workers too
     time.sleep(0.5)
+    result = rlhf("run", "--resume", str(tmp_path / "cut"))  # another world size: refused up front
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "its checkpoints were written by 2 processes; resume with --nproc 2" in result.stderr
     result = rlhf("run", "--resume", str(tmp_path / "cut"), "--nproc", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     a, b = load_file(tmp_path / "whole" / "sft" / "model.safetensors"), load_file(tmp_path / "cut" / "sft" / "model.safetensors")
