@@ -7,11 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # annotations only: these modules import this one
+    from .checkpoint import Checkpointer
+    from .config import RunConfig
+    from .registry import Registry
+    from .tracking import Tracker
 
 
 #: The supported plugin API of this module (see README "Plugin API").
@@ -76,13 +82,13 @@ class StageContext:
 
     name: str
     stage_dir: Path
-    run_config: Any
-    registry: Any
-    tracker: Any
+    run_config: RunConfig
+    registry: Registry
+    tracker: Tracker | None
     device: torch.device
     seed: int
     results: dict[str, StageResult]
-    checkpointer: Any = None
+    checkpointer: Checkpointer | None = None
 
     def wrap(self, model: torch.nn.Module, *, trainable: bool = True) -> torch.nn.Module:
         """Prepare a model for this run's processes: gradient checkpointing for trainable models
@@ -245,10 +251,14 @@ class AdvantageEstimator(Protocol):
 
     Advantages are 0 outside ``inputs.mask``. ``needs_values`` asks the stage for a critic (whose
     value targets are then ``advantages + values``); ``min_group_size`` (default 1) is the smallest
-    ``samples_per_prompt`` the estimator makes sense with, checked before any model loads.
+    ``samples_per_prompt`` the estimator makes sense with, checked before any model loads. An
+    estimator with state across batches (a running baseline) also defines ``state_dict()`` and
+    ``load_state_dict(state)``, so checkpoints carry it. ``__init__(**options)`` raising
+    ``ValueError`` rejects a bad option before anything trains.
     """
 
     needs_values: ClassVar[bool]
+    min_group_size: ClassVar[int]
 
     def __call__(self, inputs: AdvantageInputs) -> torch.Tensor: ...
 
