@@ -165,13 +165,13 @@ def shard(items: Sequence[Any]) -> list[Any]:
     return list(items[start:stop])
 
 
-def loss_weight(local_count: float, device: torch.device) -> tuple[float, float]:
-    """``(weight, global_count)``: a loss that is a mean over ``local_count`` units, multiplied by
-    ``weight``, has the gradient of the global mean once the ranks' gradients are averaged."""
-    global_count = float(all_reduce_sum(torch.tensor(float(local_count), dtype=torch.float64, device=device)))
-    if global_count <= 0:
-        return 0.0, 0.0
-    return local_count / global_count * world_size(), global_count
+def loss_weights(local_counts: list[float], device: torch.device) -> list[float]:
+    """Weights for losses that are means over ``local_counts[i]`` units each: with
+    ``sum_i w_i * loss_i`` on every rank, the ranks' averaged gradient is the gradient of the mean
+    over every unit of every rank (``w_i = local_counts[i] / global total * world size``). One
+    collective for all of them."""
+    total = float(all_reduce_sum(torch.tensor(float(sum(local_counts)), dtype=torch.float64, device=device)))
+    return [n / total * world_size() if total > 0 else 0.0 for n in local_counts]
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

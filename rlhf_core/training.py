@@ -201,14 +201,13 @@ class Trainer:
             micro = [{k: v.to(self.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
             counts = [count(b) * float(b["real"]) for b in micro]
             # Each micro-batch's mean weighs by its share of the step's count over every rank.
-            step_total = float(dist_utils.all_reduce_sum(torch.tensor(sum(counts), dtype=torch.float64, device=self.device)))
-            for batch, n in zip(micro, counts):
+            weights = dist_utils.loss_weights(counts, self.device)
+            for batch, n, weight in zip(micro, counts, weights):
                 with autocast_context(cfg.mixed_precision, self.device):
                     loss, metrics = compute_loss(batch)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"stage {self.desc!r}: the loss became {loss.item()} at step {step}; "
                                         "lower train.lr, set train.mixed_precision: no, or check the data")
-                weight = n / step_total * dist_utils.world_size() if step_total > 0 else 0.0
                 scaler.scale(loss * weight).backward()
                 # Every mask in the batch counts its real tokens (attention_mask, response_mask, chosen_mask, ...).
                 tokens += float(batch["real"]) * sum(int(v.sum()) for k, v in batch.items() if k.endswith("_mask"))

@@ -276,8 +276,8 @@ class PPOStage:
     def _models(ctx, config: PPOConfig, needs_critic: bool) -> PPOModels:
         """Policy, reference (frozen copy of the start), critic, optimizers, KL controller."""
         model_cfg, device = ctx.run_config.model, ctx.device
-        _, policy = ctx.load_policy(config.init)
-        _, reference = ctx.load_policy(config.init, trainable=False)
+        policy = ctx.load_model(config.init)
+        reference = ctx.load_model(config.init, trainable=False)
         critic, critic_opt = None, None
         if needs_critic:
             critic_source = ctx.init_source(config.critic_init, "reward")
@@ -339,7 +339,7 @@ def update(models: PPOModels, exp: Experience, loss_fn, config: PPOConfig, backe
     models.policy.train()
     for _ in range(config.ppo_epochs):
         for idx in torch.randperm(len(mask), device=mask.device).split(local_minibatch):
-            weight, _ = dist_utils.loss_weight(float(mask[idx].sum()), mask.device)
+            (weight,) = dist_utils.loss_weights([float(mask[idx].sum())], mask.device)
             with autocast_context(config.mixed_precision, mask.device):
                 logits = response_logits(models.policy, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
                 loss, m = policy_objective(
