@@ -111,7 +111,7 @@ class SFTStage:
         print(f"sft data: {stats.describe()}; {len(eval_items)} held out")
         if not train_items:
             raise StageError(f"stage {ctx.name!r}: no usable training examples ({stats.describe()})")
-        _, model = ctx.load_policy(config.init)
+        model = ctx.load_model(config.init)
         loss_entry = ctx.registry.lookup("loss", config.loss, "token")
         per_sequence = config.loss.options.get("aggregation") == "sequence_mean"
 

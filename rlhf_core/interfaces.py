@@ -130,17 +130,19 @@ class StageContext:
             return str(result.model_dir)
         return init
 
-    def load_policy(self, init: str, *, trainable: bool = True) -> tuple[Any, torch.nn.Module]:
-        """``(tokenizer, causal LM)`` for an ``init`` source (see :meth:`init_source`), on this
-        run's device, prepared with :meth:`wrap`; ``trainable=False`` gives a frozen copy (a
-        reference model), in eval mode."""
+    def load_policy(self, init: str) -> tuple[Any, torch.nn.Module]:
+        """``(tokenizer, trainable causal LM)`` for an ``init`` source (see :meth:`init_source`)."""
+        return self.tokenizer_for(self.init_source(init, "policy")), self.load_model(init)
+
+    def load_model(self, init: str, *, trainable: bool = True) -> torch.nn.Module:
+        """The causal LM of an ``init`` source on this run's device, prepared with :meth:`wrap`;
+        ``trainable=False`` gives a frozen copy in eval mode (a reference model)."""
         from .models import load_causal_lm
 
-        source = self.init_source(init, "policy")
-        model = load_causal_lm(self.run_config.model, source, seed=self.seed).to(self.device)
+        model = load_causal_lm(self.run_config.model, self.init_source(init, "policy"), seed=self.seed).to(self.device)
         if not trainable:
             model = model.eval().requires_grad_(False)
-        return self.tokenizer_for(source), self.wrap(model, trainable=trainable)
+        return self.wrap(model, trainable=trainable)
 
     def tokenizer_for(self, source: str):
         """The tokenizer of a model source: the config's ``model.tokenizer`` for the base model,

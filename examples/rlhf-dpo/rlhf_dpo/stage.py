@@ -63,7 +63,7 @@ class DPOStage:
 
     def run(self, ctx, config: DPOConfig) -> StageResult:
         tokenizer, policy = ctx.load_policy(config.init)
-        _, reference = ctx.load_policy(config.init, trainable=False)
+        reference = ctx.load_model(config.init, trainable=False)  # a frozen copy
         train_recs, eval_recs = load_split(config.data, "pairwise", ctx.registry, ctx.seed)
         dl = config.data
         train_items, stats = tokenize_scored(train_recs, tokenizer, dl.max_length, dl.max_prompt_length, KEYS)
