@@ -91,11 +91,6 @@ def stop_requested() -> str | None:
     return _stop["signal"]
 
 
-def clear_stop() -> None:
-    """Forget a pending stop request (start of a new command)."""
-    _stop["signal"] = None
-
-
 class Checkpointer:
     """Saves and restores one stage's checkpoints. ``every``: steps (optimizer steps, or PPO
     iterations) between checkpoints, 0 = none mid-stage; ``keep``: how many to keep;

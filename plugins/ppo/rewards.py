@@ -46,8 +46,9 @@ class RewardModelReward:
         out = [torch.zeros(0)]
         for i in range(n_chunks):
             chunk = seqs[i * self.batch_size: (i + 1) * self.batch_size]
-            ids = pad(chunk or [[self.tokenizer.eos_token_id]], self.tokenizer.pad_token_id).to(self.device)
-            mask = (ids != -1).long() if not chunk else pad([[1] * len(s) for s in chunk], 0).to(self.device)
+            rows = chunk or [[self.tokenizer.eos_token_id]]  # a one-token stand-in when this rank ran out
+            ids = pad(rows, self.tokenizer.pad_token_id).to(self.device)
+            mask = pad([[1] * len(s) for s in rows], 0).to(self.device)
             scores = self.model(ids, mask, score=True).float().cpu()
             if chunk:
                 out.append(scores)
