@@ -124,3 +124,32 @@ def test_suspicious_data_is_reported_with_file_and_line(tmp_path):
     # PPO applies the same length rules as the other stages: "<letter>=" is 2 tokens, cut to the last 2 (of 2)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stages"]["ppo"]["prompts"] > 0 and summary["stages"]["ppo"]["prompts_truncated"] == 0
+
+
+def test_distributed_options_that_cannot_work_are_refused_up_front(tmp_path, registry, monkeypatch):
+    result = run(tmp_path, "--set", "distributed.cpu_offload=true")
+    assert result.exit_code == 1
+    assert "distributed.cpu_offload: moves sharded parameters from GPU to CPU memory; this run is on the CPU" in result.output
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun with 2 processes
+    assert problems(registry, "distributed.strategy=none") == [
+        "distributed.strategy: 'none' would train 2 unsynchronised copies; use auto, fsdp or ddp"]
+    monkeypatch.delenv("WORLD_SIZE")
+    result = CliRunner().invoke(cli, ["run", "--resume", str(tmp_path), "--out", str(tmp_path / "x")], obj={})
+    assert result.exit_code == 2 and "--resume continues RUN_DIR in place; do not combine it with --out" in result.output
+
+
+def test_each_model_source_and_option_problem_has_its_own_message(tmp_path, registry, monkeypatch):
+    from rlhf_core.models import check_model_source
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert check_model_source(str(tmp_path / "file")) == f"{tmp_path / 'file'}: is a file; expected a model directory (what save_pretrained writes)"
+    assert check_model_source(str(tmp_path / "empty")) == f"{tmp_path / 'empty'}: the directory has no config.json, so it is not a saved model"
+    assert check_model_source("a b") == "a b: no such directory, and not a hub id of the form org/name"
+    assert check_model_source("builtin:tiny") is None
+    assert problems(registry, "stages.sft.data.fields={prompt: ''}") == [
+        "stages[0].data.fields.prompt: maps one of prompt, response, score, chosen, rejected, messages to a column name, got prompt: ''"]
+    assert problems(registry, "tracking=[{name: tensorboard, log_dir: /abs}]") == [
+        "tracking[0]: tensorboard: log_dir must be a path inside the run directory, got '/abs'"]
+    assert problems(registry, "checkpoint.keep=0") == ["checkpoint.keep: must be at least 1, got 0"]
