@@ -1,8 +1,13 @@
-"""Built-in tracker plugins (``tracking: [tensorboard]``). ``metrics.jsonl`` and the PNG plots are
-always written by the host; these send the same rows to the tools researchers already watch."""
+"""Built-in tracker plugins (``tracking: [tensorboard, wandb, mlflow]``). ``metrics.jsonl`` and the
+PNG plots are always written by the host; these send the same rows to the tools researchers already
+watch. Each tool is an optional extra, checked before anything trains."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +32,7 @@ class TensorBoardTracker:
     @staticmethod
     def check_options(*, log_dir: str = "tensorboard", flush_secs: int = 10) -> None:
         """The package must be installed; ``log_dir`` stays inside the run directory."""
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ValueError("tensorboard tracker needs the tensorboard package: pip install -e \".[tensorboard]\"") from None
+        _require("tensorboard", "tensorboard", "tensorboard")
         if Path(log_dir).is_absolute() or ".." in Path(log_dir).parts:
             raise ValueError(f"tensorboard: log_dir must be a path inside the run directory, got {log_dir!r}")
         if flush_secs < 1:
@@ -49,6 +51,149 @@ class TensorBoardTracker:
         self.writer.close()
 
 
+def _require(package: str, tracker: str, extra: str) -> None:
+    try:
+        __import__(package)
+    except ImportError:
+        raise ValueError(f"{tracker} tracker needs the {package} package: pip install -e \".[{extra}]\"") from None
+
+
+def _stage_names(config: dict) -> list[str]:
+    return [str(s.get("name") or s.get("stage")) for s in config.get("stages", []) if isinstance(s, dict)]
+
+
+def _headline(summary: dict[str, Any]) -> dict[str, float]:
+    """The run's top-level numbers (gold scores, peak memory ...), not bookkeeping."""
+    return {k: float(v) for k, v in summary.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("pid",)}
+
+
+def _run_key(run_dir: Path) -> str:
+    """A stable id for this run directory: a resumed run continues the same tracker run."""
+    resolved = str(Path(run_dir).resolve())
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", Path(resolved).name)[-40:]
+    return f"{name}-{hashlib.sha1(resolved.encode()).hexdigest()[:8]}"
+
+
+class WandbTracker:
+    """Weights & Biases: one W&B run per rlhf run (id derived from the run directory, so ``--resume``
+    continues it), named after the run directory, tagged with the stage names, the resolved config
+    as the run config. Metrics are ``<stage>/<metric>`` against their own x-axis ``<stage>/step``
+    (W&B's ``define_metric``), because every stage counts its steps from the start; the summary gets
+    the headline numbers and the status. ``WANDB_MODE=offline`` (or ``mode: offline``) writes
+    ``RUN_DIR/wandb/offline-run-*`` for a later ``wandb sync``; files go under the run directory."""
+
+    def __init__(self, run_dir: Path, config: dict, *, project: str = "rlhf", entity: str | None = None,
+                 mode: str | None = None, tags: list[str] | None = None, group: str | None = None):
+        import wandb
+
+        self.stages: set[str] = set()
+        self.run = wandb.init(
+            project=project, entity=entity, group=group, mode=mode or os.environ.get("WANDB_MODE") or None,
+            dir=str(run_dir), name=Path(run_dir).name, id=_run_key(run_dir), resume="allow",
+            config=config, tags=[*_stage_names(config), *(tags or [])], reinit="create_new",
+        )
+
+    @staticmethod
+    def check_options(*, project: str = "rlhf", entity: str | None = None, mode: str | None = None,
+                      tags: list[str] | None = None, group: str | None = None) -> None:
+        """The package must be installed; ``mode`` is one W&B accepts."""
+        _require("wandb", "wandb", "wandb")
+        if mode not in (None, "online", "offline", "disabled", "shared"):
+            raise ValueError(f"wandb: mode must be online, offline, disabled or shared, got {mode!r}")
+        if not project:
+            raise ValueError("wandb: project must be a non-empty name")
+
+    def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        if stage not in self.stages:
+            self.stages.add(stage)
+            self.run.define_metric(f"{stage}/step", hidden=True)
+            self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+        self.run.log({f"{stage}/step": step, **{f"{stage}/{k}": v for k, v in metrics.items()}})
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.run.summary.update({**_headline(summary), "status": summary.get("status")})
+        # W&B shows a non-zero exit as "failed"; an interrupted run continues under the same id on --resume.
+        self.run.finish(exit_code=0 if summary.get("status") == "finished" else 1)
+
+
+class MlflowTracker:
+    """MLflow: one MLflow run per rlhf run in ``experiment`` (default ``rlhf``), named after the run
+    directory, with every config leaf as a parameter (``stages.sft.train.lr`` ...), tags for the stage
+    names and the run directory, metrics ``<stage>/<metric>`` at the stage's step, the headline
+    numbers as metrics and ``summary.json`` as an artifact at the end, and the run's status
+    (FINISHED, KILLED for an interrupted run, FAILED).
+
+    Store: ``tracking_uri`` if given, else ``MLFLOW_TRACKING_URI``, else a local SQLite database in
+    the run directory (``sqlite:///RUN_DIR/mlflow.db``, artifacts in ``RUN_DIR/mlflow-artifacts``):
+    MLflow 3 refuses new plain-file stores, and SQLite is its recommended local store. View with
+    ``mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db``. ``--resume`` continues the same
+    MLflow run (its id is kept in ``RUN_DIR/mlflow-run.json``)."""
+
+    def __init__(self, run_dir: Path, config: dict, *, tracking_uri: str | None = None,
+                 experiment: str = "rlhf", tags: dict[str, str] | None = None):
+        from mlflow.entities import Param, RunTag
+        from mlflow.tracking import MlflowClient
+
+        run_dir = Path(run_dir).resolve()
+        local = not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir / 'mlflow.db'}"
+        self.client = MlflowClient(tracking_uri=uri)
+        self.id_file = run_dir / "mlflow-run.json"
+        found = self.client.get_experiment_by_name(experiment)
+        exp_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=(run_dir / "mlflow-artifacts").as_uri() if local else None)
+        self.run_id = None
+        if self.id_file.is_file():  # --resume: continue the run this directory started
+            self.run_id = json.loads(self.id_file.read_text())["run_id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        all_tags = {"rlhf.run_dir": str(run_dir), "rlhf.stages": ",".join(_stage_names(config)), **(tags or {})}
+        run = self.client.create_run(exp_id, run_name=run_dir.name, tags=all_tags)
+        self.run_id = run.info.run_id
+        from rlhf_core.atomic import atomic_write_text
+
+        atomic_write_text(self.id_file, json.dumps({"tracking_uri": uri, "run_id": self.run_id}) + "\n")
+        # MLflow keys allow no brackets: stages[0].train.lr -> stages.0.train.lr
+        params = [Param(re.sub(r"\[(\d+)\]", r".\1", k)[:250], v if isinstance(v, str) else json.dumps(v))
+                  for k, v in flatten(config).items()]
+        for i in range(0, len(params), 100):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        self.client.log_batch(self.run_id, tags=[RunTag("mlflow.note.content",
+                                                        "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```")])
+
+    @staticmethod
+    def check_options(*, tracking_uri: str | None = None, experiment: str = "rlhf",
+                      tags: dict[str, str] | None = None) -> None:
+        """The package (and, for the default local store, SQLAlchemy) must be installed."""
+        _require("mlflow", "mlflow", "mlflow")
+        if not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+            _require("sqlalchemy", "mlflow (local SQLite store)", "mlflow")
+            _require("alembic", "mlflow (local SQLite store)", "mlflow")
+        if not experiment:
+            raise ValueError("mlflow: experiment must be a non-empty name")
+
+    def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(f"{stage}/{k}", float(v), now, int(step))
+                                                    for k, v in metrics.items()])
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        status = str(summary.get("status", "failed"))
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(f"run/{k}", v, now, 0) for k, v in _headline(summary).items()],
+                              tags=[RunTag("rlhf.status", status[:5000])])
+        self.client.log_text(self.run_id, json.dumps(summary, indent=2, default=str), "summary.json")
+        self.client.set_terminated(self.run_id, status="FINISHED" if status == "finished"
+                                   else "KILLED" if status == "interrupted" else "FAILED")
+
+
 @hookimpl
 def rlhf_register_trackers(register):
     register("tensorboard", TensorBoardTracker)
+    register("wandb", WandbTracker)
+    register("mlflow", MlflowTracker)
