@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rlhf_kernels import bench
+from rlhf_bench.common import machine
 
 OVERRIDES = ["stages.sft.train.steps=60", "stages.sft.train.log_every=5", "stages.sft.train.eval_every=0",
              "stages.reward.train.steps=40", "stages.reward.train.log_every=5", "stages.reward.train.eval_every=0",
@@ -61,7 +61,7 @@ def main() -> None:
                                          for s in ("sft", "reward", "ppo")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "distributed.json").write_text(json.dumps({"machine": bench.machine(), "results": results}, indent=2))
+    (out / "distributed.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 
 from rlhf_core.engine import make_run_dir, prepare, run_pipeline
-from rlhf_kernels import available_backends, bench
+from rlhf_bench.common import machine
+from rlhf_kernels import available_backends
 
 
 def measure(backend: str) -> dict:
@@ -42,7 +43,7 @@ def main() -> None:
         print(f"{r['backend']:<10} {r['sft_tokens_per_s']:>10.0f} {r['time_generate']:>10.4f} {r['time_score']:>8.4f} {r['time_train']:>8.4f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "e2e.json").write_text(json.dumps({"machine": bench.machine(), "results": results}, indent=2))
+    (out / "e2e.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -346,35 +346,6 @@ def load_policy(model_dir: str, device: str):
     return load_tokenizer(cfg), load_causal_lm(cfg).to(dev).eval(), dev
 
 
-@cli.group()
-def bench() -> None:
-    """Benchmarks (never part of the test suite)."""
-
-
-@bench.command("kernels")
-@click.option("--shape", "shapes", multiple=True, metavar="NxV",
-              help="Logits shape (repeatable). Default: 4096x32000, 2048x128256, 1024x151936.")
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16"]), help="Default: both.")
-@click.option("--op", "ops", multiple=True, type=click.Choice(["token_logprobs", "cross_entropy", "ppo_clip_loss"]))
-@click.option("--backend", "backends", multiple=True, type=click.Choice(["triton", "cpp"]))
-@click.option("--repeats", default=5, show_default=True)
-@click.option("--no-compile", is_flag=True, help="Skip the torch.compile baseline (slow to compile on CPU).")
-@click.option("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu", show_default=True)
-@click.option("--out", default="bench_out", show_default=True, type=click.Path(file_okay=False))
-def bench_kernels(shapes, dtypes, ops, backends, repeats, no_compile, device, out) -> None:
-    """Time every op x backend against PyTorch eager and torch.compile; table, JSON and PNG."""
-    from rlhf_kernels import bench as kbench
-
-    try:
-        parsed = [tuple(int(x) for x in s.lower().split("x")) for s in shapes] or [(4096, 32000), (2048, 128256), (1024, 151936)]
-    except ValueError:
-        raise click.BadParameter("shapes look like 4096x32000", param_hint="--shape") from None
-    torch_dtypes = [getattr(__import__("torch"), d) for d in (dtypes or ("float32", "bfloat16"))]
-    click.echo(kbench.header())
-    kbench.run(parsed, torch_dtypes, ops=ops or kbench.OPS, backends=backends or None, repeats=repeats,
-               compile_baseline=not no_compile, device=device, out_dir=out, echo=click.echo)
-
-
 def disabled_from_argv(argv: list[str]) -> set[str]:
     """The ``--disable NAME`` / ``--disable=NAME`` options given before the subcommand."""
     out: set[str] = set()

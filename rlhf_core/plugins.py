@@ -33,6 +33,7 @@ BUILTINS = {
     "ppo-rewards": "rlhf_plugins.ppo.rewards",
     "letters": "rlhf_plugins.letters",
     "trackers": "rlhf_plugins.trackers",
+    "bench": "rlhf_bench.commands",
 }
 
 

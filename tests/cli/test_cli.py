@@ -135,3 +135,21 @@ def test_diverging_training_is_a_clear_error(tmp_path):
     # Caught at the first non-finite loss or gradient norm, whichever comes first.
     assert ("stage 'sft': the loss became" in result.output or "stage 'sft': the gradient norm became" in result.output)
     assert "lower train.lr" in result.output
+
+
+def test_bench_is_a_builtin_plugin_command(tmp_path):
+    """``rlhf bench`` comes from the ``bench`` plugin through rlhf_register_commands: it runs,
+    writes its JSON, and ``--disable bench`` removes it."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "b"
+    done = subprocess.run([sys.executable, "-m", "rlhf_core.cli", "bench", "kernels", "--shape", "32x300",
+                           "--dtype", "float32", "--op", "cross_entropy", "--no-compile", "--repeats", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((out / "kernels.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} >= {"eager", "torch_ce"} and (out / "kernels.png").is_file()
+    gone = subprocess.run([sys.executable, "-m", "rlhf_core.cli", "--disable", "bench", "bench", "kernels"],
+                          capture_output=True, text=True, timeout=300)
+    assert gone.returncode == 2 and "No such command 'bench'" in gone.stderr

@@ -6,52 +6,21 @@ best PyTorch baseline and to the machine's physical floor. Used by ``rlhf bench 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
-import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import available_backends, cross_entropy, ppo_clip_loss, reference, token_logprobs
+from rlhf_kernels import available_backends, cross_entropy, ppo_clip_loss, reference, token_logprobs
+
+from .common import PeakRSS, machine
 
 #: This 2-core CPU's limits (DESIGN.md): one read pass at ~36 GB/s, ~2.4 G exp/s.
 CPU_READ_BYTES_PER_S = 36e9
 CPU_EXP_PER_S = 2.4e9
 OPS = ("token_logprobs", "cross_entropy", "ppo_clip_loss")
-
-
-class PeakRSS:
-    """Peak resident memory above the starting point, sampled every millisecond (CPU)."""
-
-    def __enter__(self):
-        self.start = self._rss()
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _watch(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def extra(self) -> int:
-        return self.peak - self.start
 
 
 def _callable(op: str, impl: str, logits, labels, old, adv):
@@ -111,15 +80,6 @@ def physical_floor(n: int, v: int, elem: int, backward: bool, device) -> float |
     exps = n * v * (2 if backward else 1)
     reads = n * v * elem * (2 if backward else 1) + (n * v * elem if backward else 0)  # + gradient write
     return max(exps / CPU_EXP_PER_S, reads / CPU_READ_BYTES_PER_S)
-
-
-def machine() -> dict:
-    """What the numbers were measured on."""
-    info = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def run(shapes, dtypes, ops=OPS, backends=None, repeats=5, compile_baseline=True, device="cpu",

@@ -1,0 +1,44 @@
+"""The built-in ``bench`` plugin: adds ``rlhf bench ...`` through the project's own
+``rlhf_register_commands`` hook (``rlhf --disable bench`` leaves it out)."""
+from __future__ import annotations
+
+import click
+
+from rlhf_core import hookimpl
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks (never part of the test suite): table, JSON and PNG under --out."""
+
+
+@bench.command("kernels")
+@click.option("--shape", "shapes", multiple=True, metavar="NxV",
+              help="Logits shape (repeatable). Default: 4096x32000, 2048x128256, 1024x151936.")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16"]), help="Default: both.")
+@click.option("--op", "ops", multiple=True, type=click.Choice(["token_logprobs", "cross_entropy", "ppo_clip_loss"]))
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["triton", "cpp"]))
+@click.option("--repeats", default=5, show_default=True)
+@click.option("--no-compile", is_flag=True, help="Skip the torch.compile baseline (slow to compile on CPU).")
+@click.option("--device", default=None, help="cuda when available, else cpu.")
+@click.option("--out", default="bench_out", show_default=True, type=click.Path(file_okay=False))
+def bench_kernels(shapes, dtypes, ops, backends, repeats, no_compile, device, out) -> None:
+    """Time every op x backend against PyTorch eager and torch.compile; table, JSON and PNG."""
+    import torch
+
+    from . import kernels as kbench
+
+    try:
+        parsed = [tuple(int(x) for x in s.lower().split("x")) for s in shapes] or [(4096, 32000), (2048, 128256), (1024, 151936)]
+    except ValueError:
+        raise click.BadParameter("shapes look like 4096x32000", param_hint="--shape") from None
+    torch_dtypes = [getattr(torch, d) for d in (dtypes or ("float32", "bfloat16"))]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    click.echo(kbench.header())
+    kbench.run(parsed, torch_dtypes, ops=ops or kbench.OPS, backends=backends or None, repeats=repeats,
+               compile_baseline=not no_compile, device=device, out_dir=out, echo=click.echo)
+
+
+@hookimpl
+def rlhf_register_commands(cli):
+    cli.add_command(bench)

@@ -1,0 +1,113 @@
+"""Validation of a whole run: the schema, each stage's own ``config_class`` and ``validate``, every
+component name and its options against the registry."""
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Any
+
+from .coerce import coerce, coerce_dataclass
+from .schema import ComponentSpec, ConfigError, RunConfig, StageSpec
+
+
+def check_options(entry: Any, spec: ComponentSpec, path: str, problems: list[str]) -> None:
+    """Check a component's options against the keyword parameters it accepts (and their types)."""
+    accepted = entry.options()
+    hints: dict[str, Any] = {}
+    try:
+        target = entry.obj.__init__ if inspect.isclass(entry.obj) else entry.obj
+        hints = typing.get_type_hints(target)
+    except Exception:  # plugin annotations that do not resolve: check names only
+        pass
+    before = len(problems)
+    for key, value in spec.options.items():
+        if key not in accepted:
+            choices = ", ".join(sorted(accepted)) or "(no options)"
+            problems.append(f"{path}.{key}: unknown option for {entry.kind} {spec.name!r}; accepted: {choices}")
+        elif key in hints:
+            spec.options[key] = coerce(hints[key], value, f"{path}.{key}", problems)
+    if len(problems) > before:
+        return
+    # Values: the component's own ``check_options(**options)``; an advantage estimator (built from
+    # its options alone) is simply constructed. Either raises ValueError with a readable message.
+    check = getattr(entry.obj, "check_options", None)
+    if check is None and entry.kind == "advantage":
+        check = entry.obj
+    if check is None:
+        return
+    try:
+        check(**spec.options)
+    except (ValueError, TypeError) as exc:
+        problems.append(f"{path}: {exc}")
+    except Exception as exc:  # a plugin's validator that crashed: still one line, naming the plugin
+        problems.append(f"{path}: {entry.kind} {spec.name!r} of plugin {entry.plugin!r} failed to check its "
+                        f"options: {type(exc).__name__}: {exc}")
+
+
+def resolve(data: dict, registry: Any, source: str = "config") -> RunConfig:
+    """Validate ``data`` against the run schema, each stage's ``config_class`` and the registry."""
+    problems: list[str] = []
+    stages_raw = data.get("stages", None)
+    top = {k: v for k, v in data.items() if k != "stages"}
+    config = coerce_dataclass(RunConfig, top, "", problems) or RunConfig()
+    for i, spec in enumerate(config.tracking or []):
+        if spec is None:
+            continue
+        try:
+            check_options(registry.lookup("tracker", spec), spec, f"tracking[{i}]", problems)
+        except ValueError as exc:
+            problems.append(f"tracking[{i}]: {exc}")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        problems.append("stages: expected a non-empty list of stages, e.g. [{stage: sft}, {stage: reward}]")
+        stages_raw = []
+    seen: set[str] = set()
+    for i, raw in enumerate(stages_raw):
+        path = f"stages[{i}]"
+        if not isinstance(raw, dict) or not isinstance(raw.get("stage"), str):
+            problems.append(f"{path}: expected a mapping with a 'stage' key naming a stage plugin; available: "
+                            f"{', '.join(registry.names('stage'))}")
+            continue
+        plugin = raw.get("plugin")
+        if plugin is not None and not isinstance(plugin, str):
+            problems.append(f"{path}.plugin: expected a plugin name, got {plugin!r}")
+            continue
+        try:
+            entry = registry.get("stage", raw["stage"], plugin=plugin)
+        except ValueError as exc:
+            problems.append(f"{path}.stage: {exc}")
+            continue
+        name = raw.get("name") or raw["stage"]
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            problems.append(f"{path}.name: expected a plain name (it becomes a directory), got {name!r}")
+            continue
+        if name in seen:
+            problems.append(f"{path}.name: stage name {name!r} is used twice; give each stage a unique 'name'")
+        seen.add(name)
+        options = {k: v for k, v in raw.items() if k not in ("stage", "name", "plugin")}
+        before = len(problems)
+        stage_cfg = coerce_dataclass(entry.obj.config_class, options, path, problems)
+        if stage_cfg is None:
+            continue
+        parsed = len(problems) == before
+        stage = entry.obj()
+        try:
+            components = stage.components(stage_cfg)
+        except Exception:
+            if parsed:
+                raise
+            components = []  # a half-parsed config; its problems are already listed
+        for kind, spec, sub, families in components:
+            if spec is None:
+                continue
+            try:
+                comp = registry.lookup(kind, spec, families)
+            except ValueError as exc:
+                problems.append(f"{path}.{sub}: {exc}")
+                continue
+            check_options(comp, spec, f"{path}.{sub}", problems)
+        if parsed and len(problems) == before and hasattr(stage, "validate"):  # never sees half-parsed fields
+            problems.extend(f"{path}.{p}" for p in stage.validate(stage_cfg, registry))
+        config.stages.append(StageSpec(raw["stage"], name, stage_cfg, plugin))
+    if problems:
+        raise ConfigError(problems, source)
+    return config
