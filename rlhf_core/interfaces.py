@@ -135,14 +135,34 @@ class StageContext:
         return self.tokenizer_for(self.init_source(init, "policy")), self.load_model(init)
 
     def load_model(self, init: str, *, trainable: bool = True) -> torch.nn.Module:
-        """The causal LM of an ``init`` source on this run's device, prepared with :meth:`wrap`;
-        ``trainable=False`` gives a frozen copy in eval mode (a reference model)."""
+        """The causal LM of an ``init`` source on this run's device, with LoRA adapters when
+        ``model.lora`` is set (see :meth:`adapt`), prepared with :meth:`wrap`; ``trainable=False``
+        gives a frozen copy in eval mode (a reference model; with LoRA prefer the trainable model
+        with its adapters disabled, see :func:`rlhf_core.models.is_lora`)."""
         from .models import load_causal_lm
 
-        model = load_causal_lm(self.run_config.model, self.init_source(init, "policy"), seed=self.seed).to(self.device)
+        source = self.init_source(init, "policy")
+        model = load_causal_lm(self.run_config.model, source, seed=self.seed).to(self.device)
         if not trainable:
             model = model.eval().requires_grad_(False)
+        else:
+            model = self.adapt(model, source)
         return self.wrap(model, trainable=trainable)
+
+    def adapt(self, model: torch.nn.Module, source: str, *, causal_lm: bool = True) -> torch.nn.Module:
+        """A trainable model with LoRA adapters (``peft``) when ``model.lora`` is set, else as is.
+        ``source`` is where its base weights came from (an adapter records it). A
+        :class:`rlhf_core.models.ScalarHeadModel` (``causal_lm=False``) gets adapters on its
+        backbone and keeps its head fully trainable. Call it before :meth:`wrap`."""
+        lora = self.run_config.model.lora
+        if lora is None:
+            return model
+        from .models import apply_lora
+
+        if not causal_lm:
+            model.backbone = apply_lora(model.backbone, lora, source, causal_lm=False)
+            return model
+        return apply_lora(model, lora, source)
 
     def tokenizer_for(self, source: str):
         """The tokenizer of a model source: the config's ``model.tokenizer`` for the base model,

@@ -24,11 +24,13 @@ from .tracking import is_main_process
 
 #: The supported plugin API of this module (see README "Plugin API").
 __all__ = ["ModelLoadError", "ScalarHeadModel", "load_causal_lm", "load_tokenizer", "save_causal_lm",
-           "is_reward_model_dir"]
+           "is_reward_model_dir", "apply_lora", "is_lora", "is_adapter_dir", "merge_lora_state"]
 
 BUILTIN_TINY = "builtin:tiny"
 REWARD_MARKER = "rlhf_reward_model.json"
 HEAD_FILE = "reward_head.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's
+ADAPTER_BASE = "rlhf_adapter.json"  # ours: the source the adapter's base weights load from
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,8 +65,10 @@ def check_model_source(source: str, *, what: str = "model") -> str | None:
         return None
     path = Path(source).expanduser()
     if path.is_dir():
+        if what == "model" and is_adapter_dir(path):
+            return check_model_source(adapter_base(path), what=what)
         if what == "model" and not (path / "config.json").is_file():
-            return f"{source}: the directory has no config.json, so it is not a saved model"
+            return f"{source}: the directory has no config.json (nor adapter_config.json), so it is not a saved model"
         return None
     if path.exists():
         return f"{source}: is a file; expected a model directory (what save_pretrained writes)"
@@ -137,6 +141,14 @@ def load_causal_lm(model_cfg: Any, path: str | None = None, *, seed: int = 0):
         model = LlamaForCausalLM(tiny_config(len(load_tokenizer(model_cfg, BUILTIN_TINY))))
         dtype = torch_dtype(model_cfg.dtype)
         return model.to(dtype) if dtype is not None else model
+    if is_adapter_dir(source):  # a LoRA stage output: its base, with the adapter merged in
+        from peft import PeftModel
+
+        base = load_causal_lm(model_cfg, adapter_base(source), seed=seed)
+        try:
+            return PeftModel.from_pretrained(base, source).merge_and_unload()
+        except Exception as exc:
+            raise ModelLoadError(f"could not load the LoRA adapter in {source!r}: {type(exc).__name__}: {exc}") from None
     from transformers import AutoModelForCausalLM
 
     try:
@@ -150,14 +162,89 @@ def load_causal_lm(model_cfg: Any, path: str | None = None, *, seed: int = 0):
 def save_causal_lm(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
     """``save_pretrained`` (safetensors) of the model and its tokenizer into ``directory``: the full
     state dict is gathered on rank 0, which writes; every rank gets the path back. The result is an
-    ordinary Hugging Face directory whatever the number of processes that trained it."""
+    ordinary Hugging Face directory whatever the number of processes that trained it.
+
+    A LoRA model (:func:`apply_lora`) saves its adapter in PEFT's format (``adapter_config.json``,
+    ``adapter_model.safetensors``) plus ``rlhf_adapter.json`` naming the base it loads on (so
+    ``load_causal_lm`` and ``init: auto`` take the directory as it is); with ``lora.merge`` also
+    the merged model in ``directory/merged``, an ordinary Hugging Face directory."""
     state = full_state_dict(model)  # a collective for sharded models: every rank takes part
+    inner = unwrap(model)
     if is_main_process():
         with atomic_dir(directory) as tmp:  # a kill half-way leaves the previous directory, never a torn one
-            unwrap(model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if is_lora(inner):
+                inner.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                (tmp / ADAPTER_BASE).write_text(json.dumps({"base": inner.rlhf_lora["base"]}) + "\n")
+                if inner.rlhf_lora["merge"]:
+                    inner.get_base_model().save_pretrained(tmp / "merged", state_dict=merge_lora_state(state, inner),
+                                                           safe_serialization=True)
+                    tokenizer.save_pretrained(tmp / "merged")
+            else:
+                inner.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
     barrier()  # no rank reads the checkpoint before it is complete
     return directory
+
+
+# ----------------------------------------------------------------------------- LoRA (peft)
+
+def apply_lora(model: nn.Module, lora_cfg: Any, base_source: str, *, causal_lm: bool = True) -> nn.Module:
+    """``model`` with LoRA adapters (``peft.get_peft_model``) as ``lora_cfg`` (a
+    :class:`rlhf_core.config.LoraConfig`) says: only the adapters train; the base weights are frozen.
+    ``base_source`` is where those base weights load from (recorded when the adapter is saved)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                              target_modules=lora_cfg.target_modules, bias="none",
+                              task_type="CAUSAL_LM" if causal_lm else None)
+    try:
+        model = get_peft_model(model, peft_cfg)
+    except ValueError as exc:  # e.g. target_modules that match nothing
+        raise ModelLoadError(f"model.lora: {exc}") from None
+    base = Path(base_source)
+    model.rlhf_lora = {"base": str(base.resolve()) if base.exists() else base_source, "merge": bool(lora_cfg.merge),
+                       "scaling": lora_cfg.alpha / lora_cfg.r}
+    return model
+
+
+def is_lora(model: nn.Module) -> bool:
+    """True for a model :func:`apply_lora` made (its adapters can be switched off: the reference)."""
+    return hasattr(model, "rlhf_lora")
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """True when ``path`` holds a PEFT adapter (what a LoRA stage saves)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The source an adapter directory's base weights load from: ours, else PEFT's record."""
+    path = Path(path)
+    if (path / ADAPTER_BASE).is_file():
+        return json.loads((path / ADAPTER_BASE).read_text())["base"]
+    base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{path}: the adapter does not say which base model it belongs to "
+                             f"(no {ADAPTER_BASE}, no base_model_name_or_path)")
+    return base
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A LoRA model's full state dict with every adapter folded into its base weight,
+    ``W + alpha / r * B @ A`` (in fp32, stored in W's dtype), under the plain model's names: what
+    the model without peft would hold. Works on a gathered state dict, so on sharded models too."""
+    scaling = model.rlhf_lora["scaling"]
+    plain = lambda key: key.replace("base_model.model.", "", 1).replace(".base_layer.", ".")  # noqa: E731
+    out = {plain(k): v for k, v in state.items() if ".lora_" not in k}
+    for key, a in state.items():
+        if ".lora_A." not in key:
+            continue
+        module, rest = key.split(".lora_A.")
+        b = state[f"{module}.lora_B.{rest}"]
+        name = plain(module) + ".weight"
+        out[name] = (out[name].float() + scaling * (b.float() @ a.float())).to(out[name].dtype)
+    return out
 
 
 class ScalarHeadModel(nn.Module):
@@ -204,10 +291,14 @@ class ScalarHeadModel(nn.Module):
         directory = Path(directory)
         state = full_state_dict(self)  # every rank takes part; rank 0 gets the whole model
         if is_main_process():
+            backbone_model = self.backbone
+            if is_lora(self.backbone):  # a reward model is always saved whole: adapters merged in
+                state = merge_lora_state(state, self.backbone)  # backbone.base_model.model.X -> backbone.X
+                backbone_model = self.backbone.get_base_model()
             backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
             head = {k[len("head."):]: v.contiguous() for k, v in state.items() if k.startswith("head.")}
             with atomic_dir(directory) as tmp:
-                self.backbone.save_pretrained(tmp, state_dict=backbone, safe_serialization=True)
+                backbone_model.save_pretrained(tmp, state_dict=backbone, safe_serialization=True)
                 save_file(head, str(tmp / HEAD_FILE))
                 (tmp / REWARD_MARKER).write_text(json.dumps({"format": 1, "head": HEAD_FILE}) + "\n")
                 if tokenizer is not None:

@@ -24,7 +24,7 @@ from rlhf_core.distributed import masked_mean
 from rlhf_core.data import TokenStats, data_inputs, dataset_components, encode_prompt, load_split, render_prompt
 from rlhf_core.interfaces import AdvantageInputs, StageInput, StageResult, checked_advantages, checked_rewards
 from rlhf_core.sampling import evaluate_samples, generate
-from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm, save_causal_lm
+from rlhf_core.models import ScalarHeadModel, is_lora, is_reward_model_dir, load_causal_lm, save_causal_lm
 from rlhf_core.tracking import is_main_process
 from rlhf_core.training import TrainingError, autocast_context
 
@@ -120,8 +120,9 @@ class PPOConfig:
 @dataclass
 class PPOModels:
     """Everything PPO trains or consults, built once in :meth:`PPOStage.run`: the policy and its
-    optimizer, the frozen reference (the starting policy), the optional critic and its optimizer,
-    and the KL controller. Models are already sharded for this run's processes."""
+    optimizer, the frozen reference (the starting policy; None with LoRA, where the reference is the
+    policy with its adapters disabled), the optional critic and its optimizer, and the KL
+    controller. Models are already sharded for this run's processes."""
 
     policy: Any
     reference: Any
@@ -277,7 +278,8 @@ class PPOStage:
         """Policy, reference (frozen copy of the start), critic, optimizers, KL controller."""
         model_cfg, device = ctx.run_config.model, ctx.device
         policy = ctx.load_model(config.init)
-        reference = ctx.load_model(config.init, trainable=False)
+        # With LoRA the reference is the policy with its adapters disabled: no second copy of the weights.
+        reference = None if is_lora(dist_utils.unwrap(policy)) else ctx.load_model(config.init, trainable=False)
         critic, critic_opt = None, None
         if needs_critic:
             critic_source = ctx.init_source(config.critic_init, "reward")
@@ -285,9 +287,10 @@ class PPOStage:
                 critic = ScalarHeadModel.from_pretrained(critic_source, trust_remote_code=model_cfg.trust_remote_code)
             else:
                 critic = ScalarHeadModel.from_causal_lm(load_causal_lm(model_cfg, critic_source, seed=ctx.seed))
-            critic = ctx.wrap(critic.to(device))
-            critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.critic_lr)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+            critic = ctx.wrap(ctx.adapt(critic, critic_source, causal_lm=False).to(device))
+            critic_opt = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=config.critic_lr)
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
+                                      weight_decay=config.weight_decay)
         kl = KLController(config.kl.coef, config.kl.adaptive, config.kl.target, config.kl.horizon)
         return PPOModels(policy, reference, optimizer, kl, critic, critic_opt)
 
@@ -312,7 +315,7 @@ def make_experience(models: PPOModels, prompts: list[str], tokenizer, reward_fn,
     rewards = reward_fn(prompt_text, roll.responses).to(device)  # [B], checked: finite, one per response
     with autocast_context(config.mixed_precision, device):
         old_logp, entropy = score_tokens(models.policy, roll, backend, with_entropy=True)
-        ref_logp, _ = score_tokens(models.reference, roll, backend)
+        ref_logp = reference_logprobs(models, roll, backend)
         values = critic_values(models.critic, roll) if models.critic is not None else None
     mask = roll.mask.float()
     kl_tokens = KL_ESTIMATORS[config.kl.estimator](old_logp, ref_logp) * mask  # [B, R]
@@ -323,6 +326,15 @@ def make_experience(models: PPOModels, prompts: list[str], tokenizer, reward_fn,
     if config.whiten_advantages:
         advantages = whiten(advantages, mask)
     return Experience(roll, rewards, old_logp, ref_logp, entropy, kl_tokens, advantages, values, returns, time_generate)
+
+
+def reference_logprobs(models: PPOModels, roll, backend: str | None) -> torch.Tensor:
+    """Log-probs ``[B, R]`` of the response tokens under the reference: the frozen copy, or with
+    LoRA the policy itself with its adapters switched off (exactly the starting weights)."""
+    if models.reference is not None:
+        return score_tokens(models.reference, roll, backend)[0]
+    with dist_utils.unwrap(models.policy).disable_adapter():
+        return score_tokens(models.policy, roll, backend)[0]
 
 
 def update(models: PPOModels, exp: Experience, loss_fn, config: PPOConfig, backend: str | None) -> dict[str, float]:

@@ -36,6 +36,9 @@ def coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        classes = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(classes) == 1:  # e.g. LoraConfig | None: report its own field problems
+            return coerce(classes[0], value, path, problems)
         for arg in args:
             if arg is type(None):
                 continue

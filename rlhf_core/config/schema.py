@@ -51,11 +51,37 @@ def rule_problems(obj: Any, rules: dict[str, Rule]) -> list[str]:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (through the ``peft`` library) on every trainable model: rank ``r``, scale
+    ``alpha / r``, ``dropout`` on the adapter input, ``target_modules`` (``all-linear``: every linear
+    layer but the output head; or a list of module names such as ``[q_proj, v_proj]``). With
+    ``merge``, a stage's output also holds the merged model in ``<output>/merged``."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    merge: bool = False
+
+    def problems(self) -> list[str]:
+        """Value checks; ``peft`` must be installed."""
+        import importlib.util
+
+        out = rule_problems(self, {"r": AT_LEAST_1, "alpha": POSITIVE, "dropout": FRACTION})
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            out.append("target_modules: must name at least one module, or be 'all-linear'")
+        if importlib.util.find_spec("peft") is None:
+            out.append("needs the peft package: pip install -e \".[lora]\"")
+        return out
+
+
+@dataclass
 class ModelConfig:
     """The base model. ``name_or_path``: ``builtin:tiny`` (offline tiny Llama + byte tokenizer),
-    a local directory, or a hub id (loaded with ``from_pretrained``). ``gradient_checkpointing``
-    recomputes each block's activations in the backward pass of every trainable model (less memory,
-    about a third more compute)."""
+    a local directory (a saved model, or a LoRA adapter directory a stage wrote), or a hub id
+    (loaded with ``from_pretrained``). ``gradient_checkpointing`` recomputes each block's
+    activations in the backward pass of every trainable model (less memory, about a third more
+    compute). ``lora``: train LoRA adapters instead of every weight (see :class:`LoraConfig`)."""
 
     name_or_path: str = "builtin:tiny"
     tokenizer: str | None = None
@@ -63,6 +89,7 @@ class ModelConfig:
     device: str = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
 
     def problems(self) -> list[str]:
         """Value checks (see :func:`rule_problems`)."""
