@@ -214,9 +214,12 @@ def wrap(model: nn.Module, dist_cfg: Any, device: torch.device, *, trainable: bo
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if dist_cfg.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    for block in transformer_blocks(model):
+    # A peft model shards its inner model: that is what generate and the wrapper's forward call, so
+    # the root's hooks (which gather embeddings and head) run on every path.
+    root = model.get_base_model() if hasattr(model, "rlhf_lora") else model
+    for block in transformer_blocks(root):
         fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    fully_shard(root, **kwargs)
     return model
 
 
@@ -237,15 +240,16 @@ def gathered(model: nn.Module, reshard_after: bool = True) -> Iterator[nn.Module
     for unsharded models."""
     from torch.distributed.fsdp import FSDPModule
 
-    if not isinstance(model, FSDPModule):
+    root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)  # outermost (a peft model's inner)
+    if root is None:
         yield model
         return
-    model.set_reshard_after_forward(False)
+    root.set_reshard_after_forward(False)
     try:
         yield model
     finally:
-        model.set_reshard_after_forward(reshard_after)
-        for module in model.modules():
+        root.set_reshard_after_forward(reshard_after)
+        for module in root.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
 

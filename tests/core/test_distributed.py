@@ -191,3 +191,46 @@ stages:
     assert "Traceback" not in result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == f"failed: {message}" and summary["stages_completed"] == []
+
+
+LORA = """
+seed: 0
+model: {lora: {r: 4, alpha: 8}}
+distributed: {strategy: fsdp}
+stages:
+  - stage: sft
+    data: {train: "builtin:letters", builtin_size: 200, max_length: 16}
+    train: {steps: 3, batch_size: 8, lr: 1.0e-3, log_every: 1}
+  - stage: reward
+    data: {train: "builtin:letters", builtin_size: 200, max_length: 16}
+    train: {steps: 2, batch_size: 8, lr: 1.0e-3, log_every: 1}
+  - stage: ppo
+    data: {train: "builtin:letters", builtin_size: 40}
+    iterations: 2
+    prompts_per_batch: 4
+    minibatch_size: 4
+    generation: {max_new_tokens: 4}
+    eval_every: 0
+    eval_prompts: 4
+"""
+
+
+def test_fsdp_shards_the_frozen_base_and_trains_lora_adapters_like_one_process(tmp_path):
+    """FSDP2 over a peft model: 2 processes train the same adapters (and the same merged reward
+    model) as one, and PPO runs with the reference = adapters disabled on the sharded policy."""
+    pytest.importorskip("peft")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(LORA)
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"run{n}"
+        result = rlhf("run", str(cfg), "--out", str(out), "--nproc", str(n))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[n] = out
+    assert (runs[2] / "sft" / "adapter_model.safetensors").is_file()
+    assert max_diff(runs[1] / "sft", runs[2] / "sft") <= 1e-5
+    assert max_diff(runs[1] / "reward", runs[2] / "reward") <= 1e-5
+    rows = [json.loads(x) for x in (runs[2] / "metrics.jsonl").read_text().splitlines()]
+    ppo = [r for r in rows if r["stage"] == "ppo" and "kl" in r]
+    assert [r["step"] for r in ppo] == [1, 2] and ppo[0]["kl"] == 0.0  # policy == reference at the start
+    assert (runs[2] / "ppo" / "adapter_config.json").is_file()
