@@ -5,7 +5,10 @@ whose label is ``ignore_index`` contribute nothing; outputs are fp32; differenti
 
 - :func:`token_logprobs`, :func:`cross_entropy`, :func:`ppo_clip_loss`
 - :func:`linear_token_logprobs`, :func:`linear_cross_entropy`, :func:`linear_ppo_clip_loss`
-  (``hidden [N, H]``, ``weight [V, H]``; the ``[N, V]`` logits are never materialised)
+  (``hidden [N, H]``, ``weight [V, H]``; the ``[N, V]`` logits are never materialised; the two
+  losses compute their gradients inside the forward chunk loop on the fast backends)
+- :func:`token_entropy`, :func:`linear_token_entropy`: entropy of the next-token distribution
+  (chunked PyTorch on every device: no fp32 copy of the logits; no Triton/C++ kernel yet)
 
 ``backend``: ``"reference"`` | ``"triton"`` | ``"cpp"`` | ``None``. ``None`` reads the environment
 variable ``RLHF_KERNEL_BACKEND`` and otherwise picks automatically: ``triton`` for CUDA tensors,
@@ -21,7 +24,9 @@ from types import ModuleType
 import torch
 
 from . import reference
-from .fused import CrossEntropyFn, LinearTokenLogprobsFn, PPOClipFn, TokenLogprobsFn
+from .fused import (
+    CrossEntropyFn, LinearLossFn, LinearTokenEntropyFn, LinearTokenLogprobsFn, PPOClipFn, TokenEntropyFn, TokenLogprobsFn,
+)
 from .reference import ppo_clip_terms, reduce_tokens
 
 BACKENDS = ("reference", "triton", "cpp")
@@ -32,6 +37,7 @@ ENV_BACKEND = "RLHF_KERNEL_BACKEND"
 __all__ = [
     "BACKENDS", "available_backends", "resolve_backend", "token_logprobs", "cross_entropy",
     "ppo_clip_loss", "linear_token_logprobs", "linear_cross_entropy", "linear_ppo_clip_loss",
+    "token_entropy", "linear_token_entropy",
     "ppo_clip_terms", "reduce_tokens", "reference",
 ]
 
@@ -234,8 +240,26 @@ def linear_cross_entropy(
     """``cross_entropy(hidden @ weight.T, labels)`` without materialising the logits."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"linear_cross_entropy: unknown reduction {reduction!r}; accepted: mean, sum, none")
+    impl = _linear_prepare(hidden, weight, labels, ignore_index, backend, "linear_cross_entropy")
+    if reduction != "none" and _grad_in_forward(impl, hidden, weight):
+        loss, _ = LinearLossFn.apply(hidden.contiguous(), weight.contiguous(), labels.contiguous(), ignore_index, impl,
+                                     False, None, None, 0.0, reduction == "mean")
+        return loss
     nll = -linear_token_logprobs(hidden, weight, labels, ignore_index=ignore_index, backend=backend)
     return reduce_tokens(nll, (labels != ignore_index).float(), reduction)
+
+
+def _linear_prepare(hidden, weight, labels, ignore_index: int, backend: str | None, op: str) -> ModuleType | None:
+    """Check ``hidden [N, H]``, ``weight [V, H]`` and the labels against ``[N, V]`` without building it."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{op}: need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    return _prepare(weight[:, 0].unsqueeze(0).expand(hidden.shape[0], -1), labels, ignore_index, backend, op)
+
+
+def _grad_in_forward(impl, hidden, weight) -> bool:
+    """Whether a fused-linear loss can compute its input gradients in the forward chunk loop."""
+    return (impl is not None and hasattr(impl, "forward_with_grad") and torch.is_grad_enabled()
+            and (hidden.requires_grad or weight.requires_grad))
 
 
 def linear_ppo_clip_loss(
@@ -246,6 +270,36 @@ def linear_ppo_clip_loss(
     """``ppo_clip_loss(hidden @ weight.T, ...)`` without materialising the logits."""
     _check_same_rows("old_logprobs", old_logprobs, labels, "linear_ppo_clip_loss")
     _check_same_rows("advantages", advantages, labels, "linear_ppo_clip_loss")
+    impl = _linear_prepare(hidden, weight, labels, ignore_index, backend, "linear_ppo_clip_loss")
+    if _grad_in_forward(impl, hidden, weight):
+        old, adv = old_logprobs.float().contiguous(), advantages.float().contiguous()
+        loss, logp = LinearLossFn.apply(hidden.contiguous(), weight.contiguous(), labels.contiguous(), ignore_index, impl,
+                                        True, old, adv, float(clip_eps), True)
+        if not return_stats:
+            return loss
+        return loss, ppo_clip_terms(logp, old, adv, labels != ignore_index, clip_eps)[1]
     logp = linear_token_logprobs(hidden, weight, labels, ignore_index=ignore_index, backend=backend)
     loss, stats = ppo_clip_terms(logp, old_logprobs, advantages, labels != ignore_index, clip_eps)
     return (loss, stats) if return_stats else loss
+
+
+def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` per position, fp32, shape ``logits.shape[:-1]``;
+    differentiable. Computed in row chunks (fp32 temporaries of one chunk, not of the whole logits)."""
+    if not torch.is_floating_point(logits) or logits.dim() < 1 or logits.numel() == 0:
+        raise ValueError(f"token_entropy: need non-empty floating-point logits [..., V], got {logits.dtype} "
+                         f"{tuple(logits.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"token_entropy: temperature must be > 0, got {temperature}")
+    flat, _ = _rows(logits)
+    return TokenEntropyFn.apply(flat, float(temperature)).view(logits.shape[:-1])
+
+
+def linear_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """``token_entropy(hidden @ weight.T)`` ``[N]`` without materialising the ``[N, V]`` logits."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_token_entropy: need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"linear_token_entropy: temperature must be > 0, got {temperature}")
+    return LinearTokenEntropyFn.apply(hidden.contiguous(), weight.contiguous(), float(temperature))

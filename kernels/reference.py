@@ -20,6 +20,17 @@ def token_logprobs(
     return (picked - torch.logsumexp(x, dim=-1)).masked_fill(ignored, 0.0)
 
 
+def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy ``-sum_v p_v log p_v`` of ``p = softmax(logits / temperature)`` per position, fp32."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def linear_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """``token_entropy(hidden @ weight.T)``."""
+    return token_entropy(hidden @ weight.t(), temperature=temperature)
+
+
 def reduce_tokens(values: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
     """Reduce per-token ``values`` over ``valid`` positions.
 

@@ -149,6 +149,7 @@ def test_fused_linear_ops_match_reference(backend, monkeypatch):
     from rlhf_kernels import fused
 
     monkeypatch.setattr(fused, "LINEAR_CHUNK_BYTES", 4 * 101 * 3)  # force several chunks (3 rows each)
+    monkeypatch.setattr(fused, "LINEAR_GRAD_MIN_ROWS", 3)
     torch.manual_seed(3)
     hidden = torch.randn(10, 16, requires_grad=True)
     weight = torch.randn(101, 16, requires_grad=True)
@@ -400,3 +401,94 @@ def test_ppo_loss_gradient_in_forward_sweep(backend):
     got.backward()
     want.backward()
     torch.testing.assert_close(logits.grad, ref.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("rows_per_chunk", [3, 512])
+def test_fused_linear_losses_gradient_in_forward(backend, rows_per_chunk, monkeypatch):
+    """linear_cross_entropy (mean, sum) and linear_ppo_clip_loss compute d/dhidden and d/dweight in the
+    forward chunk loop: equal to the reference for any chunking and upstream gradient, for hidden
+    alone, weight alone or both; a second backward is a clear error."""
+    from rlhf_kernels import fused
+
+    monkeypatch.setattr(fused, "LINEAR_CHUNK_BYTES", 4 * 101 * 3)
+    monkeypatch.setattr(fused, "LINEAR_GRAD_MIN_ROWS", rows_per_chunk)
+    torch.manual_seed(5)
+    hidden = torch.randn(11, 16, requires_grad=True)
+    weight = torch.randn(101, 16, requires_grad=True)
+    labels = torch.randint(0, 101, (11,))
+    labels[[2, 7]] = -100
+    old, adv = torch.randn(11) - 4, torch.randn(11)
+    cases = [
+        (lambda h, w, **k: K.linear_cross_entropy(h, w, labels, **k), lambda h, w: reference.linear_cross_entropy(h, w, labels)),
+        (lambda h, w, **k: K.linear_cross_entropy(h, w, labels, reduction="sum", **k),
+         lambda h, w: reference.linear_cross_entropy(h, w, labels, reduction="sum")),
+        (lambda h, w, **k: K.linear_ppo_clip_loss(h, w, labels, old, adv, clip_eps=0.1, **k),
+         lambda h, w: reference.linear_ppo_clip_loss(h, w, labels, old, adv, clip_eps=0.1)),
+    ]
+    for fast, ref in cases:
+        for wrt in ((hidden, weight), (hidden,), (weight,)):
+            got, want = fast(hidden, weight, backend=backend), ref(hidden, weight)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            g_fast = torch.autograd.grad(2.5 * got, wrt)
+            g_ref = torch.autograd.grad(2.5 * want, wrt)
+            for a, b in zip(g_fast, g_ref):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    loss = K.linear_cross_entropy(hidden, weight, labels, backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through a fused-linear loss"):
+        loss.backward()
+    _, stats = K.linear_ppo_clip_loss(hidden, weight, labels, old, adv, backend=backend, return_stats=True)
+    _, want_stats = reference.linear_ppo_clip_loss(hidden, weight, labels, old, adv, return_stats=True)
+    for key, value in want_stats.items():
+        torch.testing.assert_close(stats[key], value, atol=1e-5, rtol=1e-5)
+
+
+def entropy64(logits, temperature):
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("v", [1, 7, 513])
+def test_token_entropy_matches_float64(v, temperature, monkeypatch):
+    """token_entropy and linear_token_entropy (chunked) against float64 PyTorch, forward and backward,
+    odd vocabularies, extreme logits, batched shapes."""
+    from rlhf_kernels import fused
+
+    monkeypatch.setattr(fused, "LINEAR_CHUNK_BYTES", 4 * v * 2)  # two rows per chunk
+    torch.manual_seed(v)
+    logits = torch.randn(3, 5, v) * 3
+    logits[0, 0, 0] = 1e4
+    logits[1, 1, -1] = -1e4
+    weights = torch.randn(3, 5, dtype=torch.float64)
+    x = logits.clone().requires_grad_()
+    got = K.token_entropy(x, temperature=temperature)
+    (got * weights.float()).sum().backward()
+    x64 = logits.double().requires_grad_()
+    want = entropy64(x64, temperature)
+    (want * weights).sum().backward()
+    torch.testing.assert_close(reference.token_entropy(logits, temperature=temperature), got.detach(), atol=1e-5, rtol=1e-5)
+    assert got.shape == (3, 5) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-4)
+    assert float(got[0, 0]) == pytest.approx(0.0, abs=1e-6)  # one logit dominates: a certain choice
+    hidden = torch.randn(9, 8, requires_grad=True)
+    weight = torch.randn(v, 8, requires_grad=True)
+    got = K.linear_token_entropy(hidden, weight, temperature=temperature)
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want = entropy64(h64 @ w64.t(), temperature)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    up = torch.randn(9, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((got * up.float()).sum(), (hidden, weight)),
+                    torch.autograd.grad((want * up).sum(), (h64, w64))):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+def test_token_entropy_rejects_bad_input():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        K.token_entropy(torch.randn(2, 3), temperature=0)
+    with pytest.raises(ValueError, match="need non-empty floating-point logits"):
+        K.token_entropy(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"need hidden \[N, H\] and weight \[V, H\]"):
+        K.linear_token_entropy(torch.randn(2, 4), torch.randn(5, 3))
