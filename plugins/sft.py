@@ -16,7 +16,7 @@ from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
 from rlhf_core.distributed import all_reduce_sum, launched_distributed, masked_mean
 from rlhf_core.data import collate_sft, data_inputs, dataset_components, load_split, shift_labels, tokenize_sft
 from rlhf_core.interfaces import StageError, StageInput, StageResult
-from rlhf_core.models import save_causal_lm
+from rlhf_core.models import linear_head, save_causal_lm, use_fused_linear
 from rlhf_core.training import Trainer, make_loader, total_steps
 
 
@@ -45,33 +45,32 @@ class SFTConfig:
     """Options of the ``sft`` stage: ``data`` (sft records), ``train`` loop, ``loss`` (a ``token``
     loss), ``init`` (auto | base | @STAGE | path: the starting weights), ``fused_linear`` (compute
     the cross-entropy from the last hidden states and the LM head with
-    ``rlhf_kernels.linear_cross_entropy``, never materialising ``[B, T, V]`` logits; needs the
-    ``cross_entropy`` loss with ``token_mean`` and a plain bias-free linear LM head)."""
+    ``rlhf_kernels.linear_cross_entropy``, never materialising ``[B, T, V]`` logits; ``auto``: on
+    with the ``cross_entropy`` loss (``token_mean``), one process and a plain bias-free linear LM
+    head, else off with a notice; ``true`` makes any of those an error)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3))
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("cross_entropy"))
     init: str = "base"
-    fused_linear: bool = False
+    fused_linear: bool | Literal["auto"] = "auto"
 
 
-def lm_head_weight(model) -> torch.Tensor:
-    """The ``[V, H]`` weight of a plain linear LM head; an error for heads the fused path cannot mimic."""
-    head = model.get_output_embeddings()
-    config = model.config
-    scaled = any(getattr(config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None or scaled:
-        raise StageError(f"sft.fused_linear: the LM head of {type(model).__name__} is not a plain bias-free linear "
-                         "layer (or its logits are scaled/soft-capped); set fused_linear: false")
-    return head.weight
+def fused_blocker(config: SFTConfig) -> str:
+    """Why the configured loss cannot take the fused path ("" when it can)."""
+    if config.loss.name != "cross_entropy" or config.loss.options.get("aggregation", "token_mean") != "token_mean":
+        options = f" {config.loss.options}" if config.loss.options else ""
+        return f"computes token-mean cross_entropy only; the loss is {config.loss.name!r}{options}"
+    return ""
 
 
 def sft_loss_terms(model, batch, loss_fn, options: dict, backend: str | None, fused_linear: bool):
     """``(loss, metrics)`` of one batch: logits path through the registered loss, or the fused path."""
     labels = shift_labels(batch["labels"])
     if fused_linear:
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        loss = rlhf_kernels.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight(model),
+        decoder, weight, _ = linear_head(model)
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        loss = rlhf_kernels.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight.to(hidden.dtype),
                                                  labels.reshape(-1), backend=backend)
         return loss, {"tokens": float((labels != -100).sum())}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -88,13 +87,12 @@ class SFTStage:
         return [("loss", config.loss, "loss", ("token",)), *dataset_components(config.data, "data")]
 
     def validate(self, config: SFTConfig, registry) -> list[str]:
-        """``fused_linear`` computes plain token-mean cross-entropy only, in one process."""
-        if config.fused_linear and (config.loss.name != "cross_entropy"
-                                    or config.loss.options.get("aggregation", "token_mean") != "token_mean"):
-            return [f"fused_linear: computes token-mean cross_entropy only; remove it to use loss {config.loss.name!r}"]
-        if config.fused_linear and launched_distributed():
+        """``fused_linear: true`` computes plain token-mean cross-entropy only, in one process."""
+        if config.fused_linear is True and fused_blocker(config):
+            return [f"fused_linear: {fused_blocker(config)}; set it to auto or false"]
+        if config.fused_linear is True and launched_distributed():
             return ["fused_linear: not yet available with several processes (it reads the LM head's weight outside "
-                    "the sharded forward); set fused_linear: false"]
+                    "the sharded forward); set it to auto or false"]
         return []
 
     def inputs(self, config: SFTConfig, registry) -> list[StageInput]:
@@ -115,8 +113,10 @@ class SFTStage:
         loss_entry = ctx.registry.lookup("loss", config.loss, "token")
         per_sequence = config.loss.options.get("aggregation") == "sequence_mean"
 
+        fused = use_fused_linear(config.fused_linear, ctx.name, [model], fused_blocker(config))
+
         def compute_loss(batch):
-            return sft_loss_terms(model, batch, loss_entry.obj, config.loss.options, backend, config.fused_linear)
+            return sft_loss_terms(model, batch, loss_entry.obj, config.loss.options, backend, fused)
 
         def count(batch):
             # What the loss averages over: response tokens (token_mean) or sequences that have one.

@@ -24,7 +24,8 @@ from .tracking import is_main_process
 
 #: The supported plugin API of this module (see README "Plugin API").
 __all__ = ["ModelLoadError", "ScalarHeadModel", "load_causal_lm", "load_tokenizer", "save_causal_lm",
-           "is_reward_model_dir", "apply_lora", "is_lora", "is_adapter_dir", "merge_lora_state"]
+           "is_reward_model_dir", "apply_lora", "is_lora", "is_adapter_dir", "merge_lora_state", "linear_head",
+           "use_fused_linear"]
 
 BUILTIN_TINY = "builtin:tiny"
 REWARD_MARKER = "rlhf_reward_model.json"
@@ -184,6 +185,49 @@ def save_causal_lm(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
             tokenizer.save_pretrained(tmp)
     barrier()  # no rank reads the checkpoint before it is complete
     return directory
+
+
+def linear_head(model: nn.Module) -> tuple[nn.Module | None, torch.Tensor | None, str]:
+    """``(decoder, weight, "")`` when a causal LM's logits are exactly ``decoder(...).last_hidden_state
+    @ weight.T`` (a plain bias-free linear head, no logit scaling or soft-capping): what the
+    fused-linear kernels need. Otherwise ``(None, None, why)``. Looks through DDP and peft wrappers
+    (with LoRA the decoder's adapters are live, and ``disable_adapter()`` turns them off)."""
+    inner = unwrap(model)
+    if is_lora(inner):
+        inner = inner.get_base_model()
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    config = getattr(inner, "config", None)
+    scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+              if getattr(config, k, None) not in (None, 1.0)]
+    if type(head) is not nn.Linear or head.bias is not None:
+        return None, None, f"the LM head of {type(inner).__name__} is not a plain bias-free linear layer"
+    if scaled:
+        return None, None, f"{type(inner).__name__} scales or soft-caps its logits ({scaled[0]})"
+    return inner.base_model, head.weight, ""
+
+
+def use_fused_linear(setting: bool | str, stage: str, models: list[nn.Module | None], blocker: str = "") -> bool:
+    """A stage's ``fused_linear`` option: ``True`` (an error naming the reason when it cannot be),
+    ``False``, or ``"auto"``: on when nothing blocks it, else off with a one-line notice saying why.
+    Blocked by ``blocker`` (the stage's own reason, e.g. a loss that reads the logits), by several
+    processes, or by a model whose head is not a plain linear layer (see :func:`linear_head`)."""
+    from .distributed import world_size
+    from .interfaces import StageError
+
+    if setting is False:
+        return False
+    why = blocker or ("not yet available with several processes (the LM head is read outside the sharded forward)"
+                      if world_size() > 1 else "")
+    for model in models:
+        if model is not None and not why:
+            why = linear_head(model)[2]
+    if not why:
+        return True
+    if setting is True:
+        raise StageError(f"{stage}.fused_linear: {why}; set it to auto or false")
+    if is_main_process():
+        print(f"{stage}: fused_linear off ({why}); the logits are computed")
+    return False
 
 
 # ----------------------------------------------------------------------------- LoRA (peft)

@@ -102,13 +102,43 @@ def policy_objective(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: t
     every other tensor ``[B, R + 1]`` aligned with them (``labels`` -100 off the response).
     """
     loss, metrics = loss_fn(logits, labels, old_logprobs, advantages, backend=backend, **loss_options)
+    return add_penalties(loss, metrics, lambda: rlhf_kernels.token_logprobs(logits, labels, backend=backend),
+                         lambda: token_entropy(logits, mask), ref_logprobs, mask, kl_estimator=kl_estimator,
+                         kl_in_loss=kl_in_loss, beta=beta, entropy_coef=entropy_coef)
+
+
+def fused_policy_objective(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           old_logprobs: torch.Tensor, advantages: torch.Tensor, ref_logprobs: torch.Tensor,
+                           mask: torch.Tensor, *, clip_eps: float, kl_estimator: str, kl_in_loss: bool, beta: float,
+                           entropy_coef: float, backend: str | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`policy_objective` with the ``ppo_clip`` loss on the last hidden states ``[N, H]`` and
+    the LM head's ``weight [V, H]`` (every other tensor ``[N]``): the ``[N, V]`` logits never exist.
+    Without an in-loss KL the clipped loss's gradients are computed inside its forward chunk loop
+    (``rlhf_kernels.linear_ppo_clip_loss``); with one, the log-probs it needs come from the same
+    chunked pass (``linear_token_logprobs``) and the clipped loss is built on them."""
     if kl_in_loss:
-        logp = rlhf_kernels.token_logprobs(logits, labels, backend=backend)
-        kl_loss = masked_mean(KL_ESTIMATORS[kl_estimator](logp, ref_logprobs), mask)
+        logp = rlhf_kernels.linear_token_logprobs(hidden, weight, labels, backend=backend)
+        loss, stats = rlhf_kernels.ppo_clip_terms(logp, old_logprobs, advantages, labels != -100, clip_eps)
+    else:
+        logp = None
+        loss, stats = rlhf_kernels.linear_ppo_clip_loss(hidden, weight, labels, old_logprobs, advantages,
+                                                        clip_eps=clip_eps, return_stats=True, backend=backend)
+    return add_penalties(loss, {k: float(v) for k, v in stats.items()}, lambda: logp,
+                         lambda: rlhf_kernels.linear_token_entropy(hidden, weight), ref_logprobs, mask,
+                         kl_estimator=kl_estimator, kl_in_loss=kl_in_loss, beta=beta, entropy_coef=entropy_coef)
+
+
+def add_penalties(loss: torch.Tensor, metrics: dict[str, float], logprobs, entropy, ref_logprobs: torch.Tensor,
+                  mask: torch.Tensor, *, kl_estimator: str, kl_in_loss: bool, beta: float,
+                  entropy_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """``loss + beta * KL - entropy_coef * H`` (token means over ``mask``); ``logprobs()`` and
+    ``entropy()`` are called only when their term is on."""
+    if kl_in_loss:
+        kl_loss = masked_mean(KL_ESTIMATORS[kl_estimator](logprobs(), ref_logprobs), mask)
         loss = loss + beta * kl_loss
         metrics["kl_loss"] = float(kl_loss.detach())
     if entropy_coef > 0:
-        loss = loss - entropy_coef * masked_mean(token_entropy(logits, mask), mask)
+        loss = loss - entropy_coef * masked_mean(entropy(), mask)
     return loss, metrics
 
 

@@ -12,6 +12,7 @@ import torch
 
 import rlhf_kernels
 from rlhf_core.data import IGNORE_INDEX, append_column
+from rlhf_core.models import linear_head
 from rlhf_core.sampling import Rollout, position_ids
 
 
@@ -54,18 +55,38 @@ def widen(t: torch.Tensor, value: float | int) -> torch.Tensor:
     return append_column(t, value)
 
 
+def response_hidden(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int):
+    """``(hidden [B, R + 1, H], head weight [V, H])``: the last hidden states at the positions of
+    :func:`response_logits` and the LM head they are multiplied with, for the fused-linear path
+    (the ``[B, R + 1, V]`` logits are never computed). The weight is cast to the hidden dtype."""
+    decoder, weight, why = linear_head(model)
+    if weight is None:
+        raise ValueError(f"fused_linear: {why}")
+    hidden = decoder(input_ids=sequences, attention_mask=attention_mask,
+                     position_ids=position_ids(attention_mask)).last_hidden_state
+    return hidden[:, prompt_len - 1:], weight.to(hidden.dtype)
+
+
 def token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution ``[B, R]`` (0 off the mask)."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return -(log_probs.exp() * log_probs).sum(-1) * mask
+    return rlhf_kernels.token_entropy(logits) * mask
 
 
 @torch.no_grad()
-def score_tokens(model, rollout: Rollout, backend: str | None, with_entropy: bool = False):
-    """``(logprobs [B, R], entropy [B, R] or None)`` of the response tokens under ``model``."""
-    logits = response_logits(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
-    logp = rlhf_kernels.token_logprobs(logits, widen(rollout.labels, IGNORE_INDEX), backend=backend)[:, :-1]
-    return logp, token_entropy(logits, widen(rollout.mask, 0))[:, :-1] if with_entropy else None
+def score_tokens(model, rollout: Rollout, backend: str | None, with_entropy: bool = False, fused: bool = False):
+    """``(logprobs [B, R], entropy [B, R] or None)`` of the response tokens under ``model``; with
+    ``fused``, from the last hidden states and the LM head without building the logits."""
+    labels, mask = widen(rollout.labels, IGNORE_INDEX), widen(rollout.mask, 0)
+    if fused:
+        hidden, weight = response_hidden(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        logp = rlhf_kernels.linear_token_logprobs(flat, weight, labels.reshape(-1), backend=backend).view(labels.shape)
+        entropy = rlhf_kernels.linear_token_entropy(flat, weight).view(labels.shape) * mask if with_entropy else None
+    else:
+        logits = response_logits(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
+        logp = rlhf_kernels.token_logprobs(logits, labels, backend=backend)
+        entropy = token_entropy(logits, mask) if with_entropy else None
+    return logp[:, :-1], entropy[:, :-1] if entropy is not None else None
 
 
 def response_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:

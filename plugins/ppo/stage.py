@@ -24,13 +24,15 @@ from rlhf_core.distributed import masked_mean
 from rlhf_core.data import TokenStats, data_inputs, dataset_components, encode_prompt, load_split, render_prompt
 from rlhf_core.interfaces import AdvantageInputs, StageInput, StageResult, checked_advantages, checked_rewards
 from rlhf_core.sampling import evaluate_samples, generate
-from rlhf_core.models import ScalarHeadModel, is_lora, is_reward_model_dir, load_causal_lm, save_causal_lm
+from rlhf_core.models import (
+    ScalarHeadModel, is_lora, is_reward_model_dir, load_causal_lm, save_causal_lm, use_fused_linear,
+)
 from rlhf_core.tracking import is_main_process
 from rlhf_core.training import TrainingError, autocast_context
 
 from .advantages import whiten
-from .loss import KL_ESTIMATORS, KLController, clipped_value_loss, policy_objective, shape_rewards
-from .rollout import Experience, critic_values, response_logits, response_values, score_tokens, widen
+from .loss import KL_ESTIMATORS, KLController, clipped_value_loss, fused_policy_objective, policy_objective, shape_rewards
+from .rollout import Experience, critic_values, response_hidden, response_logits, response_values, score_tokens, widen
 
 
 @dataclass
@@ -95,6 +97,7 @@ class PPOConfig:
     eval_every: int = 10
     eval_prompts: int = 64
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    fused_linear: bool | Literal["auto"] = "auto"
     save: bool = True
 
     def problems(self) -> list[str]:
@@ -122,7 +125,9 @@ class PPOModels:
     """Everything PPO trains or consults, built once in :meth:`PPOStage.run`: the policy and its
     optimizer, the frozen reference (the starting policy; None with LoRA, where the reference is the
     policy with its adapters disabled), the optional critic and its optimizer, and the KL
-    controller. Models are already sharded for this run's processes."""
+    controller. Models are already sharded for this run's processes. ``fused``: log-probs, the
+    policy loss and entropy come from the last hidden states and the LM head through the
+    fused-linear kernels, so no ``[B, R, V]`` logits exist (see ``fused_linear``)."""
 
     policy: Any
     reference: Any
@@ -130,6 +135,7 @@ class PPOModels:
     kl: KLController
     critic: Any = None
     critic_optimizer: torch.optim.Optimizer | None = None
+    fused: bool = False
 
 
 class PPOStage:
@@ -258,6 +264,12 @@ class PPOStage:
                 f"prompt and needs samples_per_prompt >= {need}, got {config.samples_per_prompt}"
             )
         world = dist_utils.planned_world_size()
+        if config.fused_linear is True and config.loss.name != "ppo_clip":
+            problems.append(f"fused_linear: computes the ppo_clip loss only; set it to auto or false to use loss "
+                            f"{config.loss.name!r}")
+        if config.fused_linear is True and world > 1:
+            problems.append("fused_linear: not yet available with several processes (the LM head is read outside the "
+                            "sharded forward); set it to auto or false")
         if world > 1:
             if config.prompts_per_batch % world:
                 problems.append(f"prompts_per_batch: must be a multiple of the {world} processes (each takes an equal "
@@ -292,7 +304,9 @@ class PPOStage:
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
                                       weight_decay=config.weight_decay)
         kl = KLController(config.kl.coef, config.kl.adaptive, config.kl.target, config.kl.horizon)
-        return PPOModels(policy, reference, optimizer, kl, critic, critic_opt)
+        blocker = f"loss {config.loss.name!r} reads the logits" if config.loss.name != "ppo_clip" else ""
+        fused = use_fused_linear(config.fused_linear, ctx.name, [policy, reference], blocker)
+        return PPOModels(policy, reference, optimizer, kl, critic, critic_opt, fused=fused)
 
 
 # ---------------------------------------------------------------------- the phases of an iteration
@@ -314,7 +328,7 @@ def make_experience(models: PPOModels, prompts: list[str], tokenizer, reward_fn,
     time_generate = time.perf_counter() - started
     rewards = reward_fn(prompt_text, roll.responses).to(device)  # [B], checked: finite, one per response
     with autocast_context(config.mixed_precision, device):
-        old_logp, entropy = score_tokens(models.policy, roll, backend, with_entropy=True)
+        old_logp, entropy = score_tokens(models.policy, roll, backend, with_entropy=True, fused=models.fused)
         ref_logp = reference_logprobs(models, roll, backend)
         values = critic_values(models.critic, roll) if models.critic is not None else None
     mask = roll.mask.float()
@@ -332,9 +346,9 @@ def reference_logprobs(models: PPOModels, roll, backend: str | None) -> torch.Te
     """Log-probs ``[B, R]`` of the response tokens under the reference: the frozen copy, or with
     LoRA the policy itself with its adapters switched off (exactly the starting weights)."""
     if models.reference is not None:
-        return score_tokens(models.reference, roll, backend)[0]
+        return score_tokens(models.reference, roll, backend, fused=models.fused)[0]
     with dist_utils.unwrap(models.policy).disable_adapter():
-        return score_tokens(models.policy, roll, backend)[0]
+        return score_tokens(models.policy, roll, backend, fused=models.fused)[0]
 
 
 def update(models: PPOModels, exp: Experience, loss_fn, config: PPOConfig, backend: str | None) -> dict[str, float]:
@@ -352,14 +366,20 @@ def update(models: PPOModels, exp: Experience, loss_fn, config: PPOConfig, backe
     for _ in range(config.ppo_epochs):
         for idx in torch.randperm(len(mask), device=mask.device).split(local_minibatch):
             (weight,) = dist_utils.loss_weights([float(mask[idx].sum())], mask.device)
+            penalties = dict(kl_estimator=config.kl.estimator, kl_in_loss=config.kl.placement == "loss",
+                             beta=models.kl.value, entropy_coef=config.entropy_coef, backend=backend)
             with autocast_context(config.mixed_precision, mask.device):
-                logits = response_logits(models.policy, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
-                loss, m = policy_objective(
-                    logits, labels_w[idx], old_w[idx], adv_w[idx], ref_w[idx], mask_w[idx], loss_fn=loss_fn,
-                    loss_options=config.loss.options, kl_estimator=config.kl.estimator,
-                    kl_in_loss=config.kl.placement == "loss", beta=models.kl.value, entropy_coef=config.entropy_coef,
-                    backend=backend,
-                )
+                if models.fused:
+                    hidden, head = response_hidden(models.policy, roll.sequences[idx], roll.attention_mask[idx],
+                                                   roll.prompt_len)
+                    loss, m = fused_policy_objective(
+                        hidden.reshape(-1, hidden.shape[-1]), head, labels_w[idx].reshape(-1), old_w[idx].reshape(-1),
+                        adv_w[idx].reshape(-1), ref_w[idx].reshape(-1), mask_w[idx].reshape(-1),
+                        clip_eps=config.loss.options.get("clip_eps", 0.2), **penalties)
+                else:
+                    logits = response_logits(models.policy, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
+                    loss, m = policy_objective(logits, labels_w[idx], old_w[idx], adv_w[idx], ref_w[idx], mask_w[idx],
+                                               loss_fn=loss_fn, loss_options=config.loss.options, **penalties)
             if not torch.isfinite(loss):
                 raise TrainingError(f"stage 'ppo': the policy loss became {float(loss.detach())}; lower lr, kl.coef or "
                                     "entropy_coef, set mixed_precision: no, or check the reward's scale")

@@ -1,0 +1,106 @@
+"""The fused-linear PPO path (hidden states x LM head, no [B, R, V] logits) equals the logits path:
+experience (old/reference log-probs, entropy), the update's loss, gradients, weights and stats."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlhf_core.config import ComponentSpec, ModelConfig
+from rlhf_core.data import encode_prompt
+from rlhf_core.models import load_causal_lm, load_tokenizer
+from rlhf_plugins.ppo.advantages import BatchMeanBaseline
+from rlhf_plugins.ppo.loss import KLController, ppo_clip
+from rlhf_core.models import use_fused_linear
+from rlhf_plugins.ppo.stage import KLConfig, PPOConfig, PPOModels, make_experience, update
+
+CFG = ModelConfig()
+
+
+def reward(prompts, responses):
+    return torch.tensor([float(r.count("a")) - 0.1 * len(r) for r in responses])
+
+
+def models(fused: bool, policy, reference) -> PPOModels:
+    policy = copy.deepcopy(policy)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    return PPOModels(policy, reference, optimizer, KLController(0.05, False, 6.0, 100), fused=fused)
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    from rlhf_kernels import fused
+
+    monkeypatch.setattr(fused, "LINEAR_CHUNK_BYTES", 4 * 384 * 5)  # 5-row chunks: many chunks per batch
+    monkeypatch.setattr(fused, "LINEAR_GRAD_MIN_ROWS", 7)
+
+
+@pytest.mark.parametrize("placement,entropy_coef", [("reward", 0.0), ("loss", 0.01)])
+def test_fused_ppo_equals_logits_path(placement, entropy_coef):
+    torch.manual_seed(0)
+    policy = load_causal_lm(CFG, seed=0)
+    reference = load_causal_lm(CFG, seed=1).eval().requires_grad_(False)
+    tokenizer = load_tokenizer(CFG)
+    config = PPOConfig(samples_per_prompt=2, ppo_epochs=2, minibatch_size=4, entropy_coef=entropy_coef,
+                       kl=KLConfig(coef=0.05, estimator="k3", placement=placement))
+    prompts = ["abc", "hello there", "x", "aaaa b"]
+    results = {}
+    for fused in (False, True):
+        m = models(fused, policy, reference)
+        torch.manual_seed(1)  # the same samples for both paths
+        exp = make_experience(m, prompts, tokenizer, reward, BatchMeanBaseline(), config, torch.device("cpu"), "cpp")
+        torch.manual_seed(2)  # the same minibatch order
+        stats = update(m, exp, ppo_clip, config, "cpp")
+        results[fused] = (exp, stats, m.policy)
+    (exp_a, stats_a, pol_a), (exp_b, stats_b, pol_b) = results[False], results[True]
+    assert torch.equal(exp_a.rollout.sequences, exp_b.rollout.sequences)
+    for name in ("old_logprobs", "ref_logprobs", "entropy", "kl_tokens", "advantages"):
+        torch.testing.assert_close(getattr(exp_b, name), getattr(exp_a, name), atol=2e-5, rtol=1e-5, msg=name)
+    assert stats_a.keys() == stats_b.keys() and ("kl_loss" in stats_a) == (placement == "loss")
+    for key in stats_a:
+        assert stats_b[key] == pytest.approx(stats_a[key], rel=1e-4, abs=1e-5), key
+    for (name, a), b in zip(pol_a.named_parameters(), pol_b.parameters()):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_fused_linear_auto_explains_when_it_is_off(capsys):
+    policy = load_causal_lm(CFG, seed=0)
+    assert use_fused_linear("auto", "ppo", [policy, None]) is True
+    assert use_fused_linear(False, "ppo", [policy]) is False
+    biased = load_causal_lm(CFG, seed=0)
+    biased.lm_head = torch.nn.Linear(64, biased.config.vocab_size, bias=True)
+    assert use_fused_linear("auto", "ppo", [policy, biased]) is False
+    assert "ppo: fused_linear off (the LM head of LlamaForCausalLM is not a plain bias-free linear layer)" in capsys.readouterr().out
+    from rlhf_core.interfaces import StageError
+
+    with pytest.raises(StageError, match="ppo.fused_linear: the LM head of LlamaForCausalLM is not a plain"):
+        use_fused_linear(True, "ppo", [biased])
+    assert use_fused_linear("auto", "sft", [policy], "loss 'my_loss' reads the logits") is False
+    assert "sft: fused_linear off (loss 'my_loss' reads the logits)" in capsys.readouterr().out
+
+
+def test_fused_linear_true_with_another_loss_is_a_config_error(registry):
+    from rlhf_core.config import ConfigError, load_raw, resolve
+
+    registry.add("loss", "my_loss", ppo_clip, "test", family="policy")
+    with pytest.raises(ConfigError, match="fused_linear: computes the ppo_clip loss only"):
+        resolve(load_raw(None, ["stages.ppo.fused_linear=true", "stages.ppo.loss=my_loss"]), registry)
+
+
+def test_reward_and_value_models_never_hold_an_lm_head():
+    """The reward model and the critic read the last hidden state through the backbone alone: no
+    module of a ScalarHeadModel maps to the vocabulary, so no [B, T, V] tensor can be computed."""
+    from rlhf_core.models import ScalarHeadModel
+
+    lm = load_causal_lm(CFG, seed=0)
+    model = ScalarHeadModel.from_causal_lm(lm)
+    vocab = lm.config.vocab_size
+    assert not any(isinstance(m, torch.nn.Linear) and m.out_features == vocab for m in model.modules())
+    shapes = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: shapes.append(getattr(o, "shape", None))) for m in model.modules()]
+    ids = torch.tensor([encode_prompt(load_tokenizer(CFG), "hello")])
+    model(ids, torch.ones_like(ids), score=True)
+    for h in hooks:
+        h.remove()
+    assert not any(s is not None and len(s) and s[-1] == vocab for s in shapes)
