@@ -39,6 +39,25 @@ def bench_kernels(shapes, dtypes, ops, backends, repeats, no_compile, device, ou
                compile_baseline=not no_compile, device=device, out_dir=out, echo=click.echo)
 
 
+@bench.command("memory")
+@click.option("--hidden", default=512, show_default=True, help="Hidden size of the Llama config.")
+@click.option("--layers", default=2, show_default=True)
+@click.option("--vocab", default=128256, show_default=True)
+@click.option("--prompt", default=64, show_default=True, help="Prompt tokens.")
+@click.option("--response", default=128, show_default=True, help="Response tokens.")
+@click.option("--batch", default=8, show_default=True)
+@click.option("--setup", "setups", multiple=True, type=click.Choice(["plain", "fused", "fused+lora", "fused+lora+gc"]),
+              help="Default: all four.")
+@click.option("--out", default="bench_out", show_default=True, type=click.Path(file_okay=False))
+def bench_memory(hidden, layers, vocab, prompt, response, batch, setups, out) -> None:
+    """Peak RSS and time of one PPO iteration and one SFT step: plain vs fused-linear vs + LoRA vs
+    + gradient checkpointing, each in its own process; table, JSON and PNG."""
+    from . import memory
+
+    memory.run(hidden=hidden, layers=layers, vocab=vocab, prompt=prompt, response=response, batch=batch,
+               setups=setups or tuple(memory.SETUPS), out_dir=out, echo=click.echo)
+
+
 @hookimpl
 def rlhf_register_commands(cli):
     cli.add_command(bench)

@@ -178,10 +178,11 @@ class LinearLossFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, impl, ppo, old, adv, clip_eps, mean):
         n, vocab = hidden.shape[0], weight.shape[0]
-        step = _grad_chunk_rows(n, vocab)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Tall chunks only pay off for the weight gradient (a frozen head, as with LoRA, has none).
+        step = _grad_chunk_rows(n, vocab) if need_w else _chunk_rows(n, vocab)
         valid = labels != ignore_index
         scale = 1.0 / max(int(valid.sum()), 1) if (ppo or mean) else 1.0
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None

@@ -73,6 +73,29 @@ def rlhf_register_advantages(register):
 
 
 @hookspec
+def rlhf_register_generators(register):
+    """Register rollout engines for the PPO stage, selected with ``ppo.generator`` (default ``hf``,
+    Hugging Face ``generate`` on the live policy).
+
+    :param register: ``register(name, generator_class)``; the class follows
+        :class:`rlhf_core.interfaces.Generator`: built once per PPO stage as
+        ``generator_class(ctx, policy, tokenizer, **options)`` (``policy``: the trained model as the
+        stage holds it, possibly sharded or with LoRA adapters), then for every rollout batch
+        ``generate(prompt_ids, *, max_new_tokens, temperature, top_p) -> Rollout``: one sampled
+        response per row of ``prompt_ids`` (token ids, BOS included; the stage repeats a prompt K
+        times for K samples), stopped at EOS, as :class:`rlhf_core.sampling.Rollout` (left-padded
+        prompts, response mask and labels; ``logprobs [B, R]``: the engine's own log-probs of the
+        sampled tokens, or None). ``update_weights(policy)`` is called after every optimizer phase,
+        when the policy's weights have changed (an engine holding its own copy reloads them);
+        optional ``sleep()`` (called before the update) and ``wake()`` (before the next
+        ``generate``) let an engine give its memory back while the trainer needs it. Every call
+        runs on every process. A static ``check_options(**options)`` raising ``ValueError`` checks
+        option values before anything trains; the rollout's shapes are checked at run time.
+    :return: nothing.
+    """
+
+
+@hookspec
 def rlhf_register_datasets(register):
     """Register built-in datasets, selectable in a config as ``builtin:NAME``.
 

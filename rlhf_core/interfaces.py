@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # annotations only: these modules import this one
 #: The supported plugin API of this module (see README "Plugin API").
 __all__ = ["Stage", "StageContext", "StageResult", "StageInput", "StageError", "ComponentError", "TokenLoss",
            "ScoreLoss", "PairwiseLoss", "PolicyLoss", "Reward", "AdvantageInputs", "AdvantageEstimator",
-           "TrackerBackend", "checked_rewards", "checked_advantages"]
+           "TrackerBackend", "Generator", "checked_rewards", "checked_advantages", "checked_rollout"]
 
 class StageError(UserError, ValueError):
     """A stage cannot run with the given options or inputs; shown to the user without a traceback."""
@@ -325,6 +325,53 @@ def checked_advantages(entry: Any, advantages: Any, mask: torch.Tensor) -> torch
     if not torch.isfinite(advantages[mask.bool()]).all():
         raise ComponentError(f"{who} returned non-finite advantages on response tokens")
     return advantages.float()
+
+
+def checked_rollout(entry: Any, generate: Any, prompt_ids: list[list[int]], **settings: Any):
+    """Run a generator's ``generate`` and check what it returns: a
+    :class:`rlhf_core.sampling.Rollout` with one row per prompt, ``labels``/``mask`` (and
+    ``logprobs`` when given) of shape ``[B, R]``, ``sequences``/``attention_mask`` of shape
+    ``[B, prompt_len + R]``, at most ``max_new_tokens`` response columns, finite log-probs.
+    Anything else is a :class:`ComponentError` naming the generator and its plugin."""
+    from .sampling import Rollout
+
+    who, n = describe(entry), len(prompt_ids)
+    try:
+        roll = generate(prompt_ids, **settings)
+    except Exception as exc:
+        raise ComponentError(f"{who} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(roll, Rollout):
+        raise ComponentError(f"{who} returned {type(roll).__name__}; expected an rlhf_core.sampling.Rollout "
+                             "(see rlhf_core.sampling.make_rollout)")
+    r = roll.labels.shape[1] if roll.labels.dim() == 2 else -1
+    expected = {"labels": (n, r), "mask": (n, r), "sequences": (n, roll.prompt_len + r),
+                "attention_mask": (n, roll.prompt_len + r)}
+    if roll.logprobs is not None:
+        expected["logprobs"] = (n, r)
+    for name, shape in expected.items():
+        if tuple(getattr(roll, name).shape) != shape:
+            raise ComponentError(f"{who} returned {name} of shape {list(getattr(roll, name).shape)}; expected "
+                                 f"{list(shape)} ({n} prompts, prompt_len {roll.prompt_len}, {r} response columns)")
+    if r < 1 or r > settings.get("max_new_tokens", r):
+        raise ComponentError(f"{who} returned {r} response columns; expected 1 to max_new_tokens "
+                             f"({settings.get('max_new_tokens')})")
+    if len(roll.responses) != n:
+        raise ComponentError(f"{who} returned {len(roll.responses)} response texts for {n} prompts")
+    if roll.logprobs is not None and not torch.isfinite(roll.logprobs).all():
+        raise ComponentError(f"{who} returned non-finite sampling log-probs")
+    return roll
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A rollout engine (hook ``rlhf_register_generators``): built once per PPO stage as
+    ``cls(ctx, policy, tokenizer, **options)``; ``generate`` samples one response per prompt row;
+    ``update_weights(policy)`` after every optimizer phase; optional ``sleep()``/``wake()``."""
+
+    def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
+                 top_p: float) -> Any: ...
+
+    def update_weights(self, policy: torch.nn.Module) -> None: ...
 
 
 @runtime_checkable

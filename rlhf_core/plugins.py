@@ -31,6 +31,7 @@ BUILTINS = {
     "ppo-losses": "rlhf_plugins.ppo.loss",
     "ppo-advantages": "rlhf_plugins.ppo.advantages",
     "ppo-rewards": "rlhf_plugins.ppo.rewards",
+    "ppo-generators": "rlhf_plugins.ppo.generators",
     "letters": "rlhf_plugins.letters",
     "trackers": "rlhf_plugins.trackers",
     "bench": "rlhf_bench.commands",
@@ -137,7 +138,7 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
     hooks = [
         ("rlhf_register_stages", "stage"), ("rlhf_register_losses", "loss"), ("rlhf_register_rewards", "reward"),
         ("rlhf_register_advantages", "advantage"), ("rlhf_register_datasets", "dataset"),
-        ("rlhf_register_trackers", "tracker"),
+        ("rlhf_register_trackers", "tracker"), ("rlhf_register_generators", "generator"),
     ]
     for hook_name, kind in hooks:
         for impl in getattr(pm.hook, hook_name).get_hookimpls():  # registration order

@@ -12,10 +12,10 @@ from typing import Any
 
 from .errors import UserError
 
-KINDS = ("stage", "loss", "reward", "advantage", "dataset", "tracker")
+KINDS = ("stage", "loss", "reward", "advantage", "dataset", "tracker", "generator")
 LOSS_FAMILIES = ("token", "score", "pairwise", "policy")
 _HUMAN = {"stage": "stage", "loss": "loss", "reward": "reward", "advantage": "advantage estimator", "dataset": "dataset",
-          "tracker": "tracker"}
+          "tracker": "tracker", "generator": "generator"}
 
 
 class RegistryError(UserError, ValueError):

@@ -24,7 +24,9 @@ class Rollout:
 
     ``sequences [B, P+R]`` (left-padded prompt, then response, pad after EOS), ``attention_mask``
     ``[B, P+R]``, ``prompt_len`` = P, ``labels [B, R]`` (response ids, -100 after EOS),
-    ``mask [B, R]`` (1 on response tokens up to and including EOS), ``responses`` (decoded text).
+    ``mask [B, R]`` (1 on response tokens up to and including EOS), ``responses`` (decoded text),
+    ``logprobs [B, R]``: the sampling engine's own log-probs of the response tokens (0 off the
+    mask), when it reports them (None for ``hf``).
     """
 
     sequences: torch.Tensor
@@ -33,6 +35,7 @@ class Rollout:
     labels: torch.Tensor
     mask: torch.Tensor
     responses: list[str]
+    logprobs: torch.Tensor | None = None
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -44,8 +47,7 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def generate(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
              top_p: float, device: torch.device) -> Rollout:
     """Sample one response per prompt row with HF ``generate`` (KV cache, sampling)."""
-    ids = pad(prompt_ids, tokenizer.pad_token_id, left=True).to(device)  # [B, P]
-    attn = pad([[1] * len(p) for p in prompt_ids], 0, left=True).to(device)
+    ids, attn = pad_prompts(tokenizer, prompt_ids, device)  # [B, P]
     # Under FSDP every rank must run the same number of forward passes: synced_gpus keeps a rank
     # whose responses all ended stepping until every rank's have. A DDP replica generates alone.
     several = dist_utils.world_size() > 1
@@ -55,8 +57,13 @@ def generate(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: 
             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             synced_gpus=several and not dist_utils.is_ddp(policy),
         )
-    prompt_len = ids.shape[1]
-    response = out[:, prompt_len:]  # [B, R]
+    return make_rollout(tokenizer, ids, attn, out[:, ids.shape[1]:])
+
+
+def make_rollout(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response: torch.Tensor,
+                 logprobs: torch.Tensor | None = None) -> Rollout:
+    """A :class:`Rollout` from left-padded prompts ``[B, P]`` (and their attention mask) and sampled
+    responses ``[B, R]`` (anything after the first EOS is ignored), for any generation engine."""
     is_eos = response == tokenizer.eos_token_id
     # Keep tokens up to and including the first EOS.
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
@@ -64,9 +71,18 @@ def generate(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: 
     response = response.masked_fill(after_eos, tokenizer.pad_token_id)
     labels = response.masked_fill(mask == 0, IGNORE_INDEX)
     texts = tokenizer.batch_decode(response.masked_fill(is_eos | after_eos, tokenizer.pad_token_id), skip_special_tokens=True)
-    sequences = torch.cat([ids, response], dim=1)
-    attention = torch.cat([attn, mask], dim=1)
-    return Rollout(sequences, attention, prompt_len, labels, mask, texts)
+    sequences = torch.cat([prompt_ids, response], dim=1)
+    attention = torch.cat([prompt_mask, mask], dim=1)
+    if logprobs is not None:
+        logprobs = logprobs.float() * mask
+    return Rollout(sequences, attention, prompt_ids.shape[1], labels, mask, texts, logprobs)
+
+
+def pad_prompts(tokenizer, prompt_ids: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids ``[B, P]`` and their attention mask, so responses start at column P."""
+    ids = pad(prompt_ids, tokenizer.pad_token_id, left=True).to(device)
+    attn = pad([[1] * len(p) for p in prompt_ids], 0, left=True).to(device)
+    return ids, attn
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ derived from the attention mask so that the forward passes here see the same pos
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,7 +25,9 @@ class Experience:
     under the policy that sampled them and under the frozen reference; ``entropy [B, R]``;
     ``kl_tokens [B, R]``: per-token KL estimate to the reference (0 off the mask);
     ``advantages [B, R]`` (0 off the mask); ``values [B, R]`` and ``returns [B, R]``: the critic's
-    values and value targets (None without a critic); ``time_generate``: seconds spent sampling.
+    values and value targets (None without a critic); ``time_generate``: seconds spent sampling;
+    ``engine_stats``: with a generator that reports its log-probs, ``engine_logprob_gap`` (mean
+    absolute difference to the trainer's) and, with TIS, ``tis_weight_mean``.
     """
 
     rollout: Rollout
@@ -38,6 +40,7 @@ class Experience:
     values: torch.Tensor | None
     returns: torch.Tensor | None
     time_generate: float = 0.0
+    engine_stats: dict[str, float] = field(default_factory=dict)
 
 
 def response_logits(model, rollout_sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:

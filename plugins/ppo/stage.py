@@ -8,6 +8,7 @@ the reward model's blind spots.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,10 @@ from rlhf_core.checkpoint import honour_stop_requests
 from rlhf_core.config import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, ComponentSpec, DataConfig, rule_problems
 from rlhf_core.distributed import masked_mean
 from rlhf_core.data import TokenStats, data_inputs, dataset_components, encode_prompt, load_split, render_prompt
-from rlhf_core.interfaces import AdvantageInputs, StageInput, StageResult, checked_advantages, checked_rewards
+from rlhf_core.interfaces import (
+    AdvantageInputs, ComponentError, StageInput, StageResult, checked_advantages, checked_rewards, checked_rollout,
+    describe,
+)
 from rlhf_core.sampling import evaluate_samples, generate
 from rlhf_core.models import (
     ScalarHeadModel, is_lora, is_reward_model_dir, load_causal_lm, save_causal_lm, use_fused_linear,
@@ -68,6 +72,22 @@ class KLConfig:
 
 
 @dataclass
+class RolloutCorrection:
+    """Truncated importance sampling (TIS) for engines whose sampling probabilities differ from the
+    trainer's: each token's advantage is weighted by ``min(pi_old / pi_engine, cap)``, where
+    ``pi_old`` is the trainer's probability of the sampled token before the update and ``pi_engine``
+    the generator's. Needs a generator that reports its log-probs (``hf`` does not: it samples from
+    the trainer's own weights)."""
+
+    type: Literal["tis"] = "tis"
+    cap: float = 2.0
+
+    def problems(self) -> list[str]:
+        """Value checks."""
+        return rule_problems(self, {"cap": (lambda v: math.isfinite(v) and v >= 1, "a finite number >= 1")})
+
+
+@dataclass
 class PPOConfig:
     """Options of the ``ppo`` stage (see README "Config reference"). Prompts longer than
     ``data.max_prompt_length`` tokens (default ``data.max_length - generation.max_new_tokens``) keep
@@ -98,6 +118,8 @@ class PPOConfig:
     eval_prompts: int = 64
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     fused_linear: bool | Literal["auto"] = "auto"
+    generator: ComponentSpec = field(default_factory=lambda: ComponentSpec("hf"))
+    rollout_correction: RolloutCorrection | None = None
     save: bool = True
 
     def problems(self) -> list[str]:
@@ -148,6 +170,7 @@ class PPOStage:
         return [
             ("reward", config.reward, "reward", None), ("advantage", config.advantage, "advantage", None),
             ("loss", config.loss, "loss", ("policy",)), ("reward", config.gold, "gold", None),
+            ("generator", config.generator, "generator", None),
             *dataset_components(config.data, "data"),
         ]
 
@@ -166,6 +189,8 @@ class PPOStage:
         estimator = Estimator(estimator_entry, estimator_entry.obj(**config.advantage.options))
         loss_fn = ctx.registry.lookup("loss", config.loss, "policy").obj
         models = self._models(ctx, config, estimator.needs_values)
+        generator_entry = ctx.registry.lookup("generator", config.generator)
+        generator = Rollouts(generator_entry, generator_entry.obj(ctx, models.policy, tokenizer, **config.generator.options))
         if dist_utils.rank() > 0:
             torch.manual_seed(ctx.seed + dist_utils.rank())  # each rank samples its own responses
 
@@ -205,7 +230,7 @@ class PPOStage:
                    dynamic_ncols=True, initial=start, total=config.iterations)
         with honour_stop_requests(ckpt):
             last = self._loop(ctx, config, bar, models, prompts, rng, tokenizer, reward_fn, estimator, loss_fn,
-                              evaluate, eval_prompts, first, last, kl_history, trained, optims)
+                              evaluate, eval_prompts, first, last, kl_history, trained, optims, generator)
         bar.close()
         final = evaluate() if eval_prompts else {}
         if final:
@@ -222,16 +247,19 @@ class PPOStage:
         return StageResult(model_dir, "policy", summary, headline)
 
     def _loop(self, ctx, config, bar, models, prompts, rng, tokenizer, reward_fn, estimator, loss_fn, evaluate,
-              eval_prompts, first, last, kl_history, trained, optims) -> dict[str, float]:
+              eval_prompts, first, last, kl_history, trained, optims, generator) -> dict[str, float]:
         """Iterations ``bar``: rollout -> Experience -> update -> stats, evaluation, checkpoints."""
         device, ckpt = ctx.device, ctx.checkpointer
         for it in bar:
             # A rank takes a contiguous share of the global prompt batch; a prompt's samples stay together.
             batch_prompts = dist_utils.shard([rng.choice(prompts) for _ in range(config.prompts_per_batch)])
             t0 = time.perf_counter()
-            exp = make_experience(models, batch_prompts, tokenizer, reward_fn, estimator, config, device, ctx.kernel_backend)
+            exp = make_experience(models, batch_prompts, tokenizer, reward_fn, estimator, config, device, ctx.kernel_backend,
+                                  generator)
             t1 = time.perf_counter()
+            generator.sleep()  # an engine with its own memory gives it back while the trainer works
             metrics = update(models, exp, loss_fn, config, ctx.kernel_backend)
+            generator.update_weights(models.policy)
             t2 = time.perf_counter()
             metrics.update(experience_stats(exp, models.kl.value))
             models.kl.update(metrics["kl"], config.prompts_per_batch * config.samples_per_prompt)
@@ -313,7 +341,7 @@ class PPOStage:
 
 @torch.no_grad()
 def make_experience(models: PPOModels, prompts: list[str], tokenizer, reward_fn, estimator, config: PPOConfig,
-                    device: torch.device, backend: str | None) -> Experience:
+                    device: torch.device, backend: str | None, generator: Any = None) -> Experience:
     """Rollout phase: sample ``samples_per_prompt`` responses per prompt, score them (reward, old
     and reference log-probs, values), shape the rewards and estimate advantages."""
     k = config.samples_per_prompt
@@ -323,8 +351,12 @@ def make_experience(models: PPOModels, prompts: list[str], tokenizer, reward_fn,
     started = time.perf_counter()
     models.policy.eval()
     g = config.generation
-    roll = generate(models.policy, tokenizer, prompt_ids, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                    top_p=g.top_p, device=device)
+    if generator is not None:
+        generator.wake()
+        roll = generator.generate(prompt_ids, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
+    else:  # the hf engine, without the plugin wrapper (tests, benchmarks)
+        roll = generate(models.policy, tokenizer, prompt_ids, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                        top_p=g.top_p, device=device)
     time_generate = time.perf_counter() - started
     rewards = reward_fn(prompt_text, roll.responses).to(device)  # [B], checked: finite, one per response
     with autocast_context(config.mixed_precision, device):
@@ -339,7 +371,15 @@ def make_experience(models: PPOModels, prompts: list[str], tokenizer, reward_fn,
     returns = advantages + values if values is not None else None
     if config.whiten_advantages:
         advantages = whiten(advantages, mask)
-    return Experience(roll, rewards, old_logp, ref_logp, entropy, kl_tokens, advantages, values, returns, time_generate)
+    engine = {}
+    if roll.logprobs is not None:  # the engine's sampling probabilities vs the trainer's (peers document a gap)
+        engine["engine_logprob_gap"] = masked_mean((old_logp - roll.logprobs).abs(), mask, global_=True)
+        if config.rollout_correction is not None:
+            weight = torch.exp(old_logp - roll.logprobs).clamp(max=config.rollout_correction.cap) * mask
+            advantages = advantages * weight
+            engine["tis_weight_mean"] = masked_mean(weight, mask, global_=True)
+    return Experience(roll, rewards, old_logp, ref_logp, entropy, kl_tokens, advantages, values, returns, time_generate,
+                      {k: float(v) for k, v in engine.items()})
 
 
 def reference_logprobs(models: PPOModels, roll, backend: str | None) -> torch.Tensor:
@@ -420,6 +460,7 @@ def experience_stats(exp: Experience, beta: float) -> dict[str, float]:
         "reward_mean": mean, "reward_std": var ** 0.5, "kl": float(sums[3]) / n, "kl_coef": beta,
         "entropy": float(masked_mean(exp.entropy, mask, global_=True)), "response_length": float(sums[4]) / n,
         "advantage_mean": float(masked_mean(exp.advantages, mask, global_=True)),
+        **exp.engine_stats,
     }
 
 
@@ -431,6 +472,35 @@ class Scorer:
 
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         return checked_rewards(self.entry, self.reward, prompts, responses)
+
+
+class Rollouts:
+    """A generator plugin whose every rollout is checked against the Generator contract, and whose
+    optional ``sleep``/``wake`` are called only when it has them."""
+
+    def __init__(self, entry, generator):
+        self.entry, self.generator = entry, generator
+
+    def generate(self, prompt_ids: list[list[int]], **settings) -> Any:
+        return checked_rollout(self.entry, self.generator.generate, prompt_ids, **settings)
+
+    def update_weights(self, policy) -> None:
+        self._call("update_weights", policy)
+
+    def sleep(self) -> None:
+        self._call("sleep")
+
+    def wake(self) -> None:
+        self._call("wake")
+
+    def _call(self, method: str, *args) -> None:
+        fn = getattr(self.generator, method, None)
+        if fn is None:
+            return
+        try:
+            fn(*args)
+        except Exception as exc:
+            raise ComponentError(f"{describe(self.entry)} raised {type(exc).__name__} in {method}: {exc}") from exc
 
 
 class Estimator:

@@ -145,7 +145,7 @@ def test_each_model_source_and_option_problem_has_its_own_message(tmp_path, regi
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert check_model_source(str(tmp_path / "file")) == f"{tmp_path / 'file'}: is a file; expected a model directory (what save_pretrained writes)"
-    assert check_model_source(str(tmp_path / "empty")) == f"{tmp_path / 'empty'}: the directory has no config.json, so it is not a saved model"
+    assert check_model_source(str(tmp_path / "empty")) == f"{tmp_path / 'empty'}: the directory has no config.json (nor adapter_config.json), so it is not a saved model"
     assert check_model_source("a b") == "a b: no such directory, and not a hub id of the form org/name"
     assert check_model_source("builtin:tiny") is None
     assert problems(registry, "stages.sft.data.fields={prompt: ''}") == [

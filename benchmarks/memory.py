@@ -1,0 +1,184 @@
+"""Memory benchmark: one PPO iteration and one SFT step on a realistic-shape model (Llama built from
+a config with random weights; vocabulary 128256 through a word-level tokenizer built with the
+``tokenizers`` library), for four set-ups side by side:
+
+- ``plain``: full fine-tuning, a frozen reference copy, ``[B, T, V]`` logits (``fused_linear: false``)
+- ``fused``: the same, but log-probs, entropy and losses from the hidden states and the LM head
+- ``fused+lora``: LoRA adapters (peft); the reference is the policy with adapters disabled
+- ``fused+lora+gc``: and gradient checkpointing
+
+Each set-up runs in its own process (a clean peak), one warm-up and one measured iteration, with
+the framework's own functions (``make_experience``/``update`` of the PPO stage, ``sft_loss_terms``).
+Peak RSS is the process's high-water mark (``ru_maxrss``): weights, optimizer state, activations,
+everything. Used by ``rlhf bench memory`` and ``benchmarks/bench_memory.py``.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETUPS = {
+    "plain": {"fused": False, "lora": False, "gc": False},
+    "fused": {"fused": True, "lora": False, "gc": False},
+    "fused+lora": {"fused": True, "lora": True, "gc": False},
+    "fused+lora+gc": {"fused": True, "lora": True, "gc": True},
+}
+
+
+def word_tokenizer(vocab: int):
+    """A word-level fast tokenizer over ``t0 ... t{vocab-1}`` (id 0 pad, 1 eos)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"t{i}": i for i in range(vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="t2"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t2")
+
+
+def build(args: dict):
+    """Policy (and reference) for one set-up, as the stages build them."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_core.config import LoraConfig
+    from rlhf_core.models import apply_lora
+
+    config = LlamaConfig(vocab_size=args["vocab"], hidden_size=args["hidden"], intermediate_size=args["hidden"] * 8 // 3,
+                         num_hidden_layers=args["layers"], num_attention_heads=args["hidden"] // 64,
+                         num_key_value_heads=args["hidden"] // 64, max_position_embeddings=512,
+                         bos_token_id=None, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(config)
+    reference = None
+    if args["lora"]:
+        policy = apply_lora(policy, LoraConfig(r=16, alpha=32), "random")
+    else:
+        torch.manual_seed(0)
+        reference = LlamaForCausalLM(config).eval().requires_grad_(False)
+    if args["gc"]:
+        policy.activation_checkpointing_enable({"use_reentrant": False}) if hasattr(policy, "activation_checkpointing_enable") \
+            else policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy, reference
+
+
+def run_one(args: dict) -> dict:
+    """One set-up in this process: PPO iterations or SFT steps; time of the last, peak RSS."""
+    import torch
+
+    from rlhf_core.config import ComponentSpec
+    from rlhf_core.data import collate_sft
+    from rlhf_plugins.ppo.advantages import BatchMeanBaseline
+    from rlhf_plugins.ppo.loss import KLController, ppo_clip
+    from rlhf_plugins.ppo.stage import GenerationConfig, PPOConfig, PPOModels, make_experience, update
+    from rlhf_plugins.sft import cross_entropy_loss, sft_loss_terms
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(args["vocab"])
+    policy, reference = build(args)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [" ".join(f"t{i}" for i in torch.randint(3, args["vocab"], (args["prompt"],), generator=gen).tolist())
+               for _ in range(args["batch"])]
+    times = []
+    if args["what"] == "ppo":
+        config = PPOConfig(prompts_per_batch=args["batch"], minibatch_size=args["batch"], ppo_epochs=1,
+                           generation=GenerationConfig(max_new_tokens=args["response"]), loss=ComponentSpec("ppo_clip"))
+        models = PPOModels(policy, reference, optimizer, KLController(0.05, False, 6.0, 10000), fused=args["fused"])
+        reward = lambda p, r: torch.randn(len(r), generator=gen)  # noqa: E731  (the reward model is not compared)
+        for _ in range(2):
+            t0 = time.perf_counter()
+            exp = make_experience(models, prompts, tokenizer, reward, BatchMeanBaseline(), config, torch.device("cpu"), None)
+            t1 = time.perf_counter()
+            update(models, exp, ppo_clip, config, None)
+            times.append((time.perf_counter() - t0, exp.time_generate, t1 - t0 - exp.time_generate, time.perf_counter() - t1))
+        assert int(exp.rollout.mask.sum()) >= args["batch"] * args["response"] * 0.9, "responses ended early"
+    else:
+        items = []
+        for p in prompts:
+            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+            response = torch.randint(3, args["vocab"], (args["response"],), generator=gen).tolist()
+            items.append({"input_ids": ids + response, "labels": [-100] * len(ids) + response})
+        batch = collate_sft(items, 0)
+        policy.train()
+        for _ in range(2):
+            t0 = time.perf_counter()
+            loss, _ = sft_loss_terms(policy, batch, cross_entropy_loss, {}, None, args["fused"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append((time.perf_counter() - t0,))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = {"peak_rss_mb": peak_mb, "seconds": times[-1][0],
+           "trainable_params": sum(p.numel() for p in params), "params": sum(p.numel() for p in policy.parameters())}
+    if args["what"] == "ppo":
+        out.update(generate_s=times[-1][1], score_s=times[-1][2], train_s=times[-1][3])
+    return out
+
+
+def run(*, hidden: int = 512, layers: int = 2, vocab: int = 128256, prompt: int = 64, response: int = 128,
+        batch: int = 8, setups=tuple(SETUPS), out_dir: str | Path = "bench_out", echo=print) -> list[dict]:
+    """Every set-up x (ppo, sft) in its own process; prints the table, writes memory.json/png."""
+    from .common import machine
+
+    rows = []
+    echo(f"Llama hidden {hidden}, {layers} layers, vocab {vocab}; batch {batch}, prompts {prompt} + responses "
+         f"{response} tokens; fp32 on CPU")
+    echo(f"{'stage':<5} {'set-up':<15} {'peak RSS MB':>12} {'vs plain':>9} {'seconds':>8} {'vs plain':>9} "
+         f"{'trainable':>11}  generate/score/train s")
+    for what in ("ppo", "sft"):
+        base = None
+        for name in setups:
+            args = {**SETUPS[name], "hidden": hidden, "layers": layers, "vocab": vocab, "prompt": prompt,
+                    "response": response, "batch": batch, "what": what}
+            done = subprocess.run([sys.executable, "-m", "rlhf_bench.memory", json.dumps(args)], capture_output=True,
+                                  text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{what} {name} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            row = {"stage": what, "setup": name, **result}
+            base = base or row
+            row["memory_vs_plain"] = row["peak_rss_mb"] / base["peak_rss_mb"]
+            row["time_vs_plain"] = row["seconds"] / base["seconds"]
+            rows.append(row)
+            split = (f"{row['generate_s']:.1f}/{row['score_s']:.1f}/{row['train_s']:.1f}" if what == "ppo" else "")
+            echo(f"{what:<5} {name:<15} {row['peak_rss_mb']:>12.0f} {row['memory_vs_plain']:>8.2f}x {row['seconds']:>8.2f} "
+                 f"{row['time_vs_plain']:>8.2f}x {row['trainable_params']:>11,}  {split}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.json").write_text(json.dumps({"machine": machine(), "shape": {
+        "hidden": hidden, "layers": layers, "vocab": vocab, "prompt": prompt, "response": response, "batch": batch},
+        "rows": rows}, indent=2))
+    _plot(rows, out / "memory.png")
+    echo(f"wrote {out / 'memory.json'} and {out / 'memory.png'}")
+    return rows
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, label in ((axes[0], "peak_rss_mb", "peak RSS MB"), (axes[1], "seconds", "seconds per iteration/step")):
+        setups = list(dict.fromkeys(r["setup"] for r in rows))
+        for k, what in enumerate(("ppo", "sft")):
+            values = [next((r[key] for r in rows if r["stage"] == what and r["setup"] == s), 0) for s in setups]
+            ax.bar([i + 0.4 * k for i in range(len(setups))], values, 0.4, label=what)
+        ax.set_xticks([i + 0.2 for i in range(len(setups))])
+        ax.set_xticklabels(setups, fontsize=8)
+        ax.set_ylabel(label + " (lower is better)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # one set-up, in a fresh process: JSON on the last line of stdout
+    print(json.dumps(run_one(json.loads(sys.argv[1]))))
