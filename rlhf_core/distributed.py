@@ -254,16 +254,19 @@ def gathered(model: nn.Module, reshard_after: bool = True) -> Iterator[nn.Module
                 module.reshard()
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The whole model's state dict on CPU, gathered on rank 0 (None elsewhere). A collective for
-    sharded models: every rank must call it."""
+def full_state_dict(model: nn.Module, *, everywhere: bool = False) -> dict[str, torch.Tensor] | None:
+    """The whole model's state dict, gathered on rank 0 on CPU (None elsewhere), or with
+    ``everywhere`` on every rank on the model's device (e.g. to push weights into a generation
+    engine per rank). A collective for sharded models: every rank must call it."""
     model = unwrap(model)
     if world_size() == 1 or not any(_is_dtensor(p) for p in model.parameters()):
+        if everywhere:
+            return {k: v.detach() for k, v in model.state_dict().items()}
         return {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank() == 0 else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if rank() == 0 else None
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+    return state if everywhere or rank() == 0 else None
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -343,9 +343,9 @@ def checked_rollout(entry: Any, generate: Any, prompt_ids: list[list[int]], **se
     if not isinstance(roll, Rollout):
         raise ComponentError(f"{who} returned {type(roll).__name__}; expected an rlhf_core.sampling.Rollout "
                              "(see rlhf_core.sampling.make_rollout)")
-    r = roll.labels.shape[1] if roll.labels.dim() == 2 else -1
-    expected = {"labels": (n, r), "mask": (n, r), "sequences": (n, roll.prompt_len + r),
-                "attention_mask": (n, roll.prompt_len + r)}
+    r = roll.sequences.shape[1] - roll.prompt_len if roll.sequences.dim() == 2 else -1
+    expected = {"sequences": (n, roll.prompt_len + r), "attention_mask": (n, roll.prompt_len + r),
+                "labels": (n, r), "mask": (n, r)}
     if roll.logprobs is not None:
         expected["logprobs"] = (n, r)
     for name, shape in expected.items():

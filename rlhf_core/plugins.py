@@ -34,6 +34,7 @@ BUILTINS = {
     "ppo-generators": "rlhf_plugins.ppo.generators",
     "letters": "rlhf_plugins.letters",
     "trackers": "rlhf_plugins.trackers",
+    "vllm": "rlhf_plugins.vllm_engine",
     "bench": "rlhf_bench.commands",
 }
 
