@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rlhf_bench.common import machine
+from rlhf_bench.measure import machine
 
 OVERRIDES = ["stages.sft.train.steps=60", "stages.sft.train.log_every=5", "stages.sft.train.eval_every=0",
              "stages.reward.train.steps=40", "stages.reward.train.log_every=5", "stages.reward.train.eval_every=0",

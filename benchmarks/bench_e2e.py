@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from rlhf_core.engine import make_run_dir, prepare, run_pipeline
-from rlhf_bench.common import machine
+from rlhf_bench.measure import machine
 from rlhf_kernels import available_backends
 
 

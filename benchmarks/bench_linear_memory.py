@@ -10,7 +10,7 @@ import time
 import torch
 
 import rlhf_kernels as K
-from rlhf_bench.common import PeakRSS
+from rlhf_bench.measure import PeakRSS
 
 
 def measure(fn, hidden, weight, labels) -> tuple[float, float]:

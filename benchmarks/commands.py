@@ -26,7 +26,7 @@ def bench_kernels(shapes, dtypes, ops, backends, repeats, no_compile, device, ou
     """Time every op x backend against PyTorch eager and torch.compile; table, JSON and PNG."""
     import torch
 
-    from . import kernels as kbench
+    from . import kernel_timing as kbench
 
     try:
         parsed = [tuple(int(x) for x in s.lower().split("x")) for s in shapes] or [(4096, 32000), (2048, 128256), (1024, 151936)]
@@ -52,10 +52,20 @@ def bench_kernels(shapes, dtypes, ops, backends, repeats, no_compile, device, ou
 def bench_memory(hidden, layers, vocab, prompt, response, batch, setups, out) -> None:
     """Peak RSS and time of one PPO iteration and one SFT step: plain vs fused-linear vs + LoRA vs
     + gradient checkpointing, each in its own process; table, JSON and PNG."""
-    from . import memory
+    from . import memory_usage as memory
 
     memory.run(hidden=hidden, layers=layers, vocab=vocab, prompt=prompt, response=response, batch=batch,
                setups=setups or tuple(memory.SETUPS), out_dir=out, echo=click.echo)
+
+
+@bench.command("rollout")
+@click.option("--tiny-only", is_flag=True, help="Skip the larger model (hidden 512, 4 layers, vocab 32000).")
+@click.option("--out", default="bench_out", show_default=True, type=click.Path(file_okay=False))
+def bench_rollout(tiny_only, out) -> None:
+    """Generated tokens/s of the hf and vllm engines and one PPO iteration's split with each."""
+    from . import rollout_speed as rollout
+
+    rollout.run(out_dir=out, echo=click.echo, larger=not tiny_only)
 
 
 @hookimpl

@@ -66,7 +66,11 @@ class VLLMGenerator:
         self.llm = LLM(model=self._config_dir.name, load_format="dummy", dtype=str(dtype).replace("torch.", ""),
                        enforce_eager=enforce_eager, max_model_len=max_model_len, seed=ctx.seed,
                        gpu_memory_utilization=gpu_memory_utilization, logprobs_mode="raw_logprobs",
-                       enable_sleep_mode=sleep_mode and self.device.type == "cuda")
+                       enable_sleep_mode=sleep_mode and self.device.type == "cuda",
+                       # Chunked prefill discards the tokens sampled for a partial prompt, and rewinding a
+                       # seeded request's CPU generator for that fails in vLLM 0.32 ("CPU Generator does
+                       # not use offset"): prompts are prefilled whole.
+                       enable_chunked_prefill=False)
         self.can_sleep = sleep_mode and self.device.type == "cuda"
         self.sleeping = False
         self.update_weights(policy)

@@ -180,7 +180,7 @@ def test_every_hook_documented_and_tested():
     readme = (root / "README.md").read_text()
     tests = "\n".join(p.read_text() for p in (root / "tests").rglob("test_*.py"))
     hooks = [n for n in dir(hookspecs) if n.startswith("rlhf_")]
-    assert len(hooks) == 7
+    assert len(hooks) == 8
     for name in hooks:
         assert getattr(hookspecs, name).__doc__ and ":param" in getattr(hookspecs, name).__doc__, name
         assert f"`{name}`" in readme, f"{name} missing from README plugin guide"

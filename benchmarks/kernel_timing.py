@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from rlhf_kernels import available_backends, cross_entropy, ppo_clip_loss, reference, token_logprobs
 
-from .common import PeakRSS, machine
+from .measure import PeakRSS, machine
 
 #: This 2-core CPU's limits (DESIGN.md): one read pass at ~36 GB/s, ~2.4 G exp/s.
 CPU_READ_BYTES_PER_S = 36e9

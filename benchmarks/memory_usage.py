@@ -124,7 +124,7 @@ def run_one(args: dict) -> dict:
 def run(*, hidden: int = 512, layers: int = 2, vocab: int = 128256, prompt: int = 64, response: int = 128,
         batch: int = 8, setups=tuple(SETUPS), out_dir: str | Path = "bench_out", echo=print) -> list[dict]:
     """Every set-up x (ppo, sft) in its own process; prints the table, writes memory.json/png."""
-    from .common import machine
+    from .measure import machine
 
     rows = []
     echo(f"Llama hidden {hidden}, {layers} layers, vocab {vocab}; batch {batch}, prompts {prompt} + responses "
@@ -136,7 +136,7 @@ def run(*, hidden: int = 512, layers: int = 2, vocab: int = 128256, prompt: int 
         for name in setups:
             args = {**SETUPS[name], "hidden": hidden, "layers": layers, "vocab": vocab, "prompt": prompt,
                     "response": response, "batch": batch, "what": what}
-            done = subprocess.run([sys.executable, "-m", "rlhf_bench.memory", json.dumps(args)], capture_output=True,
+            done = subprocess.run([sys.executable, "-m", "rlhf_bench.memory_usage", json.dumps(args)], capture_output=True,
                                   text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{what} {name} failed:\n{done.stderr[-3000:]}")
