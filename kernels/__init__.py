@@ -8,7 +8,7 @@ whose label is ``ignore_index`` contribute nothing; outputs are fp32; differenti
   (``hidden [N, H]``, ``weight [V, H]``; the ``[N, V]`` logits are never materialised; the two
   losses compute their gradients inside the forward chunk loop on the fast backends)
 - :func:`token_entropy`, :func:`linear_token_entropy`: entropy of the next-token distribution
-  (chunked PyTorch on every device: no fp32 copy of the logits; no Triton/C++ kernel yet)
+  (one sweep per row on the fast backends; row chunks of PyTorch on the reference)
 
 ``backend``: ``"reference"`` | ``"triton"`` | ``"cpp"`` | ``None``. ``None`` reads the environment
 variable ``RLHF_KERNEL_BACKEND`` and otherwise picks automatically: ``triton`` for CUDA tensors,
@@ -283,23 +283,31 @@ def linear_ppo_clip_loss(
     return (loss, stats) if return_stats else loss
 
 
-def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+def token_entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: str | None = None) -> torch.Tensor:
     """Entropy of ``softmax(logits / temperature)`` per position, fp32, shape ``logits.shape[:-1]``;
-    differentiable. Computed in row chunks (fp32 temporaries of one chunk, not of the whole logits)."""
+    differentiable. Fast backends compute it in one sweep per row; the reference path works in row
+    chunks (fp32 temporaries of one chunk, not of the whole logits)."""
     if not torch.is_floating_point(logits) or logits.dim() < 1 or logits.numel() == 0:
         raise ValueError(f"token_entropy: need non-empty floating-point logits [..., V], got {logits.dtype} "
                          f"{tuple(logits.shape)}")
     if temperature <= 0:
         raise ValueError(f"token_entropy: temperature must be > 0, got {temperature}")
+    impl = resolve_backend(backend, logits.device, logits.dtype)[1]
     flat, _ = _rows(logits)
-    return TokenEntropyFn.apply(flat, float(temperature)).view(logits.shape[:-1])
+    return TokenEntropyFn.apply(flat, float(temperature), _entropy_impl(impl)).view(logits.shape[:-1])
 
 
-def linear_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+def linear_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float = 1.0,
+                         backend: str | None = None) -> torch.Tensor:
     """``token_entropy(hidden @ weight.T)`` ``[N]`` without materialising the ``[N, V]`` logits."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_token_entropy: need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} "
                          f"and {tuple(weight.shape)}")
     if temperature <= 0:
         raise ValueError(f"linear_token_entropy: temperature must be > 0, got {temperature}")
-    return LinearTokenEntropyFn.apply(hidden.contiguous(), weight.contiguous(), float(temperature))
+    impl = resolve_backend(backend, hidden.device, hidden.dtype)[1]
+    return LinearTokenEntropyFn.apply(hidden.contiguous(), weight.contiguous(), float(temperature), _entropy_impl(impl))
+
+
+def _entropy_impl(impl: ModuleType | None) -> ModuleType | None:
+    return impl if impl is not None and hasattr(impl, "entropy_forward") else None

@@ -123,3 +123,25 @@ def backward(logits, labels, lse, grad, temperature: float, ignore_index: int, o
         torch.get_num_threads(), level_cap,
     )
     return out
+
+
+def entropy_forward(logits: torch.Tensor, temperature: float):
+    """``(entropy [N], lse [N])`` in fp32 of ``softmax(logits / T)`` for a 2-D view with unit column stride."""
+    n_rows, n_cols = logits.shape
+    h = torch.empty(n_rows, dtype=torch.float32)
+    lse = torch.empty(n_rows, dtype=torch.float32)
+    _cpu.entropy_forward(logits.data_ptr(), _dtype_code(logits), n_rows, n_cols, logits.stride(0), h.data_ptr(),
+                         lse.data_ptr(), 1.0 / temperature, torch.get_num_threads(), level_cap)
+    return h, lse
+
+
+def entropy_backward(logits, lse, entropy, grad, temperature: float, out: torch.Tensor):
+    """Write ``grad * dH/dlogits = -grad * p (z - lse + H) / T`` into ``out`` (may alias ``logits``)."""
+    n_rows, n_cols = logits.shape
+    if out.dtype != logits.dtype or out.stride(1) != 1:
+        raise ValueError("cpp backend: out must match the logits dtype and have unit column stride")
+    grad = grad.float().contiguous()
+    _cpu.entropy_backward(logits.data_ptr(), _dtype_code(logits), n_rows, n_cols, logits.stride(0), lse.data_ptr(),
+                          entropy.data_ptr(), grad.data_ptr(), out.data_ptr(), out.stride(0), 1.0 / temperature,
+                          torch.get_num_threads())
+    return out

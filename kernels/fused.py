@@ -235,63 +235,80 @@ def _entropy_grad_rows(logits: torch.Tensor, temperature: float, grad: torch.Ten
 
 
 class TokenEntropyFn(torch.autograd.Function):
-    """Entropy of each row's next-token distribution over a 2-D ``[N, V]`` view, in row chunks so
-    the fp32 temporaries are one chunk, not a logits-sized copy; the backward recomputes per chunk."""
+    """Entropy of each row's next-token distribution over a 2-D ``[N, V]`` view. With a fast
+    backend (``impl.entropy_forward``: one sweep with an online max / sum / weighted sum) the
+    backward writes ``-g p (z - lse + H) / T`` once; without one (``impl`` None), row chunks of
+    PyTorch so the fp32 temporaries are one chunk, not a logits-sized copy."""
 
     @staticmethod
-    def forward(ctx, logits, temperature):
+    def forward(ctx, logits, temperature, impl):
+        ctx.temperature, ctx.impl = temperature, impl
+        if impl is not None:
+            out, lse = impl.entropy_forward(logits, temperature)
+            ctx.save_for_backward(logits, lse, out)
+            return out
         step = _chunk_rows(*logits.shape)
         out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], step):
             out[start:start + step] = entropy_rows(logits[start:start + step], temperature)
         ctx.save_for_backward(logits)
-        ctx.temperature = temperature
         return out
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.impl is not None:
+            logits, lse, h = ctx.saved_tensors
+            return ctx.impl.entropy_backward(logits, lse, h, grad, ctx.temperature, ctx.impl.new_grad(logits)), None, None
         (logits,) = ctx.saved_tensors
         out = torch.empty_like(logits)
         step = _chunk_rows(*logits.shape)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
             out[rows] = _entropy_grad_rows(logits[rows], ctx.temperature, grad[rows].float())
-        return out, None
+        return out, None, None
 
 
 class LinearTokenEntropyFn(torch.autograd.Function):
     """Entropy of ``softmax(hidden @ weight.T / T)`` per row, chunk by chunk: the ``[N, V]`` logits
-    never exist. The backward recomputes each chunk's logits."""
+    never exist. The backward recomputes each chunk's logits; a fast backend (``impl``) computes
+    the entropy and its gradient of each chunk in place, else PyTorch does."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, temperature):
+    def forward(ctx, hidden, weight, temperature, impl):
         n, vocab = hidden.shape[0], weight.shape[0]
         step = _chunk_rows(n, vocab)
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         chunk = hidden.new_empty((step, vocab))
         for start in range(0, n, step):
             rows = slice(start, start + step)
             logits = torch.mm(hidden[rows], weight.t(), out=chunk[: hidden[rows].shape[0]])
-            out[rows] = entropy_rows(logits, temperature)
-        ctx.save_for_backward(hidden, weight)
-        ctx.temperature, ctx.step = temperature, step
+            if impl is not None:
+                out[rows], lse[rows] = impl.entropy_forward(logits, temperature)
+            else:
+                out[rows] = entropy_rows(logits, temperature)
+        ctx.save_for_backward(hidden, weight, lse, out)
+        ctx.temperature, ctx.step, ctx.impl = temperature, step, impl
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight = ctx.saved_tensors
-        grad = grad.float()
+        hidden, weight, lse, entropy = ctx.saved_tensors
+        grad = grad.float().contiguous()
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         chunk = hidden.new_empty((ctx.step, weight.shape[0]))
         for start in range(0, hidden.shape[0], ctx.step):
             rows = slice(start, start + ctx.step)
             logits = torch.mm(hidden[rows], weight.t(), out=chunk[: hidden[rows].shape[0]])
-            g = _entropy_grad_rows(logits, ctx.temperature, grad[rows])
+            if ctx.impl is not None:  # the chunk's logits are dead after this: the gradient overwrites them
+                g = ctx.impl.entropy_backward(logits, lse[rows], entropy[rows], grad[rows], ctx.temperature, logits)
+            else:
+                g = _entropy_grad_rows(logits, ctx.temperature, grad[rows])
             if grad_hidden is not None:
                 torch.mm(g, weight, out=grad_hidden[rows])
             if grad_weight is not None:
                 grad_weight.addmm_(g.t().float(), hidden[rows].float())
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None
+        return grad_hidden, grad_weight, None, None

@@ -377,6 +377,51 @@ void backward_impl(const char* logits, int64_t n_rows, int64_t n_cols, int64_t s
   });
 }
 
+// Entropy of softmax(x / T) per row: (max, sum) from the SIMD sweep, then H = log sum - sum_j p_j (z_j - max)
+// (z = x / T, p = exp(z - lse)) in a second sweep. Writes H and lse (the backward reuses it).
+template <int D>
+void entropy_forward_impl(const char* logits, int64_t n_rows, int64_t n_cols, int64_t stride, float* h, float* lse,
+                          float inv_t, int threads, int level) {
+  parallel_rows(n_rows, n_cols, threads, [=](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const char* row = logits + i * stride * elem_size(D);
+      float m, s;
+      forward_row_at<D>(level, row, n_cols, inv_t, m, s);
+      // Second sweep, relative to the max, in double: e_j = exp(z_j - max), S = sum e_j,
+      // D = sum e_j (z_j - max); H = log S - D / S. z_j - max is formed exactly as the max was
+      // found (product rounded first), so a near-certain row (H ~ 0, large logits) keeps H exact.
+      (void)s;
+      double es = 0.0, ed = 0.0;
+      for (int64_t j = 0; j < n_cols; ++j) {
+        const float zm = load1<D>(row, j) * inv_t - m;
+        const double e = std::exp(static_cast<double>(zm));
+        es += e;
+        ed += e * zm;
+      }
+      lse[i] = static_cast<float>(m + std::log(es));
+      h[i] = static_cast<float>(std::log(es) - ed / es);
+    }
+  });
+}
+
+// d H / d x_j = -p_j (z_j - lse + H) / T, times the upstream gradient g_i; written once into out.
+template <int D>
+void entropy_backward_impl(const char* logits, int64_t n_rows, int64_t n_cols, int64_t stride, const float* lse,
+                           const float* h, const float* grad, char* out, int64_t out_stride, float inv_t, int threads) {
+  parallel_rows(n_rows, n_cols, threads, [=](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const char* row = logits + i * stride * elem_size(D);
+      char* orow = out + i * out_stride * elem_size(D);
+      const float l = lse[i], ent = h[i], g = -grad[i] * inv_t;
+      for (int64_t j = 0; j < n_cols; ++j) {
+        const float zl = load1<D>(row, j) * inv_t - l;  // log p_j, formed first: z and lse may both be large
+        const float p = std::exp(zl);
+        store1<D>(orow, j, p > 0.f ? g * p * (zl + ent) : 0.f);
+      }
+    }
+  });
+}
+
 template <template <int> class Op, typename... Args>
 void dispatch(int dtype, Args... args) {
   switch (dtype) {
@@ -389,6 +434,8 @@ void dispatch(int dtype, Args... args) {
 
 template <int D> struct Fwd { template <typename... A> static void run(A... a) { forward_impl<D>(a...); } };
 template <int D> struct Bwd { template <typename... A> static void run(A... a) { backward_impl<D>(a...); } };
+template <int D> struct EntFwd { template <typename... A> static void run(A... a) { entropy_forward_impl<D>(a...); } };
+template <int D> struct EntBwd { template <typename... A> static void run(A... a) { entropy_backward_impl<D>(a...); } };
 
 // The level to run at: the CPU's best, capped by the caller (-1 = no cap), e.g. to test every path.
 int use_level(int cap) { return cap < 0 ? cpu_level() : std::min(cap, cpu_level()); }
@@ -426,5 +473,26 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("stride"),
         py::arg("labels"), py::arg("lse"), py::arg("grad"), py::arg("out"), py::arg("out_stride"),
         py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("threads"), py::arg("level") = -1);
+  m.def("entropy_forward",
+        [](uintptr_t logits, int dtype, int64_t n_rows, int64_t n_cols, int64_t stride, uintptr_t h, uintptr_t lse,
+           float inv_t, int threads, int level) {
+          py::gil_scoped_release release;
+          dispatch<EntFwd>(dtype, reinterpret_cast<const char*>(logits), n_rows, n_cols, stride,
+                           reinterpret_cast<float*>(h), reinterpret_cast<float*>(lse), inv_t, threads, use_level(level));
+        },
+        py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("stride"), py::arg("h"),
+        py::arg("lse"), py::arg("inv_temperature"), py::arg("threads"), py::arg("level") = -1);
+  m.def("entropy_backward",
+        [](uintptr_t logits, int dtype, int64_t n_rows, int64_t n_cols, int64_t stride, uintptr_t lse, uintptr_t h,
+           uintptr_t grad, uintptr_t out, int64_t out_stride, float inv_t, int threads) {
+          py::gil_scoped_release release;
+          dispatch<EntBwd>(dtype, reinterpret_cast<const char*>(logits), n_rows, n_cols, stride,
+                           reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(h),
+                           reinterpret_cast<const float*>(grad), reinterpret_cast<char*>(out), out_stride, inv_t,
+                           threads);
+        },
+        py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("stride"), py::arg("lse"),
+        py::arg("h"), py::arg("grad"), py::arg("out"), py::arg("out_stride"), py::arg("inv_temperature"),
+        py::arg("threads"));
   m.def("cpu_level", &cpu_level, "Best instruction set here: 0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512F");
 }

@@ -148,3 +148,69 @@ def backward(logits, labels, lse, grad, temperature: float, ignore_index: int, o
         BLOCK=block, num_warps=8 if block >= 2048 else 4,
     )
     return out
+
+
+@triton.jit
+def _entropy_fwd_kernel(logits_ptr, h_ptr, lse_ptr, n_cols, stride_row, inv_temp, BLOCK: tl.constexpr):
+    # One sweep with an online max m, sum s = sum exp(z - m) and d = sum exp(z - m) (z - m), both
+    # rescaled when m grows: H = log s - d / s, relative to the max, so a near-certain row (H ~ 0,
+    # large logits) does not lose H to cancellation.
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    running_max = -float("inf")
+    running_sum = 0.0
+    running_dot = 0.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32) * inv_temp
+        new_max = tl.maximum(running_max, tl.max(x, axis=0))
+        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+        scale = tl.exp(running_max - shift)
+        e = tl.exp(x - shift)
+        # old terms: exp(z - m_old)(z - m_old) -> exp(z - m_new)(z - m_new) = scale * (term - (m_new - m_old) * exp)
+        moved = tl.where(running_sum > 0, (running_dot - (shift - running_max) * running_sum) * scale, 0.0)
+        running_dot = moved + tl.sum(tl.where(e > 0, e * (x - shift), 0.0), axis=0)
+        running_sum = running_sum * scale + tl.sum(e, axis=0)
+        running_max = new_max
+    lse = running_max + tl.log(running_sum)
+    tl.store(lse_ptr + row, lse)
+    tl.store(h_ptr + row, tl.log(running_sum) - running_dot / running_sum)
+
+
+@triton.jit
+def _entropy_bwd_kernel(logits_ptr, lse_ptr, h_ptr, grad_ptr, out_ptr, n_cols, stride_row, out_stride_row, inv_temp,
+                        BLOCK: tl.constexpr):
+    # d H / d x_j = -p_j (z_j - lse + H) / T, times the row's upstream gradient.
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    out_row = out_ptr + row * out_stride_row
+    lse = tl.load(lse_ptr + row)
+    ent = tl.load(h_ptr + row)
+    g = -tl.load(grad_ptr + row) * inv_temp
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+        mask = cols < n_cols
+        zl = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp - lse  # log p, formed first
+        p = tl.exp(zl)
+        grad = tl.where(p > 0, g * p * (zl + ent), 0.0)
+        tl.store(out_row + cols, grad.to(out_row.dtype.element_ty), mask=mask)
+
+
+def entropy_forward(logits: torch.Tensor, temperature: float):
+    """``(entropy [N], lse [N])`` in fp32 of ``softmax(logits / T)`` for a 2-D view with unit column stride."""
+    n_rows, n_cols = logits.shape
+    h = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    block = _block(n_cols, logits.device)
+    _entropy_fwd_kernel[(n_rows,)](logits, h, lse, n_cols, logits.stride(0), 1.0 / temperature, BLOCK=block,
+                                   num_warps=8 if block >= 2048 else 4)
+    return h, lse
+
+
+def entropy_backward(logits, lse, entropy, grad, temperature: float, out: torch.Tensor):
+    """Write ``grad * dH/dlogits`` into ``out`` (may alias ``logits``)."""
+    n_rows, n_cols = logits.shape
+    block = _block(n_cols, logits.device)
+    _entropy_bwd_kernel[(n_rows,)](logits, lse, entropy, grad.float().contiguous(), out, n_cols, logits.stride(0),
+                                   out.stride(0), 1.0 / temperature, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return out

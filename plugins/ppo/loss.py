@@ -103,7 +103,7 @@ def policy_objective(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: t
     """
     loss, metrics = loss_fn(logits, labels, old_logprobs, advantages, backend=backend, **loss_options)
     return add_penalties(loss, metrics, lambda: rlhf_kernels.token_logprobs(logits, labels, backend=backend),
-                         lambda: token_entropy(logits, mask), ref_logprobs, mask, kl_estimator=kl_estimator,
+                         lambda: token_entropy(logits, mask, backend), ref_logprobs, mask, kl_estimator=kl_estimator,
                          kl_in_loss=kl_in_loss, beta=beta, entropy_coef=entropy_coef)
 
 
@@ -124,7 +124,7 @@ def fused_policy_objective(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         loss, stats = rlhf_kernels.linear_ppo_clip_loss(hidden, weight, labels, old_logprobs, advantages,
                                                         clip_eps=clip_eps, return_stats=True, backend=backend)
     return add_penalties(loss, {k: float(v) for k, v in stats.items()}, lambda: logp,
-                         lambda: rlhf_kernels.linear_token_entropy(hidden, weight), ref_logprobs, mask,
+                         lambda: rlhf_kernels.linear_token_entropy(hidden, weight, backend=backend), ref_logprobs, mask,
                          kl_estimator=kl_estimator, kl_in_loss=kl_in_loss, beta=beta, entropy_coef=entropy_coef)
 
 

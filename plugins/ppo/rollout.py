@@ -70,9 +70,9 @@ def response_hidden(model, sequences: torch.Tensor, attention_mask: torch.Tensor
     return hidden[:, prompt_len - 1:], weight.to(hidden.dtype)
 
 
-def token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def token_entropy(logits: torch.Tensor, mask: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """Entropy of the next-token distribution ``[B, R]`` (0 off the mask)."""
-    return rlhf_kernels.token_entropy(logits) * mask
+    return rlhf_kernels.token_entropy(logits, backend=backend) * mask
 
 
 @torch.no_grad()
@@ -84,11 +84,12 @@ def score_tokens(model, rollout: Rollout, backend: str | None, with_entropy: boo
         hidden, weight = response_hidden(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
         flat = hidden.reshape(-1, hidden.shape[-1])
         logp = rlhf_kernels.linear_token_logprobs(flat, weight, labels.reshape(-1), backend=backend).view(labels.shape)
-        entropy = rlhf_kernels.linear_token_entropy(flat, weight).view(labels.shape) * mask if with_entropy else None
+        entropy = (rlhf_kernels.linear_token_entropy(flat, weight, backend=backend).view(labels.shape) * mask
+                   if with_entropy else None)
     else:
         logits = response_logits(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
         logp = rlhf_kernels.token_logprobs(logits, labels, backend=backend)
-        entropy = token_entropy(logits, mask) if with_entropy else None
+        entropy = token_entropy(logits, mask, backend) if with_entropy else None
     return logp[:, :-1], entropy[:, :-1] if entropy is not None else None
 
 
