@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core import distributed as dist_utils
 from rlhf_core.checkpoint import honour_stop_requests
@@ -359,12 +360,17 @@ def make_experience(models: PPOModels, prompts: list[str], tokenizer, reward_fn,
                         top_p=g.top_p, device=device)
     time_generate = time.perf_counter() - started
     rewards = reward_fn(prompt_text, roll.responses).to(device)  # [B], checked: finite, one per response
+    mask = roll.mask.float()
+    # On-policy (one epoch, one minibatch, KL in the loss): the old log-probs are the update's own,
+    # detached, so the no-grad scoring forward is skipped and update() fills them in.
+    skip_old = on_policy(config) and roll.logprobs is None
     with autocast_context(config.mixed_precision, device):
-        old_logp, entropy = score_tokens(models.policy, roll, backend, with_entropy=True, fused=models.fused)
+        old_logp, entropy = (None, None) if skip_old else score_tokens(models.policy, roll, backend, with_entropy=True,
+                                                                       fused=models.fused)
         ref_logp = reference_logprobs(models, roll, backend)
         values = critic_values(models.critic, roll) if models.critic is not None else None
-    mask = roll.mask.float()
-    kl_tokens = KL_ESTIMATORS[config.kl.estimator](old_logp, ref_logp) * mask  # [B, R]
+    kl_tokens = (torch.zeros_like(mask) if skip_old  # unused by the rewards with the KL in the loss; set by update()
+                 else KL_ESTIMATORS[config.kl.estimator](old_logp, ref_logp) * mask)  # [B, R]
     seq_rewards, token_rewards = shape_rewards(rewards, kl_tokens, mask, models.kl.value, config.kl.placement)
     advantages = estimator(AdvantageInputs(seq_rewards, token_rewards, mask, group_ids, values,
                                            all_reduce=dist_utils.all_reduce_sum)) * mask
@@ -397,6 +403,9 @@ def update(models: PPOModels, exp: Experience, loss_fn, config: PPOConfig, backe
     tokens, so N ranks take the step one process would. Returns minibatch-averaged stats."""
     roll = exp.rollout
     mask = roll.mask.float()
+    fill = exp.old_logprobs is None  # on-policy: the old log-probs are this pass's own (see make_experience)
+    if fill:
+        exp.old_logprobs, exp.entropy = torch.zeros_like(mask), torch.zeros_like(mask)
     # Aligned with the unsliced [B, R + 1, V] policy logits; the extra column is ignored.
     labels_w, old_w, adv_w = widen(roll.labels, -100), widen(exp.old_logprobs, 0.0), widen(exp.advantages, 0.0)
     ref_w, mask_w = widen(exp.ref_logprobs, 0.0), widen(mask, 0.0)
@@ -412,12 +421,16 @@ def update(models: PPOModels, exp: Experience, loss_fn, config: PPOConfig, backe
                 if models.fused:
                     hidden, head = response_hidden(models.policy, roll.sequences[idx], roll.attention_mask[idx],
                                                    roll.prompt_len)
+                    if fill:
+                        old_w[idx], exp.entropy[idx] = _current_scores(hidden.detach(), head.detach(), labels_w[idx], backend)
                     loss, m = fused_policy_objective(
                         hidden.reshape(-1, hidden.shape[-1]), head, labels_w[idx].reshape(-1), old_w[idx].reshape(-1),
                         adv_w[idx].reshape(-1), ref_w[idx].reshape(-1), mask_w[idx].reshape(-1),
                         clip_eps=config.loss.options.get("clip_eps", 0.2), **penalties)
                 else:
                     logits = response_logits(models.policy, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
+                    if fill:
+                        old_w[idx], exp.entropy[idx] = _current_scores(logits.detach(), None, labels_w[idx], backend)
                     loss, m = policy_objective(logits, labels_w[idx], old_w[idx], adv_w[idx], ref_w[idx], mask_w[idx],
                                                loss_fn=loss_fn, loss_options=config.loss.options, **penalties)
             if not torch.isfinite(loss):
@@ -441,7 +454,33 @@ def update(models: PPOModels, exp: Experience, loss_fn, config: PPOConfig, backe
                 m["value_loss"] = float(v_loss.detach())
             for key, value in m.items():
                 stats.setdefault(key, []).append(float(value))
+    if fill:
+        exp.old_logprobs = old_w[:, :-1] * mask
+        exp.entropy = exp.entropy * mask
+        exp.kl_tokens = KL_ESTIMATORS[config.kl.estimator](exp.old_logprobs, exp.ref_logprobs) * mask
     return dist_utils.global_mean({key: sum(v) / len(v) for key, v in stats.items()}, mask.device)
+
+
+@torch.no_grad()
+def _current_scores(logits_or_hidden: torch.Tensor, head: torch.Tensor | None, labels: torch.Tensor,
+                    backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """On-policy: ``(log-probs [b, R + 1], entropy [b, R])`` of the response tokens from the update's
+    own forward (logits, or hidden states and the LM head), as constants."""
+    if head is None:
+        logp = rlhf_kernels.token_logprobs(logits_or_hidden, labels, backend=backend)
+        entropy = rlhf_kernels.token_entropy(logits_or_hidden, backend=backend)
+    else:
+        flat = logits_or_hidden.reshape(-1, logits_or_hidden.shape[-1])
+        logp = rlhf_kernels.linear_token_logprobs(flat, head, labels.reshape(-1), backend=backend).view(labels.shape)
+        entropy = rlhf_kernels.linear_token_entropy(flat, head, backend=backend).view(labels.shape)
+    return logp, entropy[:, :-1]
+
+
+def on_policy(config: PPOConfig) -> bool:
+    """One epoch over one minibatch with the KL in the loss and no rollout correction: the policy
+    that sampled is the one being updated, so the old log-probs need no forward of their own."""
+    return (config.ppo_epochs == 1 and config.minibatch_size >= config.prompts_per_batch * config.samples_per_prompt
+            and config.kl.placement == "loss" and config.rollout_correction is None)
 
 
 def experience_stats(exp: Experience, beta: float) -> dict[str, float]:

@@ -104,3 +104,41 @@ def test_reward_and_value_models_never_hold_an_lm_head():
     for h in hooks:
         h.remove()
     assert not any(s is not None and len(s) and s[-1] == vocab for s in shapes)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_on_policy_update_skips_the_old_forward_and_changes_nothing(fused, monkeypatch):
+    """One epoch, one minibatch, KL in the loss: the old log-probs come from the update's own
+    forward (no scoring forward of the policy); weights, stats and the experience's old log-probs,
+    entropy and KL equal those of the path with the extra forward."""
+    import rlhf_plugins.ppo.stage as stage
+
+    torch.manual_seed(0)
+    policy = load_causal_lm(CFG, seed=0)
+    reference = load_causal_lm(CFG, seed=1).eval().requires_grad_(False)
+    tokenizer = load_tokenizer(CFG)
+    config = PPOConfig(prompts_per_batch=4, samples_per_prompt=2, ppo_epochs=1, minibatch_size=8, entropy_coef=0.01,
+                       kl=KLConfig(coef=0.05, estimator="k3", placement="loss"))
+    assert stage.on_policy(config)
+    prompts = ["abc", "hello there", "x", "aaaa b"]
+    results = {}
+    real = stage.score_tokens
+    for skip in (True, False):
+        monkeypatch.setattr(stage, "on_policy", lambda c, _skip=skip: _skip)
+        calls = []
+        monkeypatch.setattr(stage, "score_tokens", lambda *a, _calls=calls, **k: _calls.append(a[0]) or real(*a, **k))
+        m = models(fused, policy, reference)
+        torch.manual_seed(1)
+        exp = make_experience(m, prompts, tokenizer, reward, BatchMeanBaseline(), config, torch.device("cpu"), "cpp")
+        assert (exp.old_logprobs is None) == skip
+        assert sum(c is m.policy for c in calls) == (0 if skip else 1)  # the policy's scoring forward is skipped
+        torch.manual_seed(2)
+        stats = update(m, exp, ppo_clip, config, "cpp")
+        results[skip] = (exp, stats, m.policy)
+    (exp_a, stats_a, pol_a), (exp_b, stats_b, pol_b) = results[True], results[False]
+    for name in ("old_logprobs", "entropy", "kl_tokens", "advantages"):
+        torch.testing.assert_close(getattr(exp_a, name), getattr(exp_b, name), atol=2e-5, rtol=1e-5, msg=name)
+    for key in stats_b:
+        assert stats_a[key] == pytest.approx(stats_b[key], rel=1e-4, abs=1e-5), key
+    for (name, a), b in zip(pol_a.named_parameters(), pol_b.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
