@@ -1,7 +1,9 @@
 """End-to-end benchmark: SFT tokens/s and one PPO iteration (generate / score / train) on the
-builtin tiny model, ``reference`` kernels vs the fastest available backend, side by side.
+builtin tiny model, ``reference`` kernels vs the fastest available backend, side by side; with
+``--trl``, one RL iteration of rlhf against one step of TRL's GRPOTrainer at equal work
+(:mod:`rlhf_bench.vs_trl`).
 
-    python benchmarks/bench_e2e.py [--out bench_out]
+    python benchmarks/bench_e2e.py [--out bench_out] [--trl]
 """
 from __future__ import annotations
 
@@ -35,7 +37,16 @@ def measure(backend: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--trl", action="store_true", help="Only the comparison with TRL's GRPOTrainer.")
     args = parser.parse_args()
+    if args.trl:
+        from rlhf_bench.vs_trl import run
+
+        results = run()
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "e2e_trl.json").write_text(json.dumps({"machine": machine(), "seconds_per_iteration": results}, indent=2))
+        return
     fast = [b for b in ("cpp", "triton") if available_backends("cpu")[b] == ""][:1]
     results = [measure(b) for b in ["reference", *fast]]
     print(f"{'backend':<10} {'SFT tok/s':>10} {'PPO gen s':>10} {'score s':>8} {'train s':>8}")

@@ -148,21 +148,29 @@ class LinearTokenLogprobsFn(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, weight, labels, lse = ctx.saved_tensors
         grad = grad.float().contiguous()
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        chunk = hidden.new_empty((ctx.step, weight.shape[0]))
-        for start in range(0, hidden.shape[0], ctx.step):
-            rows = slice(start, start + ctx.step)
-            logits = torch.mm(hidden[rows], weight.t(), out=chunk[: hidden[rows].shape[0]])
-            # The chunk's logits are dead after this, so the gradient overwrites them in place.
-            g = ctx.impl.backward(logits, labels[rows], lse[rows], grad[rows], ctx.temperature, ctx.ignore_index, logits)
-            if grad_hidden is not None:
-                torch.mm(g, weight, out=grad_hidden[rows])
-            if grad_weight is not None:
-                grad_weight.addmm_(g.t().float(), hidden[rows].float())
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+        # The chunk's logits are dead after this, so the gradient overwrites them in place.
+        grad_hidden, grad_weight = linear_backward(
+            hidden, weight, ctx.step, ctx.needs_input_grad[:2],
+            lambda logits, rows: ctx.impl.backward(logits, labels[rows], lse[rows], grad[rows], ctx.temperature,
+                                                   ctx.ignore_index, logits))
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def linear_backward(hidden, weight, step: int, needs: tuple[bool, ...], chunk_grad) -> tuple:
+    """The backward of a chunked ``f(hidden @ weight.T)``: each chunk's logits are recomputed and
+    turned into ``d loss / d logits`` by ``chunk_grad(logits, rows)`` (which may overwrite them),
+    then into ``grad_hidden`` rows and an fp32 ``grad_weight`` sum (cast to the weight's dtype)."""
+    grad_hidden = torch.empty_like(hidden) if needs[0] else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
+    chunk = hidden.new_empty((step, weight.shape[0]))
+    for start in range(0, hidden.shape[0], step):
+        rows = slice(start, start + step)
+        g = chunk_grad(torch.mm(hidden[rows], weight.t(), out=chunk[: hidden[rows].shape[0]]), rows)
+        if grad_hidden is not None:
+            torch.mm(g, weight, out=grad_hidden[rows])
+        if grad_weight is not None:
+            grad_weight.addmm_(g.t().float(), hidden[rows].float())
+    return grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None
 
 
 class LinearLossFn(torch.autograd.Function):
@@ -295,20 +303,11 @@ class LinearTokenEntropyFn(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, weight, lse, entropy = ctx.saved_tensors
         grad = grad.float().contiguous()
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        chunk = hidden.new_empty((ctx.step, weight.shape[0]))
-        for start in range(0, hidden.shape[0], ctx.step):
-            rows = slice(start, start + ctx.step)
-            logits = torch.mm(hidden[rows], weight.t(), out=chunk[: hidden[rows].shape[0]])
+
+        def chunk_grad(logits, rows):
             if ctx.impl is not None:  # the chunk's logits are dead after this: the gradient overwrites them
-                g = ctx.impl.entropy_backward(logits, lse[rows], entropy[rows], grad[rows], ctx.temperature, logits)
-            else:
-                g = _entropy_grad_rows(logits, ctx.temperature, grad[rows])
-            if grad_hidden is not None:
-                torch.mm(g, weight, out=grad_hidden[rows])
-            if grad_weight is not None:
-                grad_weight.addmm_(g.t().float(), hidden[rows].float())
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+                return ctx.impl.entropy_backward(logits, lse[rows], entropy[rows], grad[rows], ctx.temperature, logits)
+            return _entropy_grad_rows(logits, ctx.temperature, grad[rows])
+
+        grad_hidden, grad_weight = linear_backward(hidden, weight, ctx.step, ctx.needs_input_grad[:2], chunk_grad)
         return grad_hidden, grad_weight, None, None

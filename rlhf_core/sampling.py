@@ -16,7 +16,7 @@ from .data import IGNORE_INDEX, encode_prompt, pad
 
 
 #: The supported plugin API of this module (see README "Plugin API").
-__all__ = ["Rollout", "generate", "evaluate_samples", "position_ids"]
+__all__ = ["Rollout", "make_rollout", "pad_prompts", "generate", "evaluate_samples", "position_ids"]
 
 @dataclass
 class Rollout:
