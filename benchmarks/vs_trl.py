@@ -2,8 +2,8 @@
 side by side in one run: the same tiny Llama (4 layers, hidden 256, 4 heads of 64, byte vocabulary
 384, random weights), 4 prompts x 4 completions x 32 new tokens, a group baseline, k3 KL to a frozen
 reference in the loss (beta 0.04), one epoch over one minibatch, AdamW, fp32 on CPU. rlhf runs its
-own ``make_experience`` + ``update`` with the ``hf`` engine (on-policy: no separate old-log-prob
-forward), with and without fused-linear. Median seconds per iteration after two warm-up ones.
+own ``make_experience`` + ``update`` (on-policy: no separate old-log-prob forward) with the ``hf``
+engine, with and without fused-linear, and with the ``vllm`` engine where vLLM is installed. Median seconds per iteration after two warm-up ones.
 Used by ``benchmarks/bench_e2e.py --trl``.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def reward(prompts, completions, **_) -> list[float]:
     return [float(str(c).count("a")) for c in completions]
 
 
-def rlhf_iteration_seconds(steps: int, fused: bool) -> float:
+def rlhf_iteration_seconds(steps: int, fused: bool, engine: str = "hf") -> float:
     from rlhf_core.config import ComponentSpec
     from rlhf_plugins.ppo.advantages import GroupMeanBaseline
     from rlhf_plugins.ppo.loss import KLController, ppo_clip
@@ -49,12 +49,26 @@ def rlhf_iteration_seconds(steps: int, fused: bool) -> float:
     models = PPOModels(policy, reference, torch.optim.AdamW(policy.parameters(), lr=1e-5),
                        KLController(0.04, False, 6.0, 10000), fused=fused)
     score = lambda p, r: torch.tensor(reward(p, r))  # noqa: E731
+    generator = None
+    if engine == "vllm":
+        import types
+
+        from rlhf_plugins.ppo.stage import Rollouts
+        from rlhf_plugins.vllm_engine import VLLMGenerator
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ctx = types.SimpleNamespace(device=torch.device("cpu"), seed=0, stage_dir=Path(tmp), name="ppo")
+            generator = Rollouts(types.SimpleNamespace(kind="generator", name="vllm", plugin="bench"),
+                                 VLLMGenerator(ctx, policy, tokenizer))
     times = []
     torch.manual_seed(0)
     for _ in range(steps + 2):
         t0 = time.perf_counter()
-        exp = make_experience(models, PROMPTS, tokenizer, score, GroupMeanBaseline(), config, torch.device("cpu"), None)
+        exp = make_experience(models, PROMPTS, tokenizer, score, GroupMeanBaseline(), config, torch.device("cpu"), None,
+                              generator)
         update(models, exp, ppo_clip, config, None)
+        if generator is not None:
+            generator.update_weights(models.policy)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[2:])
 
@@ -89,7 +103,11 @@ def trl_step_seconds(steps: int) -> float:
 
 def run(steps: int = 6, echo=print) -> dict:
     """rlhf (logits path and fused-linear) and TRL, side by side; returns seconds per iteration."""
+    from rlhf_plugins.vllm_engine import vllm_unavailable
+
     out = {"rlhf": rlhf_iteration_seconds(steps, fused=False), "rlhf_fused": rlhf_iteration_seconds(steps, fused=True)}
+    if not vllm_unavailable():
+        out["rlhf_vllm"] = rlhf_iteration_seconds(steps, fused=True, engine="vllm")
     try:
         out["trl_grpo"] = trl_step_seconds(steps)
     except ImportError as exc:
@@ -97,7 +115,8 @@ def run(steps: int = 6, echo=print) -> dict:
     echo(f"seconds per iteration (median of {steps} after 2 warm-up): " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()))
     if "trl_grpo" in out:
         echo(f"rlhf is {out['trl_grpo'] / out['rlhf']:.2f}x the speed of TRL's GRPOTrainer "
-             f"({out['trl_grpo'] / out['rlhf_fused']:.2f}x with fused-linear)")
+             f"({out['trl_grpo'] / out['rlhf_fused']:.2f}x with fused-linear"
+             + (f", {out['trl_grpo'] / out['rlhf_vllm']:.2f}x with vllm" if "rlhf_vllm" in out else "") + ")")
     return out
 
 

@@ -218,14 +218,22 @@ def ppo_clip_loss(
 
 def linear_token_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
-    ignore_index: int = -100, backend: str | None = None,
-) -> torch.Tensor:
-    """``token_logprobs(hidden @ weight.T, labels)`` without materialising the ``[N, V]`` logits."""
+    ignore_index: int = -100, backend: str | None = None, with_entropy: bool = False,
+):
+    """``token_logprobs(hidden @ weight.T, labels)`` without materialising the ``[N, V]`` logits.
+    With ``with_entropy``, ``(logprobs, entropy)``: outside autograd both come from one pass over
+    each logits chunk (one matrix product instead of two); with gradients they are two ops."""
     op = "linear_token_logprobs"
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"{op}: need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     # Validate labels against [N, V] without building it: an expanded view costs nothing.
     impl = _prepare(weight[:, 0].unsqueeze(0).expand(hidden.shape[0], -1), labels, ignore_index, backend, op)
+    if with_entropy:
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return (linear_token_logprobs(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index,
+                                          backend=backend),
+                    linear_token_entropy(hidden, weight, temperature=temperature, backend=backend))
+        return _linear_scores(hidden, weight, labels, float(temperature), ignore_index, impl)
     if impl is None:
         return reference.linear_token_logprobs(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index)
     return LinearTokenLogprobsFn.apply(
@@ -307,6 +315,28 @@ def linear_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, *, temperat
         raise ValueError(f"linear_token_entropy: temperature must be > 0, got {temperature}")
     impl = resolve_backend(backend, hidden.device, hidden.dtype)[1]
     return LinearTokenEntropyFn.apply(hidden.contiguous(), weight.contiguous(), float(temperature), _entropy_impl(impl))
+
+
+@torch.no_grad()
+def _linear_scores(hidden, weight, labels, temperature: float, ignore_index: int, impl) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropy ``[N]`` of ``hidden @ weight.T`` from one pass over each logits chunk."""
+    from .fused import _chunk_rows, entropy_rows
+
+    n, vocab = hidden.shape[0], weight.shape[0]
+    step = _chunk_rows(n, vocab)
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    chunk = hidden.new_empty((step, vocab))
+    ent_impl = _entropy_impl(impl)
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        logits = torch.mm(hidden[rows], weight.t(), out=chunk[: hidden[rows].shape[0]])
+        if impl is None:
+            logp[rows] = reference.token_logprobs(logits, labels[rows], temperature=temperature, ignore_index=ignore_index)
+        else:
+            logp[rows] = impl.forward(logits, labels[rows], temperature, ignore_index)[0]
+        entropy[rows] = ent_impl.entropy_forward(logits, temperature)[0] if ent_impl else entropy_rows(logits, temperature)
+    return logp, entropy
 
 
 def _entropy_impl(impl: ModuleType | None) -> ModuleType | None:

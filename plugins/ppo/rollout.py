@@ -83,9 +83,13 @@ def score_tokens(model, rollout: Rollout, backend: str | None, with_entropy: boo
     if fused:
         hidden, weight = response_hidden(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        logp = rlhf_kernels.linear_token_logprobs(flat, weight, labels.reshape(-1), backend=backend).view(labels.shape)
-        entropy = (rlhf_kernels.linear_token_entropy(flat, weight, backend=backend).view(labels.shape) * mask
-                   if with_entropy else None)
+        if with_entropy:  # one pass over each logits chunk for both
+            logp, entropy = rlhf_kernels.linear_token_logprobs(flat, weight, labels.reshape(-1), backend=backend,
+                                                               with_entropy=True)
+            logp, entropy = logp.view(labels.shape), entropy.view(labels.shape) * mask
+        else:
+            logp = rlhf_kernels.linear_token_logprobs(flat, weight, labels.reshape(-1), backend=backend).view(labels.shape)
+            entropy = None
     else:
         logits = response_logits(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
         logp = rlhf_kernels.token_logprobs(logits, labels, backend=backend)

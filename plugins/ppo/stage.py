@@ -471,8 +471,9 @@ def _current_scores(logits_or_hidden: torch.Tensor, head: torch.Tensor | None, l
         entropy = rlhf_kernels.token_entropy(logits_or_hidden, backend=backend)
     else:
         flat = logits_or_hidden.reshape(-1, logits_or_hidden.shape[-1])
-        logp = rlhf_kernels.linear_token_logprobs(flat, head, labels.reshape(-1), backend=backend).view(labels.shape)
-        entropy = rlhf_kernels.linear_token_entropy(flat, head, backend=backend).view(labels.shape)
+        logp, entropy = rlhf_kernels.linear_token_logprobs(flat, head, labels.reshape(-1), backend=backend,
+                                                           with_entropy=True)
+        logp, entropy = logp.view(labels.shape), entropy.view(labels.shape)
     return logp, entropy[:, :-1]
 
 

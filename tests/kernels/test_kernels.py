@@ -506,3 +506,24 @@ def test_token_entropy_low_precision_no_worse_than_pytorch(backend, dtype):
     got = K.token_entropy(logits, backend=backend).double()
     torch_err = (entropy64(logits.float(), 1.0).double() - truth).abs().max()
     assert (got - truth).abs().max() <= max(2 * torch_err, 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", *FAST])
+def test_linear_logprobs_with_entropy_in_one_pass(backend, monkeypatch):
+    """with_entropy=True: log-probs and entropy from one pass per chunk equal the two separate ops;
+    with gradients it falls back to the two differentiable ops."""
+    from rlhf_kernels import fused
+
+    monkeypatch.setattr(fused, "LINEAR_CHUNK_BYTES", 4 * 97 * 4)
+    torch.manual_seed(4)
+    hidden, weight = torch.randn(11, 8), torch.randn(97, 8)
+    labels = torch.randint(0, 97, (11,))
+    labels[3] = -100
+    logp, entropy = K.linear_token_logprobs(hidden, weight, labels, backend=backend, with_entropy=True, temperature=0.9)
+    torch.testing.assert_close(logp, reference.linear_token_logprobs(hidden, weight, labels, temperature=0.9),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, reference.linear_token_entropy(hidden, weight, temperature=0.9),
+                               atol=2e-5, rtol=1e-5)
+    h = hidden.clone().requires_grad_()
+    logp, entropy = K.linear_token_logprobs(h, weight, labels, backend=backend, with_entropy=True)
+    assert logp.requires_grad and entropy.requires_grad
