@@ -184,3 +184,22 @@ def test_ppo_with_vllm_beats_sft_on_the_gold_judge(vllm_model, tiny_pipeline_yam
     rows = [json.loads(x) for x in Path(tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     gaps = [r["engine_logprob_gap"] for r in rows if "engine_logprob_gap" in r]
     assert len(gaps) == 30 and max(gaps) < 1e-3
+
+
+@needs_vllm
+def test_vllm_on_two_fsdp_processes_stays_in_sync(vllm_model, tmp_path):
+    """One engine per rank; after every update each rank's engine gets the gathered (sharded)
+    policy's weights: the engine's log-probs match the trainer's on every iteration."""
+    import subprocess
+
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhf_core.cli", "run", "--out", str(out), "--nproc", "2",
+         "--set", f"model.name_or_path={vllm_model}", "--set", "stages.sft.train.steps=10",
+         "--set", "stages.reward.train.steps=10", "--set", "stages.ppo.iterations=3", "--set", "stages.ppo.generator=vllm",
+         "--set", "stages.ppo.eval_every=0", "--set", "stages.ppo.prompts_per_batch=4",
+         "--set", "stages.ppo.minibatch_size=4"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    gaps = [r["engine_logprob_gap"] for r in rows if r["stage"] == "ppo" and "engine_logprob_gap" in r]
+    assert len(gaps) == 3 and max(gaps) < 1e-4
