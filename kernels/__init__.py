@@ -320,17 +320,13 @@ def linear_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, *, temperat
 @torch.no_grad()
 def _linear_scores(hidden, weight, labels, temperature: float, ignore_index: int, impl) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropy ``[N]`` of ``hidden @ weight.T`` from one pass over each logits chunk."""
-    from .fused import _chunk_rows, entropy_rows
+    from .fused import _chunk_rows, entropy_rows, logit_chunks
 
-    n, vocab = hidden.shape[0], weight.shape[0]
-    step = _chunk_rows(n, vocab)
+    n = hidden.shape[0]
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    chunk = hidden.new_empty((step, vocab))
     ent_impl = _entropy_impl(impl)
-    for start in range(0, n, step):
-        rows = slice(start, start + step)
-        logits = torch.mm(hidden[rows], weight.t(), out=chunk[: hidden[rows].shape[0]])
+    for rows, logits in logit_chunks(hidden, weight, _chunk_rows(n, weight.shape[0])):
         if impl is None:
             logp[rows] = reference.token_logprobs(logits, labels[rows], temperature=temperature, ignore_index=ignore_index)
         else:

@@ -135,10 +135,7 @@ class LinearTokenLogprobsFn(torch.autograd.Function):
         step = _chunk_rows(n, vocab)
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        chunk = hidden.new_empty((step, vocab))  # one logits chunk, reused: extra memory is O(step * V)
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
-            logits = torch.mm(hidden[rows], weight.t(), out=chunk[: hidden[rows].shape[0]])
+        for rows, logits in logit_chunks(hidden, weight, step):
             logp[rows], lse[rows] = impl.forward(logits, labels[rows], temperature, ignore_index)
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.temperature, ctx.ignore_index, ctx.impl, ctx.step = temperature, ignore_index, impl, step
@@ -156,21 +153,34 @@ class LinearTokenLogprobsFn(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def linear_backward(hidden, weight, step: int, needs: tuple[bool, ...], chunk_grad) -> tuple:
-    """The backward of a chunked ``f(hidden @ weight.T)``: each chunk's logits are recomputed and
-    turned into ``d loss / d logits`` by ``chunk_grad(logits, rows)`` (which may overwrite them),
-    then into ``grad_hidden`` rows and an fp32 ``grad_weight`` sum (cast to the weight's dtype)."""
-    grad_hidden = torch.empty_like(hidden) if needs[0] else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
+def logit_chunks(hidden, weight, step: int):
+    """``(rows, logits)`` for each chunk of ``step`` rows of ``hidden @ weight.T``, computed into
+    one reused buffer: the extra memory is O(step * V), never the whole ``[N, V]``."""
     chunk = hidden.new_empty((step, weight.shape[0]))
     for start in range(0, hidden.shape[0], step):
         rows = slice(start, start + step)
-        g = chunk_grad(torch.mm(hidden[rows], weight.t(), out=chunk[: hidden[rows].shape[0]]), rows)
+        yield rows, torch.mm(hidden[rows], weight.t(), out=chunk[: hidden[rows].shape[0]])
+
+
+def linear_grads(hidden, weight, needs: tuple[bool, ...], chunk_grads) -> tuple:
+    """``(grad_hidden, grad_weight)`` of a chunked ``f(hidden @ weight.T)`` from the
+    ``(rows, d loss / d logits)`` pairs of ``chunk_grads`` (all consumed, needed or not):
+    ``grad_hidden`` rows, and ``grad_weight`` summed in fp32 and cast to the weight's dtype."""
+    grad_hidden = torch.empty_like(hidden) if needs[0] else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
+    for rows, g in chunk_grads:
         if grad_hidden is not None:
             torch.mm(g, weight, out=grad_hidden[rows])
         if grad_weight is not None:
             grad_weight.addmm_(g.t().float(), hidden[rows].float())
     return grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None
+
+
+def linear_backward(hidden, weight, step: int, needs: tuple[bool, ...], chunk_grad) -> tuple:
+    """The backward of a chunked ``f(hidden @ weight.T)``: each chunk's logits are recomputed and
+    turned into ``d loss / d logits`` by ``chunk_grad(logits, rows)`` (which may overwrite them)."""
+    return linear_grads(hidden, weight, needs,
+                        ((rows, chunk_grad(logits, rows)) for rows, logits in logit_chunks(hidden, weight, step)))
 
 
 class LinearLossFn(torch.autograd.Function):
@@ -192,26 +202,21 @@ class LinearLossFn(torch.autograd.Function):
         valid = labels != ignore_index
         scale = 1.0 / max(int(valid.sum()), 1) if (ppo or mean) else 1.0
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        chunk = hidden.new_empty((step, vocab))
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
-            logits = torch.mm(hidden[rows], weight.t(), out=chunk[: hidden[rows].shape[0]])
-            if ppo:
-                logp[rows], _, g, _ = impl.ppo_forward_with_grad(logits, labels[rows], ignore_index, old[rows], adv[rows],
-                                                                 clip_eps, scale)
-            else:
-                logp[rows], _, g = impl.forward_with_grad(logits, labels[rows], ignore_index, -scale)
-            if need_h:
-                torch.mm(g, weight, out=grad_h[rows])
-            if need_w:
-                grad_w.addmm_(g.t().float(), hidden[rows].float())
+
+        def chunk_grads():  # each chunk's log-probs, and the loss's gradient with respect to its logits
+            for rows, logits in logit_chunks(hidden, weight, step):
+                if ppo:
+                    logp[rows], _, g, _ = impl.ppo_forward_with_grad(logits, labels[rows], ignore_index, old[rows],
+                                                                     adv[rows], clip_eps, scale)
+                else:
+                    logp[rows], _, g = impl.forward_with_grad(logits, labels[rows], ignore_index, -scale)
+                yield rows, g
+
+        ctx.grads = linear_grads(hidden, weight, (need_h, need_w), chunk_grads())
         if ppo:
             loss, _ = ppo_clip_terms(logp, old, adv, valid, clip_eps)
         else:
             loss = -logp.sum() * scale
-        ctx.grads = (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
         ctx.mark_non_differentiable(logp)
         return loss, logp
 
@@ -287,10 +292,7 @@ class LinearTokenEntropyFn(torch.autograd.Function):
         step = _chunk_rows(n, vocab)
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        chunk = hidden.new_empty((step, vocab))
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
-            logits = torch.mm(hidden[rows], weight.t(), out=chunk[: hidden[rows].shape[0]])
+        for rows, logits in logit_chunks(hidden, weight, step):
             if impl is not None:
                 out[rows], lse[rows] = impl.entropy_forward(logits, temperature)
             else:
