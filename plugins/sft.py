@@ -13,10 +13,10 @@ import torch
 import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
-from rlhf_core.distributed import all_reduce_sum, launched_distributed, masked_mean
+from rlhf_core.distributed import all_reduce_sum, masked_mean
 from rlhf_core.data import collate_sft, data_inputs, dataset_components, load_split, shift_labels, tokenize_sft
 from rlhf_core.interfaces import StageError, StageInput, StageResult
-from rlhf_core.models import linear_head, save_causal_lm, use_fused_linear
+from rlhf_core.models import fused_linear_problems, linear_head, save_causal_lm, use_fused_linear
 from rlhf_core.training import Trainer, make_loader, total_steps
 
 
@@ -88,12 +88,7 @@ class SFTStage:
 
     def validate(self, config: SFTConfig, registry) -> list[str]:
         """``fused_linear: true`` computes plain token-mean cross-entropy only, in one process."""
-        if config.fused_linear is True and fused_blocker(config):
-            return [f"fused_linear: {fused_blocker(config)}; set it to auto or false"]
-        if config.fused_linear is True and launched_distributed():
-            return ["fused_linear: not yet available with several processes (it reads the LM head's weight outside "
-                    "the sharded forward); set it to auto or false"]
-        return []
+        return fused_linear_problems(config.fused_linear, fused_blocker(config))
 
     def inputs(self, config: SFTConfig, registry) -> list[StageInput]:
         """The sft records and the starting weights."""

@@ -25,7 +25,7 @@ from .tracking import is_main_process
 #: The supported plugin API of this module (see README "Plugin API").
 __all__ = ["ModelLoadError", "ScalarHeadModel", "load_causal_lm", "load_tokenizer", "save_causal_lm",
            "is_reward_model_dir", "apply_lora", "is_lora", "is_adapter_dir", "merge_lora_state", "linear_head",
-           "use_fused_linear"]
+           "use_fused_linear", "fused_linear_problems"]
 
 BUILTIN_TINY = "builtin:tiny"
 REWARD_MARKER = "rlhf_reward_model.json"
@@ -206,6 +206,21 @@ def linear_head(model: nn.Module) -> tuple[nn.Module | None, torch.Tensor | None
     return inner.base_model, head.weight, ""
 
 
+SEVERAL_PROCESSES = "not yet available with several processes (the LM head is read outside the sharded forward)"
+
+
+def fused_linear_problems(setting: bool | str, blocker: str) -> list[str]:
+    """A stage's ``validate`` check of ``fused_linear: true``: what :func:`use_fused_linear` would
+    refuse at run time that is already known from the config (the stage's ``blocker``, several
+    processes), reported before any model loads."""
+    from .distributed import planned_world_size
+
+    if setting is not True:
+        return []
+    why = blocker or (SEVERAL_PROCESSES if planned_world_size() > 1 else "")
+    return [f"fused_linear: {why}; set it to auto or false"] if why else []
+
+
 def use_fused_linear(setting: bool | str, stage: str, models: list[nn.Module | None], blocker: str = "") -> bool:
     """A stage's ``fused_linear`` option: ``True`` (an error naming the reason when it cannot be),
     ``False``, or ``"auto"``: on when nothing blocks it, else off with a one-line notice saying why.
@@ -216,8 +231,7 @@ def use_fused_linear(setting: bool | str, stage: str, models: list[nn.Module | N
 
     if setting is False:
         return False
-    why = blocker or ("not yet available with several processes (the LM head is read outside the sharded forward)"
-                      if world_size() > 1 else "")
+    why = blocker or (SEVERAL_PROCESSES if world_size() > 1 else "")
     for model in models:
         if model is not None and not why:
             why = linear_head(model)[2]

@@ -8,7 +8,6 @@ import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core.distributed import masked_mean
 
-from .rollout import token_entropy
 
 
 def ppo_clip(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
@@ -103,7 +102,7 @@ def policy_objective(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: t
     """
     loss, metrics = loss_fn(logits, labels, old_logprobs, advantages, backend=backend, **loss_options)
     return add_penalties(loss, metrics, lambda: rlhf_kernels.token_logprobs(logits, labels, backend=backend),
-                         lambda: token_entropy(logits, mask, backend), ref_logprobs, mask, kl_estimator=kl_estimator,
+                         lambda: rlhf_kernels.token_entropy(logits, backend=backend), ref_logprobs, mask, kl_estimator=kl_estimator,
                          kl_in_loss=kl_in_loss, beta=beta, entropy_coef=entropy_coef)
 
 

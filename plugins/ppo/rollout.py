@@ -70,31 +70,30 @@ def response_hidden(model, sequences: torch.Tensor, attention_mask: torch.Tensor
     return hidden[:, prompt_len - 1:], weight.to(hidden.dtype)
 
 
-def token_entropy(logits: torch.Tensor, mask: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """Entropy of the next-token distribution ``[B, R]`` (0 off the mask)."""
-    return rlhf_kernels.token_entropy(logits, backend=backend) * mask
+@torch.no_grad()
+def token_scores(out: torch.Tensor, head: torch.Tensor | None, labels: torch.Tensor, backend: str | None,
+                 with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logprobs, entropy or None)``, both ``labels.shape``, from a forward's output: logits
+    ``[b, T, V]`` (``head`` None), or last hidden states ``[b, T, H]`` and the LM head ``[V, H]``
+    (fused-linear: one pass over each logits chunk gives both, and the logits never exist)."""
+    if head is None:
+        logp = rlhf_kernels.token_logprobs(out, labels, backend=backend)
+        return logp, rlhf_kernels.token_entropy(out, backend=backend) if with_entropy else None
+    flat = out.reshape(-1, out.shape[-1])
+    if not with_entropy:
+        return rlhf_kernels.linear_token_logprobs(flat, head, labels.reshape(-1), backend=backend).view(labels.shape), None
+    logp, entropy = rlhf_kernels.linear_token_logprobs(flat, head, labels.reshape(-1), backend=backend, with_entropy=True)
+    return logp.view(labels.shape), entropy.view(labels.shape)
 
 
 @torch.no_grad()
 def score_tokens(model, rollout: Rollout, backend: str | None, with_entropy: bool = False, fused: bool = False):
     """``(logprobs [B, R], entropy [B, R] or None)`` of the response tokens under ``model``; with
     ``fused``, from the last hidden states and the LM head without building the logits."""
-    labels, mask = widen(rollout.labels, IGNORE_INDEX), widen(rollout.mask, 0)
-    if fused:
-        hidden, weight = response_hidden(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        if with_entropy:  # one pass over each logits chunk for both
-            logp, entropy = rlhf_kernels.linear_token_logprobs(flat, weight, labels.reshape(-1), backend=backend,
-                                                               with_entropy=True)
-            logp, entropy = logp.view(labels.shape), entropy.view(labels.shape) * mask
-        else:
-            logp = rlhf_kernels.linear_token_logprobs(flat, weight, labels.reshape(-1), backend=backend).view(labels.shape)
-            entropy = None
-    else:
-        logits = response_logits(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
-        logp = rlhf_kernels.token_logprobs(logits, labels, backend=backend)
-        entropy = token_entropy(logits, mask, backend) if with_entropy else None
-    return logp[:, :-1], entropy[:, :-1] if entropy is not None else None
+    args = (model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
+    out, head = response_hidden(*args) if fused else (response_logits(*args), None)
+    logp, entropy = token_scores(out, head, widen(rollout.labels, IGNORE_INDEX), backend, with_entropy)
+    return logp[:, :-1], entropy[:, :-1] * rollout.mask if entropy is not None else None
 
 
 def response_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:

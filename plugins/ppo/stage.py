@@ -17,7 +17,6 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core import distributed as dist_utils
 from rlhf_core.checkpoint import honour_stop_requests
@@ -30,14 +29,17 @@ from rlhf_core.interfaces import (
 )
 from rlhf_core.sampling import evaluate_samples, generate
 from rlhf_core.models import (
-    ScalarHeadModel, is_lora, is_reward_model_dir, load_causal_lm, save_causal_lm, use_fused_linear,
+    ScalarHeadModel, fused_linear_problems, is_lora, is_reward_model_dir, load_causal_lm, save_causal_lm,
+    use_fused_linear,
 )
 from rlhf_core.tracking import is_main_process
 from rlhf_core.training import TrainingError, autocast_context
 
 from .advantages import whiten
 from .loss import KL_ESTIMATORS, KLController, clipped_value_loss, fused_policy_objective, policy_objective, shape_rewards
-from .rollout import Experience, critic_values, response_hidden, response_logits, response_values, score_tokens, widen
+from .rollout import (
+    Experience, critic_values, response_hidden, response_logits, response_values, score_tokens, token_scores, widen,
+)
 
 
 @dataclass
@@ -293,12 +295,7 @@ class PPOStage:
                 f"prompt and needs samples_per_prompt >= {need}, got {config.samples_per_prompt}"
             )
         world = dist_utils.planned_world_size()
-        if config.fused_linear is True and config.loss.name != "ppo_clip":
-            problems.append(f"fused_linear: computes the ppo_clip loss only; set it to auto or false to use loss "
-                            f"{config.loss.name!r}")
-        if config.fused_linear is True and world > 1:
-            problems.append("fused_linear: not yet available with several processes (the LM head is read outside the "
-                            "sharded forward); set it to auto or false")
+        problems += fused_linear_problems(config.fused_linear, fused_blocker(config))
         if world > 1:
             if config.prompts_per_batch % world:
                 problems.append(f"prompts_per_batch: must be a multiple of the {world} processes (each takes an equal "
@@ -333,8 +330,7 @@ class PPOStage:
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
                                       weight_decay=config.weight_decay)
         kl = KLController(config.kl.coef, config.kl.adaptive, config.kl.target, config.kl.horizon)
-        blocker = f"loss {config.loss.name!r} reads the logits" if config.loss.name != "ppo_clip" else ""
-        fused = use_fused_linear(config.fused_linear, ctx.name, [policy, reference], blocker)
+        fused = use_fused_linear(config.fused_linear, ctx.name, [policy, reference], fused_blocker(config))
         return PPOModels(policy, reference, optimizer, kl, critic, critic_opt, fused=fused)
 
 
@@ -422,7 +418,8 @@ def update(models: PPOModels, exp: Experience, loss_fn, config: PPOConfig, backe
                     hidden, head = response_hidden(models.policy, roll.sequences[idx], roll.attention_mask[idx],
                                                    roll.prompt_len)
                     if fill:
-                        old_w[idx], exp.entropy[idx] = _current_scores(hidden.detach(), head.detach(), labels_w[idx], backend)
+                        old_w[idx], entropy = token_scores(hidden.detach(), head.detach(), labels_w[idx], backend)
+                        exp.entropy[idx] = entropy[:, :-1]
                     loss, m = fused_policy_objective(
                         hidden.reshape(-1, hidden.shape[-1]), head, labels_w[idx].reshape(-1), old_w[idx].reshape(-1),
                         adv_w[idx].reshape(-1), ref_w[idx].reshape(-1), mask_w[idx].reshape(-1),
@@ -430,7 +427,8 @@ def update(models: PPOModels, exp: Experience, loss_fn, config: PPOConfig, backe
                 else:
                     logits = response_logits(models.policy, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
                     if fill:
-                        old_w[idx], exp.entropy[idx] = _current_scores(logits.detach(), None, labels_w[idx], backend)
+                        old_w[idx], entropy = token_scores(logits.detach(), None, labels_w[idx], backend)
+                        exp.entropy[idx] = entropy[:, :-1]
                     loss, m = policy_objective(logits, labels_w[idx], old_w[idx], adv_w[idx], ref_w[idx], mask_w[idx],
                                                loss_fn=loss_fn, loss_options=config.loss.options, **penalties)
             if not torch.isfinite(loss):
@@ -461,20 +459,9 @@ def update(models: PPOModels, exp: Experience, loss_fn, config: PPOConfig, backe
     return dist_utils.global_mean({key: sum(v) / len(v) for key, v in stats.items()}, mask.device)
 
 
-@torch.no_grad()
-def _current_scores(logits_or_hidden: torch.Tensor, head: torch.Tensor | None, labels: torch.Tensor,
-                    backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """On-policy: ``(log-probs [b, R + 1], entropy [b, R])`` of the response tokens from the update's
-    own forward (logits, or hidden states and the LM head), as constants."""
-    if head is None:
-        logp = rlhf_kernels.token_logprobs(logits_or_hidden, labels, backend=backend)
-        entropy = rlhf_kernels.token_entropy(logits_or_hidden, backend=backend)
-    else:
-        flat = logits_or_hidden.reshape(-1, logits_or_hidden.shape[-1])
-        logp, entropy = rlhf_kernels.linear_token_logprobs(flat, head, labels.reshape(-1), backend=backend,
-                                                           with_entropy=True)
-        logp, entropy = logp.view(labels.shape), entropy.view(labels.shape)
-    return logp, entropy[:, :-1]
+def fused_blocker(config: PPOConfig) -> str:
+    """Why the configured loss cannot take the fused-linear path ("" when it can)."""
+    return "" if config.loss.name == "ppo_clip" else f"computes the ppo_clip loss only; the loss is {config.loss.name!r}"
 
 
 def on_policy(config: PPOConfig) -> bool:
