@@ -147,3 +147,28 @@ def test_ppo_with_lora_starts_at_zero_kl_and_beats_sft(tiny_pipeline_yaml, tmp_p
     # the trained policy is usable as is: rlhf generate loads base + adapters
     result = rlhf("generate", str(run / "ppo"), "--prompt", "a", "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_lora_targets_that_match_nothing_and_adapters_without_a_base_are_clear_errors(tmp_path):
+    from rlhf_core.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"model.lora: .*no_such_proj"):
+        lora_model(target=["no_such_proj"])
+    out = save_causal_lm(lora_model(), load_tokenizer(CFG), tmp_path / "policy")
+    (out / "rlhf_adapter.json").unlink()
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"the adapter does not say which base model it belongs to \(no "
+                                             r"rlhf_adapter.json, no base_model_name_or_path\)"):
+        load_causal_lm(CFG, str(out))
+
+
+def test_fused_linear_true_with_several_processes_is_a_config_error(registry, monkeypatch):
+    from rlhf_core.config import ConfigError, load_raw, resolve
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for stage in ("sft", "ppo"):
+        with pytest.raises(ConfigError, match=rf"stages\[\d\].fused_linear: not yet available with several processes "
+                                              r"\(the LM head is read outside the sharded forward\); set it to auto or false"):
+            resolve(load_raw(None, [f"stages.{stage}.fused_linear=true"]), registry)

@@ -203,3 +203,33 @@ def test_vllm_on_two_fsdp_processes_stays_in_sync(vllm_model, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     gaps = [r["engine_logprob_gap"] for r in rows if r["stage"] == "ppo" and "engine_logprob_gap" in r]
     assert len(gaps) == 3 and max(gaps) < 1e-4
+
+
+class FailsToSync(Recording):
+    def update_weights(self, policy):
+        raise RuntimeError("engine went away")
+
+
+def test_an_engine_failing_to_take_new_weights_is_named(tmp_path, engine_plugin, monkeypatch):
+    module = sys.modules["engine_plugin"]
+
+    @hookimpl
+    def rlhf_register_generators(register):
+        register("flaky", FailsToSync)
+
+    module.rlhf_register_generators = rlhf_register_generators
+    result = run(tmp_path, "stages.ppo.generator=flaky")
+    assert result.exit_code == 1
+    assert ("generator 'flaky' (plugin 'engine_plugin') raised RuntimeError in update_weights: engine went away"
+            in result.output)
+
+
+def test_vllm_engine_refuses_a_head_size_its_cpu_attention_lacks(tmp_path, monkeypatch):
+    """Checked before vLLM is even imported: the builtin tiny model's heads are 16 wide."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # what the engine sets; restored afterwards
+    from rlhf_core.interfaces import StageError
+    from rlhf_plugins.vllm_engine import VLLMGenerator
+
+    with pytest.raises(StageError, match=r"ppo.generator: vLLM's CPU attention supports head sizes \[32, 64, .*\]; "
+                                         r"this model's is 16 \(hidden 64 / 4 heads\); use generator: hf"):
+        VLLMGenerator(ctx_stub(tmp_path), load_causal_lm(CFG, seed=0), load_tokenizer(CFG))
