@@ -43,7 +43,7 @@ class TensorBoardTracker:
             self.writer.add_scalar(f"{stage}/{key}", value, step)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        headline = {f"run/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and k != "pid"}
+        headline = {f"run/{k}": v for k, v in _headline(summary).items()}
         hparams = {k: v for k, v in flatten(self.config).items() if isinstance(v, (int, float, str, bool))}
         self.writer.add_hparams(hparams, headline or {"run/finished": float(summary.get("status") == "finished")},
                                 run_name=".")

@@ -26,7 +26,7 @@ import torch
 from rlhf_core import hookimpl
 from rlhf_core import distributed as dist_utils
 from rlhf_core.interfaces import StageError
-from rlhf_core.models import is_lora, merge_lora_state
+from rlhf_core.models import is_lora, merge_lora_state, plain_model
 from rlhf_core.sampling import Rollout, make_rollout, pad_prompts
 
 #: Head sizes vLLM's CPU attention supports (vllm/v1/attention/backends/cpu_attn.py, vLLM 0.32).
@@ -48,7 +48,7 @@ class VLLMGenerator:
                  max_model_len: int | None = None, enforce_eager: bool = True, sleep_mode: bool = True):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
         self.tokenizer, self.device = tokenizer, ctx.device
-        plain = self._plain_model(policy)
+        plain = plain_model(policy)
         config = plain.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if self.device.type == "cpu":
@@ -88,11 +88,6 @@ class VLLMGenerator:
             raise ValueError(f"vllm: kv_cache_gb must be at least 1, got {kv_cache_gb}")
         if max_model_len is not None and max_model_len < 2:
             raise ValueError(f"vllm: max_model_len must be at least 2, got {max_model_len}")
-
-    @staticmethod
-    def _plain_model(policy):
-        inner = dist_utils.unwrap(policy)
-        return inner.get_base_model() if is_lora(inner) else inner
 
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
                  top_p: float) -> Rollout:

@@ -25,7 +25,7 @@ from .tracking import is_main_process
 #: The supported plugin API of this module (see README "Plugin API").
 __all__ = ["ModelLoadError", "ScalarHeadModel", "load_causal_lm", "load_tokenizer", "save_causal_lm",
            "is_reward_model_dir", "apply_lora", "is_lora", "is_adapter_dir", "merge_lora_state", "linear_head",
-           "use_fused_linear", "fused_linear_problems"]
+           "use_fused_linear", "fused_linear_problems", "plain_model"]
 
 BUILTIN_TINY = "builtin:tiny"
 REWARD_MARKER = "rlhf_reward_model.json"
@@ -192,9 +192,7 @@ def linear_head(model: nn.Module) -> tuple[nn.Module | None, torch.Tensor | None
     @ weight.T`` (a plain bias-free linear head, no logit scaling or soft-capping): what the
     fused-linear kernels need. Otherwise ``(None, None, why)``. Looks through DDP and peft wrappers
     (with LoRA the decoder's adapters are live, and ``disable_adapter()`` turns them off)."""
-    inner = unwrap(model)
-    if is_lora(inner):
-        inner = inner.get_base_model()
+    inner = plain_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     config = getattr(inner, "config", None)
     scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -269,6 +267,13 @@ def apply_lora(model: nn.Module, lora_cfg: Any, base_source: str, *, causal_lm: 
 def is_lora(model: nn.Module) -> bool:
     """True for a model :func:`apply_lora` made (its adapters can be switched off: the reference)."""
     return hasattr(model, "rlhf_lora")
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside DDP and peft wrappers (with LoRA: the model its adapters are
+    injected into)."""
+    inner = unwrap(model)
+    return inner.get_base_model() if is_lora(inner) else inner
 
 
 def is_adapter_dir(path: str | Path) -> bool:
