@@ -102,7 +102,7 @@ class RewardStage:
             if not pairwise:  # start at the mean score so the head learns deviations, not the offset
                 with torch.no_grad():
                     model.head.bias.fill_(sum(it["score"] for it in train_items) / len(train_items))
-        model = ctx.wrap(ctx.adapt(model, source, causal_lm=False).to(ctx.device))
+        model = ctx.wrap(ctx.adapt(model, source).to(ctx.device))
         collate = lambda b: collate_scored(b, tokenizer.pad_token_id, keys)  # noqa: E731
 
         def scores(batch) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -149,17 +149,17 @@ class StageContext:
             model = self.adapt(model, source)
         return self.wrap(model, trainable=trainable)
 
-    def adapt(self, model: torch.nn.Module, source: str, *, causal_lm: bool = True) -> torch.nn.Module:
+    def adapt(self, model: torch.nn.Module, source: str) -> torch.nn.Module:
         """A trainable model with LoRA adapters (``peft``) when ``model.lora`` is set, else as is.
         ``source`` is where its base weights came from (an adapter records it). A
-        :class:`rlhf_core.models.ScalarHeadModel` (``causal_lm=False``) gets adapters on its
-        backbone and keeps its head fully trainable. Call it before :meth:`wrap`."""
+        :class:`rlhf_core.models.ScalarHeadModel` gets adapters on its backbone and keeps its head
+        fully trainable. Call it before :meth:`wrap`."""
         lora = self.run_config.model.lora
         if lora is None:
             return model
-        from .models import apply_lora
+        from .models import ScalarHeadModel, apply_lora
 
-        if not causal_lm:
+        if isinstance(model, ScalarHeadModel):
             model.backbone = apply_lora(model.backbone, lora, source, causal_lm=False)
             return model
         return apply_lora(model, lora, source)

@@ -325,7 +325,7 @@ class PPOStage:
                 critic = ScalarHeadModel.from_pretrained(critic_source, trust_remote_code=model_cfg.trust_remote_code)
             else:
                 critic = ScalarHeadModel.from_causal_lm(load_causal_lm(model_cfg, critic_source, seed=ctx.seed))
-            critic = ctx.wrap(ctx.adapt(critic, critic_source, causal_lm=False).to(device))
+            critic = ctx.wrap(ctx.adapt(critic, critic_source).to(device))
             critic_opt = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=config.critic_lr)
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
                                       weight_decay=config.weight_decay)
