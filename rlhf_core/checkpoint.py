@@ -136,7 +136,7 @@ class Checkpointer:
         if self.stopping is not None:
             raise Interrupted(self.stopping)
 
-    def save(self, step: int, models: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+    def save(self, step: int, models: dict[str, torch.nn.Module], optimizers: dict[str, Any],
              extra: dict[str, Any]) -> Path:
         """Write checkpoint ``step`` (a collective: every rank calls it)."""
         import torch.distributed.checkpoint as dcp
@@ -170,7 +170,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restoring
 
-    def restore(self, models: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> dict | None:
+    def restore(self, models: dict[str, torch.nn.Module], optimizers: dict[str, Any]) -> dict | None:
         """Load the newest complete checkpoint into ``models``/``optimizers`` and the RNGs; returns
         its ``extra`` dict (with ``step``), or None when there is none."""
         import torch.distributed.checkpoint as dcp
@@ -189,7 +189,7 @@ class Checkpointer:
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=str(path))
         for name, model in models.items():
-            set_state_dict(model, [optimizers[name]] if name in optimizers else [],
+            set_state_dict(model, _optimizer_list(optimizers.get(name)),
                            model_state_dict=state[f"model.{name}"],
                            optim_state_dict=state.get(f"optim.{name}", {}))
         extra = torch.load(path / f"extra-rank{dist_utils.rank()}.pt", weights_only=False)
@@ -197,18 +197,25 @@ class Checkpointer:
         return extra
 
 
-def _tensor_state(models: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
-    """``model.<name>`` / ``optim.<name>`` state dicts (an optimizer is keyed like its model)."""
+def _tensor_state(models: dict[str, torch.nn.Module], optimizers: dict[str, Any]) -> dict[str, Any]:
+    """``model.<name>`` / ``optim.<name>`` state dicts (an optimizer, or a list of optimizers of
+    that model's parameters, is keyed like its model)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     state: dict[str, Any] = {}
     for name, model in models.items():
-        optim = optimizers.get(name)
-        model_sd, optim_sd = get_state_dict(model, [optim] if optim is not None else [])
+        optims = _optimizer_list(optimizers.get(name))
+        model_sd, optim_sd = get_state_dict(model, optims)
         state[f"model.{name}"] = model_sd
-        if optim is not None:
+        if optims:
             state[f"optim.{name}"] = optim_sd
     return state
+
+
+def _optimizer_list(optim: Any) -> list[torch.optim.Optimizer]:
+    if optim is None:
+        return []
+    return list(optim) if isinstance(optim, (list, tuple)) else [optim]
 
 
 def rng_state() -> dict[str, Any]:

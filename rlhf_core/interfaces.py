@@ -89,6 +89,8 @@ class StageContext:
     seed: int
     results: dict[str, StageResult]
     checkpointer: Checkpointer | None = None
+    shared: Any = None  # a SharedBackbone while a stage builds models that may share its policy's base
+
 
     def wrap(self, model: torch.nn.Module, *, trainable: bool = True) -> torch.nn.Module:
         """Prepare a model for this run's processes: gradient checkpointing for trainable models
@@ -164,6 +166,40 @@ class StageContext:
             return model
         return apply_lora(model, lora, source)
 
+    def load_scalar_model(self, source: str, *, name: str, trainable: bool) -> Any:
+        """A scalar-head model (reward model, critic) from ``source`` (a saved reward model, or a
+        causal LM whose decoder gets a fresh head) on this run's device, prepared with :meth:`wrap`
+        (trainable ones with LoRA when ``model.lora`` is set). While the stage shares its LoRA
+        policy's frozen base (:attr:`shared`, a :class:`rlhf_core.models.SharedBackbone`) and the
+        source fits it, the model is instead adapter ``name`` and a head on that base
+        (:class:`rlhf_core.models.AdapterScalarModel`): no copy of the weights. Either is called as
+        ``model(ids, mask, position_ids=None, score=False)``."""
+        from .models import ScalarHeadModel, is_reward_model_dir, load_causal_lm
+        from .tracking import is_main_process
+
+        if self.shared is not None:
+            why = self.shared.why_not(source)
+            if why and self.shared.required:
+                raise StageError(f"stage {self.name!r}: shared_backbone is true, but the {name} cannot share the "
+                                 f"policy's base weights: {why}; set shared_backbone: auto to give it its own copy")
+            if not why:
+                taken, base = self.shared.trainable, name
+                for i in range(2, 2 + len(taken)):  # a second reward-model judge (gold) gets reward_2
+                    name = name if name not in taken else f"{base}_{i}"
+                if is_main_process():
+                    print(f"{self.name}: {name} = LoRA adapter + head on the policy's frozen base weights (no copy)")
+                return self.shared.add(name, source, trainable=trainable)
+            if is_main_process():
+                print(f"{self.name}: {name} keeps its own copy of the weights ({why})")
+        model_cfg = self.run_config.model
+        if is_reward_model_dir(source):
+            model = ScalarHeadModel.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+        else:
+            model = ScalarHeadModel.from_causal_lm(load_causal_lm(model_cfg, source, seed=self.seed))
+        if not trainable:
+            return self.wrap(model.to(self.device).eval().requires_grad_(False), trainable=False)
+        return self.wrap(self.adapt(model, source).to(self.device))
+
     def tokenizer_for(self, source: str):
         """The tokenizer of a model source: the config's ``model.tokenizer`` for the base model,
         else the one saved with the model."""
@@ -188,7 +224,8 @@ class Stage(Protocol):
     loads; an optional ``problems() -> list[str]`` method on it checks values); ``components(config)``
     lists the ``(kind, spec, config_path, loss_families)`` it will look up, so that unknown names and
     bad options are reported up front; an optional ``validate(config, registry) -> list[str]``
-    reports cross-field problems (it only ever sees a fully parsed config); an optional
+    reports cross-field problems (it only ever sees a fully parsed config; declare a third parameter
+    ``run`` to also see the run's :class:`RunConfig` without its stages, e.g. ``model.lora``); an optional
     ``inputs(config, registry) -> list[StageInput]`` lists the data and models it reads, which the
     host checks before the first stage trains; ``run`` does the work.
     """

@@ -7,11 +7,12 @@ off unless the config turns it on. Weights are saved as safetensors.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,11 +26,14 @@ from .tracking import is_main_process
 #: The supported plugin API of this module (see README "Plugin API").
 __all__ = ["ModelLoadError", "ScalarHeadModel", "load_causal_lm", "load_tokenizer", "save_causal_lm",
            "is_reward_model_dir", "apply_lora", "is_lora", "is_adapter_dir", "merge_lora_state", "linear_head",
-           "use_fused_linear", "fused_linear_problems", "plain_model"]
+           "use_fused_linear", "fused_linear_problems", "plain_model", "lora_scope", "SharedBackbone",
+           "AdapterScalarModel", "score_at_last_token"]
 
 BUILTIN_TINY = "builtin:tiny"
 REWARD_MARKER = "rlhf_reward_model.json"
 HEAD_FILE = "reward_head.safetensors"
+REWARD_ADAPTER = "adapter"  # a LoRA reward model's adapter, beside the merged weights
+POLICY_ADAPTER = "default"  # peft's name for the first adapter: the policy's
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's
 ADAPTER_BASE = "rlhf_adapter.json"  # ours: the source the adapter's base weights load from
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -174,7 +178,7 @@ def save_causal_lm(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
     if is_main_process():
         with atomic_dir(directory) as tmp:  # a kill half-way leaves the previous directory, never a torn one
             if is_lora(inner):
-                inner.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                inner.save_pretrained(tmp, state_dict=state, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
                 (tmp / ADAPTER_BASE).write_text(json.dumps({"base": inner.rlhf_lora["base"]}) + "\n")
                 if inner.rlhf_lora["merge"]:
                     inner.get_base_model().save_pretrained(tmp / "merged", state_dict=merge_lora_state(state, inner),
@@ -293,21 +297,47 @@ def adapter_base(path: str | Path) -> str:
     return base
 
 
-def merge_lora_state(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A LoRA model's full state dict with every adapter folded into its base weight,
+def merge_lora_state(state: dict[str, torch.Tensor], model: nn.Module,
+                     adapter: str = POLICY_ADAPTER) -> dict[str, torch.Tensor]:
+    """A LoRA model's full state dict with ``adapter`` folded into its base weights,
     ``W + alpha / r * B @ A`` (in fp32, stored in W's dtype), under the plain model's names: what
-    the model without peft would hold. Works on a gathered state dict, so on sharded models too."""
+    the model without peft would hold (other adapters and a :class:`SharedBackbone`'s heads are
+    left out). Works on a gathered state dict, so on sharded models too."""
     scaling = model.rlhf_lora["scaling"]
     plain = lambda key: key.replace("base_model.model.", "", 1).replace(".base_layer.", ".")  # noqa: E731
-    out = {plain(k): v for k, v in state.items() if ".lora_" not in k}
+    out = {plain(k): v for k, v in state.items() if ".lora_" not in k and f"{SHARED_HEADS}." not in k}
     for key, a in state.items():
-        if ".lora_A." not in key:
+        if f".lora_A.{adapter}." not in key:
             continue
         module, rest = key.split(".lora_A.")
         b = state[f"{module}.lora_B.{rest}"]
         name = plain(module) + ".weight"
         out[name] = (out[name].float() + scaling * (b.float() @ a.float())).to(out[name].dtype)
     return out
+
+
+@contextlib.contextmanager
+def lora_scope(model: nn.Module, adapter: str | None) -> Iterator[None]:
+    """Inside the block, every LoRA layer of ``model`` applies only ``adapter`` (``None``: no
+    adapter at all, the frozen base model). Unlike peft's ``set_adapter`` / ``disable_adapter``
+    this never touches ``requires_grad``, so adapters that train side by side (a policy and a
+    critic on one base) stay trainable, also under FSDP, which keeps its own copy of that flag.
+    Run a backward inside the same scope as its forward when activations are checkpointed (the
+    recomputation reads the active adapter)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in unwrap(model).modules() if isinstance(m, BaseTunerLayer)]
+    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    for m in layers:
+        if adapter is None:
+            m._disable_adapters = True
+        else:
+            m._active_adapter, m._disable_adapters = [adapter], False
+    try:
+        yield
+    finally:
+        for m, (active, disabled) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters = active, disabled
 
 
 class ScalarHeadModel(nn.Module):
@@ -339,10 +369,7 @@ class ScalarHeadModel(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids).last_hidden_state  # [B, T, H]
         values = self.head(hidden).squeeze(-1).float()
-        if not score:
-            return values
-        last = attention_mask.long().sum(dim=1).clamp(min=1) - 1  # [B]
-        return values.gather(1, last.unsqueeze(1)).squeeze(1)
+        return score_at_last_token(values, attention_mask) if score else values
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``R_phi(x, y)`` ``[B]`` (see :meth:`forward`)."""
@@ -354,13 +381,18 @@ class ScalarHeadModel(nn.Module):
         directory = Path(directory)
         state = full_state_dict(self)  # every rank takes part; rank 0 gets the whole model
         if is_main_process():
-            backbone_model = self.backbone
-            if is_lora(self.backbone):  # a reward model is always saved whole: adapters merged in
+            backbone_model, lora = self.backbone, is_lora(self.backbone)
+            if lora:  # a reward model is always saved whole (adapters merged in), and its adapter beside it
+                adapter = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
                 state = merge_lora_state(state, self.backbone)  # backbone.base_model.model.X -> backbone.X
                 backbone_model = self.backbone.get_base_model()
             backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
             head = {k[len("head."):]: v.contiguous() for k, v in state.items() if k.startswith("head.")}
             with atomic_dir(directory) as tmp:
+                if lora:  # what SharedBackbone loads onto a policy with the same base
+                    self.backbone.save_pretrained(tmp / REWARD_ADAPTER, state_dict=adapter,
+                                                  selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
+                    (tmp / REWARD_ADAPTER / ADAPTER_BASE).write_text(json.dumps({"base": self.backbone.rlhf_lora["base"]}) + "\n")
                 backbone_model.save_pretrained(tmp, state_dict=backbone, safe_serialization=True)
                 save_file(head, str(tmp / HEAD_FILE))
                 (tmp / REWARD_MARKER).write_text(json.dumps({"format": 1, "head": HEAD_FILE}) + "\n")
@@ -387,3 +419,197 @@ class ScalarHeadModel(nn.Module):
 def is_reward_model_dir(path: str | Path) -> bool:
     """True when ``path`` holds a saved :class:`ScalarHeadModel`."""
     return (Path(path) / REWARD_MARKER).is_file()
+
+
+def score_at_last_token(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]``: each right-padded row's value ``[B, T]`` at its last non-pad token (R_phi(x, y))."""
+    last = attention_mask.long().sum(dim=1).clamp(min=1) - 1  # [B]
+    return values.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- one frozen base, several adapters
+
+SHARED_HEADS = "rlhf_heads"  # where a SharedBackbone's scalar heads live inside the policy's model
+
+
+class SharedBackbone:
+    """Reward models and critics as LoRA adapters with their own linear heads on a LoRA policy's
+    frozen base weights: one copy of the base in memory instead of one per model.
+
+    ``policy`` is a model from :func:`apply_lora` (its adapter is peft's ``default``), not yet
+    sharded; ``required``: a model that cannot share is an error (``shared_backbone: true``). :meth:`add` puts a named adapter and head on it and returns an
+    :class:`AdapterScalarModel` that scores like a :class:`ScalarHeadModel`; :meth:`seal` (before
+    :func:`rlhf_core.distributed.wrap`) attaches the heads to the policy's model, so that they are
+    sharded, checkpointed and (for a trainable critic) optimised like its other weights, and are
+    left out of every policy export (:func:`save_causal_lm`, :func:`merge_lora_state`).
+
+    A scalar forward is the policy's own forward (the FSDP root, so sharded weights are gathered)
+    with the adapter switched (:func:`lora_scope`), no logits (``logits_to_keep`` selects no
+    position) and the head applied to the decoder's last hidden state inside that forward.
+    """
+
+    def __init__(self, policy: nn.Module, lora_cfg: Any, *, required: bool = False):
+        import inspect
+
+        self.policy, self.lora_cfg, self.required = policy, lora_cfg, required
+        self.model = policy.get_base_model()  # the Hugging Face causal LM the adapters are injected into
+        self.heads = nn.ModuleDict()
+        self.trainable: dict[str, bool] = {}
+        self.sealed = False
+        self._want: str | None = None
+        self._hidden: torch.Tensor | None = None
+        params = inspect.signature(self.model.forward).parameters
+        self.problem = "" if "logits_to_keep" in params else (
+            f"{type(self.model).__name__}.forward has no logits_to_keep argument (needed to skip the LM head)")
+        if not self.problem:
+            self.model.base_model.register_forward_hook(self._keep_hidden)
+            self.model.register_forward_hook(self._apply_head)
+
+    def why_not(self, source: str) -> str:
+        """Why the scalar model saved in ``source`` cannot be an adapter on this base ("" when it can):
+        it must be a LoRA reward model (with its ``adapter/``) trained on exactly the policy's start
+        weights, or (a fresh critic) the policy's own source."""
+        if self.problem or self.sealed:
+            return self.problem or "the policy is already prepared for training"
+        mine = _same_source(self.policy.rlhf_lora["base"])
+        if not is_reward_model_dir(source):
+            return "" if _same_source(source) == mine else f"{source} is not the policy's start weights ({mine})"
+        adapter_dir = Path(source) / REWARD_ADAPTER
+        if not is_adapter_dir(adapter_dir):
+            return f"{source} was not trained with LoRA (no {REWARD_ADAPTER}/), so its whole backbone differs"
+        base = _same_source(adapter_base(adapter_dir))
+        return "" if base == mine else f"its adapter was trained on {base}, the policy starts from {mine}"
+
+    def add(self, name: str, source: str, *, trainable: bool) -> "AdapterScalarModel":
+        """Adapter ``name`` and its head from ``source`` (a LoRA reward model: its adapter and head;
+        the policy's own source: a fresh adapter as ``model.lora`` says and a fresh head), frozen
+        unless ``trainable``. Check :meth:`why_not` first."""
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import set_peft_model_state_dict
+
+        why = self.why_not(source)
+        if why:
+            raise ModelLoadError(f"{name}: cannot share the policy's base weights: {why}")
+        if name in self.trainable or name == POLICY_ADAPTER:
+            raise ModelLoadError(f"{name}: an adapter of that name is already on the policy")
+        hidden_size = self.model.config.get_text_config().hidden_size
+        head = nn.Linear(hidden_size, 1)
+        if is_reward_model_dir(source):
+            adapter_dir = Path(source) / REWARD_ADAPTER
+            self.policy.add_adapter(name, PeftLoraConfig.from_pretrained(str(adapter_dir)))
+            # saved from the decoder alone (a ScalarHeadModel's backbone): re-root the names under the causal LM
+            prefix = f"base_model.model.{self.model.base_model_prefix}."
+            weights = {prefix + k[len("base_model.model."):]: v for k, v in _adapter_weights(adapter_dir).items()}
+            result = set_peft_model_state_dict(self.policy, weights, adapter_name=name)
+            missing = [k for k in result.missing_keys if f".{name}." in k]
+            if result.unexpected_keys or missing:
+                raise ModelLoadError(f"{adapter_dir}: the adapter does not fit the policy's model "
+                                     f"({len(missing)} weights missing, {len(result.unexpected_keys)} unexpected)")
+            head.load_state_dict(load_file(str(Path(source) / HEAD_FILE)))
+        else:
+            cfg = self.lora_cfg
+            self.policy.add_adapter(name, PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                                         target_modules=cfg.target_modules, bias="none"))
+            nn.init.normal_(head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+            nn.init.zeros_(head.bias)
+        self.trainable[name] = trainable
+        self.heads[name] = head.to(device=self.model.device, dtype=self.model.dtype)
+        self._set_requires_grad()
+        return AdapterScalarModel(self, name)
+
+    def seal(self) -> None:
+        """Attach the heads to the policy's model (call before sharding); nothing is added after."""
+        if self.trainable and not self.sealed:
+            self.model.add_module(SHARED_HEADS, self.heads)
+            self._set_requires_grad()
+        self.sealed = True
+
+    def _set_requires_grad(self) -> None:
+        # peft's add_adapter leaves only the active adapter trainable: say once what trains, before sharding.
+        for pname, p in self.policy.named_parameters():
+            owner = self.owner(pname)
+            if owner == POLICY_ADAPTER:
+                p.requires_grad_(".lora_" in pname)
+            elif owner is not None:
+                p.requires_grad_(self.trainable[owner])
+        for name, head in self.heads.items():
+            head.requires_grad_(self.trainable[name])
+
+    def owner(self, param_name: str) -> str | None:
+        """Which model a policy parameter belongs to: an added adapter's or head's name,
+        ``default`` for the policy's own adapter and base weights, None for nothing else."""
+        if f"{SHARED_HEADS}." in param_name:
+            return param_name.split(f"{SHARED_HEADS}.", 1)[1].split(".", 1)[0]
+        for name in self.trainable:
+            if f".lora_A.{name}." in param_name or f".lora_B.{name}." in param_name:
+                return name
+        return POLICY_ADAPTER
+
+    def parameters_of(self, name: str, model: nn.Module | None = None) -> list[nn.Parameter]:
+        """The trainable parameters of ``name`` (``default``: the policy) as the (possibly sharded)
+        ``model`` holds them now: what an optimizer takes and gradient clipping reads."""
+        model = self.policy if model is None else model
+        return [p for n, p in model.named_parameters() if p.requires_grad and self.owner(n) == name]
+
+    def _keep_hidden(self, module, args, output) -> None:
+        if self._want is not None:
+            self._hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def _apply_head(self, module, args, output):
+        if self._want is None:
+            return output
+        hidden, self._hidden = self._hidden, None
+        # Inside the root forward, so that FSDP treats the values as its output (gathered head,
+        # gradients reduced in the root's backward).
+        # [B, T, 1] -> [B, T] by a sum over the size-1 axis: a new tensor (FSDP warns about returning views)
+        return {"values": self.heads[self._want](hidden).float().sum(-1)}
+
+
+class AdapterScalarModel:
+    """A reward model or critic that is an adapter and a head on a :class:`SharedBackbone`: called
+    like :class:`ScalarHeadModel` (per-token values ``[B, T]`` in fp32, or with ``score`` the value
+    at each row's last non-pad token). Frozen ones always score in eval mode."""
+
+    def __init__(self, shared: SharedBackbone, name: str):
+        self.shared, self.name = shared, name
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None, *, score: bool = False) -> torch.Tensor:
+        shared, model = self.shared, self.shared.policy
+        training = model.training
+        if not shared.trainable[self.name]:
+            model.eval()
+        try:
+            with self.scope():
+                shared._want = self.name
+                values = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long,
+                                                                           device=input_ids.device))["values"]
+        finally:
+            shared._want = None
+            model.train(training)
+        return score_at_last_token(values, attention_mask) if score else values
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``R_phi(x, y)`` ``[B]``."""
+        return self(input_ids, attention_mask, score=True)
+
+    def scope(self):
+        """Run this model's backward inside it when activations are checkpointed (see :func:`lora_scope`)."""
+        return lora_scope(self.shared.policy, self.name)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The adapter's and head's trainable parameters (none when frozen)."""
+        return self.shared.parameters_of(self.name)
+
+
+def _same_source(source: str) -> str:
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def _adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    safetensors = adapter_dir / "adapter_model.safetensors"
+    if safetensors.is_file():
+        return load_file(str(safetensors))
+    return torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)

@@ -9,7 +9,7 @@ import torch
 from rlhf_core import distributed as dist_utils
 from rlhf_core import hookimpl
 from rlhf_core.data import encode_prompt, encode_response, pad
-from rlhf_core.models import REWARD_MARKER, ScalarHeadModel, is_reward_model_dir, load_tokenizer
+from rlhf_core.models import REWARD_MARKER, is_reward_model_dir, load_tokenizer
 
 
 class RewardModelReward:
@@ -22,8 +22,8 @@ class RewardModelReward:
     def __init__(self, ctx, *, path: str = "auto", batch_size: int = 64):
         self.check_options(path=path, batch_size=batch_size)
         source = ctx.init_source(path, "reward")
-        model = ScalarHeadModel.from_pretrained(source, trust_remote_code=ctx.run_config.model.trust_remote_code)
-        self.model = ctx.wrap(model.to(ctx.device).eval().requires_grad_(False), trainable=False)
+        # its own frozen copy, or (LoRA PPO sharing the policy's base) an adapter + head on the policy
+        self.model = ctx.load_scalar_model(source, name="reward", trainable=False)
         self.tokenizer = load_tokenizer(ctx.run_config.model, source)
         self.device, self.batch_size = ctx.device, batch_size
 

@@ -8,6 +8,7 @@ the reward model's blind spots.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -24,12 +25,12 @@ from rlhf_core.config import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, Com
 from rlhf_core.distributed import masked_mean
 from rlhf_core.data import TokenStats, data_inputs, dataset_components, encode_prompt, load_split, render_prompt
 from rlhf_core.interfaces import (
-    AdvantageInputs, ComponentError, StageInput, StageResult, checked_advantages, checked_rewards, checked_rollout,
+    AdvantageInputs, ComponentError, StageError, StageInput, StageResult, checked_advantages, checked_rewards, checked_rollout,
     describe,
 )
 from rlhf_core.sampling import evaluate_samples, generate
 from rlhf_core.models import (
-    ScalarHeadModel, fused_linear_problems, is_lora, is_reward_model_dir, load_causal_lm, save_causal_lm,
+    POLICY_ADAPTER, SharedBackbone, fused_linear_problems, is_lora, load_causal_lm, lora_scope, save_causal_lm,
     use_fused_linear,
 )
 from rlhf_core.tracking import is_main_process
@@ -121,6 +122,7 @@ class PPOConfig:
     eval_prompts: int = 64
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     fused_linear: bool | Literal["auto"] = "auto"
+    shared_backbone: bool | Literal["auto"] = "auto"
     generator: ComponentSpec = field(default_factory=lambda: ComponentSpec("hf"))
     rollout_correction: RolloutCorrection | None = None
     save: bool = True
@@ -150,7 +152,9 @@ class PPOModels:
     """Everything PPO trains or consults, built once in :meth:`PPOStage.run`: the policy and its
     optimizer, the frozen reference (the starting policy; None with LoRA, where the reference is the
     policy with its adapters disabled), the optional critic and its optimizer, and the KL
-    controller. Models are already sharded for this run's processes. ``fused``: log-probs, the
+    controller. Models are already sharded for this run's processes; ``policy_params``: what the
+    policy's optimizer trains; ``shared``: the :class:`rlhf_core.models.SharedBackbone` when the
+    critic or a reward model is an adapter on the policy's base (else None). ``fused``: log-probs, the
     policy loss and entropy come from the last hidden states and the LM head through the
     fused-linear kernels, so no ``[B, R, V]`` logits exist (see ``fused_linear``)."""
 
@@ -161,6 +165,8 @@ class PPOModels:
     critic: Any = None
     critic_optimizer: torch.optim.Optimizer | None = None
     fused: bool = False
+    policy_params: list[torch.nn.Parameter] = field(default_factory=list)
+    shared: Any = None
 
 
 class PPOStage:
@@ -182,20 +188,15 @@ class PPOStage:
         device = ctx.device
         source = ctx.init_source(config.init, "policy")
         tokenizer = ctx.tokenizer_for(source)
-        reward_entry = ctx.registry.lookup("reward", config.reward)
-        reward_fn = Scorer(reward_entry, reward_entry.obj(ctx, **config.reward.options))
-        gold_fn = None
-        if config.gold:
-            gold_entry = ctx.registry.lookup("reward", config.gold)
-            gold_fn = Scorer(gold_entry, gold_entry.obj(ctx, **config.gold.options))
         estimator_entry = ctx.registry.lookup("advantage", config.advantage)
         estimator = Estimator(estimator_entry, estimator_entry.obj(**config.advantage.options))
         loss_fn = ctx.registry.lookup("loss", config.loss, "policy").obj
-        models = self._models(ctx, config, estimator.needs_values)
+        models, reward_fn, gold_fn = self._models(ctx, config, estimator.needs_values, source)
         generator_entry = ctx.registry.lookup("generator", config.generator)
         generator = Rollouts(generator_entry, generator_entry.obj(ctx, models.policy, tokenizer, **config.generator.options))
-        if dist_utils.rank() > 0:
-            torch.manual_seed(ctx.seed + dist_utils.rank())  # each rank samples its own responses
+        # The sampling stream starts here, whatever random draws building the models took (a reward
+        # model or critic of its own or on the policy's base); each rank samples its own responses.
+        torch.manual_seed(ctx.seed + dist_utils.rank())
 
         train_recs, eval_recs = load_split(config.data, "prompts", ctx.registry, ctx.seed)
         stats = TokenStats()
@@ -214,8 +215,11 @@ class PPOStage:
                                     temperature=g.temperature, top_p=g.top_p, device=device, seed=ctx.seed)
 
         ckpt = ctx.checkpointer
-        trained = {"policy": models.policy, **({"critic": models.critic} if models.critic is not None else {})}
-        optims = {"policy": models.optimizer, **({"critic": models.critic_optimizer} if models.critic is not None else {})}
+        trained, optims = {"policy": models.policy}, {"policy": [models.optimizer]}
+        if isinstance(models.critic, torch.nn.Module):
+            trained["critic"], optims["critic"] = models.critic, [models.critic_optimizer]
+        elif models.critic is not None:  # an adapter + head inside the policy's module
+            optims["policy"].append(models.critic_optimizer)
         saved = ckpt.restore(trained, optims) if ckpt is not None else None
         start = 0
         if saved is not None:  # continue exactly: prompt order, KL coefficient, estimator state, progress
@@ -284,9 +288,15 @@ class PPOStage:
 
     # ------------------------------------------------------------------ setup and checks
 
-    def validate(self, config: PPOConfig, registry) -> list[str]:
+    def validate(self, config: PPOConfig, registry, run=None) -> list[str]:
         """Cross-field problems found before any model loads (``key: message`` each)."""
         problems = []
+        if config.shared_backbone is True and run is not None:
+            if run.model.lora is None:
+                problems.append("shared_backbone: true needs LoRA (model.lora): the shared base is the frozen one")
+            elif run.distributed.strategy == "ddp" and dist_utils.planned_world_size() > 1:
+                problems.append("shared_backbone: true does not work with distributed.strategy: ddp (DDP replicates "
+                                "whole modules); use fsdp")
         estimator_cls = registry.lookup("advantage", config.advantage).obj
         need = getattr(estimator_cls, "min_group_size", 1)
         if config.samples_per_prompt < need:
@@ -312,26 +322,63 @@ class PPOStage:
         return out
 
     @staticmethod
-    def _models(ctx, config: PPOConfig, needs_critic: bool) -> PPOModels:
-        """Policy, reference (frozen copy of the start), critic, optimizers, KL controller."""
+    def _models(ctx, config: PPOConfig, needs_critic: bool, source: str) -> tuple[PPOModels, "Scorer", "Scorer | None"]:
+        """Policy, reference (frozen copy of the start), reward and gold judges, critic, optimizers,
+        KL controller. With LoRA the reference is the policy with its adapters off, and reward
+        models and the critic that fit become adapters + heads on the policy's frozen base
+        (``shared_backbone``); every model is sharded once it is complete."""
         model_cfg, device = ctx.run_config.model, ctx.device
-        policy = ctx.load_model(config.init)
+        policy = ctx.adapt(load_causal_lm(model_cfg, source, seed=ctx.seed).to(device), source)
         # With LoRA the reference is the policy with its adapters disabled: no second copy of the weights.
-        reference = None if is_lora(dist_utils.unwrap(policy)) else ctx.load_model(config.init, trainable=False)
-        critic, critic_opt = None, None
-        if needs_critic:
-            critic_source = ctx.init_source(config.critic_init, "reward")
-            if is_reward_model_dir(critic_source):
-                critic = ScalarHeadModel.from_pretrained(critic_source, trust_remote_code=model_cfg.trust_remote_code)
-            else:
-                critic = ScalarHeadModel.from_causal_lm(load_causal_lm(model_cfg, critic_source, seed=ctx.seed))
-            critic = ctx.wrap(ctx.adapt(critic, critic_source).to(device))
+        reference = None if is_lora(policy) else ctx.load_model(config.init, trainable=False)
+        ctx.shared = share_backbone(ctx, config, policy)
+        critic = None
+        try:
+            reward_entry = ctx.registry.lookup("reward", config.reward)
+            reward_fn = Scorer(reward_entry, reward_entry.obj(ctx, **config.reward.options))
+            gold_fn = None
+            if config.gold:
+                gold_entry = ctx.registry.lookup("reward", config.gold)
+                gold_fn = Scorer(gold_entry, gold_entry.obj(ctx, **config.gold.options))
+            if needs_critic:
+                critic = ctx.load_scalar_model(ctx.init_source(config.critic_init, "reward"), name="critic", trainable=True)
+        finally:
+            shared, ctx.shared = ctx.shared, None
+            if shared is not None:
+                shared.seal()
+        policy = ctx.wrap(policy)
+        if shared is not None and not shared.trainable:
+            shared = None  # nothing took the offer: the policy is an ordinary LoRA model
+        params = shared.parameters_of(POLICY_ADAPTER) if shared is not None else [p for p in policy.parameters()
+                                                                                  if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        critic_opt = None
+        if critic is not None:
             critic_opt = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=config.critic_lr)
-        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
-                                      weight_decay=config.weight_decay)
         kl = KLController(config.kl.coef, config.kl.adaptive, config.kl.target, config.kl.horizon)
         fused = use_fused_linear(config.fused_linear, ctx.name, [policy, reference], fused_blocker(config))
-        return PPOModels(policy, reference, optimizer, kl, critic, critic_opt, fused=fused)
+        return PPOModels(policy, reference, optimizer, kl, critic, critic_opt, fused=fused, policy_params=params,
+                         shared=shared), reward_fn, gold_fn
+
+
+def share_backbone(ctx, config: PPOConfig, policy) -> SharedBackbone | None:
+    """The offer to reward models and the critic to be adapters on the LoRA policy's frozen base
+    (``shared_backbone``), or None: off, no LoRA, DDP (one DDP module would hold parameters that
+    half of the backwards leave unused), or a model that cannot skip its LM head."""
+    setting = config.shared_backbone
+    if setting is False or not is_lora(policy):
+        return None
+    why = ("DDP replicates whole modules; use distributed.strategy: fsdp"
+           if dist_utils.resolve_strategy(ctx.run_config.distributed.strategy) == "ddp" else "")
+    shared = SharedBackbone(policy, ctx.run_config.model.lora, required=setting is True)
+    why = why or shared.problem
+    if why and setting is True:
+        raise StageError(f"stage {ctx.name!r}: shared_backbone: {why}; set it to auto or false")
+    if why:
+        if is_main_process():
+            print(f"{ctx.name}: shared_backbone off ({why}); reward model and critic keep their own weights")
+        return None
+    return shared
 
 
 # ---------------------------------------------------------------------- the phases of an iteration
@@ -389,7 +436,7 @@ def reference_logprobs(models: PPOModels, roll, backend: str | None) -> torch.Te
     LoRA the policy itself with its adapters switched off (exactly the starting weights)."""
     if models.reference is not None:
         return score_tokens(models.reference, roll, backend, fused=models.fused)[0]
-    with dist_utils.unwrap(models.policy).disable_adapter():
+    with lora_scope(models.policy, None):
         return score_tokens(models.policy, roll, backend, fused=models.fused)[0]
 
 
@@ -436,17 +483,19 @@ def update(models: PPOModels, exp: Experience, loss_fn, config: PPOConfig, backe
                                     "entropy_coef, set mixed_precision: no, or check the reward's scale")
             models.optimizer.zero_grad(set_to_none=True)
             (loss * weight).backward()
-            grad_norm = clip_gradients(models.policy.parameters(), config.max_grad_norm, "policy")
+            grad_norm = clip_gradients(models.policy_params, config.max_grad_norm, "policy")
             models.optimizer.step()
             m = {**m, "policy_loss": float(loss.detach()), "grad_norm": float(grad_norm)}
             if models.critic is not None:
-                v_new = response_values(models.critic, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
-                v_loss = clipped_value_loss(v_new, exp.values[idx], exp.returns[idx], mask[idx], config.vf_clip)
-                if not torch.isfinite(v_loss):
-                    raise TrainingError(f"stage 'ppo': the value loss became {float(v_loss.detach())}; lower critic_lr "
-                                        "or check the reward's scale")
-                models.critic_optimizer.zero_grad(set_to_none=True)
-                (v_loss * weight).backward()
+                # A critic on the policy's base: its backward (a checkpointed recomputation) in its adapter's scope too.
+                with getattr(models.critic, "scope", contextlib.nullcontext)():
+                    v_new = response_values(models.critic, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
+                    v_loss = clipped_value_loss(v_new, exp.values[idx], exp.returns[idx], mask[idx], config.vf_clip)
+                    if not torch.isfinite(v_loss):
+                        raise TrainingError(f"stage 'ppo': the value loss became {float(v_loss.detach())}; lower "
+                                            "critic_lr or check the reward's scale")
+                    models.critic_optimizer.zero_grad(set_to_none=True)
+                    (v_loss * weight).backward()
                 clip_gradients(models.critic.parameters(), config.max_grad_norm, "critic")
                 models.critic_optimizer.step()
                 m["value_loss"] = float(v_loss.detach())

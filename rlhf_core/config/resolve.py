@@ -3,6 +3,8 @@ component name and its options against the registry."""
 from __future__ import annotations
 
 import inspect
+
+import inspect
 import typing
 from typing import Any
 
@@ -106,7 +108,9 @@ def resolve(data: dict, registry: Any, source: str = "config") -> RunConfig:
                 continue
             check_options(comp, spec, f"{path}.{sub}", problems)
         if parsed and len(problems) == before and hasattr(stage, "validate"):  # never sees half-parsed fields
-            problems.extend(f"{path}.{p}" for p in stage.validate(stage_cfg, registry))
+            # validate(config, registry), or validate(config, registry, run) to see the run's other sections
+            run = {"run": config} if "run" in inspect.signature(stage.validate).parameters else {}
+            problems.extend(f"{path}.{p}" for p in stage.validate(stage_cfg, registry, **run))
         config.stages.append(StageSpec(raw["stage"], name, stage_cfg, plugin))
     if problems:
         raise ConfigError(problems, source)

@@ -234,3 +234,37 @@ def test_fsdp_shards_the_frozen_base_and_trains_lora_adapters_like_one_process(t
     ppo = [r for r in rows if r["stage"] == "ppo" and "kl" in r]
     assert [r["step"] for r in ppo] == [1, 2] and ppo[0]["kl"] == 0.0  # policy == reference at the start
     assert (runs[2] / "ppo" / "adapter_config.json").is_file()
+
+
+def test_a_critic_and_reward_model_on_the_policys_sharded_base_train_like_one_process(tmp_path):
+    """Reward model and critic as adapters + heads on the FSDP-sharded LoRA policy (the heads are
+    applied inside the root's forward, so FSDP gathers them and reduces their gradients): 2
+    processes give the rewards, values and trained adapters and heads of 1 process."""
+    pytest.importorskip("peft")
+    sys.path.insert(0, str(HERE))
+    try:
+        from test_lora import lora_reward_dir
+    finally:
+        sys.path.remove(str(HERE))
+    _, source = lora_reward_dir(tmp_path)
+    out = {}
+    for n in (1, 2):
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                                 str(HERE / "_shared_backbone_worker.py"), str(source), str(tmp_path / f"{n}.pt")],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[n] = torch.load(tmp_path / f"{n}.pt")
+    one, two = out[1], out[2]
+    assert torch.allclose(one["reward"], two["reward"], atol=1e-5)
+    assert torch.allclose(one["values"], two["values"], atol=1e-5)
+    assert one["trained"].keys() == two["trained"].keys()
+    for key in one["trained"]:
+        assert torch.allclose(one["trained"][key], two["trained"][key], atol=1e-5), key
+    trained = one["trained"]
+    # the critic started as a copy of the reward model and trained; the reward model stayed frozen
+    critic_b = [k for k in trained if ".lora_B.critic." in k]
+    assert critic_b and any(not torch.equal(trained[k], trained[k.replace(".critic.", ".reward.")]) for k in critic_b)
+    assert not torch.equal(trained["base_model.model.rlhf_heads.critic.weight"],
+                           trained["base_model.model.rlhf_heads.reward.weight"])
+    reloaded, _ = lora_reward_dir(tmp_path / "again")
+    assert torch.equal(trained["base_model.model.rlhf_heads.reward.weight"], reloaded.head.weight.detach())

@@ -138,6 +138,7 @@ def test_ppo_with_lora_starts_at_zero_kl_and_beats_sft(tiny_pipeline_yaml, tmp_p
                   "--set", "model.lora={r: 16, alpha: 32}", "--set", "stages.sft.train.steps=1",
                   "--set", "stages.ppo.lr=3.0e-3", "--set", "stages.reward.train.lr=3.0e-3")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "ppo: reward = LoRA adapter + head on the policy's frozen base weights (no copy)" in result.stdout
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in rows if r["stage"] == "ppo" and "kl" in r)
     assert first["step"] == 1 and first["kl"] == 0.0
@@ -172,3 +173,139 @@ def test_fused_linear_true_with_several_processes_is_a_config_error(registry, mo
         with pytest.raises(ConfigError, match=rf"stages\[\d\].fused_linear: not yet available with several processes "
                                               r"\(the LM head is read outside the sharded forward\); set it to auto or false"):
             resolve(load_raw(None, [f"stages.{stage}.fused_linear=true"]), registry)
+
+
+# ----------------------------------------------------------------------------- one frozen base for policy, reward, critic
+
+def lora_reward_dir(tmp_path):
+    """A LoRA reward model on the tiny base, adapters and head non-trivial, saved as the reward stage does."""
+    model = ScalarHeadModel.from_causal_lm(load_causal_lm(CFG, seed=0))
+    model.backbone = apply_lora(model.backbone, LoraConfig(r=4, alpha=8.0), "builtin:tiny", causal_lm=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+        model.head.bias.fill_(0.3)
+    return model.eval(), model.save_pretrained(tmp_path / "reward", load_tokenizer(CFG))
+
+
+def shared_models(source):
+    from rlhf_core.models import SharedBackbone
+
+    policy = lora_model()
+    shared = SharedBackbone(policy, LoraConfig(r=4, alpha=8.0))
+    reward = shared.add("reward", str(source), trainable=False)
+    critic = shared.add("critic", str(source), trainable=True)
+    shared.seal()
+    return policy, shared, reward, critic
+
+
+def test_reward_and_critic_share_the_policys_frozen_base_and_score_like_their_own_copy(tmp_path):
+    """Adapter + head on the policy's base == the reward model loaded whole (merged) and == the
+    unmerged model it was saved from; the critic trains only its adapter and head, with the
+    gradients a separate copy of that model gets; the policy's outputs are untouched."""
+    from rlhf_core.models import AdapterScalarModel
+
+    original, source = lora_reward_dir(tmp_path)
+    assert (source / "adapter" / "adapter_config.json").is_file()
+    policy, shared, reward, critic = shared_models(source)
+    assert isinstance(reward, AdapterScalarModel) and reward.parameters() == []
+    ids, mask = batch()
+    mask[0, 6:] = 0
+    whole = ScalarHeadModel.from_pretrained(source).eval()
+    with torch.no_grad():
+        mine = reward(ids, mask, score=True)
+        assert torch.equal(mine, original(ids, mask, score=True))
+        assert torch.allclose(mine, whole(ids, mask, score=True), atol=1e-5)
+        before = policy(input_ids=ids, attention_mask=mask).logits
+    # one copy of the base: everything beyond the policy's own weights is three adapters and two heads
+    base = sum(p.numel() for n, p in policy.named_parameters() if ".lora_" not in n and "rlhf_heads." not in n)
+    assert base == sum(p.numel() for p in load_causal_lm(CFG, seed=0).parameters())
+
+    original.train()
+    critic(ids, mask).sum().backward()
+    original(ids, mask).sum().backward()
+    with_grad = {n for n, p in policy.named_parameters() if p.grad is not None}
+    assert with_grad and all(".lora_A.critic." in n or ".lora_B.critic." in n or "rlhf_heads.critic." in n for n in with_grad)
+    assert {id(p) for p in critic.parameters()} == {id(p) for n, p in policy.named_parameters() if n in with_grad}
+    grads = {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
+    for name, p in original.named_parameters():
+        if p.grad is None:
+            continue
+        mine = (f"base_model.model.rlhf_heads.critic.{name[len('head.'):]}" if name.startswith("head.") else
+                name.replace("backbone.base_model.model.", "base_model.model.model.").replace(".default.", ".critic."))
+        assert torch.allclose(grads[mine], p.grad, atol=1e-6), name
+    with torch.no_grad():
+        assert torch.equal(policy(input_ids=ids, attention_mask=mask).logits, before)
+
+
+def test_a_policy_with_shared_adapters_exports_only_its_own(tmp_path):
+    """Saving the policy writes its adapter alone (PEFT format) and a merged model without the
+    critic's and reward model's adapters or heads; it loads back to the same outputs."""
+    from rlhf_core.models import lora_scope
+
+    _, source = lora_reward_dir(tmp_path)
+    policy, *_ = shared_models(source)
+    policy.rlhf_lora["merge"] = True
+    out = save_causal_lm(policy, load_tokenizer(CFG), tmp_path / "policy")
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and not any("critic" in k or "reward" in k or "rlhf_heads" in k for k in saved)
+    assert not any(k.startswith(("critic", "reward")) for k in (p.name for p in out.iterdir()))
+    merged = load_file(out / "merged" / "model.safetensors")
+    assert merged.keys() == load_causal_lm(CFG, seed=0).state_dict().keys()
+    ids, mask = batch()
+    with torch.no_grad(), lora_scope(policy, "default"):
+        expect = policy(input_ids=ids, attention_mask=mask).logits
+        for path in (out, out / "merged"):
+            assert torch.allclose(load_causal_lm(CFG, str(path)).eval()(input_ids=ids, attention_mask=mask).logits,
+                                  expect, atol=1e-5), path
+
+
+SHARED = """
+seed: 0
+model: {lora: {r: 4, alpha: 8}}
+stages:
+  - stage: sft
+    data: {train: "builtin:letters", builtin_size: 200, max_length: 16}
+    train: {steps: 3, batch_size: 8, lr: 1.0e-3}
+  - stage: reward
+    data: {train: "builtin:letters", builtin_size: 200, max_length: 16}
+    train: {steps: 3, batch_size: 8, lr: 1.0e-3}
+  - stage: ppo
+    data: {train: "builtin:letters", builtin_size: 40}
+    advantage: gae
+    iterations: 2
+    ppo_epochs: 1  # a second epoch's values differ: the two critics train different parametrisations
+    prompts_per_batch: 4
+    minibatch_size: 4
+    generation: {max_new_tokens: 4}
+    eval_every: 0
+    eval_prompts: 4
+"""
+
+
+def test_shared_and_separate_reward_model_and_critic_give_the_same_first_iteration(tmp_path):
+    """shared_backbone auto (reward model and critic = adapters + heads on the policy's base) and
+    false (each loads its own copy) start from the same functions: the same rewards, values, losses
+    and gradients on the first iteration. true is refused without LoRA before anything trains."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(SHARED)
+    runs = {}
+    for setting in ("auto", "false"):
+        result = rlhf("run", str(cfg), "--out", str(tmp_path / setting), "--set", f"stages.ppo.shared_backbone={setting}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        shared = "critic = LoRA adapter + head on the policy's frozen base weights (no copy)" in result.stdout
+        assert shared == (setting == "auto"), result.stdout[-2000:]
+        runs[setting] = [json.loads(x) for x in (tmp_path / setting / "metrics.jsonl").read_text().splitlines()
+                         if json.loads(x)["stage"] == "ppo"]
+    for a, b in zip(runs["auto"][:2], runs["false"][:2]):  # evaluation at step 0, iteration 1
+        for key in ("eval_reward", "reward_mean", "value_loss", "policy_loss", "grad_norm", "advantage_mean"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert "value_loss" in runs["auto"][1]
+    result = rlhf("run", str(cfg), "--out", str(tmp_path / "bad"), "--set", "model.lora=null",
+                  "--set", "stages.ppo.shared_backbone=true")
+    assert result.returncode == 1 and not (tmp_path / "bad" / "sft").exists()
+    assert "stages[2].shared_backbone: true needs LoRA (model.lora)" in result.stderr

@@ -82,9 +82,12 @@ def reference(tmp_path_factory):
     """Uninterrupted runs, one per advantage estimator."""
     out = {}
     root = tmp_path_factory.mktemp("reference")
-    for advantage in ("batch_mean", "gae"):
+    for advantage in ("batch_mean", "gae", "gae+lora"):
         config = root / f"{advantage}.yaml"
-        config.write_text(PIPELINE.format(advantage=advantage))
+        text = PIPELINE.format(advantage=advantage.split("+")[0])
+        if advantage.endswith("+lora"):  # the critic and the reward model: adapters + heads on the policy's base
+            text += "model: {lora: {r: 4, alpha: 8}}\n"
+        config.write_text(text)
         result = rlhf("run", str(config), "--out", str(root / advantage))
         assert result.returncode == 0, result.stderr[-2000:]
         out[advantage] = (config, root / advantage)
@@ -92,7 +95,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage, advantage", [("sft", "batch_mean"), ("reward", "batch_mean"), ("ppo", "batch_mean"),
-                                              ("ppo", "gae")])
+                                              ("ppo", "gae"), ("ppo", "gae+lora")])
 def test_kill_and_resume_is_bit_identical(reference, tmp_path, stage, advantage):
     config, uninterrupted = reference[advantage]
     out = tmp_path / "run"
