@@ -48,14 +48,20 @@ def bench_kernels(shapes, dtypes, ops, backends, repeats, no_compile, device, ou
 @click.option("--batch", default=8, show_default=True)
 @click.option("--setup", "setups", multiple=True, type=click.Choice(["plain", "fused", "fused+lora", "fused+lora+gc"]),
               help="Default: all four.")
+@click.option("--critic-setup", "critic_setups", multiple=True,
+              type=click.Choice(["plain", "fused+lora", "fused+lora+shared", "none"]),
+              help="PPO with a reward model and a GAE critic; default: all three ('none' skips it).")
 @click.option("--out", default="bench_out", show_default=True, type=click.Path(file_okay=False))
-def bench_memory(hidden, layers, vocab, prompt, response, batch, setups, out) -> None:
+def bench_memory(hidden, layers, vocab, prompt, response, batch, setups, critic_setups, out) -> None:
     """Peak RSS and time of one PPO iteration and one SFT step: plain vs fused-linear vs + LoRA vs
-    + gradient checkpointing, each in its own process; table, JSON and PNG."""
+    + gradient checkpointing; and of a PPO iteration with reward model and critic: plain vs
+    fused + LoRA (own copies) vs + one shared frozen base. Each in its own process; table, JSON, PNG."""
     from . import memory_usage as memory
 
     memory.run(hidden=hidden, layers=layers, vocab=vocab, prompt=prompt, response=response, batch=batch,
-               setups=setups or tuple(memory.SETUPS), out_dir=out, echo=click.echo)
+               setups=setups or tuple(memory.SETUPS),
+               critic_setups=tuple(c for c in critic_setups if c != "none") if critic_setups else tuple(memory.CRITIC_SETUPS),
+               out_dir=out, echo=click.echo)
 
 
 @bench.command("rollout")

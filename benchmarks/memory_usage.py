@@ -7,6 +7,15 @@ a config with random weights; vocabulary 128256 through a word-level tokenizer b
 - ``fused+lora``: LoRA adapters (peft); the reference is the policy with adapters disabled
 - ``fused+lora+gc``: and gradient checkpointing
 
+and, for PPO with a reward model and a GAE critic (``ppo+rm+critic``: all four models of the
+seed's step 3):
+
+- ``plain``: policy, reference, reward model and critic each a full copy, logits materialised
+- ``fused+lora``: LoRA policy (reference = adapters off), the reward model a frozen copy, the
+  critic a LoRA copy of the reward model (``shared_backbone: false``)
+- ``fused+lora+shared``: reward model and critic adapters + heads on the policy's frozen base
+  (``shared_backbone: auto``): one copy of the base weights for all four
+
 Each set-up runs in its own process (a clean peak), one warm-up and one measured iteration, with
 the framework's own functions (``make_experience``/``update`` of the PPO stage, ``sft_loss_terms``).
 Peak RSS is the process's high-water mark (``ru_maxrss``): weights, optimizer state, activations,
@@ -27,6 +36,11 @@ SETUPS = {
     "fused+lora": {"fused": True, "lora": True, "gc": False},
     "fused+lora+gc": {"fused": True, "lora": True, "gc": True},
 }
+CRITIC_SETUPS = {
+    "plain": {"fused": False, "lora": False, "gc": False, "shared": False},
+    "fused+lora": {"fused": True, "lora": True, "gc": False, "shared": False},
+    "fused+lora+shared": {"fused": True, "lora": True, "gc": False, "shared": True},
+}
 
 
 def word_tokenizer(vocab: int):
@@ -40,18 +54,39 @@ def word_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t2")
 
 
+def llama_config(args: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=args["vocab"], hidden_size=args["hidden"], intermediate_size=args["hidden"] * 8 // 3,
+                       num_hidden_layers=args["layers"], num_attention_heads=args["hidden"] // 64,
+                       num_key_value_heads=args["hidden"] // 64, max_position_embeddings=512,
+                       bos_token_id=None, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+
+
+def save_reward_model(args: dict, directory: Path) -> Path:
+    """A LoRA reward model on the random base (what ``sft -> reward`` with LoRA leaves): saved
+    whole, with its adapter, so each set-up loads it the way the PPO stage would."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from rlhf_core.config import LoraConfig
+    from rlhf_core.models import ScalarHeadModel, apply_lora
+
+    torch.manual_seed(0)
+    model = ScalarHeadModel.from_causal_lm(LlamaForCausalLM(llama_config(args)))
+    model.backbone = apply_lora(model.backbone, LoraConfig(r=16, alpha=32), "random", causal_lm=False)
+    return model.save_pretrained(directory, word_tokenizer(args["vocab"]))
+
+
 def build(args: dict):
     """Policy (and reference) for one set-up, as the stages build them."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from rlhf_core.config import LoraConfig
     from rlhf_core.models import apply_lora
 
-    config = LlamaConfig(vocab_size=args["vocab"], hidden_size=args["hidden"], intermediate_size=args["hidden"] * 8 // 3,
-                         num_hidden_layers=args["layers"], num_attention_heads=args["hidden"] // 64,
-                         num_key_value_heads=args["hidden"] // 64, max_position_embeddings=512,
-                         bos_token_id=None, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+    config = llama_config(args)
     torch.manual_seed(0)
     policy = LlamaForCausalLM(config)
     reference = None
@@ -72,7 +107,7 @@ def run_one(args: dict) -> dict:
 
     from rlhf_core.config import ComponentSpec
     from rlhf_core.data import collate_sft
-    from rlhf_plugins.ppo.advantages import BatchMeanBaseline
+    from rlhf_plugins.ppo.advantages import GAE, BatchMeanBaseline
     from rlhf_plugins.ppo.loss import KLController, ppo_clip
     from rlhf_plugins.ppo.stage import GenerationConfig, PPOConfig, PPOModels, make_experience, update
     from rlhf_plugins.sft import cross_entropy_loss, sft_loss_terms
@@ -80,20 +115,26 @@ def run_one(args: dict) -> dict:
     torch.manual_seed(0)
     tokenizer = word_tokenizer(args["vocab"])
     policy, reference = build(args)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
     gen = torch.Generator().manual_seed(1)
+    reward = lambda p, r: torch.randn(len(r), generator=gen)  # noqa: E731  (ppo: the reward model is not compared)
+    estimator, critic, critic_opt, shared = BatchMeanBaseline(), None, None, None
+    if args["what"] == "ppo+rm+critic":
+        reward, critic, shared = scalar_models(args, policy, tokenizer)
+        critic_opt = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=1e-5)
+        estimator = GAE()
+    params = shared.parameters_of("default") if shared else [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
     prompts = [" ".join(f"t{i}" for i in torch.randint(3, args["vocab"], (args["prompt"],), generator=gen).tolist())
                for _ in range(args["batch"])]
     times = []
-    if args["what"] == "ppo":
+    if args["what"].startswith("ppo"):
         config = PPOConfig(prompts_per_batch=args["batch"], minibatch_size=args["batch"], ppo_epochs=1,
                            generation=GenerationConfig(max_new_tokens=args["response"]), loss=ComponentSpec("ppo_clip"))
-        models = PPOModels(policy, reference, optimizer, KLController(0.05, False, 6.0, 10000), fused=args["fused"])
-        reward = lambda p, r: torch.randn(len(r), generator=gen)  # noqa: E731  (the reward model is not compared)
+        models = PPOModels(policy, reference, optimizer, KLController(0.05, False, 6.0, 10000), critic, critic_opt,
+                           fused=args["fused"], policy_params=params, shared=shared)
         for _ in range(2):
             t0 = time.perf_counter()
-            exp = make_experience(models, prompts, tokenizer, reward, BatchMeanBaseline(), config, torch.device("cpu"), None)
+            exp = make_experience(models, prompts, tokenizer, reward, estimator, config, torch.device("cpu"), None)
             t1 = time.perf_counter()
             update(models, exp, ppo_clip, config, None)
             times.append((time.perf_counter() - t0, exp.time_generate, t1 - t0 - exp.time_generate, time.perf_counter() - t1))
@@ -116,44 +157,76 @@ def run_one(args: dict) -> dict:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"peak_rss_mb": peak_mb, "seconds": times[-1][0],
            "trainable_params": sum(p.numel() for p in params), "params": sum(p.numel() for p in policy.parameters())}
-    if args["what"] == "ppo":
+    if args["what"].startswith("ppo"):
         out.update(generate_s=times[-1][1], score_s=times[-1][2], train_s=times[-1][3])
     return out
 
 
+def scalar_models(args: dict, policy, tokenizer):
+    """(reward, critic, shared) for ``ppo+rm+critic``, loaded from the saved LoRA reward model as the
+    PPO stage loads them: whole copies (plain: a fully trained critic; fused+lora: a LoRA critic)
+    or adapters + heads on the policy's base (shared)."""
+    import torch
+
+    from rlhf_core.config import LoraConfig
+    from rlhf_core.models import ScalarHeadModel, SharedBackbone, apply_lora, load_tokenizer
+    from rlhf_plugins.ppo.rewards import RewardModelReward
+
+    source = args["reward_dir"]
+    shared = SharedBackbone(policy, LoraConfig(r=16, alpha=32)) if args["shared"] else None
+    if shared is not None:
+        judge, critic = shared.add("reward", source, trainable=False), shared.add("critic", source, trainable=True)
+        shared.seal()
+    else:
+        judge = ScalarHeadModel.from_pretrained(source).eval().requires_grad_(False)
+        critic = ScalarHeadModel.from_pretrained(source)
+        if args["lora"]:
+            critic.backbone = apply_lora(critic.backbone, LoraConfig(r=16, alpha=32), source, causal_lm=False)
+    reward = RewardModelReward.__new__(RewardModelReward)  # the plugin's scoring, without a stage context
+    reward.model, reward.tokenizer, reward.device, reward.batch_size = judge, tokenizer, torch.device("cpu"), 64
+    return reward, critic, shared
+
+
 def run(*, hidden: int = 512, layers: int = 2, vocab: int = 128256, prompt: int = 64, response: int = 128,
-        batch: int = 8, setups=tuple(SETUPS), out_dir: str | Path = "bench_out", echo=print) -> list[dict]:
-    """Every set-up x (ppo, sft) in its own process; prints the table, writes memory.json/png."""
+        batch: int = 8, setups=tuple(SETUPS), critic_setups=tuple(CRITIC_SETUPS), out_dir: str | Path = "bench_out",
+        echo=print) -> list[dict]:
+    """Every set-up x (ppo, ppo+rm+critic, sft) in its own process; prints the table, writes
+    memory.json/png."""
     from .measure import machine
+
+    import tempfile
 
     rows = []
     echo(f"Llama hidden {hidden}, {layers} layers, vocab {vocab}; batch {batch}, prompts {prompt} + responses "
          f"{response} tokens; fp32 on CPU")
-    echo(f"{'stage':<5} {'set-up':<15} {'peak RSS MB':>12} {'vs plain':>9} {'seconds':>8} {'vs plain':>9} "
+    echo(f"{'stage':<13} {'set-up':<17} {'peak RSS MB':>12} {'vs plain':>9} {'seconds':>8} {'vs plain':>9} "
          f"{'trainable':>11}  generate/score/train s")
-    for what in ("ppo", "sft"):
-        base = None
-        for name in setups:
-            args = {**SETUPS[name], "hidden": hidden, "layers": layers, "vocab": vocab, "prompt": prompt,
-                    "response": response, "batch": batch, "what": what}
-            done = subprocess.run([sys.executable, "-m", "rlhf_bench.memory_usage", json.dumps(args)], capture_output=True,
-                                  text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{what} {name} failed:\n{done.stderr[-3000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            row = {"stage": what, "setup": name, **result}
-            base = base or row
-            row["memory_vs_plain"] = row["peak_rss_mb"] / base["peak_rss_mb"]
-            row["time_vs_plain"] = row["seconds"] / base["seconds"]
-            rows.append(row)
-            split = (f"{row['generate_s']:.1f}/{row['score_s']:.1f}/{row['train_s']:.1f}" if what == "ppo" else "")
-            echo(f"{what:<5} {name:<15} {row['peak_rss_mb']:>12.0f} {row['memory_vs_plain']:>8.2f}x {row['seconds']:>8.2f} "
-                 f"{row['time_vs_plain']:>8.2f}x {row['trainable_params']:>11,}  {split}")
+    shape = {"hidden": hidden, "layers": layers, "vocab": vocab, "prompt": prompt, "response": response, "batch": batch}
+    tmp = tempfile.TemporaryDirectory()
+    reward_dir = str(save_reward_model(shape, Path(tmp.name) / "reward")) if critic_setups else ""
+    plan = [("ppo", name, SETUPS[name]) for name in setups]
+    plan += [("ppo+rm+critic", name, CRITIC_SETUPS[name]) for name in critic_setups]
+    plan += [("sft", name, SETUPS[name]) for name in setups]
+    base = {}
+    for what, name, setup in plan:
+        args = {**setup, **shape, "what": what, "reward_dir": reward_dir}
+        done = subprocess.run([sys.executable, "-m", "rlhf_bench.memory_usage", json.dumps(args)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{what} {name} failed:\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        row = {"stage": what, "setup": name, **result}
+        first = base.setdefault(what, row)  # the first set-up of each stage (plain) is the baseline
+        row["memory_vs_plain"] = row["peak_rss_mb"] / first["peak_rss_mb"]
+        row["time_vs_plain"] = row["seconds"] / first["seconds"]
+        rows.append(row)
+        split = (f"{row['generate_s']:.1f}/{row['score_s']:.1f}/{row['train_s']:.1f}" if what != "sft" else "")
+        echo(f"{what:<13} {name:<17} {row['peak_rss_mb']:>12.0f} {row['memory_vs_plain']:>8.2f}x {row['seconds']:>8.2f} "
+             f"{row['time_vs_plain']:>8.2f}x {row['trainable_params']:>11,}  {split}")
+    tmp.cleanup()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.json").write_text(json.dumps({"machine": machine(), "shape": {
-        "hidden": hidden, "layers": layers, "vocab": vocab, "prompt": prompt, "response": response, "batch": batch},
-        "rows": rows}, indent=2))
+    (out / "memory.json").write_text(json.dumps({"machine": machine(), "shape": shape, "rows": rows}, indent=2))
     _plot(rows, out / "memory.png")
     echo(f"wrote {out / 'memory.json'} and {out / 'memory.png'}")
     return rows
@@ -168,10 +241,12 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, label in ((axes[0], "peak_rss_mb", "peak RSS MB"), (axes[1], "seconds", "seconds per iteration/step")):
         setups = list(dict.fromkeys(r["setup"] for r in rows))
-        for k, what in enumerate(("ppo", "sft")):
+        stages = list(dict.fromkeys(r["stage"] for r in rows))
+        width = 0.8 / len(stages)
+        for k, what in enumerate(stages):
             values = [next((r[key] for r in rows if r["stage"] == what and r["setup"] == s), 0) for s in setups]
-            ax.bar([i + 0.4 * k for i in range(len(setups))], values, 0.4, label=what)
-        ax.set_xticks([i + 0.2 for i in range(len(setups))])
+            ax.bar([i + width * k for i in range(len(setups))], values, width, label=what)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(setups))])
         ax.set_xticklabels(setups, fontsize=8)
         ax.set_ylabel(label + " (lower is better)")
         ax.legend(fontsize=8)

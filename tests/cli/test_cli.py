@@ -153,3 +153,23 @@ def test_bench_is_a_builtin_plugin_command(tmp_path):
     gone = subprocess.run([sys.executable, "-m", "rlhf_core.cli", "--disable", "bench", "bench", "kernels"],
                           capture_output=True, text=True, timeout=300)
     assert gone.returncode == 2 and "No such command 'bench'" in gone.stderr
+
+
+def test_bench_memory_runs_every_kind_of_set_up_at_a_toy_shape(tmp_path):
+    """``rlhf bench memory`` at a toy shape: a PPO iteration, a PPO iteration with a reward model
+    and a critic on the policy's shared base, an SFT step; the table's rows, JSON and PNG."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("peft")
+    out = tmp_path / "m"
+    done = subprocess.run([sys.executable, "-m", "rlhf_core.cli", "bench", "memory", "--hidden", "64", "--layers", "1",
+                           "--vocab", "500", "--prompt", "4", "--response", "4", "--batch", "2", "--setup", "plain",
+                           "--critic-setup", "fused+lora+shared", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((out / "memory.json").read_text())["rows"]
+    assert [(r["stage"], r["setup"]) for r in rows] == [("ppo", "plain"), ("ppo+rm+critic", "fused+lora+shared"),
+                                                       ("sft", "plain")]
+    assert all(r["peak_rss_mb"] > 0 and r["seconds"] > 0 for r in rows) and (out / "memory.png").is_file()
+    assert rows[1]["trainable_params"] < rows[0]["trainable_params"]  # the policy trains its adapters only

@@ -293,18 +293,28 @@ def test_shared_and_separate_reward_model_and_critic_give_the_same_first_iterati
     cfg = tmp_path / "c.yaml"
     cfg.write_text(SHARED)
     runs = {}
-    for setting in ("auto", "false"):
-        result = rlhf("run", str(cfg), "--out", str(tmp_path / setting), "--set", f"stages.ppo.shared_backbone={setting}")
+    for setting, gc in (("auto", "false"), ("false", "false"), ("auto", "true")):
+        out = tmp_path / f"{setting}-{gc}"
+        result = rlhf("run", str(cfg), "--out", str(out), "--set", f"stages.ppo.shared_backbone={setting}",
+                      "--set", f"model.gradient_checkpointing={gc}")
         assert result.returncode == 0, result.stderr[-3000:]
         shared = "critic = LoRA adapter + head on the policy's frozen base weights (no copy)" in result.stdout
         assert shared == (setting == "auto"), result.stdout[-2000:]
-        runs[setting] = [json.loads(x) for x in (tmp_path / setting / "metrics.jsonl").read_text().splitlines()
-                         if json.loads(x)["stage"] == "ppo"]
-    for a, b in zip(runs["auto"][:2], runs["false"][:2]):  # evaluation at step 0, iteration 1
-        for key in ("eval_reward", "reward_mean", "value_loss", "policy_loss", "grad_norm", "advantage_mean"):
+        runs[setting, gc] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
+                             if json.loads(x)["stage"] == "ppo"]
+    keys = ("eval_reward", "reward_mean", "value_loss", "policy_loss", "grad_norm", "advantage_mean")
+    for a, b in zip(runs["auto", "false"][:2], runs["false", "false"][:2]):  # evaluation at step 0, iteration 1
+        for key in keys:
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-5), key
-    assert "value_loss" in runs["auto"][1]
+    assert "value_loss" in runs["auto", "false"][1]
+    # Checkpointed activations are recomputed in the backward with the critic's adapter switched on
+    # (not the policy's): every iteration equals the run without checkpointing.
+    assert len(runs["auto", "true"]) == len(runs["auto", "false"]) == 4
+    for a, b in zip(runs["auto", "true"], runs["auto", "false"]):
+        for key in keys:
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), key
     result = rlhf("run", str(cfg), "--out", str(tmp_path / "bad"), "--set", "model.lora=null",
                   "--set", "stages.ppo.shared_backbone=true")
     assert result.returncode == 1 and not (tmp_path / "bad" / "sft").exists()
