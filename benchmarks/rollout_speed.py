@@ -1,4 +1,5 @@
-"""Rollout benchmark: generated tokens per second of the ``hf`` and ``vllm`` engines side by side,
+"""Rollout benchmark: generated tokens per second of the ``hf`` engine (Hugging Face ``generate``;
+``hf-loop``: the same engine with ``loop: rlhf``) and the ``vllm`` engine side by side,
 and the split of one PPO iteration (generate / score / train) with each, on two models:
 
 - ``tiny``: the builtin tiny model (hidden 64, 4 heads of 16, vocab 384);
@@ -68,8 +69,8 @@ def measure(which: str, engine: str, *, prompts: int, samples: int, new_tokens: 
                 if vllm_unavailable():
                     return {"model": which, "engine": engine, "unavailable": vllm_unavailable()}
                 gen = VLLMGenerator(ctx, policy, tokenizer)
-            else:
-                gen = HFGenerator(ctx, policy, tokenizer)
+            else:  # hf: Hugging Face generate; hf-loop: the hf engine's own decode loop (loop: rlhf)
+                gen = HFGenerator(ctx, policy, tokenizer, loop="rlhf" if engine == "hf-loop" else "generate")
         except Exception as exc:  # e.g. a head size the CPU engine does not support
             return {"model": which, "engine": engine, "unavailable": f"{type(exc).__name__}: {exc}"}
         generator = Rollouts(entry, gen)
@@ -113,18 +114,18 @@ def run(*, out_dir: str | Path = "bench_out", echo=print, larger: bool = True) -
     shapes = {"tiny": dict(prompts=16, samples=4, new_tokens=32, prompt_len=16),
               "larger": dict(prompts=64, samples=4, new_tokens=128, prompt_len=32)}
     rows = []
-    echo(f"{'model':<7} {'engine':<5} {'tokens':>7} {'tokens/s':>9} {'vs hf':>6}  iteration s (generate/score/train)")
+    echo(f"{'model':<7} {'engine':<7} {'tokens':>7} {'tokens/s':>9} {'vs hf':>6}  iteration s (generate/score/train)")
     for which in (["tiny", "larger"] if larger else ["tiny"]):
         base = None
-        for engine in ("hf", "vllm"):
+        for engine in ("hf", "hf-loop", "vllm"):
             row = measure(which, engine, **shapes[which])
             rows.append(row)
             if "unavailable" in row:
-                echo(f"{which:<7} {engine:<5} unavailable: {row['unavailable'][:150]}")
+                echo(f"{which:<7} {engine:<7} unavailable: {row['unavailable'][:150]}")
                 continue
             base = base or row
             row["vs_hf"] = row["tokens_per_s"] / base["tokens_per_s"]
-            echo(f"{which:<7} {engine:<5} {row['tokens']:>7} {row['tokens_per_s']:>9.0f} {row['vs_hf']:>5.2f}x  "
+            echo(f"{which:<7} {engine:<7} {row['tokens']:>7} {row['tokens_per_s']:>9.0f} {row['vs_hf']:>5.2f}x  "
                  f"{row['iteration_s']:.2f} ({row['generate_s']:.2f}/{row['score_s']:.2f}/{row['train_s']:.2f})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@ side by side in one run: the same tiny Llama (4 layers, hidden 256, 4 heads of 6
 384, random weights), 4 prompts x 4 completions x 32 new tokens, a group baseline, k3 KL to a frozen
 reference in the loss (beta 0.04), one epoch over one minibatch, AdamW, fp32 on CPU. rlhf runs its
 own ``make_experience`` + ``update`` (on-policy: no separate old-log-prob forward) with the ``hf``
-engine, with and without fused-linear, and with the ``vllm`` engine where vLLM is installed. Median seconds per iteration after two warm-up ones.
+engine (Hugging Face ``generate``, and its own decode loop ``loop: rlhf``), with and without
+fused-linear, and with the ``vllm`` engine where vLLM is installed. Median seconds per iteration after two warm-up ones.
 Used by ``benchmarks/bench_e2e.py --trl``.
 """
 from __future__ import annotations
@@ -50,6 +51,15 @@ def rlhf_iteration_seconds(steps: int, fused: bool, engine: str = "hf") -> float
                        KLController(0.04, False, 6.0, 10000), fused=fused)
     score = lambda p, r: torch.tensor(reward(p, r))  # noqa: E731
     generator = None
+    if engine == "hf-loop":  # the hf engine with its own decode loop (loop: rlhf)
+        import types
+
+        from rlhf_plugins.ppo.generators import HFGenerator
+        from rlhf_plugins.ppo.stage import Rollouts
+
+        ctx = types.SimpleNamespace(device=torch.device("cpu"), seed=0, name="ppo")
+        generator = Rollouts(types.SimpleNamespace(kind="generator", name="hf", plugin="bench"),
+                             HFGenerator(ctx, policy, tokenizer, loop="rlhf"))
     if engine == "vllm":
         import types
 
@@ -105,7 +115,8 @@ def run(steps: int = 6, echo=print) -> dict:
     """rlhf (logits path and fused-linear) and TRL, side by side; returns seconds per iteration."""
     from rlhf_plugins.vllm_engine import vllm_unavailable
 
-    out = {"rlhf": rlhf_iteration_seconds(steps, fused=False), "rlhf_fused": rlhf_iteration_seconds(steps, fused=True)}
+    out = {"rlhf": rlhf_iteration_seconds(steps, fused=False), "rlhf_fused": rlhf_iteration_seconds(steps, fused=True),
+           "rlhf_loop": rlhf_iteration_seconds(steps, fused=False, engine="hf-loop")}
     if not vllm_unavailable():
         out["rlhf_vllm"] = rlhf_iteration_seconds(steps, fused=True, engine="vllm")
     try:
@@ -116,6 +127,7 @@ def run(steps: int = 6, echo=print) -> dict:
     if "trl_grpo" in out:
         echo(f"rlhf is {out['trl_grpo'] / out['rlhf']:.2f}x the speed of TRL's GRPOTrainer "
              f"({out['trl_grpo'] / out['rlhf_fused']:.2f}x with fused-linear"
+             + f", {out['trl_grpo'] / out['rlhf_loop']:.2f}x with loop: rlhf"
              + (f", {out['trl_grpo'] / out['rlhf_vllm']:.2f}x with vllm" if "rlhf_vllm" in out else "") + ")")
     return out
 

@@ -16,7 +16,10 @@ from .data import IGNORE_INDEX, encode_prompt, pad
 
 
 #: The supported plugin API of this module (see README "Plugin API").
-__all__ = ["Rollout", "make_rollout", "pad_prompts", "generate", "evaluate_samples", "position_ids"]
+__all__ = ["Rollout", "make_rollout", "pad_prompts", "generate", "evaluate_samples", "position_ids", "sample_tokens"]
+
+#: ``generate(..., loop=)``: Hugging Face ``generate``, or rlhf's own decode loop (see :func:`generate`).
+LOOPS = ("generate", "rlhf")
 
 @dataclass
 class Rollout:
@@ -45,19 +48,77 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-             top_p: float, device: torch.device) -> Rollout:
-    """Sample one response per prompt row with HF ``generate`` (KV cache, sampling)."""
+             top_p: float, device: torch.device, loop: str = "generate") -> Rollout:
+    """Sample one response per prompt row (KV cache, temperature, nucleus ``top_p``, EOS ends a row).
+
+    ``loop``: ``generate`` = Hugging Face ``generate`` (any model it supports); ``rlhf`` = a plain
+    decode loop over the model's forward (a ``DynamicCache``, ``logits_to_keep=1``) that samples
+    with :func:`sample_tokens` — on CPU ``generate``'s sampler draws one exponential per vocabulary
+    entry per row per step (``torch.multinomial``), which at a 32k vocabulary is a third of the
+    decode time; the same distribution, different random draws."""
     ids, attn = pad_prompts(tokenizer, prompt_ids, device)  # [B, P]
     # Under FSDP every rank must run the same number of forward passes: synced_gpus keeps a rank
     # whose responses all ended stepping until every rank's have. A DDP replica generates alone.
-    several = dist_utils.world_size() > 1
+    several = dist_utils.world_size() > 1 and not dist_utils.is_ddp(policy)
     with dist_utils.gathered(policy):
+        if loop == "rlhf":
+            response = _decode(dist_utils.unwrap(policy), ids, attn, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, eos=tokenizer.eos_token_id,
+                               pad=tokenizer.pad_token_id, synced=several)
+            return make_rollout(tokenizer, ids, attn, response)
         out = dist_utils.unwrap(policy).generate(
             input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            synced_gpus=several and not dist_utils.is_ddp(policy),
+            synced_gpus=several,
         )
     return make_rollout(tokenizer, ids, attn, out[:, ids.shape[1]:])
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """One token per row ``[B]`` from ``softmax(logits [B, V] / temperature)``, restricted to the
+    nucleus (the fewest most likely tokens whose probability reaches ``top_p``, renormalised), by
+    inverse-CDF sampling: one uniform per row against the float64 cumulative sum, so a token of
+    probability 0 is never drawn. Draws from torch's global RNG on the logits' device."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs * ((probs.cumsum(dim=-1) - probs) < top_p)  # the mass before a token is below top_p
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    index = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
+    return (order.gather(-1, index) if order is not None else index).squeeze(1)
+
+
+def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, max_new_tokens: int, temperature: float, top_p: float,
+            eos: int, pad: int, synced: bool) -> torch.Tensor:
+    """Response tokens ``[B, R]`` (pad after a row's EOS) from left-padded prompts, one forward per
+    step; ``synced``: every rank keeps stepping until every rank's rows have ended (sharded models)."""
+    from transformers import DynamicCache
+
+    batch, width = ids.shape
+    positions = position_ids(attn)
+    mask = torch.ones(batch, width + max_new_tokens, dtype=attn.dtype, device=attn.device)
+    mask[:, :width] = attn
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    positions = positions[:, -1:]
+    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        token = sample_tokens(logits, temperature, top_p).masked_fill_(done, pad)
+        tokens.append(token)
+        done |= token == eos
+        remaining = (~done).sum()
+        if synced:
+            remaining = dist_utils.all_reduce_sum(remaining)
+        if step == max_new_tokens - 1 or int(remaining) == 0:
+            break
+        positions = positions + 1
+        logits = model(input_ids=token.unsqueeze(1), attention_mask=mask[:, :width + step + 1], position_ids=positions,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+    return torch.stack(tokens, dim=1)
 
 
 def make_rollout(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response: torch.Tensor,

@@ -168,6 +168,10 @@ class PPOModels:
     policy_params: list[torch.nn.Parameter] = field(default_factory=list)
     shared: Any = None
 
+    def __post_init__(self):
+        if not self.policy_params:  # built by hand (tests, benchmarks): every trainable policy parameter
+            self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
+
 
 class PPOStage:
     """setup (models, reward, estimator) -> loop (rollout -> Experience -> update) -> save."""

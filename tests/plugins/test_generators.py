@@ -4,6 +4,7 @@ named; the vLLM engine (when installed) matches the policy after weight pushes a
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -39,6 +40,57 @@ def test_hf_engine_gives_the_same_rollouts_as_generate(tmp_path):
     got = HFGenerator(ctx_stub(tmp_path), policy, tokenizer).generate(prompts, max_new_tokens=8, temperature=1.0, top_p=0.9)
     assert torch.equal(got.sequences, want.sequences) and torch.equal(got.mask, want.mask)
     assert got.responses == want.responses and got.logprobs is None
+
+
+def test_sample_tokens_draws_from_the_tempered_nucleus():
+    """Inverse-CDF sampling: frequencies match softmax(logits / T) (4 sigma), -inf and tokens
+    outside the top-p nucleus are never drawn, renormalised inside it."""
+    from rlhf_core.sampling import sample_tokens
+
+    torch.manual_seed(0)
+    n = 200_000
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5])
+    for temperature in (1.0, 0.7):
+        p = torch.softmax(logits / temperature, -1)
+        counts = torch.bincount(sample_tokens(logits.repeat(n, 1), temperature), minlength=6).double() / n
+        assert torch.all((counts - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-12), (counts, p)
+        assert counts[4] == 0
+    p = torch.softmax(logits, -1)  # 0.575, 0.212, 0.078, 0.029, 0, 0.128: top_p 0.85 keeps tokens 0, 1, 5
+    counts = torch.bincount(sample_tokens(logits.repeat(n, 1), 1.0, 0.85), minlength=6).double() / n
+    kept = (p[[0, 1, 5]] / p[[0, 1, 5]].sum()).double()
+    assert counts[[2, 3, 4]].sum() == 0
+    assert torch.allclose(counts[[0, 1, 5]], kept, atol=4 * (0.25 / n) ** 0.5)
+
+
+def test_the_rlhf_decode_loop_follows_the_model_like_generate(tmp_path):
+    """loop: rlhf, near-greedy (temperature 1e-4), on left-padded prompts of different lengths:
+    the same tokens as Hugging Face greedy decoding, so the cache, positions and mask are right;
+    rows end at EOS like generate's."""
+    policy, tokenizer = load_causal_lm(CFG, seed=0).eval(), load_tokenizer(CFG)
+    prompts = [encode_prompt(tokenizer, p) for p in ("abc", "hello there, how", "x")]
+    ids, attn = pad_prompts(tokenizer, prompts, torch.device("cpu"))
+    greedy = policy.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=12,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    want = make_rollout(tokenizer, ids, attn, greedy[:, ids.shape[1]:])
+    got = HFGenerator(ctx_stub(tmp_path), policy, tokenizer, loop="rlhf").generate(
+        prompts, max_new_tokens=12, temperature=1e-4, top_p=1.0)
+    width = min(got.labels.shape[1], want.labels.shape[1])
+    assert torch.equal(got.mask[:, :width], want.mask[:, :width]) and got.responses == want.responses
+    with pytest.raises(ValueError, match="hf: loop must be one of generate, rlhf, got 'fast'"):
+        HFGenerator.check_options(loop="fast")
+
+
+def test_ppo_with_the_rlhf_loop_on_one_and_two_processes(tmp_path):
+    """A PPO run with generator {name: hf, loop: rlhf} on 1 and on 2 FSDP processes (ranks keep
+    stepping together until every rank's rows have ended)."""
+    for n in (1, 2):
+        out = tmp_path / f"run{n}"
+        done = subprocess.run([sys.executable, "-m", "rlhf_core.cli", "run", "--out", str(out), "--nproc", str(n),
+                               "--set", TINY_PPO, "--set", "stages.ppo.generator={name: hf, loop: rlhf}"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if r["stage"] == "ppo" and "reward_mean" in r] == [1, 2, 3]
 
 
 class Recording:
