@@ -16,7 +16,7 @@ from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
 from rlhf_core.distributed import all_reduce_sum, masked_mean
 from rlhf_core.data import collate_sft, data_inputs, dataset_components, load_split, shift_labels, tokenize_sft
 from rlhf_core.interfaces import StageError, StageInput, StageResult
-from rlhf_core.models import fused_linear_problems, linear_head, save_causal_lm, use_fused_linear
+from rlhf_core.models import fused_linear_problems, root_call, save_causal_lm, use_fused_linear
 from rlhf_core.training import Trainer, make_loader, total_steps
 
 
@@ -67,11 +67,10 @@ def fused_blocker(config: SFTConfig) -> str:
 def sft_loss_terms(model, batch, loss_fn, options: dict, backend: str | None, fused_linear: bool):
     """``(loss, metrics)`` of one batch: logits path through the registered loss, or the fused path."""
     labels = shift_labels(batch["labels"])
-    if fused_linear:
-        decoder, weight, _ = linear_head(model)
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        loss = rlhf_kernels.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight.to(hidden.dtype),
-                                                 labels.reshape(-1), backend=backend)
+    if fused_linear:  # inside the model's forward: a sharded LM head is gathered there (root_call)
+        loss = root_call(model, lambda hidden, weight: rlhf_kernels.linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), weight.to(hidden.dtype), labels.reshape(-1), backend=backend),
+            batch["input_ids"], batch["attention_mask"])
         return loss, {"tokens": float((labels != -100).sum())}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return loss_fn(logits, labels, backend=backend, **options)
@@ -87,7 +86,7 @@ class SFTStage:
         return [("loss", config.loss, "loss", ("token",)), *dataset_components(config.data, "data")]
 
     def validate(self, config: SFTConfig, registry) -> list[str]:
-        """``fused_linear: true`` computes plain token-mean cross-entropy only, in one process."""
+        """``fused_linear: true`` computes plain token-mean cross-entropy only."""
         return fused_linear_problems(config.fused_linear, fused_blocker(config))
 
     def inputs(self, config: SFTConfig, registry) -> list[StageInput]:

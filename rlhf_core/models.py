@@ -8,11 +8,12 @@ off unless the config turns it on. Weights are saved as safetensors.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,7 +27,7 @@ from .tracking import is_main_process
 #: The supported plugin API of this module (see README "Plugin API").
 __all__ = ["ModelLoadError", "ScalarHeadModel", "load_causal_lm", "load_tokenizer", "save_causal_lm",
            "is_reward_model_dir", "apply_lora", "is_lora", "is_adapter_dir", "merge_lora_state", "linear_head",
-           "use_fused_linear", "fused_linear_problems", "plain_model", "lora_scope", "SharedBackbone",
+           "use_fused_linear", "fused_linear_problems", "plain_model", "lora_scope", "SharedBackbone", "root_call",
            "AdapterScalarModel", "score_at_last_token"]
 
 BUILTIN_TINY = "builtin:tiny"
@@ -191,52 +192,92 @@ def save_causal_lm(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
     return directory
 
 
-def linear_head(model: nn.Module) -> tuple[nn.Module | None, torch.Tensor | None, str]:
-    """``(decoder, weight, "")`` when a causal LM's logits are exactly ``decoder(...).last_hidden_state
-    @ weight.T`` (a plain bias-free linear head, no logit scaling or soft-capping): what the
-    fused-linear kernels need. Otherwise ``(None, None, why)``. Looks through DDP and peft wrappers
-    (with LoRA the decoder's adapters are live, and ``disable_adapter()`` turns them off)."""
+def linear_head(model: nn.Module) -> tuple[nn.Module | None, str]:
+    """``(head, "")`` when a causal LM's logits are exactly ``last_hidden_state @ head.weight.T``
+    (a plain bias-free ``nn.Linear``, no logit scaling or soft-capping): what the fused-linear
+    kernels need (run them through :func:`root_call`). Otherwise ``(None, why)``. Looks through DDP
+    and peft wrappers."""
     inner = plain_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     config = getattr(inner, "config", None)
     scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
               if getattr(config, k, None) not in (None, 1.0)]
     if type(head) is not nn.Linear or head.bias is not None:
-        return None, None, f"the LM head of {type(inner).__name__} is not a plain bias-free linear layer"
+        return None, f"the LM head of {type(inner).__name__} is not a plain bias-free linear layer"
     if scaled:
-        return None, None, f"{type(inner).__name__} scales or soft-caps its logits ({scaled[0]})"
-    return inner.base_model, head.weight, ""
+        return None, f"{type(inner).__name__} scales or soft-caps its logits ({scaled[0]})"
+    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+        return None, f"{type(inner).__name__}.forward has no logits_to_keep argument (needed to skip the LM head)"
+    return head, ""
 
 
-SEVERAL_PROCESSES = "not yet available with several processes (the LM head is read outside the sharded forward)"
+def root_call(model: nn.Module, then: Callable[[torch.Tensor, torch.Tensor], Any], input_ids: torch.Tensor,
+              attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> Any:
+    """``then(hidden [B, T, H], head_weight [V, H])`` computed *inside* the causal LM's own forward
+    (called through ``model``: a DDP or peft wrapper, an FSDP root), where ``hidden`` is the
+    decoder's last hidden state and no logits are computed (``logits_to_keep`` selects no position).
+    Inside the root forward the root's parameters (embeddings, LM head, a :class:`SharedBackbone`'s
+    heads) are gathered when sharded, and whatever ``then`` returns is the forward's output, so
+    FSDP gathers them again for the backward and reduces their gradients like any weight's — the
+    fused-linear kernels and scalar heads run the same with 1 or N processes. Returns ``then``'s
+    result (tensors and anything else, e.g. a dict of floats)."""
+    inner = plain_model(model)
+    probe = _probe(inner)
+    probe["then"] = then
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device))
+    finally:
+        probe["then"], probe["hidden"] = None, None
+    return out["rlhf"]
+
+
+def _probe(inner: nn.Module) -> dict:
+    """The hooks :func:`root_call` works through, installed once per model: the decoder's forward
+    keeps its last hidden state; the root's forward (hook prepended, so it runs before FSDP's own
+    post-forward hook whenever it was installed) replaces its output with ``then``'s."""
+    probe = getattr(inner, "_rlhf_probe", None)
+    if probe is not None:
+        return probe
+    probe = {"then": None, "hidden": None}
+
+    def keep_hidden(module, args, output):
+        if probe["then"] is not None:
+            probe["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def apply(module, args, output):
+        if probe["then"] is None:
+            return output
+        hidden, probe["hidden"] = probe["hidden"], None
+        return {"rlhf": probe["then"](hidden, module.get_output_embeddings().weight)}
+
+    inner.base_model.register_forward_hook(keep_hidden)
+    inner.register_forward_hook(apply, prepend=True)
+    inner._rlhf_probe = probe
+    return probe
 
 
 def fused_linear_problems(setting: bool | str, blocker: str) -> list[str]:
     """A stage's ``validate`` check of ``fused_linear: true``: what :func:`use_fused_linear` would
-    refuse at run time that is already known from the config (the stage's ``blocker``, several
-    processes), reported before any model loads."""
-    from .distributed import planned_world_size
-
-    if setting is not True:
-        return []
-    why = blocker or (SEVERAL_PROCESSES if planned_world_size() > 1 else "")
-    return [f"fused_linear: {why}; set it to auto or false"] if why else []
+    refuse at run time that is already known from the config (the stage's ``blocker``), reported
+    before any model loads."""
+    return [f"fused_linear: {blocker}; set it to auto or false"] if setting is True and blocker else []
 
 
 def use_fused_linear(setting: bool | str, stage: str, models: list[nn.Module | None], blocker: str = "") -> bool:
     """A stage's ``fused_linear`` option: ``True`` (an error naming the reason when it cannot be),
     ``False``, or ``"auto"``: on when nothing blocks it, else off with a one-line notice saying why.
-    Blocked by ``blocker`` (the stage's own reason, e.g. a loss that reads the logits), by several
-    processes, or by a model whose head is not a plain linear layer (see :func:`linear_head`)."""
-    from .distributed import world_size
+    Blocked by ``blocker`` (the stage's own reason, e.g. a loss that reads the logits) or by a model
+    whose head is not a plain linear layer (see :func:`linear_head`). Works sharded: the kernels
+    run inside the model's forward (:func:`root_call`)."""
     from .interfaces import StageError
 
     if setting is False:
         return False
-    why = blocker or (SEVERAL_PROCESSES if world_size() > 1 else "")
+    why = blocker
     for model in models:
         if model is not None and not why:
-            why = linear_head(model)[2]
+            why = linear_head(model)[1]
     if not why:
         return True
     if setting is True:
@@ -443,9 +484,8 @@ class SharedBackbone:
     sharded, checkpointed and (for a trainable critic) optimised like its other weights, and are
     left out of every policy export (:func:`save_causal_lm`, :func:`merge_lora_state`).
 
-    A scalar forward is the policy's own forward (the FSDP root, so sharded weights are gathered)
-    with the adapter switched (:func:`lora_scope`), no logits (``logits_to_keep`` selects no
-    position) and the head applied to the decoder's last hidden state inside that forward.
+    A scalar forward is the policy's own forward with the adapter switched (:func:`lora_scope`) and
+    the head applied to the decoder's last hidden state inside it, without logits (:func:`root_call`).
     """
 
     def __init__(self, policy: nn.Module, lora_cfg: Any, *, required: bool = False):
@@ -456,14 +496,9 @@ class SharedBackbone:
         self.heads = nn.ModuleDict()
         self.trainable: dict[str, bool] = {}
         self.sealed = False
-        self._want: str | None = None
-        self._hidden: torch.Tensor | None = None
         params = inspect.signature(self.model.forward).parameters
         self.problem = "" if "logits_to_keep" in params else (
             f"{type(self.model).__name__}.forward has no logits_to_keep argument (needed to skip the LM head)")
-        if not self.problem:
-            self.model.base_model.register_forward_hook(self._keep_hidden)
-            self.model.register_forward_hook(self._apply_head)
 
     def why_not(self, source: str) -> str:
         """Why the scalar model saved in ``source`` cannot be an adapter on this base ("" when it can):
@@ -551,19 +586,6 @@ class SharedBackbone:
         model = self.policy if model is None else model
         return [p for n, p in model.named_parameters() if p.requires_grad and self.owner(n) == name]
 
-    def _keep_hidden(self, module, args, output) -> None:
-        if self._want is not None:
-            self._hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-    def _apply_head(self, module, args, output):
-        if self._want is None:
-            return output
-        hidden, self._hidden = self._hidden, None
-        # Inside the root forward, so that FSDP treats the values as its output (gathered head,
-        # gradients reduced in the root's backward).
-        # [B, T, 1] -> [B, T] by a sum over the size-1 axis: a new tensor (FSDP warns about returning views)
-        return {"values": self.heads[self._want](hidden).float().sum(-1)}
-
 
 class AdapterScalarModel:
     """A reward model or critic that is an adapter and a head on a :class:`SharedBackbone`: called
@@ -579,14 +601,13 @@ class AdapterScalarModel:
         training = model.training
         if not shared.trainable[self.name]:
             model.eval()
+        head = shared.heads[self.name]
         try:
             with self.scope():
-                shared._want = self.name
-                values = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long,
-                                                                           device=input_ids.device))["values"]
+                # [B, T, 1] -> [B, T] by a sum over the size-1 axis: a new tensor (FSDP warns about returning views)
+                values = root_call(model, lambda hidden, _: head(hidden).float().sum(-1), input_ids, attention_mask,
+                                   position_ids)
         finally:
-            shared._want = None
             model.train(training)
         return score_at_last_token(values, attention_mask) if score else values
 

@@ -12,7 +12,7 @@ import torch
 
 import rlhf_kernels
 from rlhf_core.data import IGNORE_INDEX, append_column
-from rlhf_core.models import linear_head
+from rlhf_core.models import root_call
 from rlhf_core.sampling import Rollout, position_ids
 
 
@@ -58,16 +58,14 @@ def widen(t: torch.Tensor, value: float | int) -> torch.Tensor:
     return append_column(t, value)
 
 
-def response_hidden(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int):
-    """``(hidden [B, R + 1, H], head weight [V, H])``: the last hidden states at the positions of
-    :func:`response_logits` and the LM head they are multiplied with, for the fused-linear path
-    (the ``[B, R + 1, V]`` logits are never computed). The weight is cast to the hidden dtype."""
-    decoder, weight, why = linear_head(model)
-    if weight is None:
-        raise ValueError(f"fused_linear: {why}")
-    hidden = decoder(input_ids=sequences, attention_mask=attention_mask,
-                     position_ids=position_ids(attention_mask)).last_hidden_state
-    return hidden[:, prompt_len - 1:], weight.to(hidden.dtype)
+def response_hidden(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, then):
+    """``then(hidden [B, R + 1, H], head weight [V, H])`` for the fused-linear path: the last hidden
+    states at the positions of :func:`response_logits` and the LM head they are multiplied with
+    (cast to the hidden dtype), computed inside the model's forward (:func:`root_call`, so a
+    sharded head is gathered, and its gradient reduced), without the ``[B, R + 1, V]`` logits.
+    Returns what ``then`` returns."""
+    return root_call(model, lambda hidden, weight: then(hidden[:, prompt_len - 1:], weight.to(hidden.dtype)),
+                     sequences, attention_mask, position_ids(attention_mask))
 
 
 @torch.no_grad()
@@ -91,8 +89,11 @@ def score_tokens(model, rollout: Rollout, backend: str | None, with_entropy: boo
     """``(logprobs [B, R], entropy [B, R] or None)`` of the response tokens under ``model``; with
     ``fused``, from the last hidden states and the LM head without building the logits."""
     args = (model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
-    out, head = response_hidden(*args) if fused else (response_logits(*args), None)
-    logp, entropy = token_scores(out, head, widen(rollout.labels, IGNORE_INDEX), backend, with_entropy)
+    labels = widen(rollout.labels, IGNORE_INDEX)
+    if fused:
+        logp, entropy = response_hidden(*args, lambda out, head: token_scores(out, head, labels, backend, with_entropy))
+    else:
+        logp, entropy = token_scores(response_logits(*args), None, labels, backend, with_entropy)
     return logp[:, :-1], entropy[:, :-1] * rollout.mask if entropy is not None else None
 
 

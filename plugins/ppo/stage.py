@@ -466,15 +466,17 @@ def update(models: PPOModels, exp: Experience, loss_fn, config: PPOConfig, backe
                              beta=models.kl.value, entropy_coef=config.entropy_coef, backend=backend)
             with autocast_context(config.mixed_precision, mask.device):
                 if models.fused:
-                    hidden, head = response_hidden(models.policy, roll.sequences[idx], roll.attention_mask[idx],
-                                                   roll.prompt_len)
-                    if fill:
-                        old_w[idx], entropy = token_scores(hidden.detach(), head.detach(), labels_w[idx], backend)
-                        exp.entropy[idx] = entropy[:, :-1]
-                    loss, m = fused_policy_objective(
-                        hidden.reshape(-1, hidden.shape[-1]), head, labels_w[idx].reshape(-1), old_w[idx].reshape(-1),
-                        adv_w[idx].reshape(-1), ref_w[idx].reshape(-1), mask_w[idx].reshape(-1),
-                        clip_eps=config.loss.options.get("clip_eps", 0.2), **penalties)
+                    def objective(hidden, head, idx=idx, penalties=penalties):  # inside the policy's forward
+                        if fill:
+                            old_w[idx], entropy = token_scores(hidden.detach(), head.detach(), labels_w[idx], backend)
+                            exp.entropy[idx] = entropy[:, :-1]
+                        return fused_policy_objective(
+                            hidden.reshape(-1, hidden.shape[-1]), head, labels_w[idx].reshape(-1),
+                            old_w[idx].reshape(-1), adv_w[idx].reshape(-1), ref_w[idx].reshape(-1),
+                            mask_w[idx].reshape(-1), clip_eps=config.loss.options.get("clip_eps", 0.2), **penalties)
+
+                    loss, m = response_hidden(models.policy, roll.sequences[idx], roll.attention_mask[idx],
+                                              roll.prompt_len, objective)
                 else:
                     logits = response_logits(models.policy, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
                     if fill:

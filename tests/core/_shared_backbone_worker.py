@@ -1,6 +1,6 @@
 """Run under torchrun (1 or 2 processes): a LoRA policy whose reward model and critic are adapters +
-heads on its frozen base, FSDP2-sharded over the processes; a few policy and critic steps on a
-fixed batch, each rank taking its share. Rank 0 writes the rewards, the critic's values and every
+heads on its frozen base, FSDP2-sharded over the processes; a few policy (fused-linear log-probs,
+inside the sharded forward) and critic steps on a fixed batch, each rank taking its share. Rank 0 writes the rewards, the critic's values and every
 trained tensor to argv[2] (a torch file), so that 2 processes can be compared with 1."""
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import sys
 
 import torch
 
+import rlhf_kernels
 from rlhf_core import distributed as dist_utils
 from rlhf_core.config import DistributedConfig, LoraConfig, ModelConfig
-from rlhf_core.models import SharedBackbone, apply_lora, load_causal_lm
+from rlhf_core.models import SharedBackbone, apply_lora, load_causal_lm, root_call
 
 if __name__ == "__main__":
     dist_utils.init("cpu")
@@ -33,8 +34,10 @@ if __name__ == "__main__":
     tokens = float(mask.sum())  # the global token count: each rank's loss is its share of the global mean
     for _ in range(2):
         policy.train()
-        logits = policy(input_ids=ids[rows], attention_mask=mask[rows]).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[rows, 1:].unsqueeze(-1)).squeeze(-1)
+        # the policy's token log-probs through the fused-linear kernel, inside the sharded forward
+        logp = root_call(policy, lambda hidden, weight: rlhf_kernels.linear_token_logprobs(
+            hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight, ids[rows, 1:].reshape(-1)).view(len(rows), -1),
+            ids[rows], mask[rows])
         loss = -(logp * mask[rows, 1:]).sum() / tokens * dist_utils.world_size()
         opt.zero_grad(set_to_none=True)
         loss.backward()

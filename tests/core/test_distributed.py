@@ -70,7 +70,8 @@ def one_process(tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_two_processes_train_the_same_weights_as_one(one_process, tmp_path, strategy):
-    """Global batch 8 (grad_accum 2), 7 (uneven shares) and pairwise 6: the same final weights.
+    """Global batch 8 (grad_accum 2), 7 (uneven shares) and pairwise 6: the same final weights
+    (SFT through the fused-linear kernels on the sharded or replicated LM head on both sides).
 
     Floating-point noise (another summation order, other padded widths per share) is ~1e-7 in the
     gradients; Adam's first steps turn the noise on near-zero gradient entries into up to lr-sized
@@ -79,6 +80,7 @@ def test_two_processes_train_the_same_weights_as_one(one_process, tmp_path, stra
     cfg.write_text(SFT_REWARD.format(strategy=strategy))
     result = rlhf("run", str(cfg), "--out", str(tmp_path / "run"), "--nproc", "2")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "fused_linear off" not in result.stdout  # SFT's loss from the sharded LM head, inside the forward
     for stage in ("sft", "reward", "pairs"):
         assert max_diff(one_process / stage, tmp_path / "run" / stage) <= 1e-5, stage
     one = [json.loads(x) for x in (one_process / "metrics.jsonl").read_text().splitlines()]

@@ -165,14 +165,17 @@ def test_lora_targets_that_match_nothing_and_adapters_without_a_base_are_clear_e
         load_causal_lm(CFG, str(out))
 
 
-def test_fused_linear_true_with_several_processes_is_a_config_error(registry, monkeypatch):
+def test_fused_linear_true_is_accepted_with_several_processes_but_not_with_another_loss(registry, monkeypatch):
+    """fused_linear runs inside the sharded forward (root_call), so several processes are fine;
+    a loss the fused path does not compute is still refused before anything loads."""
     from rlhf_core.config import ConfigError, load_raw, resolve
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     for stage in ("sft", "ppo"):
-        with pytest.raises(ConfigError, match=rf"stages\[\d\].fused_linear: not yet available with several processes "
-                                              r"\(the LM head is read outside the sharded forward\); set it to auto or false"):
-            resolve(load_raw(None, [f"stages.{stage}.fused_linear=true"]), registry)
+        resolve(load_raw(None, [f"stages.{stage}.fused_linear=true"]), registry)
+    with pytest.raises(ConfigError, match=r"stages\[\d\].fused_linear: computes token-mean cross_entropy only"):
+        resolve(load_raw(None, ["stages.sft.fused_linear=true",
+                                "stages.sft.loss={name: cross_entropy, aggregation: sequence_mean}"]), registry)
 
 
 # ----------------------------------------------------------------------------- one frozen base for policy, reward, critic
@@ -221,6 +224,15 @@ def test_reward_and_critic_share_the_policys_frozen_base_and_score_like_their_ow
     # one copy of the base: everything beyond the policy's own weights is three adapters and two heads
     base = sum(p.numel() for n, p in policy.named_parameters() if ".lora_" not in n and "rlhf_heads." not in n)
     assert base == sum(p.numel() for p in load_causal_lm(CFG, seed=0).parameters())
+
+    # no [B, T, V] tensor: the LM head sees no position (logits_to_keep selects none)
+    vocab, shapes = policy.config.vocab_size, []
+    hooks = [m.register_forward_hook(lambda mod, i, o: shapes.append(getattr(o, "shape", None))) for m in policy.modules()]
+    with torch.no_grad():
+        reward(ids, mask)
+    for h in hooks:
+        h.remove()
+    assert shapes and not any(s is not None and len(s) and s[-1] == vocab and s.numel() > 0 for s in shapes)
 
     original.train()
     critic(ids, mask).sum().backward()
