@@ -206,9 +206,15 @@ def linear_head(model: nn.Module) -> tuple[nn.Module | None, str]:
         return None, f"the LM head of {type(inner).__name__} is not a plain bias-free linear layer"
     if scaled:
         return None, f"{type(inner).__name__} scales or soft-caps its logits ({scaled[0]})"
+    why = _cannot_skip_logits(inner)
+    return (None, why) if why else (head, "")
+
+
+def _cannot_skip_logits(inner: nn.Module) -> str:
+    """Why :func:`root_call` cannot run ``inner``'s forward without logits ("" when it can)."""
     if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
-        return None, f"{type(inner).__name__}.forward has no logits_to_keep argument (needed to skip the LM head)"
-    return head, ""
+        return f"{type(inner).__name__}.forward has no logits_to_keep argument (needed to skip the LM head)"
+    return ""
 
 
 def root_call(model: nn.Module, then: Callable[[torch.Tensor, torch.Tensor], Any], input_ids: torch.Tensor,
@@ -478,7 +484,8 @@ class SharedBackbone:
     frozen base weights: one copy of the base in memory instead of one per model.
 
     ``policy`` is a model from :func:`apply_lora` (its adapter is peft's ``default``), not yet
-    sharded; ``required``: a model that cannot share is an error (``shared_backbone: true``). :meth:`add` puts a named adapter and head on it and returns an
+    sharded; ``required``: a model that cannot share is an error (``shared_backbone: true``).
+    :meth:`add` puts a named adapter and head on it and returns an
     :class:`AdapterScalarModel` that scores like a :class:`ScalarHeadModel`; :meth:`seal` (before
     :func:`rlhf_core.distributed.wrap`) attaches the heads to the policy's model, so that they are
     sharded, checkpointed and (for a trainable critic) optimised like its other weights, and are
@@ -489,16 +496,12 @@ class SharedBackbone:
     """
 
     def __init__(self, policy: nn.Module, lora_cfg: Any, *, required: bool = False):
-        import inspect
-
         self.policy, self.lora_cfg, self.required = policy, lora_cfg, required
         self.model = policy.get_base_model()  # the Hugging Face causal LM the adapters are injected into
         self.heads = nn.ModuleDict()
         self.trainable: dict[str, bool] = {}
         self.sealed = False
-        params = inspect.signature(self.model.forward).parameters
-        self.problem = "" if "logits_to_keep" in params else (
-            f"{type(self.model).__name__}.forward has no logits_to_keep argument (needed to skip the LM head)")
+        self.problem = _cannot_skip_logits(self.model)
 
     def why_not(self, source: str) -> str:
         """Why the scalar model saved in ``source`` cannot be an adapter on this base ("" when it can):
