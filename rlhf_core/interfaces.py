@@ -91,7 +91,6 @@ class StageContext:
     checkpointer: Checkpointer | None = None
     shared: Any = None  # a SharedBackbone while a stage builds models that may share its policy's base
 
-
     def wrap(self, model: torch.nn.Module, *, trainable: bool = True) -> torch.nn.Module:
         """Prepare a model for this run's processes: gradient checkpointing for trainable models
         when ``model.gradient_checkpointing`` is on, then sharding as ``distributed:`` says (a no-op
@@ -183,12 +182,10 @@ class StageContext:
                 raise StageError(f"stage {self.name!r}: shared_backbone is true, but the {name} cannot share the "
                                  f"policy's base weights: {why}; set shared_backbone: auto to give it its own copy")
             if not why:
-                taken, base = self.shared.trainable, name
-                for i in range(2, 2 + len(taken)):  # a second reward-model judge (gold) gets reward_2
-                    name = name if name not in taken else f"{base}_{i}"
+                view = self.shared.add(name, source, trainable=trainable)
                 if is_main_process():
-                    print(f"{self.name}: {name} = LoRA adapter + head on the policy's frozen base weights (no copy)")
-                return self.shared.add(name, source, trainable=trainable)
+                    print(f"{self.name}: {view.name} = LoRA adapter + head on the policy's frozen base weights (no copy)")
+                return view
             if is_main_process():
                 print(f"{self.name}: {name} keeps its own copy of the weights ({why})")
         model_cfg = self.run_config.model

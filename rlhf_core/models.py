@@ -398,9 +398,7 @@ class ScalarHeadModel(nn.Module):
     def __init__(self, backbone: nn.Module, hidden_size: int):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
-        nn.init.zeros_(self.head.bias)
+        self.head = scalar_head(hidden_size)
 
     @classmethod
     def from_causal_lm(cls, causal_lm: nn.Module) -> "ScalarHeadModel":
@@ -468,6 +466,14 @@ def is_reward_model_dir(path: str | Path) -> bool:
     return (Path(path) / REWARD_MARKER).is_file()
 
 
+def scalar_head(hidden_size: int) -> nn.Linear:
+    """A fresh scalar head ``[H] -> [1]``: weights ~ N(0, 1 / (H + 1)), bias 0."""
+    head = nn.Linear(hidden_size, 1)
+    nn.init.normal_(head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 def score_at_last_token(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B]``: each right-padded row's value ``[B, T]`` at its last non-pad token (R_phi(x, y))."""
     last = attention_mask.long().sum(dim=1).clamp(min=1) - 1  # [B]
@@ -521,17 +527,19 @@ class SharedBackbone:
     def add(self, name: str, source: str, *, trainable: bool) -> "AdapterScalarModel":
         """Adapter ``name`` and its head from ``source`` (a LoRA reward model: its adapter and head;
         the policy's own source: a fresh adapter as ``model.lora`` says and a fresh head), frozen
-        unless ``trainable``. Check :meth:`why_not` first."""
+        unless ``trainable``; a name already taken gets a suffix (a second reward-model judge, e.g.
+        gold, is ``reward_2``). Check :meth:`why_not` first."""
         from peft import LoraConfig as PeftLoraConfig
         from peft import set_peft_model_state_dict
 
         why = self.why_not(source)
         if why:
             raise ModelLoadError(f"{name}: cannot share the policy's base weights: {why}")
-        if name in self.trainable or name == POLICY_ADAPTER:
-            raise ModelLoadError(f"{name}: an adapter of that name is already on the policy")
-        hidden_size = self.model.config.get_text_config().hidden_size
-        head = nn.Linear(hidden_size, 1)
+        base_name, n = name, 1
+        while name in self.trainable or name == POLICY_ADAPTER:
+            n += 1
+            name = f"{base_name}_{n}"
+        head = scalar_head(self.model.config.get_text_config().hidden_size)
         if is_reward_model_dir(source):
             adapter_dir = Path(source) / REWARD_ADAPTER
             self.policy.add_adapter(name, PeftLoraConfig.from_pretrained(str(adapter_dir)))
@@ -548,8 +556,6 @@ class SharedBackbone:
             cfg = self.lora_cfg
             self.policy.add_adapter(name, PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                                          target_modules=cfg.target_modules, bias="none"))
-            nn.init.normal_(head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
-            nn.init.zeros_(head.bias)
         self.trainable[name] = trainable
         self.heads[name] = head.to(device=self.model.device, dtype=self.model.dtype)
         self._set_requires_grad()
@@ -558,8 +564,7 @@ class SharedBackbone:
     def seal(self) -> None:
         """Attach the heads to the policy's model (call before sharding); nothing is added after."""
         if self.trainable and not self.sealed:
-            self.model.add_module(SHARED_HEADS, self.heads)
-            self._set_requires_grad()
+            self.model.add_module(SHARED_HEADS, self.heads)  # their requires_grad was set by add
         self.sealed = True
 
     def _set_requires_grad(self) -> None:

@@ -3,8 +3,6 @@ component name and its options against the registry."""
 from __future__ import annotations
 
 import inspect
-
-import inspect
 import typing
 from typing import Any
 
