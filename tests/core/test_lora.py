@@ -331,3 +331,37 @@ def test_shared_and_separate_reward_model_and_critic_give_the_same_first_iterati
                   "--set", "stages.ppo.shared_backbone=true")
     assert result.returncode == 1 and not (tmp_path / "bad" / "sft").exists()
     assert "stages[2].shared_backbone: true needs LoRA (model.lora)" in result.stderr
+
+
+def test_a_reward_model_that_cannot_share_is_named_with_why(tmp_path, registry, monkeypatch):
+    """A reward model trained without LoRA has a backbone of its own: shared_backbone auto keeps
+    its copy and says why; true refuses with the same reason; true with DDP on several processes
+    is a config error. A second adapter of a taken name gets a suffix."""
+    from rlhf_core.config import ConfigError, load_raw, resolve
+
+    whole = ScalarHeadModel.from_causal_lm(load_causal_lm(CFG, seed=0)).save_pretrained(tmp_path / "rm", load_tokenizer(CFG))
+    stage = (f"stages=[{{stage: ppo, init: base, reward: {{name: reward_model, path: '{whole}'}}, iterations: 1, "
+             "prompts_per_batch: 2, minibatch_size: 2, generation: {max_new_tokens: 2}, eval_every: 0, eval_prompts: 0, "
+             "data: {train: 'builtin:letters', builtin_size: 20}}]")
+    why = f"{whole} was not trained with LoRA (no adapter/), so its whole backbone differs"
+    result = rlhf("run", "--out", str(tmp_path / "auto"), "--set", "model.lora={r: 4, alpha: 8}", "--set", stage)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"ppo: reward keeps its own copy of the weights ({why})" in result.stdout
+    result = rlhf("run", "--out", str(tmp_path / "true"), "--set", "model.lora={r: 4, alpha: 8}", "--set", stage,
+                  "--set", "stages.ppo.shared_backbone=true")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (f"stage 'ppo': shared_backbone is true, but the reward cannot share the policy's base weights: {why}; "
+            "set shared_backbone: auto to give it its own copy") in result.stderr
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"stages\[0\].shared_backbone: true does not work with "
+                                          r"distributed.strategy: ddp \(DDP replicates whole modules\); use fsdp"):
+        resolve(load_raw(None, ["model.lora={r: 4}", "distributed.strategy=ddp",
+                                "stages=[{stage: ppo, shared_backbone: true}]"]), registry)
+    monkeypatch.delenv("WORLD_SIZE")
+
+    _, source = lora_reward_dir(tmp_path)
+    from rlhf_core.models import SharedBackbone
+
+    shared = SharedBackbone(lora_model(), LoraConfig(r=4, alpha=8.0))
+    assert [shared.add("reward", str(source), trainable=False).name for _ in range(2)] == ["reward", "reward_2"]
