@@ -18,16 +18,30 @@ from rlhf_core.config import flatten
 
 
 class TensorBoardTracker:
-    """TensorBoard event files in ``RUN_DIR/<log_dir>``: scalars tagged ``<stage>/<metric>`` at the
-    stage's step, the resolved config as text, and at the end the hyper-parameters (every config
-    leaf) with the run's headline numbers. View with ``tensorboard --logdir RUN_DIR/tensorboard``."""
+    """TensorBoard event files in ``RUN_DIR/<log_dir>``: the resolved config as text and, at the end,
+    the hyper-parameters (every config leaf) with the run's headline numbers; each stage's scalars,
+    tagged ``<stage>/<metric>`` at the stage's own step, in ``<log_dir>/<stage>/`` (a TensorBoard run
+    per stage). View with ``tensorboard --logdir RUN_DIR/tensorboard``.
+
+    One writer per stage is what lets ``--resume`` drop what a stage logged after its last checkpoint:
+    every writer starts with a session-start event at its ``purge_step`` (0 for a fresh one), which
+    TensorBoard's readers take as a restart that voids the earlier events of its directory at that step
+    or later (all tags; its Python reader ignores a directory's first start), and each stage counts its
+    steps from 0. :meth:`resume` opens the stage's writer at the step it continues from; the top-level
+    events of an interrupted attempt (config, hparams, summary: all at step 0) are voided too."""
 
     def __init__(self, run_dir: Path, config: dict, *, log_dir: str = "tensorboard", flush_secs: int = 10):
+        self.config = config
+        self.root = Path(run_dir) / log_dir
+        self.flush_secs = flush_secs
+        self.stages: dict[str, Any] = {}  # stage -> its SummaryWriter
+        self.writer = self._writer(self.root)
+        self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```")
+
+    def _writer(self, path: Path, purge_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.config = config
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / log_dir), flush_secs=flush_secs)
-        self.writer.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```")
+        return SummaryWriter(log_dir=str(path), flush_secs=self.flush_secs, purge_step=purge_step)
 
     @staticmethod
     def check_options(*, log_dir: str = "tensorboard", flush_secs: int = 10) -> None:
@@ -38,11 +52,19 @@ class TensorBoardTracker:
         if flush_secs < 1:
             raise ValueError(f"tensorboard: flush_secs must be at least 1, got {flush_secs}")
 
+    def resume(self, stage: str, step: int) -> None:
+        """``stage`` continues from ``step``: its events at ``step`` and later are purged."""
+        self.stages[stage] = self._writer(self.root / stage, step)
+
     def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        if stage not in self.stages:
+            self.stages[stage] = self._writer(self.root / stage)
         for key, value in metrics.items():
-            self.writer.add_scalar(f"{stage}/{key}", value, step)
+            self.stages[stage].add_scalar(f"{stage}/{key}", value, step)
 
     def finish(self, summary: dict[str, Any]) -> None:
+        for writer in self.stages.values():
+            writer.close()
         headline = {f"run/{k}": v for k, v in _headline(summary).items()}
         hparams = {k: v for k, v in flatten(self.config).items() if isinstance(v, (int, float, str, bool))}
         self.writer.add_hparams(hparams, headline or {"run/finished": float(summary.get("status") == "finished")},
@@ -81,7 +103,13 @@ class WandbTracker:
     as the run config. Metrics are ``<stage>/<metric>`` against their own x-axis ``<stage>/step``
     (W&B's ``define_metric``), because every stage counts its steps from the start; the summary gets
     the headline numbers and the status. ``WANDB_MODE=offline`` (or ``mode: offline``) writes
-    ``RUN_DIR/wandb/offline-run-*`` for a later ``wandb sync``; files go under the run directory."""
+    ``RUN_DIR/wandb/offline-run-*`` for a later ``wandb sync``; files go under the run directory.
+
+    A resumed run cannot drop steps here (no ``resume`` method): W&B history is append-only; its
+    rewind (``resume_from``, a server-side preview) and ``fork_from`` need the W&B server, so not
+    offline runs, and rewind needs one monotonic step, not the per-stage axes above. The steps a stage
+    logged between its last checkpoint and the interruption appear twice on its ``<stage>/step`` axis
+    (``metrics.jsonl`` holds them once)."""
 
     def __init__(self, run_dir: Path, config: dict, *, project: str = "rlhf", entity: str | None = None,
                  mode: str | None = None, tags: list[str] | None = None, group: str | None = None):
@@ -128,7 +156,10 @@ class MlflowTracker:
     the run directory (``sqlite:///RUN_DIR/mlflow.db``, artifacts in ``RUN_DIR/mlflow-artifacts``):
     MLflow 3 refuses new plain-file stores, and SQLite is its recommended local store. View with
     ``mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db``. ``--resume`` continues the same
-    MLflow run (its id is kept in ``RUN_DIR/mlflow-run.json``)."""
+    MLflow run (its id is kept in ``RUN_DIR/mlflow-run.json``). MLflow has no way to delete logged
+    metric values (so no ``resume`` method): the steps a stage logged between its last checkpoint and
+    the interruption are in its history twice (``metrics.jsonl`` holds them once; the later value
+    has the later timestamp)."""
 
     def __init__(self, run_dir: Path, config: dict, *, tracking_uri: str | None = None,
                  experiment: str = "rlhf", tags: dict[str, str] | None = None):

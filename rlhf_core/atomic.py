@@ -9,15 +9,60 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import UserError
+
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+
+
+class DiskFullError(UserError, OSError):
+    """The filesystem ran out of space (or quota) while rlhf wrote a file; the message names the
+    path, the space it needed and what is free. The previous version of what was being written is
+    kept (every write here is atomic)."""
+
+
+def _mb(size: float) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
+def disk_full(exc: BaseException, path: Path, needed_bytes: int | None) -> DiskFullError | None:
+    """A :class:`DiskFullError` for ``exc`` when it is ENOSPC/EDQUOT while writing ``path``, else None.
+    (safetensors reports it as its own error type with the OS error in the text.)"""
+    if isinstance(exc, DiskFullError):
+        return exc
+    text = str(exc)
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    # torch.save's zip writer hides the OS error ("unexpected pos ..."): an empty filesystem tells.
+    said = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+        s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded"))
+    if not said and not (needed_bytes and free < min(needed_bytes, 2**20)):
+        return None
+    need = f"it needs about {_mb(needed_bytes)}, " if needed_bytes else ""
+    return DiskFullError(f"no space left on the device while writing {path}: {need}{_mb(free)} free there; free "
+                         f"some space or write the run elsewhere (--out); the previous version of {path.name} is kept")
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: what a checkpoint of it needs on disk, about."""
+    if hasattr(state, "element_size") and hasattr(state, "numel"):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -39,8 +84,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = disk_full(exc, path, len(text.encode()))
         tmp.unlink(missing_ok=True)
+        if full is not None:
+            raise full from None
         raise
     _fsync_dir(path.parent)
     return path
@@ -73,10 +121,44 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
+def remove_orphans(directory: Path) -> list[Path]:
+    """Remove the hidden temp directories and files (``.<name>.tmp-<pid>``, ``.<name>.old-<pid>``)
+    in ``directory`` whose writing process is gone (a kill half-way); returns what was removed."""
+    removed = []
+    if not Path(directory).is_dir():
+        return removed
+    for child in Path(directory).iterdir():
+        match = _ORPHAN.match(child.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+        removed.append(child)
+    return removed
+
+
+_ORPHAN = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temp directory to fill; on success it replaces ``path`` in one step. On any error
-    (or a kill) ``path`` keeps its previous contents, or stays absent."""
+    (or a kill) ``path`` keeps its previous contents, or stays absent. A full disk is a
+    :class:`DiskFullError` naming ``path`` and ``needed_bytes`` (an estimate of what it holds)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -98,6 +180,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
+        full = disk_full(exc, path, needed_bytes)  # before the temp directory frees its space
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from None
         raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import shutil
 import signal
@@ -28,7 +29,7 @@ from . import checkpoint as ckptmod
 from . import config as cfgmod
 from .checkpoint import Interrupted
 from . import distributed as dist_utils
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, remove_orphans
 from .data import DataError, DataNotes, load_records
 from .errors import UserError
 from .interfaces import StageContext, StageResult
@@ -232,8 +233,11 @@ def check_resumable(run_dir: Path) -> str | None:
     import json
 
     for meta in sorted((run_dir / "checkpoints").glob("*/step-*/meta.json")):
-        written = json.loads(meta.read_text())["world_size"]
-        if written != dist_utils.planned_world_size():
+        try:
+            written = json.loads(meta.read_text()).get("world_size")
+        except (OSError, ValueError):
+            continue  # a damaged checkpoint: the checkpointer passes over it with a notice
+        if written is not None and written != dist_utils.planned_world_size():
             raise RunDirError(f"--resume {run_dir}: its checkpoints were written by {written} processes; resume with "
                               f"--nproc {written} (the same world size gives the same weights)")
     return None
@@ -321,21 +325,37 @@ def signals_interrupt() -> Iterator[None]:
             os.close(write_fd)  # ends the watchdog's read
 
 
-def _tracker_backends(prepared: Prepared, run_dir: Path) -> list[Any]:
-    """The config's ``tracking:`` plugins, built with the resolved config (main process only)."""
+def _tracker_backends(prepared: Prepared, run_dir: Path) -> dict[str, Any]:
+    """The config's ``tracking:`` plugins by name (``NAME (tracking[i])`` for a name used twice), each
+    as a function that builds it with the resolved config, for :class:`Tracker` (main process only)."""
     plain = cfgmod.to_plain(prepared.config)
-    return [prepared.registry.lookup("tracker", spec).obj(run_dir, plain, **spec.options)
-            for spec in prepared.config.tracking]
+    names = [spec.name for spec in prepared.config.tracking]
+    return {spec.name if names.count(spec.name) == 1 else f"{spec.name} (tracking[{i}])":
+            functools.partial(prepared.registry.lookup("tracker", spec).obj, run_dir, plain, **spec.options)
+            for i, spec in enumerate(prepared.config.tracking)}
 
 
-def _finish_trackers(tracker: Tracker, summary: dict[str, Any]) -> None:
-    """A tracker that fails to close must not hide the run's own outcome: warn and go on."""
+def _finish_trackers(tracker: Tracker, summary: dict[str, Any], run_dir: Path) -> None:
+    """Tell the trackers the run ended. A tracker that failed on the way never decides the run's
+    outcome (the Tracker warned once and dropped it); ``summary.json`` records it in
+    ``trackers_failed``: name -> where and why."""
+    tracker.finish(summary)
+    if tracker.failed:
+        summary["trackers_failed"] = {**summary.get("trackers_failed", {}), **tracker.failed}
+        write_summary(run_dir, summary)
+
+
+def _record_outcome(tracker: Tracker, summary: dict[str, Any], run_dir: Path) -> None:
+    """Write how the run ended and tell the trackers, without hiding the error that ended it: a
+    summary that cannot be written (a full disk) is one warning, and the error still surfaces."""
     import sys
 
     try:
-        tracker.finish(summary)
-    except Exception as exc:
-        print(f"rlhf: warning: a tracker failed to finish: {type(exc).__name__}: {exc}", file=sys.stderr)
+        write_summary(run_dir, summary)
+        _finish_trackers(tracker, summary, run_dir)
+    except OSError as exc:
+        print(f"rlhf: warning: could not record the run's end in {run_dir / 'summary.json'} ({exc}); it still "
+              f"says 'running' with pid {summary.get('pid')}, which is no longer alive", file=sys.stderr)
 
 
 def _record(summary: dict[str, Any], name: str, result: StageResult, results: dict[str, StageResult]) -> None:
@@ -352,6 +372,19 @@ def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
     return line[:300]
+
+
+def remove_leftovers(run_dir: Path, checkpointers: Any, echo=print) -> list[Path]:
+    """Remove what a killed run left half-written: hidden temp files and directories of atomic
+    writes whose writer is gone (``.<name>.tmp-<pid>``) and unfinished checkpoints
+    (``step-<N>.tmp``; the run's lock says no other run is writing them). Says what it removed."""
+    removed = remove_orphans(run_dir)
+    for checkpointer in checkpointers:
+        removed += checkpointer.remove_unfinished()
+    if removed:
+        names = ", ".join(str(p.relative_to(run_dir)) for p in removed)
+        echo(f"rlhf: removed {len(removed)} half-written file(s) left by a killed run: {names}")
+    return removed
 
 
 def checkpointer_for(config: cfgmod.RunConfig, run_dir: Path, stage: str) -> ckptmod.Checkpointer:
@@ -385,11 +418,14 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = F
     previous = read_summary(run_dir) if resume else {}
     done = [n for n in previous.get("stages_completed", []) if n in previous.get("outputs", {})]
     checkpointers = {spec.name: checkpointer_for(config, run_dir, spec.name) for spec in config.stages}
+    if is_main_process():
+        remove_leftovers(run_dir, checkpointers.values(), echo)
+    dist_utils.barrier()  # no rank looks for checkpoints while rank 0 removes half-written ones
     resumed_from = {name: c.latest()[0] for name, c in checkpointers.items() if name not in done and c.latest()}
     if is_main_process():
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfgmod.to_plain(config), sort_keys=False))
     device = resolve_device(config.model.device)
-    tracker = Tracker(run_dir, _tracker_backends(prepared, run_dir) if is_main_process() else [])
+    tracker = Tracker(run_dir, _tracker_backends(prepared, run_dir) if is_main_process() else {})
     if resume:
         tracker.keep_only(lambda row: row.get("stage") in done or row.get("step", 0) <= resumed_from.get(row.get("stage"), -1))
     results: dict[str, StageResult] = {}
@@ -397,6 +433,8 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = F
                                "pid": os.getpid(), "stages": {}, "outputs": {}}
     if resume:
         summary["resumed_from"] = {**previous.get("resumed_from", {}), **resumed_from}
+        if "trackers_failed" in previous:  # an earlier attempt's tracker failure: its history has a gap
+            summary["trackers_failed"] = previous["trackers_failed"]
     write_summary(run_dir, summary)
     current = None
 
@@ -421,6 +459,8 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = F
             current = spec.name
             stage = prepared.registry.get("stage", spec.stage, plugin=spec.plugin).obj()
             tracker.stage = spec.name
+            if resume:  # what the trackers got after the checkpoint (all of it, without one) is logged again
+                tracker.resume(spec.name, resumed_from.get(spec.name, -1) + 1)
             where = f", resuming from step {resumed_from[spec.name]}" if spec.name in resumed_from else ""
             echo(f"== stage {spec.name} ({spec.stage}){where} ==")
             seed_everything(config.seed)
@@ -447,22 +487,20 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = F
         else:
             summary.update(status="interrupted", interrupted_by=getattr(exc, "signame", "SIGINT"),
                            stage_in_progress=current)
-        write_summary(run_dir, summary)
-        _finish_trackers(tracker, summary)
+        _record_outcome(tracker, summary, run_dir)
         raise
     except BaseException as exc:
         # A collective that broke because another rank died: record that rank's reason, the root cause.
         reason = dist_utils.failure_elsewhere() or _reason(exc)
         summary.update(status=f"failed: {reason}", stage_in_progress=current)
-        write_summary(run_dir, summary)
-        _finish_trackers(tracker, summary)
+        _record_outcome(tracker, summary, run_dir)
         raise
     finally:
         _on_abort.remove(on_abort)
     summary["status"] = "finished"
     del summary["pid"]
     write_summary(run_dir, summary)
-    _finish_trackers(tracker, summary)
+    _finish_trackers(tracker, summary, run_dir)
     echo(format_table(summary))
     echo(f"run directory: {run_dir}  (summary.json, metrics.jsonl, plots/)")
     return summary

@@ -115,9 +115,13 @@ def rlhf_register_trackers(register):
         run as ``tracker_class(run_dir, config, **options)`` (``config``: the resolved run config
         as plain data, for the tool's hyper-parameters), then ``log(stage, step, metrics)`` for
         every logged row and ``finish(summary)`` once when the run ends (``summary["status"]``:
-        ``finished``, ``interrupted`` or ``failed: ...``). A static ``check_options(**options)``
-        raising ``ValueError`` (say, a missing package) is called before anything trains.
-        ``metrics.jsonl`` and the plots are written whatever trackers are chosen.
+        ``finished``, ``interrupted`` or ``failed: ...``). Optional ``resume(stage, step)``, on
+        ``--resume`` before the stage logs again: drop what was received for ``stage`` at ``step``
+        or later (it is logged again). A static ``check_options(**options)`` raising ``ValueError``
+        (say, a missing package) is called before anything trains. A tracker whose constructor or
+        method raises is dropped with one warning, and ``summary.json``'s ``trackers_failed`` says
+        where and why; the run goes on. ``metrics.jsonl`` and the plots are written whatever
+        trackers are chosen.
     :return: nothing.
     """
 

@@ -413,7 +413,11 @@ class TrackerBackend(Protocol):
     """An experiment tracker (TensorBoard, W&B, MLflow ...): built as
     ``cls(run_dir: Path, config: dict, **options)`` on the main process; every logged row goes to
     ``log(stage, step, metrics)`` (numbers only; ``step`` counts within ``stage``), and
-    ``finish(summary)`` is called once at the end of the run, whatever its status."""
+    ``finish(summary)`` is called once at the end of the run, whatever its status. Optional
+    ``resume(stage, step)``: on ``--resume``, before the stage logs again, ``stage`` continues from
+    ``step`` (0 when it starts over), so what the tracker received for it at ``step`` or later is void
+    and should be dropped (a tracker without the method keeps it). A method that raises stops that
+    tracker only: the host warns once, sends it nothing more, and records it in ``summary.json``."""
 
     def log(self, stage: str, step: int, metrics: dict[str, float]) -> None: ...
 

@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, state_bytes
 from .distributed import barrier, full_state_dict, unwrap
 from .errors import UserError
 from .tracking import is_main_process
@@ -28,7 +29,7 @@ from .tracking import is_main_process
 __all__ = ["ModelLoadError", "ScalarHeadModel", "load_causal_lm", "load_tokenizer", "save_causal_lm",
            "is_reward_model_dir", "apply_lora", "is_lora", "is_adapter_dir", "merge_lora_state", "linear_head",
            "use_fused_linear", "fused_linear_problems", "plain_model", "lora_scope", "SharedBackbone", "root_call",
-           "AdapterScalarModel", "score_at_last_token"]
+           "AdapterScalarModel", "score_at_last_token", "loading"]
 
 BUILTIN_TINY = "builtin:tiny"
 REWARD_MARKER = "rlhf_reward_model.json"
@@ -42,6 +43,27 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 class ModelLoadError(UserError, RuntimeError):
     """A model or tokenizer could not be loaded; the message names the path."""
+
+
+@contextlib.contextmanager
+def loading(what: str, source: str | Path) -> Iterator[None]:
+    """The one error of every model-loading path (policy, reference, reward model, critic, adapters,
+    ``rlhf generate`` / ``eval``): whatever the loader raises becomes one :class:`ModelLoadError`
+    naming ``what`` and ``source``. A weights file that is a pickle referring to code (refused by
+    ``torch.load(weights_only=True)``, which transformers and rlhf use) is named as such: its payload
+    never runs."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every loader's failure, reported once
+        text = str(exc)
+        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+            reason = ("a weights file is a pickle that refers to code, which rlhf never runs (torch.load with "
+                      "weights_only=True refused it); use a model saved as safetensors")
+        else:
+            reason = f"{type(exc).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}".rstrip(": ")
+        raise ModelLoadError(f"could not load {what} from {str(source)!r}: {reason}") from None
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -121,10 +143,8 @@ def load_tokenizer(model_cfg: Any, path: str | None = None):
     else:
         from transformers import AutoTokenizer
 
-        try:
+        with loading("a tokenizer", source):
             tok = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
-        except Exception as exc:
-            raise ModelLoadError(f"could not load a tokenizer from {source!r}: {type(exc).__name__}: {exc}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
@@ -151,18 +171,14 @@ def load_causal_lm(model_cfg: Any, path: str | None = None, *, seed: int = 0):
         from peft import PeftModel
 
         base = load_causal_lm(model_cfg, adapter_base(source), seed=seed)
-        try:
+        with loading("the LoRA adapter", source):
             return PeftModel.from_pretrained(base, source).merge_and_unload()
-        except Exception as exc:
-            raise ModelLoadError(f"could not load the LoRA adapter in {source!r}: {type(exc).__name__}: {exc}") from None
     from transformers import AutoModelForCausalLM
 
-    try:
+    with loading("a causal LM", source):
         return AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype(model_cfg.dtype) or "auto", trust_remote_code=model_cfg.trust_remote_code
         )
-    except Exception as exc:
-        raise ModelLoadError(f"could not load a causal LM from {source!r}: {type(exc).__name__}: {exc}") from None
 
 
 def save_causal_lm(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
@@ -177,7 +193,8 @@ def save_causal_lm(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
     state = full_state_dict(model)  # a collective for sharded models: every rank takes part
     inner = unwrap(model)
     if is_main_process():
-        with atomic_dir(directory) as tmp:  # a kill half-way leaves the previous directory, never a torn one
+        # A kill half-way leaves the previous directory, never a torn one; a full disk says what it needed.
+        with atomic_dir(directory, needed_bytes=state_bytes(state)) as tmp:
             if is_lora(inner):
                 inner.save_pretrained(tmp, state_dict=state, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
                 (tmp / ADAPTER_BASE).write_text(json.dumps({"base": inner.rlhf_lora["base"]}) + "\n")
@@ -433,7 +450,7 @@ class ScalarHeadModel(nn.Module):
                 backbone_model = self.backbone.get_base_model()
             backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
             head = {k[len("head."):]: v.contiguous() for k, v in state.items() if k.startswith("head.")}
-            with atomic_dir(directory) as tmp:
+            with atomic_dir(directory, needed_bytes=state_bytes(state)) as tmp:
                 if lora:  # what SharedBackbone loads onto a policy with the same base
                     self.backbone.save_pretrained(tmp / REWARD_ADAPTER, state_dict=adapter,
                                                   selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
@@ -455,9 +472,10 @@ class ScalarHeadModel(nn.Module):
         if not (directory / REWARD_MARKER).is_file():
             raise ModelLoadError(f"{directory} is not a saved reward model (no {REWARD_MARKER}); "
                                  "train one with the 'reward' stage or point to its output directory")
-        backbone = AutoModel.from_pretrained(directory, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
-        model = cls(backbone, backbone.config.hidden_size)
-        model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+        with loading("a reward model", directory):
+            backbone = AutoModel.from_pretrained(directory, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+            model = cls(backbone, backbone.config.hidden_size)
+            model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
         return model.to(next(backbone.parameters()).dtype)
 
 
@@ -542,16 +560,18 @@ class SharedBackbone:
         head = scalar_head(self.model.config.get_text_config().hidden_size)
         if is_reward_model_dir(source):
             adapter_dir = Path(source) / REWARD_ADAPTER
-            self.policy.add_adapter(name, PeftLoraConfig.from_pretrained(str(adapter_dir)))
-            # saved from the decoder alone (a ScalarHeadModel's backbone): re-root the names under the causal LM
-            prefix = f"base_model.model.{self.model.base_model_prefix}."
-            weights = {prefix + k[len("base_model.model."):]: v for k, v in _adapter_weights(adapter_dir).items()}
-            result = set_peft_model_state_dict(self.policy, weights, adapter_name=name)
+            with loading(f"the {base_name}'s LoRA adapter", adapter_dir):
+                self.policy.add_adapter(name, PeftLoraConfig.from_pretrained(str(adapter_dir)))
+                # saved from the decoder alone (a ScalarHeadModel's backbone): re-root the names under the causal LM
+                prefix = f"base_model.model.{self.model.base_model_prefix}."
+                weights = {prefix + k[len("base_model.model."):]: v for k, v in _adapter_weights(adapter_dir).items()}
+                result = set_peft_model_state_dict(self.policy, weights, adapter_name=name)
             missing = [k for k in result.missing_keys if f".{name}." in k]
             if result.unexpected_keys or missing:
                 raise ModelLoadError(f"{adapter_dir}: the adapter does not fit the policy's model "
                                      f"({len(missing)} weights missing, {len(result.unexpected_keys)} unexpected)")
-            head.load_state_dict(load_file(str(Path(source) / HEAD_FILE)))
+            with loading(f"the {base_name}'s head", Path(source) / HEAD_FILE):
+                head.load_state_dict(load_file(str(Path(source) / HEAD_FILE)))
         else:
             cfg = self.lora_cfg
             self.policy.add_adapter(name, PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,

@@ -4,14 +4,18 @@ Only the main process (``RANK`` unset or 0) writes, so a torchrun launch logs on
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
-from .atomic import atomic_write_text, dumps_strict
+from tqdm.auto import tqdm
+
+from .atomic import atomic_write_text, disk_full, dumps_strict
 
 
 def is_main_process() -> bool:
@@ -22,20 +26,53 @@ def is_main_process() -> bool:
 class Tracker:
     """Appends stage-tagged metric rows to ``metrics.jsonl`` (always: resume and the plots read it),
     keeps them for plotting, and hands each row to the run's tracker plugins (``tracking:``, e.g.
-    TensorBoard), which exist on the main process only."""
+    TensorBoard), which exist on the main process only.
 
-    def __init__(self, run_dir: Path, backends: list[Any] = ()):
+    A tracker plugin that raises (W&B or MLflow unreachable, a full disk under TensorBoard) never
+    stops the run: one warning names it, it gets nothing more, and :attr:`failed` says where and
+    why (the host records it in ``summary.json`` as ``trackers_failed``)."""
+
+    def __init__(self, run_dir: Path, backends: dict[str, Callable[[], Any]] | None = None):
+        """``backends``: tracker name -> a function that builds it, called here."""
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
         self.stage = ""
         self.rows: list[dict[str, Any]] = []
-        self.backends = list(backends)
+        self.backends: dict[str, Any] = {}
+        #: tracker name -> "stage sft step 3: OSError: ..." for each tracker that stopped
+        self.failed: dict[str, str] = {}
         self._start = time.time()
+        for name, build in (backends or {}).items():
+            with self._guard(name, "start"):
+                self.backends[name] = build()
+
+    @contextlib.contextmanager
+    def _guard(self, name: str, where: str) -> Iterator[None]:
+        """Run one call into tracker ``name``; if it raises, warn once and drop the tracker."""
+        try:
+            yield
+        except Exception as exc:
+            self.backends.pop(name, None)
+            detail = (str(exc).strip().splitlines() or [""])[0][:300]
+            self.failed[name] = f"{where}: {type(exc).__name__}: {detail}"
+            # tqdm.write: a line of its own, not glued to a progress bar's
+            tqdm.write(f"rlhf: warning: tracker {name!r} stopped, the run goes on without it (metrics.jsonl keeps "
+                       f"every row): {self.failed[name]}", file=sys.stderr)
+
+    def resume(self, stage: str, step: int) -> None:
+        """Resume: ``stage`` continues from ``step`` (0 when it starts over), so whatever the trackers
+        received for it at ``step`` or later before the interruption is void. Each tracker with a
+        ``resume(stage, step)`` method is told (TensorBoard drops those events); the others keep them."""
+        for name, backend in list(self.backends.items()):
+            if hasattr(backend, "resume"):
+                with self._guard(name, f"stage {stage} resume at step {step}"):
+                    backend.resume(stage, step)
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Tell every tracker plugin the run ended (``summary['status']`` says how)."""
-        for backend in self.backends:
-            backend.finish(summary)
+        for name, backend in list(self.backends.items()):
+            with self._guard(name, "finish"):
+                backend.finish(summary)
 
     def keep_only(self, keep) -> None:
         """Resume: cut ``metrics.jsonl`` back to the rows ``keep(row)`` accepts (those up to the
@@ -61,11 +98,19 @@ class Tracker:
             row[key] = value
         self.rows.append(row)
         if is_main_process():
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(dumps_strict(row) + "\n")
+            line = dumps_strict(row) + "\n"
+            try:
+                with self.path.open("a", encoding="utf-8") as fh:
+                    fh.write(line)
+            except OSError as exc:
+                full = disk_full(exc, self.path, len(line))
+                if full is not None:
+                    raise full from None
+                raise
             numbers = {k: v for k, v in row.items() if k not in ("stage", "step") and isinstance(v, (int, float))}
-            for backend in self.backends:
-                backend.log(self.stage, int(step), numbers)
+            for name, backend in list(self.backends.items()):
+                with self._guard(name, f"stage {self.stage} step {int(step)}"):
+                    backend.log(self.stage, int(step), numbers)
 
     def series(self, stage: str) -> dict[str, tuple[list[int], list[float]]]:
         """``metric -> (steps, values)`` for one stage (numeric, finite values only)."""

@@ -3,6 +3,7 @@ with its dotted path and what is accepted."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal, Union
@@ -108,8 +109,22 @@ def _default_component(f: dataclasses.Field) -> ComponentSpec | None:
     return default if isinstance(default, ComponentSpec) else None
 
 
-def coerce_dataclass(cls: type, value: Any, path: str, problems: list[str]) -> Any:
-    """Build dataclass ``cls`` from a mapping: unknown keys are errors that list the known ones."""
+def mentions(problem: str, names: set[str]) -> bool:
+    """True when ``problem`` names one of the fields ``names`` (as a dotted-path segment or word)."""
+    return any(re.search(rf"(?<![\w]){re.escape(n)}(?![\w])", problem) for n in names)
+
+
+def _breaks(new: list[str]) -> bool:
+    """Whether new problems leave a field without a usable value (an unknown key does not)."""
+    return any(": unknown key; accepted:" not in p for p in new)
+
+
+def coerce_dataclass(cls: type, value: Any, path: str, problems: list[str], broken: set[str] | None = None) -> Any:
+    """Build dataclass ``cls`` from a mapping: unknown keys are errors that list the known ones.
+
+    A field whose value cannot be used is left at its default and added to ``broken``; the
+    dataclass's own ``problems()`` (value and cross-field checks) still run, and only what they say
+    about a broken field is left out, so one pass reports every problem that can be known."""
     if value is None:
         value = {}
     if not isinstance(value, dict):
@@ -117,8 +132,8 @@ def coerce_dataclass(cls: type, value: Any, path: str, problems: list[str]) -> A
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    before = len(problems)
     kwargs = {}
+    unusable: set[str] = set()
     for key, raw in value.items():
         sub = f"{path}.{key}" if path else str(key)
         if key not in fields:
@@ -127,15 +142,27 @@ def coerce_dataclass(cls: type, value: Any, path: str, problems: list[str]) -> A
         if isinstance(raw, dict) and "name" not in raw and _default_component(fields[key]) is not None:
             # Options set on a component the config left at its default: ``loss.clip_eps=0.1``.
             raw = {"name": _default_component(fields[key]).name, **raw}
-        kwargs[key] = coerce(hints[key], raw, sub, problems)
-    for name, f in fields.items():
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        before = len(problems)
+        out = coerce(hints[key], raw, sub, problems)
+        if _breaks(problems[before:]):
+            unusable.add(key)  # left at its default: no later check reads a value that failed
+        else:
+            kwargs[key] = out
+    required = [name for name, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in kwargs]
+    for name in required:
+        if name not in unusable:
             problems.append(f"{path}.{name}: required" if path else f"{name}: required")
+    if broken is not None:
+        broken |= unusable
+    if required:
+        return None
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         problems.append(f"{path or 'config'}: {exc}")
         return None
-    if len(problems) == before and hasattr(obj, "problems"):
-        problems.extend(f"{path}.{p}" if path else p for p in obj.problems())
+    if hasattr(obj, "problems"):
+        found = [p for p in obj.problems() if not mentions(p, unusable)]
+        problems.extend(f"{path}.{p}" if path else p for p in found)
     return obj

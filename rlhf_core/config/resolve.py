@@ -6,7 +6,7 @@ import inspect
 import typing
 from typing import Any
 
-from .coerce import coerce, coerce_dataclass
+from .coerce import coerce, coerce_dataclass, mentions
 from .schema import ComponentSpec, ConfigError, RunConfig, StageSpec
 
 
@@ -42,6 +42,25 @@ def check_options(entry: Any, spec: ComponentSpec, path: str, problems: list[str
     except Exception as exc:  # a plugin's validator that crashed: still one line, naming the plugin
         problems.append(f"{path}: {entry.kind} {spec.name!r} of plugin {entry.plugin!r} failed to check its "
                         f"options: {type(exc).__name__}: {exc}")
+
+
+def _cross_field(stage: Any, stage_cfg: Any, registry: Any, run: RunConfig, broken: set[str], path: str) -> list[str]:
+    """The stage's ``validate`` problems, in the same pass as the schema's. Checks that involve a
+    broken field (or component) are left out and one line says which were skipped."""
+    # validate(config, registry), or validate(config, registry, run) to see the run's other sections
+    extra = {"run": run} if "run" in inspect.signature(stage.validate).parameters else {}
+    try:
+        said = stage.validate(stage_cfg, registry, **extra)
+    except Exception:
+        if not broken:
+            raise
+        said = None  # the checks could not run without the broken fields
+    found = [f"{path}.{p}" for p in said or [] if not mentions(p, broken)]
+    if said is None or len(found) < len(said):
+        names = ", ".join(sorted(broken))
+        found.append(f"{path}: cross-field checks that need {names} were skipped until "
+                     f"{'it is' if len(broken) == 1 else 'they are'} fixed")
+    return found
 
 
 def resolve(data: dict, registry: Any, source: str = "config") -> RunConfig:
@@ -84,31 +103,31 @@ def resolve(data: dict, registry: Any, source: str = "config") -> RunConfig:
             problems.append(f"{path}.name: stage name {name!r} is used twice; give each stage a unique 'name'")
         seen.add(name)
         options = {k: v for k, v in raw.items() if k not in ("stage", "name", "plugin")}
-        before = len(problems)
-        stage_cfg = coerce_dataclass(entry.obj.config_class, options, path, problems)
+        broken: set[str] = set()  # fields (and components) whose value cannot be used
+        stage_cfg = coerce_dataclass(entry.obj.config_class, options, path, problems, broken)
         if stage_cfg is None:
             continue
-        parsed = len(problems) == before
         stage = entry.obj()
         try:
             components = stage.components(stage_cfg)
         except Exception:
-            if parsed:
+            if not broken:
                 raise
             components = []  # a half-parsed config; its problems are already listed
         for kind, spec, sub, families in components:
             if spec is None:
                 continue
+            before = len(problems)
             try:
                 comp = registry.lookup(kind, spec, families)
             except ValueError as exc:
                 problems.append(f"{path}.{sub}: {exc}")
-                continue
-            check_options(comp, spec, f"{path}.{sub}", problems)
-        if parsed and len(problems) == before and hasattr(stage, "validate"):  # never sees half-parsed fields
-            # validate(config, registry), or validate(config, registry, run) to see the run's other sections
-            run = {"run": config} if "run" in inspect.signature(stage.validate).parameters else {}
-            problems.extend(f"{path}.{p}" for p in stage.validate(stage_cfg, registry, **run))
+            else:
+                check_options(comp, spec, f"{path}.{sub}", problems)
+            if len(problems) > before:
+                broken.add(sub.split(".")[0])
+        if hasattr(stage, "validate"):
+            problems.extend(_cross_field(stage, stage_cfg, registry, config, broken, path))
         config.stages.append(StageSpec(raw["stage"], name, stage_cfg, plugin))
     if problems:
         raise ConfigError(problems, source)

@@ -32,7 +32,26 @@ def test_all_problems_reported_together_with_choices(registry):
     assert "stages[1].advantage: unknown advantage estimator 'rlo'; available: batch_mean, ema, gae, group_mean, rloo" in text
     assert "stages[1].kl.estimator: expected one of 'k1', 'k2'" not in text and "'k2'" in text
     assert "stages[2].stage: unknown stage 'dpo'; available: ppo, reward, sft" in text
-    assert len(problems) == 8
+    # PPO's cross-field checks need the estimator: they say they were skipped instead of vanishing.
+    assert "stages[1]: cross-field checks that need advantage, kl were skipped until they are fixed" in text
+    assert len(problems) == 9
+
+
+def test_schema_and_cross_field_problems_are_reported_in_one_pass(registry):
+    """An unknown key or a bad value elsewhere does not hide a stage's cross-field problems."""
+    problems = problems_of({"stages": [{"stage": "ppo", "bogus": 1, "advantage": "rloo", "samples_per_prompt": 1,
+                                        "lr": -1.0, "generation": {"max_new_tokens": "many"}}]}, registry)
+    assert problems == [
+        "stages[0].bogus: unknown key; accepted: " + problems[0].split("accepted: ")[1],
+        "stages[0].generation.max_new_tokens: expected an integer, got 'many'",
+        "stages[0].lr: must be a finite number > 0, got -1.0",
+        "stages[0].samples_per_prompt: advantage estimator 'rloo' compares samples of the same prompt and needs "
+        "samples_per_prompt >= 2, got 1",
+    ]
+    # A check that reads a broken field is left out, and says so.
+    problems = problems_of({"stages": [{"stage": "ppo", "advantage": "rloo", "samples_per_prompt": "x"}]}, registry)
+    assert problems == ["stages[0].samples_per_prompt: expected an integer, got 'x'",
+                        "stages[0]: cross-field checks that need samples_per_prompt were skipped until it is fixed"]
 
 
 def test_wrong_loss_family_names_the_family(registry):

@@ -42,3 +42,72 @@ def test_clear_errors_for_bad_paths(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: the proof that a model file's pickle ran code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """A causal-LM directory and a reward-model directory whose weights file is a pickle that runs
+    code, each beside a real config and tokenizer (so every check before loading passes)."""
+    import json
+
+    from rlhf_core.models import HEAD_FILE, REWARD_MARKER, scalar_head
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("hostile")
+    cfg = ModelConfig()
+    model, tok = load_causal_lm(cfg, seed=0), load_tokenizer(cfg)
+    dirs = {}
+    for kind in ("policy", "reward_model"):
+        where = root / kind
+        save_causal_lm(model, tok, where)
+        (where / "model.safetensors").unlink()
+        torch.save({"model.embed_tokens.weight": _Payload(root / "pwned")}, where / "pytorch_model.bin")
+        if kind == "reward_model":
+            (where / REWARD_MARKER).write_text(json.dumps({"format": 1, "head": HEAD_FILE}))
+            save_file(scalar_head(64).state_dict(), str(where / HEAD_FILE))
+        dirs[kind] = where
+    return root, dirs
+
+
+@pytest.mark.parametrize("path", ["sft init", "reward init", "ppo init (policy and reference)", "ppo reward model",
+                                  "ppo critic", "rlhf generate", "rlhf eval", "rlhf eval reward model"])
+def test_a_hostile_pickle_on_any_model_path_is_one_clean_error_and_never_runs(hostile, tmp_path, path):
+    import subprocess
+    import sys
+
+    root, dirs = hostile
+    policy, reward = str(dirs["policy"]), str(dirs["reward_model"])
+    data = '{train: "builtin:letters", builtin_size: 40, max_length: 16}'
+    stages = {
+        "sft init": f"[{{stage: sft, init: {policy}, data: {data}, train: {{steps: 1, batch_size: 4}}}}]",
+        "reward init": f"[{{stage: reward, init: {policy}, data: {data}, train: {{steps: 1, batch_size: 4}}}}]",
+        "ppo init (policy and reference)": f"[{{stage: ppo, init: {policy}, reward: length, iterations: 1}}]",
+        "ppo reward model": f"[{{stage: ppo, reward: {{name: reward_model, path: {reward}}}, iterations: 1}}]",
+        "ppo critic": f"[{{stage: ppo, reward: length, advantage: gae, critic_init: {reward}, iterations: 1}}]",
+    }
+    if path in stages:
+        config = tmp_path / "c.yaml"
+        config.write_text(f"seed: 0\nstages: {stages[path]}\n")
+        args = ["run", str(config), "--out", str(tmp_path / "run")]
+    elif path == "rlhf generate":
+        args = ["generate", policy, "--prompt", "abc", "--max-new-tokens", "2"]
+    elif path == "rlhf eval":
+        args = ["eval", policy, "--prompts", "builtin:letters", "--reward", "length", "--limit", "2"]
+    else:
+        args = ["eval", "builtin:tiny", "--prompts", "builtin:letters", "--limit", "2",
+                "--reward", f"{{name: reward_model, path: {reward}}}", "--max-new-tokens", "2"]
+    result = subprocess.run([sys.executable, "-m", "rlhf_core.cli", *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    where = reward if path in ("ppo reward model", "ppo critic", "rlhf eval reward model") else policy
+    assert f"from {where!r}: a weights file is a pickle that refers to code, which rlhf never runs" in result.stderr
+    assert not (root / "pwned").exists()

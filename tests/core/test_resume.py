@@ -59,15 +59,16 @@ def assert_identical(a: Path, b: Path) -> None:
     assert rows(a) == rows(b)
 
 
-def kill_at(config: Path, out: Path, stage: str, step: int, *extra: str) -> None:
-    """Start a run and SIGKILL it once ``stage`` has logged ``step``."""
+def kill_at(config: Path, out: Path, stage: str, step: int, *extra: str, until=None) -> None:
+    """Start a run and SIGKILL it once ``stage`` has logged ``step`` (and ``until(out)`` is true, when given)."""
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_core.cli", "run", str(config), "--out", str(out), *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         try:
             lines = (out / "metrics.jsonl").read_text().splitlines()
-            if any(json.loads(x)["stage"] == stage and json.loads(x)["step"] >= step for x in lines[:-1]):
+            if (any(json.loads(x)["stage"] == stage and json.loads(x)["step"] >= step for x in lines[:-1])
+                    and (until is None or until(out))):
                 break
         except (OSError, ValueError):
             pass
@@ -119,11 +120,34 @@ def test_a_kill_during_a_checkpoint_write_resumes_from_the_previous_one(referenc
     torn = newest.with_name("step-00000099")
     shutil.copytree(newest, torn)
     (torn / "meta.json").unlink()
-    (torn / "extra-rank0.pt").write_bytes(b"half")
+    (torn / "extra-rank0.json").write_bytes(b"half")
     shutil.copytree(newest, newest.with_name("step-00000100.tmp"))
+    # ... and a kill during the final model's save: atomic_dir's hidden temp directory, its writer gone.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = out / f".sft.tmp-{dead.stdout.strip()}"
+    shutil.copytree(newest, leftover)
     result = rlhf("run", "--resume", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resuming from step {int(newest.name.split('-')[1])}" in result.stdout
+    assert (f"removed 2 half-written file(s) left by a killed run: {leftover.name}, "
+            "checkpoints/sft/step-00000100.tmp") in result.stdout
+    assert not leftover.exists()
+    assert_identical(uninterrupted, out)
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one_identically(reference, tmp_path):
+    config, uninterrupted = reference["batch_mean"]
+    out = tmp_path / "run"
+    kill_at(config, out, "sft", 11)
+    older, newest = sorted((out / "checkpoints" / "sft").glob("step-*"))[-2:]
+    shard = newest / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x01  # one flipped bit
+    shard.write_bytes(bytes(data))
+    result = rlhf("run", "--resume", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"checkpoint {newest} is damaged (__0_0.distcp does not match its recorded SHA-256)" in result.stderr
+    assert f"resuming from step {int(older.name.split('-')[1])}" in result.stdout
     assert_identical(uninterrupted, out)
 
 
@@ -191,3 +215,71 @@ stages:
     a, b = load_file(tmp_path / "whole" / "sft" / "model.safetensors"), load_file(tmp_path / "cut" / "sft" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert rows(tmp_path / "whole") == rows(tmp_path / "cut")
+
+
+TENSORBOARD_PIPELINE = """
+seed: 0
+checkpoint: {{every: {every}}}
+tracking: [{{name: tensorboard, flush_secs: 1}}]
+stages:
+  - stage: sft
+    data: {{train: "builtin:letters", builtin_size: 200, max_length: 16}}
+    train: {{steps: 12, batch_size: 8, lr: 1.0e-3, log_every: 1, eval_every: 4}}
+  - stage: reward
+    data: {{train: "builtin:letters", builtin_size: 200, max_length: 16}}
+    train: {{steps: 100, batch_size: 8, lr: 1.0e-3, log_every: 1, eval_every: 10}}
+"""
+
+
+def tensorboard_scalars(run: Path, stage: str) -> dict[str, list[tuple[int, float]]]:
+    """``tag -> [(step, value)]`` of a stage's TensorBoard run, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard" / stage), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("every, checkpoint", [(30, 30), (0, 0)])  # reward resumes at its checkpoint / starts over
+def test_tensorboard_after_kill_and_resume_holds_each_step_once(tmp_path, every, checkpoint):
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+
+    config = tmp_path / "c.yaml"
+    config.write_text(TENSORBOARD_PIPELINE.format(every=every))
+    out = tmp_path / "run"
+
+    def tensorboard_past_checkpoint(run: Path) -> bool:
+        """TensorBoard already holds reward steps after the newest checkpoint: the resume logs them again."""
+        saved = [int(m.parent.name.split("-")[1]) for m in (run / "checkpoints" / "reward").glob("step-*/meta.json")]
+        newest = max(saved, default=0)
+        steps = [s for s, _ in tensorboard_scalars(run, "reward").get("reward/loss", [])]
+        return newest >= checkpoint and bool(steps) and steps[-1] > newest + 2
+
+    kill_at(config, out, "reward", 1, until=tensorboard_past_checkpoint)
+    killed = [s for s, _ in tensorboard_scalars(out, "reward")["reward/loss"]]
+    result = rlhf("run", "--resume", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    restart = summary["resumed_from"].get("reward", 0)  # its newest checkpoint; 0: none, it starts over
+    assert restart in ((30, 60, 90) if every else (0,))
+    assert max(killed) > restart + 2  # the killed attempt's events include steps logged again after the resume
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for stage in ("sft", "reward"):  # sft finished before the kill: reward's purge must leave it whole
+        expected: dict[str, list[tuple[int, float]]] = {}
+        for row in (r for r in rows if r["stage"] == stage):
+            for key, value in row.items():
+                if key not in ("stage", "step") and isinstance(value, (int, float)):
+                    expected.setdefault(f"{stage}/{key}", []).append((row["step"], value))
+        logged = tensorboard_scalars(out, stage)
+        assert logged.keys() == expected.keys()
+        for tag, points in expected.items():
+            assert [s for s, _ in logged[tag]] == [s for s, _ in points], tag  # every step exactly once
+            assert [v for _, v in logged[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag  # float32
+        served = plugin_event_accumulator.EventAccumulator(str(out / "tensorboard" / stage),
+                                                           size_guidance={"tensors": 0})
+        served.Reload()  # the reader TensorBoard's Python server uses (it ignores a directory's first restart)
+        assert {tag: [e.step for e in served.Tensors(tag)] for tag in served.Tags()["tensors"]} == \
+            {tag: [s for s, _ in points] for tag, points in expected.items()}
+    top = plugin_event_accumulator.EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    top.Reload()  # the killed attempt's config text is purged too (the classic reader never purges text)
+    assert len(top.Tensors("config/text_summary")) == 1 and len(top.Tensors("summary/text_summary")) == 1

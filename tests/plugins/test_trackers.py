@@ -28,13 +28,17 @@ def test_tensorboard_scalars_config_and_hparams_read_back(tmp_path):
     result = run(tmp_path, "--set", "tracking=[{name: tensorboard, flush_secs: 1}]")
     assert result.exit_code == 0, result.output
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
-    events.Reload()
-    logged = [(e.step, e.value) for e in events.Scalars("sft/loss")]
+    stage = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "sft"), size_guidance={"scalars": 0})
+    stage.Reload()  # a stage's scalars live in its own TensorBoard run, tensorboard/<stage>/
+    logged = [(e.step, e.value) for e in stage.Scalars("sft/loss")]
     expected = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     assert [s for s, _ in logged] == [s for s, _ in expected]
     assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)  # stored as float32
-    assert [e.step for e in events.Scalars("sft/eval_loss")] == [2, 4]
+    assert [e.step for e in stage.Scalars("sft/eval_loss")] == [2, 4]
+    assert all(tag.startswith("sft/") for tag in stage.Tags()["scalars"])
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    assert not any(tag.startswith("sft/") for tag in events.Tags()["scalars"])
     assert {"config/text_summary", "summary/text_summary"} <= set(events.Tags()["tensors"])
     config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "stage: sft" in config_text
@@ -100,6 +104,94 @@ def test_a_tracker_plugin_sees_every_row_and_the_final_status(tmp_path, monkeypa
                  "--set", "stages.sft.train.lr=1e30", "--set", "stages.sft.train.max_grad_norm=0")
     assert result.exit_code == 1
     assert Recorder.calls[-1][0] == "finish" and Recorder.calls[-1][1].startswith("failed: stage 'sft'")
+
+
+class Flaky:
+    """A third-party tracker whose tool goes away: raises in ``fail_in`` (``start``, ``log`` from
+    step ``at_step`` on, or ``finish``); records every call it gets."""
+
+    calls: list = []
+
+    def __init__(self, run_dir, config, *, fail_in: str = "log", at_step: int = 3):
+        self.fail_in, self.at_step = fail_in, at_step
+        Flaky.calls.append(("start",))
+        if fail_in == "start":
+            raise ConnectionError("collector unreachable")
+
+    def log(self, stage, step, metrics):
+        Flaky.calls.append(("log", step))
+        if self.fail_in == "log" and step >= self.at_step:
+            raise ConnectionError("collector unreachable\n(a second line of detail)")
+
+    def finish(self, summary):
+        Flaky.calls.append(("finish",))
+        if self.fail_in == "finish":
+            raise ConnectionError("collector unreachable")
+
+
+@hookimpl
+def rlhf_register_flaky(register):
+    register("flaky", Flaky)
+
+
+def _tracker_warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "warning: tracker" in line]
+
+
+@pytest.mark.parametrize("fail_in, where", [("log", "stage sft step 3"), ("start", "start"), ("finish", "finish")])
+def test_a_failing_tracker_is_one_warning_and_the_run_goes_on(tmp_path, monkeypatch, fail_in, where):
+    module = types.ModuleType("flaky_plugin")
+    module.rlhf_register_trackers = rlhf_register_flaky
+    monkeypatch.setitem(sys.modules, "flaky_plugin", module)
+    monkeypatch.setitem(sys.modules, "recorder_plugin",
+                        types.SimpleNamespace(rlhf_register_trackers=rlhf_register_trackers))
+    Flaky.calls, Recorder.calls = [], []
+    result = run(tmp_path, "--set", "plugins=[flaky_plugin, recorder_plugin]",
+                 "--set", f"tracking=[{{name: flaky, fail_in: {fail_in}}}, recorder]")
+    assert result.exit_code == 0, result.output
+    (warning,) = _tracker_warnings(result.stderr)  # one line, not one per step
+    assert [line for line in result.stderr.splitlines() if "flaky" in line] == [warning]
+    assert warning.startswith("rlhf: warning: tracker 'flaky' stopped") and "metrics.jsonl" in warning
+    reason = f"{where}: ConnectionError: collector unreachable"
+    assert warning.endswith(reason)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["trackers_failed"] == {"flaky": reason}
+    sent = [c[1] for c in Flaky.calls if c[0] == "log"]
+    # nothing after the failure (step 2 and 4 twice: the training row and the eval row)
+    assert sent == {"start": [], "log": [1, 2, 2, 3], "finish": [1, 2, 2, 3, 4, 4]}[fail_in]
+    assert (("finish",) in Flaky.calls) == (fail_in == "finish")
+    assert len([c for c in Recorder.calls if c[0] == "log"]) == len(rows)  # the healthy tracker got everything
+    assert Recorder.calls[-1] == ("finish", "finished")
+
+
+def test_tensorboard_on_a_full_disk_stops_alone_and_summary_says_where(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    add_scalar = SummaryWriter.add_scalar
+
+    def full_from_step_3(self, tag, value, global_step=None, *args, **kwargs):
+        if global_step is not None and global_step >= 3:
+            raise OSError(28, "No space left on device")
+        return add_scalar(self, tag, value, global_step, *args, **kwargs)
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full_from_step_3)
+    result = run(tmp_path, "--set", "tracking=[{name: tensorboard, flush_secs: 1}]")
+    assert result.exit_code == 0, result.output
+    reason = "stage sft step 3: OSError: [Errno 28] No space left on device"
+    assert _tracker_warnings(result.stderr) == [f"rlhf: warning: tracker 'tensorboard' stopped, the run goes on without "
+                                                f"it (metrics.jsonl keeps every row): {reason}"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["trackers_failed"] == {"tensorboard": reason}
+    assert "trackers_failed" in result.stdout  # in the end-of-run table too
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "sft"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("sft/loss")] == [1, 2]  # what it wrote before the disk filled
 
 
 def _wandb_records(path):
