@@ -108,7 +108,10 @@ def run_one(args: dict) -> dict:
     from rlhf_core.config import ComponentSpec
     from rlhf_core.data import collate_sft
     from rlhf_plugins.ppo.advantages import GAE, BatchMeanBaseline
-    from rlhf_plugins.ppo.loss import KLController, ppo_clip
+    from rlhf_core.plugins import build_registry, get_plugin_manager
+    from rlhf_plugins.ppo.loss import KLController
+
+    ppo_clip = build_registry(get_plugin_manager(entry_points=False)).lookup("loss", ComponentSpec("ppo_clip"), "policy")
     from rlhf_plugins.ppo.stage import GenerationConfig, PPOConfig, PPOModels, make_experience, update
     from rlhf_plugins.sft import cross_entropy_loss, sft_loss_terms
 

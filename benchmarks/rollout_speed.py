@@ -53,7 +53,10 @@ def measure(which: str, engine: str, *, prompts: int, samples: int, new_tokens: 
     from rlhf_core.data import encode_prompt
     from rlhf_plugins.ppo.advantages import GroupMeanBaseline
     from rlhf_plugins.ppo.generators import HFGenerator
-    from rlhf_plugins.ppo.loss import KLController, ppo_clip
+    from rlhf_core.plugins import build_registry, get_plugin_manager
+    from rlhf_plugins.ppo.loss import KLController
+
+    ppo_clip = build_registry(get_plugin_manager(entry_points=False)).lookup("loss", ComponentSpec("ppo_clip"), "policy")
     from rlhf_plugins.ppo.stage import (
         GenerationConfig, KLConfig, PPOConfig, PPOModels, Rollouts, make_experience, update,
     )

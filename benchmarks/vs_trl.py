@@ -38,7 +38,10 @@ def reward(prompts, completions, **_) -> list[float]:
 def rlhf_iteration_seconds(steps: int, fused: bool, engine: str = "hf") -> float:
     from rlhf_core.config import ComponentSpec
     from rlhf_plugins.ppo.advantages import GroupMeanBaseline
-    from rlhf_plugins.ppo.loss import KLController, ppo_clip
+    from rlhf_core.plugins import build_registry, get_plugin_manager
+    from rlhf_plugins.ppo.loss import KLController
+
+    ppo_clip = build_registry(get_plugin_manager(entry_points=False)).lookup("loss", ComponentSpec("ppo_clip"), "policy")
     from rlhf_plugins.ppo.stage import GenerationConfig, KLConfig, PPOConfig, PPOModels, make_experience, update
 
     policy, tokenizer = _model()

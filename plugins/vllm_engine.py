@@ -44,6 +44,9 @@ def vllm_unavailable() -> str:
 class VLLMGenerator:
     """One in-process vLLM engine per rank, fed the policy's weights (see the module docstring)."""
 
+    #: Every rollout carries vLLM's own sampling log-probs (``Rollout.logprobs``).
+    reports_logprobs = True
+
     def __init__(self, ctx, policy, tokenizer, *, gpu_memory_utilization: float = 0.3, kv_cache_gb: int = 1,
                  max_model_len: int | None = None, enforce_eager: bool = True, sleep_mode: bool = True):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process

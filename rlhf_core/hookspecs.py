@@ -35,8 +35,11 @@ def rlhf_register_losses(register):
         it and therefore its call signature (see :mod:`rlhf_core.interfaces`): ``"token"``
         (``fn(logits [B,T,V], labels [B,T], *, backend, **options)``), ``"score"``
         (``fn(pred [B], target [B], **options)``), ``"pairwise"`` (``fn(chosen [B], rejected [B],
-        **options)``) or ``"policy"`` (``fn(logits, labels, old_logprobs, advantages, *, backend,
-        **options)``). Every loss returns ``(scalar loss, dict of float metrics)``. Keyword-only
+        **options)``) or ``"policy"`` (``fn(inputs: PolicyLossInputs, **options)`` on per-token
+        log-probs, returning ``(per-token terms [B, T], metrics)`` that the host aggregates with
+        ``loss_agg``; registered with optional ``needs=(...)`` and ``fused=`` — see
+        :class:`rlhf_core.interfaces.PolicyLoss`). The other families return ``(scalar loss, dict of
+        float metrics)``. Keyword-only
         parameters with defaults are its options, settable from the config; a
         ``fn.check_options(**options)`` attribute that raises ``ValueError`` validates their values
         before anything trains.

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # annotations only: these modules import this one
 
 #: The supported plugin API of this module (see README "Plugin API").
 __all__ = ["Stage", "StageContext", "StageResult", "StageInput", "StageError", "ComponentError", "TokenLoss",
-           "ScoreLoss", "PairwiseLoss", "PolicyLoss", "Reward", "AdvantageInputs", "AdvantageEstimator",
+           "ScoreLoss", "PairwiseLoss", "PolicyLoss", "PolicyLossInputs", "Reward", "AdvantageInputs", "AdvantageEstimator",
            "TrackerBackend", "Generator", "checked_rewards", "checked_advantages", "checked_rollout"]
 
 class StageError(UserError, ValueError):
@@ -253,12 +253,47 @@ class PairwiseLoss(Protocol):
     def __call__(self, chosen: torch.Tensor, rejected: torch.Tensor, **options: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
-class PolicyLoss(Protocol):
-    """``(logits [B,T,V], labels [B,T], old_logprobs [B,T], advantages [B,T], *, backend) -> (loss [], metrics)``."""
+@dataclass
+class PolicyLossInputs:
+    """What a policy loss (family ``"policy"``) sees for one micro-batch, all ``[B, T]`` over the
+    response positions (0 off ``mask``):
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,
-                 advantages: torch.Tensor, *, backend: str | None = None,
-                 **options: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+    ``logprobs``: log pi_theta of the sampled tokens, **differentiable** (the stage computes them
+    with the fused-linear kernels from the last hidden states and the LM head when
+    ``fused_linear`` is on, else from the logits: a loss never sees ``[B, T, V]``);
+    ``old_logprobs``: under the policy that sampled them, before this update (detached);
+    ``advantages``; ``mask``: 1.0 on response tokens; ``ref_logprobs``: under the frozen reference
+    (None when ``kl.coef`` is 0 and no reference exists); ``engine_logprobs``: the generator's own
+    sampling log-probs (None for an engine that reports none, e.g. ``hf``); ``entropy``: the
+    policy's per-token entropy, differentiable, computed only for a loss registered with
+    ``needs=("entropy",)`` (else None); ``max_new_tokens``: the sampling budget per response.
+    """
+
+    logprobs: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+    engine_logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    max_new_tokens: int = 0
+
+
+class PolicyLoss(Protocol):
+    """``loss(inputs: PolicyLossInputs, **options) -> (terms [B, T], metrics)``.
+
+    ``terms`` are per-token loss terms (a sequence-level loss repeats its value over the
+    sequence's tokens); the host multiplies them by ``mask`` and aggregates them with the stage's
+    ``loss_agg`` mode over the global batch (every rank, every micro-batch), so the gradient does
+    not depend on how the batch is split. ``metrics``: name -> a ``[B, T]`` tensor (its masked
+    mean is logged, e.g. a clipped-token indicator) or a float. Keyword-only parameters with
+    defaults are the options (``fn.check_options(**options)`` validates values). Registered with
+    ``register(name, fn, family="policy", needs=(...), fused=...)``: ``needs`` lists the optional
+    inputs it reads (``"ref_logprobs"``, ``"engine_logprobs"``, ``"entropy"``), checked before
+    anything trains; ``fused`` an optional faster form of the same loss (see ``ppo_clip``).
+    """
+
+    def __call__(self, inputs: PolicyLossInputs, **options: Any) -> tuple[torch.Tensor, dict[str, Any]]: ...
 
 
 @runtime_checkable

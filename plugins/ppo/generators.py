@@ -16,6 +16,9 @@ class HFGenerator:
     it supports) or ``rlhf`` (rlhf's decode loop with one-uniform-per-row sampling, faster on CPU
     at large vocabularies; see :func:`rlhf_core.sampling.generate`)."""
 
+    #: It samples from the trainer's own weights: no separate engine log-probs (losses needing them refuse it).
+    reports_logprobs = False
+
     def __init__(self, ctx, policy, tokenizer, *, loop: str = "generate"):
         self.check_options(loop=loop)
         self.policy, self.tokenizer, self.device, self.loop = policy, tokenizer, ctx.device, loop

@@ -1,36 +1,189 @@
-"""PPO math: the policy loss ``ppo_clip`` (the seed's clipped objective), KL estimators and
-control, reward shaping, the whole policy objective, the clipped value loss. Pure functions."""
+"""Policy-gradient math, pure functions: the policy losses on per-token log-probs (``ppo_clip``, the
+three-step recipe's clipped objective, with DAPO's clip-higher and dual clip; ``gspo``; ``cispo``;
+``reinforce``), the host-side loss aggregation modes, KL estimators and control, reward shaping,
+``ppo_clip``'s fused forms, the clipped value loss."""
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 
 import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core.distributed import masked_mean
+from rlhf_core.interfaces import PolicyLossInputs
 
 
-
-def ppo_clip(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
-             backend: str | None = None, clip_eps: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
-    """Seed: ``L = E_t[min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t)]`` maximised, i.e. minimise the token
-    mean over response tokens of ``max(-A r, -A clip(r))``, ``r = exp(logp - logp_old)``.
-
-    Shapes: ``logits [B, T, V]``, ``labels/old_logprobs/advantages [B, T]`` (labels -100 off the
-    response). Computed by ``rlhf_kernels.ppo_clip_loss`` (fused on GPU/CPU backends). Metrics:
-    ``clip_frac``, ``ratio_mean``, ``ratio_max``, ``approx_kl``.
-    """
-    loss, stats = rlhf_kernels.ppo_clip_loss(
-        logits, labels, old_logprobs, advantages, clip_eps=clip_eps, return_stats=True, backend=backend
-    )
-    return loss, {k: float(v) for k, v in stats.items()}
+def _ratio_stats(log_ratio: torch.Tensor, ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """Per-token diagnostics shared by the ratio-based losses (logged as masked means; ``ratio_max``
+    as the micro-batch's maximum)."""
+    log_ratio, ratio = log_ratio.detach(), ratio.detach()
+    return {"ratio_mean": ratio, "approx_kl": ratio - 1 - log_ratio,  # k3 of old vs new
+            "ratio_max": float(torch.where(mask > 0, ratio, torch.zeros_like(ratio)).max()) if mask.any() else 1.0}
 
 
-def _check_ppo_clip(*, clip_eps: float = 0.2) -> None:
+def ppo_clip(inputs: PolicyLossInputs, *, clip_eps: float = 0.2, clip_eps_low: float | None = None,
+             clip_eps_high: float | None = None, dual_clip: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The three-step recipe's clipped objective (Schulman et al. 2017), per token:
+    ``max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))`` with ``r = exp(logp - logp_old)``, the
+    negation of ``min(r A, clip(r) A)`` so that it is minimised.
+
+    ``clip_eps_low`` / ``clip_eps_high`` default to ``clip_eps``; DAPO's clip-higher (Yu et al.
+    2025) widens the upper side, e.g. 0.2 / 0.28. ``dual_clip`` ``c > 1`` (Ye et al. 2020) bounds the
+    loss of a negative advantage: for ``A < 0`` the term is ``min(term, -c A)``. Metrics:
+    ``clip_frac`` (share of tokens where a clip removes the gradient), ``ratio_mean``, ``ratio_max``,
+    ``approx_kl``. Its registered fused form (``ppo_clip_fast``) computes the symmetric,
+    token-mean case in one sweep over the logits (or the LM head's chunks)."""
+    low = clip_eps if clip_eps_low is None else clip_eps_low
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    log_ratio = (inputs.logprobs - inputs.old_logprobs) * inputs.mask
+    ratio = torch.exp(log_ratio)
+    adv = inputs.advantages
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - low, 1.0 + high)
+    terms = torch.maximum(unclipped, clipped)
+    clip_taken = (clipped > unclipped).float()
+    if dual_clip is not None:
+        bound = -dual_clip * adv
+        dual = (adv < 0) & (terms > bound)
+        terms = torch.where(dual, bound, terms)
+        clip_taken = torch.maximum(clip_taken, dual.float())
+    return terms, {"clip_frac": clip_taken, **_ratio_stats(log_ratio, ratio, inputs.mask)}
+
+
+def _check_clip_range(name: str, low: float, high: float) -> None:
+    if not (0 < low < 1 and high > 0 and math.isfinite(high)):
+        raise ValueError(f"{name}: the clip range needs 0 < clip_eps_low < 1 and 0 < clip_eps_high, got "
+                         f"clip_eps_low={low}, clip_eps_high={high}")
+
+
+def _check_ppo_clip(*, clip_eps: float = 0.2, clip_eps_low: float | None = None, clip_eps_high: float | None = None,
+                    dual_clip: float | None = None) -> None:
     if not 0 < clip_eps < 1:
         raise ValueError(f"ppo_clip: clip_eps must be in (0, 1), got {clip_eps}")
+    _check_clip_range("ppo_clip", clip_eps if clip_eps_low is None else clip_eps_low,
+                      clip_eps if clip_eps_high is None else clip_eps_high)
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"ppo_clip: dual_clip must be > 1 (Ye et al. use 3), got {dual_clip}")
 
 
 ppo_clip.check_options = _check_ppo_clip
+
+
+def ppo_clip_fast(options: dict, loss_agg: str):
+    """``ppo_clip``'s fused form, or None where it does not apply: one sweep over the logits
+    (``rlhf_kernels.ppo_clip_loss``) or over the LM head's chunks (``linear_ppo_clip_loss``, whose
+    gradients are computed inside its forward) for the symmetric clip without dual clip under
+    ``token_mean``. Returns ``clip_eps``."""
+    symmetric = options.get("clip_eps_low") is None and options.get("clip_eps_high") is None
+    if loss_agg != "token_mean" or not symmetric or options.get("dual_clip") is not None:
+        return None
+    return options.get("clip_eps", 0.2)
+
+
+def gspo(inputs: PolicyLossInputs, *, clip_eps_low: float = 3e-4, clip_eps_high: float = 4e-4,
+         variant: str = "sequence") -> tuple[torch.Tensor, dict[str, Any]]:
+    """GSPO (Zheng et al. 2025): the sequence-level ratio ``s_i = exp(mean_t(logp - logp_old))``
+    (length-normalised), clipped per sequence: ``max(-A_i s_i, -A_i clip(s_i, 1 - lo, 1 + hi))``
+    with ``A_i`` the sequence's advantage (the mean of its token advantages; a group estimator's
+    is one value per sequence). The term is repeated over the sequence's tokens, so
+    ``loss_agg: seq_mean_token_mean`` gives the paper's mean over sequences.
+
+    ``variant: token`` is GSPO-token: ``s_i,t = sg[s_i] * pi(y_t) / sg[pi(y_t)]`` (equal to ``s_i``
+    in value) with the token's own advantage, so per-token advantages can be used. Clip ranges are
+    small (the paper's 3e-4 / 4e-4) because ``s_i`` is a geometric mean. Metrics: ``clip_frac`` (share
+    of sequences clipped, per token), ``seq_ratio_mean``."""
+    mask = inputs.mask
+    lengths = mask.sum(1, keepdim=True).clamp(min=1)
+    log_ratio = (inputs.logprobs - inputs.old_logprobs) * mask
+    log_s = log_ratio.sum(1, keepdim=True) / lengths  # [B, 1]
+    if variant == "token":
+        ratio = torch.exp(log_s.detach() + inputs.logprobs - inputs.logprobs.detach())  # [B, T], value s_i
+        adv = inputs.advantages
+    else:
+        ratio = torch.exp(log_s).expand_as(mask)
+        adv = ((inputs.advantages * mask).sum(1, keepdim=True) / lengths).expand_as(mask)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    terms = torch.maximum(unclipped, clipped)
+    return terms, {"clip_frac": (clipped > unclipped).float(), "seq_ratio_mean": ratio.detach()}
+
+
+def _check_gspo(*, clip_eps_low: float = 3e-4, clip_eps_high: float = 4e-4, variant: str = "sequence") -> None:
+    _check_clip_range("gspo", clip_eps_low, clip_eps_high)
+    if variant not in ("sequence", "token"):
+        raise ValueError(f"gspo: variant must be 'sequence' or 'token', got {variant!r}")
+
+
+gspo.check_options = _check_gspo
+
+
+def cispo(inputs: PolicyLossInputs, *, clip_eps_low: float = 1.0, clip_eps_high: float = 0.28) -> tuple[torch.Tensor, dict[str, Any]]:
+    """CISPO (MiniMax-M1, 2025): the importance weight is clipped and detached, and every token keeps
+    its gradient: ``-sg[clip(r, 1 - lo, 1 + hi)] * A * logp``, ``r = exp(logp - logp_old)``. The
+    paper leaves the lower side open (``clip_eps_low: 1.0``, i.e. ``r >= 0``) and tunes the upper.
+    Metrics: ``clip_frac`` (tokens whose weight was capped), ``ratio_mean``, ``ratio_max``, ``approx_kl``."""
+    log_ratio = (inputs.logprobs - inputs.old_logprobs) * inputs.mask
+    ratio = torch.exp(log_ratio)
+    weight = ratio.detach().clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    terms = -weight * inputs.advantages * inputs.logprobs
+    capped = ((ratio.detach() > 1.0 + clip_eps_high) | (ratio.detach() < 1.0 - clip_eps_low)).float()
+    return terms, {"clip_frac": capped, **_ratio_stats(log_ratio, ratio, inputs.mask)}
+
+
+def _check_cispo(*, clip_eps_low: float = 1.0, clip_eps_high: float = 0.28) -> None:
+    if not (0 < clip_eps_low <= 1 and clip_eps_high > 0 and math.isfinite(clip_eps_high)):
+        raise ValueError(f"cispo: needs 0 < clip_eps_low <= 1 and 0 < clip_eps_high, got clip_eps_low={clip_eps_low}, "
+                         f"clip_eps_high={clip_eps_high}")
+
+
+cispo.check_options = _check_cispo
+
+
+def reinforce(inputs: PolicyLossInputs) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The on-policy policy gradient (Williams 1992): ``-A * logp`` per token, no ratio and no clip;
+    for the REINFORCE-style estimators (``reinforce_pp``, ``rloo``, ``group_mean``) with one
+    update per batch. Metric: ``approx_kl`` of old vs new (0 on-policy)."""
+    log_ratio = ((inputs.logprobs - inputs.old_logprobs) * inputs.mask).detach()
+    return -inputs.advantages * inputs.logprobs, {"approx_kl": torch.exp(log_ratio) - 1 - log_ratio}
+
+
+#: How the host turns per-token terms into the loss (see :func:`aggregate`).
+LOSS_AGG = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
+
+
+def local_normaliser(mode: str, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """This rank's share of the normaliser of ``mode`` for a minibatch with response ``mask [B, T]``;
+    the host sums it over ranks (once, before the micro-batches run): valid tokens for
+    ``token_mean``, sequences for the ``seq_mean_*`` modes, sequences x ``max_new_tokens`` for
+    ``token_sum_norm`` (Dr. GRPO's constant)."""
+    if mode == "token_mean":
+        return mask.sum().double()
+    n = torch.tensor(float(mask.shape[0]), dtype=torch.float64, device=mask.device)
+    return n * max_new_tokens if mode == "token_sum_norm" else n
+
+
+def aggregate(terms: torch.Tensor, mask: torch.Tensor, mode: str, normaliser: float) -> torch.Tensor:
+    """The loss of one micro-batch as its share of the global minibatch loss: summing this over the
+    micro-batches (and ranks) gives, with ``normaliser`` the global total of :func:`local_normaliser`,
+
+    - ``token_mean``: ``sum_{i,t} m l / sum_{i,t} m`` (every token of the batch weighs the same);
+    - ``seq_mean_token_mean``: ``(1/N) sum_i (sum_t m l / sum_t m)`` (GRPO, Shao et al. 2024);
+    - ``seq_mean_token_sum``: ``(1/N) sum_i sum_t m l``;
+    - ``token_sum_norm``: ``sum_{i,t} m l / (N * max_new_tokens)`` (Dr. GRPO, Liu et al. 2025).
+
+    So the gradient is the same whatever the minibatch's split into micro-batches or ranks."""
+    masked = terms * mask
+    if mode == "seq_mean_token_mean":
+        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / normaliser
+    return masked.sum() / normaliser
+
+
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k2 estimator per token: ``0.5 * (logp - logp_ref)^2`` (biased, low variance, >= 0; its
+    gradient is that of the reverse KL's, as used in the loss by GRPO-style recipes)."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2
 
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -44,7 +197,7 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
 class KLController:
@@ -90,29 +243,32 @@ def shape_rewards(rewards: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Te
     return seq_rewards, token_rewards
 
 
-def policy_objective(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,
-                     advantages: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, *, loss_fn,
-                     loss_options: dict, kl_estimator: str, kl_in_loss: bool, beta: float, entropy_coef: float,
-                     backend: str | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss the policy minimises on one minibatch, a token mean over ``mask``:
-    ``L_clip + beta * KL`` (when the KL penalty is placed in the loss) ``- entropy_coef * H``.
+def ppo_clip_logits_objective(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,
+                              advantages: torch.Tensor, ref_logprobs: torch.Tensor | None, mask: torch.Tensor, *,
+                              clip_eps: float, kl_estimator: str, kl_in_loss: bool, beta: float, entropy_coef: float,
+                              backend: str | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """``ppo_clip``'s fused form on logits: the token mean over ``mask`` of the clipped loss in one
+    sweep (``rlhf_kernels.ppo_clip_loss``), ``+ beta * KL`` (when the KL penalty is placed in the
+    loss) ``- entropy_coef * H``.
 
     Shapes: ``logits [B, R + 1, V]`` (the response positions plus one, see ``response_logits``),
     every other tensor ``[B, R + 1]`` aligned with them (``labels`` -100 off the response).
     """
-    loss, metrics = loss_fn(logits, labels, old_logprobs, advantages, backend=backend, **loss_options)
-    return add_penalties(loss, metrics, lambda: rlhf_kernels.token_logprobs(logits, labels, backend=backend),
-                         lambda: rlhf_kernels.token_entropy(logits, backend=backend), ref_logprobs, mask, kl_estimator=kl_estimator,
-                         kl_in_loss=kl_in_loss, beta=beta, entropy_coef=entropy_coef)
+    loss, stats = rlhf_kernels.ppo_clip_loss(logits, labels, old_logprobs, advantages, clip_eps=clip_eps,
+                                             return_stats=True, backend=backend)
+    return add_penalties(loss, {k: float(v) for k, v in stats.items()},
+                         lambda: rlhf_kernels.token_logprobs(logits, labels, backend=backend),
+                         lambda: rlhf_kernels.token_entropy(logits, backend=backend), ref_logprobs, mask,
+                         kl_estimator=kl_estimator, kl_in_loss=kl_in_loss, beta=beta, entropy_coef=entropy_coef)
 
 
-def fused_policy_objective(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                           old_logprobs: torch.Tensor, advantages: torch.Tensor, ref_logprobs: torch.Tensor,
-                           mask: torch.Tensor, *, clip_eps: float, kl_estimator: str, kl_in_loss: bool, beta: float,
-                           entropy_coef: float, backend: str | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """:func:`policy_objective` with the ``ppo_clip`` loss on the last hidden states ``[N, H]`` and
-    the LM head's ``weight [V, H]`` (every other tensor ``[N]``): the ``[N, V]`` logits never exist.
-    Without an in-loss KL the clipped loss's gradients are computed inside its forward chunk loop
+def ppo_clip_linear_objective(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                              old_logprobs: torch.Tensor, advantages: torch.Tensor, ref_logprobs: torch.Tensor | None,
+                              mask: torch.Tensor, *, clip_eps: float, kl_estimator: str, kl_in_loss: bool, beta: float,
+                              entropy_coef: float, backend: str | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`ppo_clip_logits_objective` on the last hidden states ``[N, H]`` and the LM head's
+    ``weight [V, H]`` (every other tensor ``[N]``): the ``[N, V]`` logits never exist. Without an
+    in-loss KL the clipped loss's gradients are computed inside its forward chunk loop
     (``rlhf_kernels.linear_ppo_clip_loss``); with one, the log-probs it needs come from the same
     chunked pass (``linear_token_logprobs``) and the clipped loss is built on them."""
     if kl_in_loss:
@@ -125,6 +281,21 @@ def fused_policy_objective(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     return add_penalties(loss, {k: float(v) for k, v in stats.items()}, lambda: logp,
                          lambda: rlhf_kernels.linear_token_entropy(hidden, weight, backend=backend), ref_logprobs, mask,
                          kl_estimator=kl_estimator, kl_in_loss=kl_in_loss, beta=beta, entropy_coef=entropy_coef)
+
+
+def policy_loss_terms(loss_fn, options: dict, inputs: PolicyLossInputs, *, kl_estimator: str, kl_in_loss: bool,
+                      beta: float, entropy_coef: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Per-token terms ``[B, T]`` the host aggregates: the registered loss's, ``+ beta * KL_t`` when
+    the KL penalty is placed in the loss, ``- entropy_coef * H_t`` with an entropy bonus."""
+    terms, metrics = loss_fn(inputs, **options)
+    metrics = dict(metrics)
+    if kl_in_loss:
+        kl = KL_ESTIMATORS[kl_estimator](inputs.logprobs, inputs.ref_logprobs)
+        terms = terms + beta * kl
+        metrics["kl_loss"] = kl.detach()
+    if entropy_coef > 0:
+        terms = terms - entropy_coef * inputs.entropy
+    return terms, metrics
 
 
 def add_penalties(loss: torch.Tensor, metrics: dict[str, float], logprobs, entropy, ref_logprobs: torch.Tensor,
@@ -143,4 +314,7 @@ def add_penalties(loss: torch.Tensor, metrics: dict[str, float], logprobs, entro
 
 @hookimpl
 def rlhf_register_losses(register):
-    register("ppo_clip", ppo_clip, family="policy")
+    register("ppo_clip", ppo_clip, family="policy", fused=ppo_clip_fast)
+    register("gspo", gspo, family="policy")
+    register("cispo", cispo, family="policy")
+    register("reinforce", reinforce, family="policy")

@@ -9,6 +9,7 @@ the reward model's blind spots.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import random
 import time
@@ -18,6 +19,8 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+import rlhf_kernels
+
 from rlhf_core import hookimpl
 from rlhf_core import distributed as dist_utils
 from rlhf_core.checkpoint import honour_stop_requests
@@ -25,7 +28,7 @@ from rlhf_core.config import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, Com
 from rlhf_core.distributed import masked_mean
 from rlhf_core.data import TokenStats, data_inputs, dataset_components, encode_prompt, load_split, render_prompt
 from rlhf_core.interfaces import (
-    AdvantageInputs, ComponentError, StageError, StageInput, StageResult, checked_advantages, checked_rewards, checked_rollout,
+    AdvantageInputs, ComponentError, PolicyLossInputs, StageError, StageInput, StageResult, checked_advantages, checked_rewards, checked_rollout,
     describe,
 )
 from rlhf_core.sampling import evaluate_samples, generate
@@ -37,7 +40,10 @@ from rlhf_core.tracking import is_main_process
 from rlhf_core.training import TrainingError, autocast_context
 
 from .advantages import whiten
-from .loss import KL_ESTIMATORS, KLController, clipped_value_loss, fused_policy_objective, policy_objective, shape_rewards
+from .loss import (
+    KL_ESTIMATORS, KLController, aggregate, clipped_value_loss, local_normaliser, policy_loss_terms,
+    ppo_clip_linear_objective, ppo_clip_logits_objective, shape_rewards,
+)
 from .rollout import (
     Experience, critic_values, response_hidden, response_logits, response_values, score_tokens, token_scores, widen,
 )
@@ -59,12 +65,14 @@ class GenerationConfig:
 
 @dataclass
 class KLConfig:
-    """KL to the frozen reference. ``estimator``: k1 or k3; ``placement``: ``reward`` (beta * KL
-    subtracted from the reward per token) or ``loss`` (beta * mean KL added to the policy loss);
-    ``coef`` beta; ``adaptive`` adjusts beta toward ``target`` sequence KL over ``horizon`` samples."""
+    """KL to the frozen reference. ``estimator``: k1, k2 or k3; ``placement``: ``reward`` (beta * KL
+    subtracted from the reward per token) or ``loss`` (beta * KL per token added to the policy loss's
+    terms, aggregated like them); ``coef`` beta, where 0 means no reference at all (none is loaded
+    and no reference forward runs; the logged ``kl`` is then 0); ``adaptive`` adjusts beta toward
+    ``target`` sequence KL over ``horizon`` samples (it needs ``coef > 0``)."""
 
     coef: float = 0.05
-    estimator: Literal["k1", "k3"] = "k1"
+    estimator: Literal["k1", "k2", "k3"] = "k1"
     placement: Literal["reward", "loss"] = "reward"
     adaptive: bool = False
     target: float = 6.0
@@ -72,7 +80,11 @@ class KLConfig:
 
     def problems(self) -> list[str]:
         """Value checks."""
-        return rule_problems(self, {"coef": NON_NEGATIVE, "target": POSITIVE, "horizon": AT_LEAST_1})
+        out = rule_problems(self, {"coef": NON_NEGATIVE, "target": POSITIVE, "horizon": AT_LEAST_1})
+        if self.adaptive and self.coef == 0:
+            out.append("adaptive: an adaptive KL coefficient starts from coef and scales it; coef: 0 (no reference) "
+                       "would stay 0; set coef > 0 or adaptive: false")
+        return out
 
 
 @dataclass
@@ -102,6 +114,8 @@ class PPOConfig:
     reward: ComponentSpec = field(default_factory=lambda: ComponentSpec("reward_model"))
     advantage: ComponentSpec = field(default_factory=lambda: ComponentSpec("batch_mean"))
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("ppo_clip"))
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"] = "token_mean"
+    micro_batch_size: int | None = None
     gold: ComponentSpec | None = None
     iterations: int = 100
     prompts_per_batch: int = 16
@@ -135,7 +149,7 @@ class PPOConfig:
                        f"to leave room for the prompt, got {self.data.max_length}")
         return out + rule_problems(self, {
             "iterations": AT_LEAST_1, "prompts_per_batch": AT_LEAST_1, "samples_per_prompt": AT_LEAST_1,
-            "ppo_epochs": AT_LEAST_1, "minibatch_size": AT_LEAST_1, "lr": POSITIVE, "critic_lr": POSITIVE,
+            "ppo_epochs": AT_LEAST_1, "minibatch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1, "lr": POSITIVE, "critic_lr": POSITIVE,
             "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE, "entropy_coef": NON_NEGATIVE,
             "vf_clip": POSITIVE, "eval_every": AT_LEAST_0, "eval_prompts": AT_LEAST_0,
         })
@@ -154,7 +168,8 @@ class PPOModels:
     policy with its adapters disabled), the optional critic and its optimizer, and the KL
     controller. Models are already sharded for this run's processes; ``policy_params``: what the
     policy's optimizer trains; ``shared``: the :class:`rlhf_core.models.SharedBackbone` when the
-    critic or a reward model is an adapter on the policy's base (else None). ``fused``: log-probs, the
+    critic or a reward model is an adapter on the policy's base (else None); ``reference_free``:
+    ``kl.coef`` is 0, so there is no reference and no reference forward. ``fused``: log-probs, the
     policy loss and entropy come from the last hidden states and the LM head through the
     fused-linear kernels, so no ``[B, R, V]`` logits exist (see ``fused_linear``)."""
 
@@ -167,6 +182,7 @@ class PPOModels:
     fused: bool = False
     policy_params: list[torch.nn.Parameter] = field(default_factory=list)
     shared: Any = None
+    reference_free: bool = False
 
     def __post_init__(self):
         if not self.policy_params:  # built by hand (tests, benchmarks): every trainable policy parameter
@@ -194,7 +210,7 @@ class PPOStage:
         tokenizer = ctx.tokenizer_for(source)
         estimator_entry = ctx.registry.lookup("advantage", config.advantage)
         estimator = Estimator(estimator_entry, estimator_entry.obj(**config.advantage.options))
-        loss_fn = ctx.registry.lookup("loss", config.loss, "policy").obj
+        loss_entry = ctx.registry.lookup("loss", config.loss, "policy")
         models, reward_fn, gold_fn = self._models(ctx, config, estimator.needs_values, source)
         generator_entry = ctx.registry.lookup("generator", config.generator)
         generator = Rollouts(generator_entry, generator_entry.obj(ctx, models.policy, tokenizer, **config.generator.options))
@@ -240,7 +256,7 @@ class PPOStage:
         bar = tqdm(range(start + 1, config.iterations + 1), desc=ctx.name, disable=not is_main_process(),
                    dynamic_ncols=True, initial=start, total=config.iterations)
         with honour_stop_requests(ckpt):
-            last = self._loop(ctx, config, bar, models, prompts, rng, tokenizer, reward_fn, estimator, loss_fn,
+            last = self._loop(ctx, config, bar, models, prompts, rng, tokenizer, reward_fn, estimator, loss_entry,
                               evaluate, eval_prompts, first, last, kl_history, trained, optims, generator)
         bar.close()
         final = evaluate() if eval_prompts else {}
@@ -257,7 +273,7 @@ class PPOStage:
         model_dir = save_causal_lm(models.policy, tokenizer, ctx.stage_dir) if config.save else None
         return StageResult(model_dir, "policy", summary, headline)
 
-    def _loop(self, ctx, config, bar, models, prompts, rng, tokenizer, reward_fn, estimator, loss_fn, evaluate,
+    def _loop(self, ctx, config, bar, models, prompts, rng, tokenizer, reward_fn, estimator, loss_entry, evaluate,
               eval_prompts, first, last, kl_history, trained, optims, generator) -> dict[str, float]:
         """Iterations ``bar``: rollout -> Experience -> update -> stats, evaluation, checkpoints."""
         device, ckpt = ctx.device, ctx.checkpointer
@@ -269,7 +285,7 @@ class PPOStage:
                                   generator)
             t1 = time.perf_counter()
             generator.sleep()  # an engine with its own memory gives it back while the trainer works
-            metrics = update(models, exp, loss_fn, config, ctx.kernel_backend)
+            metrics = update(models, exp, loss_entry, config, ctx.kernel_backend)
             generator.update_weights(models.policy)
             t2 = time.perf_counter()
             metrics.update(experience_stats(exp, models.kl.value))
@@ -309,7 +325,8 @@ class PPOStage:
                 f"prompt and needs samples_per_prompt >= {need}, got {config.samples_per_prompt}"
             )
         world = dist_utils.planned_world_size()
-        problems += fused_linear_problems(config.fused_linear, fused_blocker(config))
+        problems += fused_linear_problems(config.fused_linear, "")
+        problems += policy_loss_problems(config, registry)
         if world > 1:
             if config.prompts_per_batch % world:
                 problems.append(f"prompts_per_batch: must be a multiple of the {world} processes (each takes an equal "
@@ -334,7 +351,9 @@ class PPOStage:
         model_cfg, device = ctx.run_config.model, ctx.device
         policy = ctx.adapt(load_causal_lm(model_cfg, source, seed=ctx.seed).to(device), source)
         # With LoRA the reference is the policy with its adapters disabled: no second copy of the weights.
-        reference = None if is_lora(policy) else ctx.load_model(config.init, trainable=False)
+        # kl.coef 0: no reference at all (nothing loaded, no reference forward).
+        reference_free = config.kl.coef == 0
+        reference = None if is_lora(policy) or reference_free else ctx.load_model(config.init, trainable=False)
         ctx.shared = share_backbone(ctx, config, policy)
         critic = None
         try:
@@ -360,9 +379,9 @@ class PPOStage:
         if critic is not None:
             critic_opt = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=config.critic_lr)
         kl = KLController(config.kl.coef, config.kl.adaptive, config.kl.target, config.kl.horizon)
-        fused = use_fused_linear(config.fused_linear, ctx.name, [policy, reference], fused_blocker(config))
+        fused = use_fused_linear(config.fused_linear, ctx.name, [policy, reference])
         return PPOModels(policy, reference, optimizer, kl, critic, critic_opt, fused=fused, policy_params=params,
-                         shared=shared), reward_fn, gold_fn
+                         shared=shared, reference_free=reference_free), reward_fn, gold_fn
 
 
 def share_backbone(ctx, config: PPOConfig, policy) -> SharedBackbone | None:
@@ -416,7 +435,7 @@ def make_experience(models: PPOModels, prompts: list[str], tokenizer, reward_fn,
                                                                        fused=models.fused)
         ref_logp = reference_logprobs(models, roll, backend)
         values = critic_values(models.critic, roll) if models.critic is not None else None
-    kl_tokens = (torch.zeros_like(mask) if skip_old  # unused by the rewards with the KL in the loss; set by update()
+    kl_tokens = (torch.zeros_like(mask) if skip_old or ref_logp is None  # no KL without a reference; on-policy: set by update()
                  else KL_ESTIMATORS[config.kl.estimator](old_logp, ref_logp) * mask)  # [B, R]
     seq_rewards, token_rewards = shape_rewards(rewards, kl_tokens, mask, models.kl.value, config.kl.placement)
     advantages = estimator(AdvantageInputs(seq_rewards, token_rewards, mask, group_ids, values,
@@ -435,64 +454,74 @@ def make_experience(models: PPOModels, prompts: list[str], tokenizer, reward_fn,
                       {k: float(v) for k, v in engine.items()})
 
 
-def reference_logprobs(models: PPOModels, roll, backend: str | None) -> torch.Tensor:
+def reference_logprobs(models: PPOModels, roll, backend: str | None) -> torch.Tensor | None:
     """Log-probs ``[B, R]`` of the response tokens under the reference: the frozen copy, or with
-    LoRA the policy itself with its adapters switched off (exactly the starting weights)."""
+    LoRA the policy itself with its adapters switched off (exactly the starting weights); None
+    without a reference (``kl.coef: 0``)."""
+    if models.reference_free:
+        return None
     if models.reference is not None:
         return score_tokens(models.reference, roll, backend, fused=models.fused)[0]
     with lora_scope(models.policy, None):
         return score_tokens(models.policy, roll, backend, fused=models.fused)[0]
 
 
-def update(models: PPOModels, exp: Experience, loss_fn, config: PPOConfig, backend: str | None) -> dict[str, float]:
+def update(models: PPOModels, exp: Experience, loss_entry, config: PPOConfig, backend: str | None) -> dict[str, float]:
     """Training phase: ``ppo_epochs`` passes of minibatch updates of the policy (and critic) on one
-    Experience. Every minibatch loss is a token mean weighted by its share of the global minibatch's
-    tokens, so N ranks take the step one process would. Returns minibatch-averaged stats."""
+    Experience. ``loss_entry``: the registered policy loss (its function and, in ``meta``, its
+    ``fused`` form). Each minibatch's loss normaliser (``loss_agg``) is summed over every rank before
+    its micro-batches (``micro_batch_size`` rows each) run, and each micro-batch contributes its
+    share, so the step does not depend on the number of processes or the micro-batch split.
+    Returns minibatch-averaged stats."""
     roll = exp.rollout
     mask = roll.mask.float()
+    loss_fn, options = loss_entry.obj, config.loss.options
+    fast_form = loss_entry.meta.get("fused")
+    clip_eps = fast_form(options, config.loss_agg) if fast_form is not None else None
+    needs = set(loss_entry.meta.get("needs", ()))
     fill = exp.old_logprobs is None  # on-policy: the old log-probs are this pass's own (see make_experience)
     if fill:
         exp.old_logprobs, exp.entropy = torch.zeros_like(mask), torch.zeros_like(mask)
     # Aligned with the unsliced [B, R + 1, V] policy logits; the extra column is ignored.
     labels_w, old_w, adv_w = widen(roll.labels, -100), widen(exp.old_logprobs, 0.0), widen(exp.advantages, 0.0)
-    ref_w, mask_w = widen(exp.ref_logprobs, 0.0), widen(mask, 0.0)
-    local_minibatch = max(1, config.minibatch_size // dist_utils.world_size())
+    mask_w = widen(mask, 0.0)
+    ref_w = widen(exp.ref_logprobs, 0.0) if exp.ref_logprobs is not None else None
+    engine_w = widen(roll.logprobs, 0.0) if roll.logprobs is not None else None
+    world = dist_utils.world_size()
+    local_minibatch = max(1, config.minibatch_size // world)
+    local_micro = max(1, (config.micro_batch_size or config.minibatch_size) // world)
+    penalties = dict(kl_estimator=config.kl.estimator, kl_in_loss=config.kl.placement == "loss" and ref_w is not None,
+                     beta=models.kl.value, entropy_coef=config.entropy_coef)
     stats: dict[str, list[float]] = {}
     models.policy.train()
     for _ in range(config.ppo_epochs):
         for idx in torch.randperm(len(mask), device=mask.device).split(local_minibatch):
-            (weight,) = dist_utils.loss_weights([float(mask[idx].sum())], mask.device)
-            penalties = dict(kl_estimator=config.kl.estimator, kl_in_loss=config.kl.placement == "loss",
-                             beta=models.kl.value, entropy_coef=config.entropy_coef, backend=backend)
-            with autocast_context(config.mixed_precision, mask.device):
-                if models.fused:
-                    def objective(hidden, head, idx=idx, penalties=penalties):  # inside the policy's forward
-                        if fill:
-                            old_w[idx], entropy = token_scores(hidden.detach(), head.detach(), labels_w[idx], backend)
-                            exp.entropy[idx] = entropy[:, :-1]
-                        return fused_policy_objective(
-                            hidden.reshape(-1, hidden.shape[-1]), head, labels_w[idx].reshape(-1),
-                            old_w[idx].reshape(-1), adv_w[idx].reshape(-1), ref_w[idx].reshape(-1),
-                            mask_w[idx].reshape(-1), clip_eps=config.loss.options.get("clip_eps", 0.2), **penalties)
-
-                    loss, m = response_hidden(models.policy, roll.sequences[idx], roll.attention_mask[idx],
-                                              roll.prompt_len, objective)
-                else:
-                    logits = response_logits(models.policy, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
-                    if fill:
-                        old_w[idx], entropy = token_scores(logits.detach(), None, labels_w[idx], backend)
-                        exp.entropy[idx] = entropy[:, :-1]
-                    loss, m = policy_objective(logits, labels_w[idx], old_w[idx], adv_w[idx], ref_w[idx], mask_w[idx],
-                                               loss_fn=loss_fn, loss_options=config.loss.options, **penalties)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"stage 'ppo': the policy loss became {float(loss.detach())}; lower lr, kl.coef or "
-                                    "entropy_coef, set mixed_precision: no, or check the reward's scale")
+            normaliser = float(dist_utils.all_reduce_sum(
+                local_normaliser(config.loss_agg, mask[idx], config.generation.max_new_tokens)))
             models.optimizer.zero_grad(set_to_none=True)
-            (loss * weight).backward()
+            window: dict[str, list[float]] = {}  # metric -> [sum of value * tokens, tokens]
+            policy_loss = 0.0
+            for micro in idx.split(local_micro):
+                with autocast_context(config.mixed_precision, mask.device):
+                    loss, m = _micro_batch_loss(models, roll, micro, labels_w, old_w, adv_w, mask_w, ref_w, engine_w,
+                                                exp, fill, loss_fn, options, clip_eps, needs, penalties, config,
+                                                normaliser, backend)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"stage 'ppo': the policy loss became {float(loss.detach())}; lower lr, kl.coef "
+                                        "or entropy_coef, set mixed_precision: no, or check the reward's scale")
+                (loss * world).backward()  # ranks' gradients are averaged: each rank's share counts world times
+                policy_loss += float(loss.detach()) * world
+                n = float(mask[micro].sum())
+                for key, value in m.items():
+                    window.setdefault(key, [0.0, 0.0])
+                    window[key][0] += value * n
+                    window[key][1] += n
             grad_norm = clip_gradients(models.policy_params, config.max_grad_norm, "policy")
             models.optimizer.step()
-            m = {**m, "policy_loss": float(loss.detach()), "grad_norm": float(grad_norm)}
+            m = {k: total / max(count, 1e-9) for k, (total, count) in window.items()}
+            m.update(policy_loss=policy_loss, grad_norm=float(grad_norm))
             if models.critic is not None:
+                (weight,) = dist_utils.loss_weights([float(mask[idx].sum())], mask.device)
                 # A critic on the policy's base: its backward (a checkpointed recomputation) in its adapter's scope too.
                 with getattr(models.critic, "scope", contextlib.nullcontext)():
                     v_new = response_values(models.critic, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
@@ -510,20 +539,99 @@ def update(models: PPOModels, exp: Experience, loss_fn, config: PPOConfig, backe
     if fill:
         exp.old_logprobs = old_w[:, :-1] * mask
         exp.entropy = exp.entropy * mask
-        exp.kl_tokens = KL_ESTIMATORS[config.kl.estimator](exp.old_logprobs, exp.ref_logprobs) * mask
+        exp.kl_tokens = (KL_ESTIMATORS[config.kl.estimator](exp.old_logprobs, exp.ref_logprobs) * mask
+                         if exp.ref_logprobs is not None else torch.zeros_like(mask))
     return dist_utils.global_mean({key: sum(v) / len(v) for key, v in stats.items()}, mask.device)
 
 
-def fused_blocker(config: PPOConfig) -> str:
-    """Why the configured loss cannot take the fused-linear path ("" when it can)."""
-    return "" if config.loss.name == "ppo_clip" else f"computes the ppo_clip loss only; the loss is {config.loss.name!r}"
+def _micro_batch_loss(models, roll, micro, labels_w, old_w, adv_w, mask_w, ref_w, engine_w, exp, fill, loss_fn,
+                      options, clip_eps, needs, penalties, config, normaliser, backend):
+    """One micro-batch's share of the minibatch loss and its metrics (floats). The policy's
+    log-probs of the sampled tokens come from the fused-linear kernels (``models.fused``) or the
+    logits; the registered loss turns them into per-token terms that :func:`aggregate` sums with the
+    global ``normaliser``. Where ``ppo_clip``'s fast form applies (``clip_eps`` not None) its one-sweep
+    kernel gives the micro-batch's token mean instead, scaled to the same share."""
+    share = float(mask_w[micro].sum()) / normaliser if normaliser > 0 else 0.0
+    ref = ref_w[micro] if ref_w is not None else None
+
+    def on_policy_scores(out, head):
+        if fill:  # this pass's own log-probs are the old ones (detached), and its entropy is logged
+            old_w[micro], entropy = token_scores(out.detach(), head.detach() if head is not None else None,
+                                                 labels_w[micro], backend)
+            exp.entropy[micro] = entropy[:, :-1]
+
+    def generic(logprobs, entropy):
+        inputs = PolicyLossInputs(logprobs, old_w[micro], adv_w[micro], mask_w[micro], ref,
+                                  engine_w[micro] if engine_w is not None else None, entropy,
+                                  config.generation.max_new_tokens)
+        terms, metrics = policy_loss_terms(loss_fn, options, inputs, **penalties)
+        return aggregate(terms, mask_w[micro], config.loss_agg, normaliser), _metric_floats(metrics, mask_w[micro])
+
+    wants_entropy = "entropy" in needs or penalties["entropy_coef"] > 0
+    if models.fused:
+        def objective(hidden, head):  # inside the policy's forward
+            on_policy_scores(hidden, head)
+            flat, labels = hidden.reshape(-1, hidden.shape[-1]), labels_w[micro].reshape(-1)
+            if clip_eps is not None:
+                loss, m = ppo_clip_linear_objective(flat, head, labels, old_w[micro].reshape(-1), adv_w[micro].reshape(-1),
+                                                    ref.reshape(-1) if ref is not None else None,
+                                                    mask_w[micro].reshape(-1), clip_eps=clip_eps, backend=backend,
+                                                    **penalties)
+                return loss * share, m
+            logp = rlhf_kernels.linear_token_logprobs(flat, head, labels, backend=backend).view(labels_w[micro].shape)
+            entropy = (rlhf_kernels.linear_token_entropy(flat, head, backend=backend).view(logp.shape)
+                       if wants_entropy else None)
+            return generic(logp, entropy)
+
+        return response_hidden(models.policy, roll.sequences[micro], roll.attention_mask[micro], roll.prompt_len, objective)
+    logits = response_logits(models.policy, roll.sequences[micro], roll.attention_mask[micro], roll.prompt_len)
+    on_policy_scores(logits, None)
+    if clip_eps is not None:
+        loss, m = ppo_clip_logits_objective(logits, labels_w[micro], old_w[micro], adv_w[micro], ref, mask_w[micro],
+                                            clip_eps=clip_eps, backend=backend, **penalties)
+        return loss * share, m
+    logp = rlhf_kernels.token_logprobs(logits, labels_w[micro], backend=backend)
+    return generic(logp, rlhf_kernels.token_entropy(logits, backend=backend) if wants_entropy else None)
+
+
+def _metric_floats(metrics: dict[str, Any], mask: torch.Tensor) -> dict[str, float]:
+    """A loss's metrics as floats: per-token tensors as their masked mean, scalars as they are."""
+    return {k: float(masked_mean(v.detach().float(), mask)) if torch.is_tensor(v) and v.dim() > 0 else float(v)
+            for k, v in metrics.items()}
+
+
+def policy_loss_problems(config: PPOConfig, registry) -> list[str]:
+    """The policy loss's contract against the rest of the config: a loss written for the former
+    logits contract, optional inputs it needs that this run cannot give."""
+    entry = registry.lookup("loss", config.loss, "policy")
+    params = list(inspect.signature(entry.obj).parameters)
+    problems = []
+    if params[:1] == ["logits"]:
+        problems.append(f"loss: policy loss {config.loss.name!r} of plugin {entry.plugin!r} takes logits (the contract "
+                        "before policy losses took log-probs); a policy loss is now fn(inputs: PolicyLossInputs, "
+                        "**options) -> (per-token terms, metrics): see the README's 'Policy losses'")
+    needs = set(entry.meta.get("needs", ()))
+    unknown = needs - {"ref_logprobs", "engine_logprobs", "entropy"}
+    if unknown:
+        problems.append(f"loss: policy loss {config.loss.name!r} declares needs {sorted(unknown)}; accepted: "
+                        "ref_logprobs, engine_logprobs, entropy")
+    if "ref_logprobs" in needs and config.kl.coef == 0:
+        problems.append(f"kl.coef: policy loss {config.loss.name!r} needs the reference's log-probs, and kl.coef: 0 "
+                        "means no reference; set kl.coef > 0")
+    if "engine_logprobs" in needs:
+        generator = registry.lookup("generator", config.generator).obj
+        if getattr(generator, "reports_logprobs", None) is False:
+            problems.append(f"generator: policy loss {config.loss.name!r} needs the engine's sampling log-probs, which "
+                            f"generator {config.generator.name!r} does not report (it samples from the trainer's "
+                            "weights); use generator: vllm, or another loss")
+    return problems
 
 
 def on_policy(config: PPOConfig) -> bool:
-    """One epoch over one minibatch with the KL in the loss and no rollout correction: the policy
-    that sampled is the one being updated, so the old log-probs need no forward of their own."""
+    """One epoch over one minibatch with the KL in the loss (or none) and no rollout correction: the
+    policy that sampled is the one being updated, so the old log-probs need no forward of their own."""
     return (config.ppo_epochs == 1 and config.minibatch_size >= config.prompts_per_batch * config.samples_per_prompt
-            and config.kl.placement == "loss" and config.rollout_correction is None)
+            and (config.kl.placement == "loss" or config.kl.coef == 0) and config.rollout_correction is None)
 
 
 def experience_stats(exp: Experience, beta: float) -> dict[str, float]:

@@ -11,7 +11,7 @@ from rlhf_core.config import ComponentSpec, ModelConfig
 from rlhf_core.data import encode_prompt
 from rlhf_core.models import load_causal_lm, load_tokenizer
 from rlhf_plugins.ppo.advantages import BatchMeanBaseline
-from rlhf_plugins.ppo.loss import KLController, ppo_clip
+from rlhf_plugins.ppo.loss import KLController
 from rlhf_core.models import use_fused_linear
 from rlhf_plugins.ppo.stage import KLConfig, PPOConfig, PPOModels, make_experience, update
 
@@ -37,7 +37,7 @@ def small_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("placement,entropy_coef", [("reward", 0.0), ("loss", 0.01)])
-def test_fused_ppo_equals_logits_path(placement, entropy_coef):
+def test_fused_ppo_equals_logits_path(registry, placement, entropy_coef):
     torch.manual_seed(0)
     policy = load_causal_lm(CFG, seed=0)
     reference = load_causal_lm(CFG, seed=1).eval().requires_grad_(False)
@@ -51,7 +51,7 @@ def test_fused_ppo_equals_logits_path(placement, entropy_coef):
         torch.manual_seed(1)  # the same samples for both paths
         exp = make_experience(m, prompts, tokenizer, reward, BatchMeanBaseline(), config, torch.device("cpu"), "cpp")
         torch.manual_seed(2)  # the same minibatch order
-        stats = update(m, exp, ppo_clip, config, "cpp")
+        stats = update(m, exp, registry.lookup("loss", ComponentSpec("ppo_clip"), "policy"), config, "cpp")
         results[fused] = (exp, stats, m.policy)
     (exp_a, stats_a, pol_a), (exp_b, stats_b, pol_b) = results[False], results[True]
     assert torch.equal(exp_a.rollout.sequences, exp_b.rollout.sequences)
@@ -80,12 +80,14 @@ def test_fused_linear_auto_explains_when_it_is_off(capsys):
     assert "sft: fused_linear off (loss 'my_loss' reads the logits)" in capsys.readouterr().out
 
 
-def test_fused_linear_true_with_another_loss_is_a_config_error(registry):
-    from rlhf_core.config import ConfigError, load_raw, resolve
+def test_fused_linear_true_with_any_policy_loss_is_accepted(registry):
+    """Every policy loss runs on log-probs, so fused-linear is not special-cased by loss name."""
+    from rlhf_core.config import load_raw, resolve
+    from rlhf_plugins.ppo.loss import reinforce
 
-    registry.add("loss", "my_loss", ppo_clip, "test", family="policy")
-    with pytest.raises(ConfigError, match="fused_linear: computes the ppo_clip loss only"):
-        resolve(load_raw(None, ["stages.ppo.fused_linear=true", "stages.ppo.loss=my_loss"]), registry)
+    registry.add("loss", "my_loss", reinforce, "test", family="policy")
+    config = resolve(load_raw(None, ["stages.ppo.fused_linear=true", "stages.ppo.loss=my_loss"]), registry)
+    assert config.stages[2].config.fused_linear is True and config.stages[2].config.loss.name == "my_loss"
 
 
 def test_reward_and_value_models_never_hold_an_lm_head():
@@ -107,7 +109,7 @@ def test_reward_and_value_models_never_hold_an_lm_head():
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_on_policy_update_skips_the_old_forward_and_changes_nothing(fused, monkeypatch):
+def test_on_policy_update_skips_the_old_forward_and_changes_nothing(registry, fused, monkeypatch):
     """One epoch, one minibatch, KL in the loss: the old log-probs come from the update's own
     forward (no scoring forward of the policy); weights, stats and the experience's old log-probs,
     entropy and KL equal those of the path with the extra forward."""
@@ -133,7 +135,7 @@ def test_on_policy_update_skips_the_old_forward_and_changes_nothing(fused, monke
         assert (exp.old_logprobs is None) == skip
         assert sum(c is m.policy for c in calls) == (0 if skip else 1)  # the policy's scoring forward is skipped
         torch.manual_seed(2)
-        stats = update(m, exp, ppo_clip, config, "cpp")
+        stats = update(m, exp, registry.lookup("loss", ComponentSpec("ppo_clip"), "policy"), config, "cpp")
         results[skip] = (exp, stats, m.policy)
     (exp_a, stats_a, pol_a), (exp_b, stats_b, pol_b) = results[True], results[False]
     for name in ("old_logprobs", "entropy", "kl_tokens", "advantages"):

@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 import rlhf_kernels
 from rlhf_core.interfaces import AdvantageInputs
 from rlhf_plugins.ppo.advantages import GAE, BatchMeanBaseline, EMABaseline, GroupMeanBaseline, RLOOBaseline, whiten
-from rlhf_plugins.ppo.loss import KLController, clipped_value_loss, kl_k1, kl_k3, ppo_clip
+from rlhf_core.distributed import masked_mean
+from rlhf_core.interfaces import PolicyLossInputs
+from rlhf_plugins.ppo.loss import (KLController, aggregate, clipped_value_loss, kl_k1, kl_k3, ppo_clip,
+                                   ppo_clip_logits_objective)
 
 
 def inputs(rewards, groups=None, mask=None, token_rewards=None, values=None):
@@ -105,7 +108,17 @@ def test_ppo_loss_parity_with_formula_on_recorded_tensors():
     labels[0, 3:] = -100
     old = rlhf_kernels.token_logprobs(logits, labels) + 0.3 * torch.randn(3, 5)
     adv = torch.randn(3, 5)
-    loss, metrics = ppo_clip(logits, labels, old, adv, backend="reference", clip_eps=0.2)
+    valid_f = (labels != -100).float()
+    inputs = PolicyLossInputs(rlhf_kernels.token_logprobs(logits, labels, backend="reference"), old, adv, valid_f)
+    terms, per_token = ppo_clip(inputs, clip_eps=0.2)
+    loss = aggregate(terms, valid_f, "token_mean", float(valid_f.sum()))
+    metrics = {k: float(masked_mean(v, valid_f)) if torch.is_tensor(v) else v for k, v in per_token.items()}
+    # ppo_clip's fused form (one sweep over the logits) gives the same loss and statistics.
+    fast, fast_metrics = ppo_clip_logits_objective(logits, labels, old, adv, None, valid_f, clip_eps=0.2, kl_estimator="k1",
+                                                   kl_in_loss=False, beta=0.0, entropy_coef=0.0, backend="reference")
+    assert torch.allclose(fast, loss, atol=1e-6)
+    for key in ("clip_frac", "ratio_mean", "ratio_max", "approx_kl"):
+        assert math.isclose(fast_metrics[key], metrics[key], rel_tol=1e-5, abs_tol=1e-6), key
     # The formula written out longhand.
     logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     valid = labels != -100
@@ -148,8 +161,10 @@ def test_unclipped_first_step_gradient_equals_reinforce(batch, steps, vocab, see
     labels = torch.randint(0, vocab, (batch, steps), generator=g)
     adv = torch.randn(batch, steps, generator=g)
     old = rlhf_kernels.token_logprobs(logits, labels, backend="reference").detach()
-    (grad_ppo,) = torch.autograd.grad(ppo_clip(logits, labels, old, adv, backend="reference")[0], logits)
     logp = rlhf_kernels.token_logprobs(logits, labels, backend="reference")
+    ones = torch.ones_like(adv)
+    terms, _ = ppo_clip(PolicyLossInputs(logp, old, adv, ones))
+    (grad_ppo,) = torch.autograd.grad(aggregate(terms, ones, "token_mean", float(ones.sum())), logits, retain_graph=True)
     (grad_pg,) = torch.autograd.grad(-(adv * logp).mean(), logits)
     assert torch.allclose(grad_ppo, grad_pg, atol=1e-6)
 
