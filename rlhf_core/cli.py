@@ -12,11 +12,13 @@ import yaml
 from . import __version__
 from . import distributed as dist_utils
 from .config import to_plain
-from .engine import RunDir, check_resumable, preflight, prepare, refuse_changes, run_pipeline, signals_interrupt
+from .engine import (RunDir, check_resumable, preflight, prepare, read_summary, refuse_changes, run_pipeline,
+                     signals_interrupt)
 from .errors import UserError
 from .models import ModelLoadError, resolve_device
 from .plugins import build_registry, disabled_from_env, get_plugin_manager, registered_by
 from .registry import RegistryError
+from .tracking import write_summary
 
 #: Errors a user can fix; shown as one message, not a traceback (RLHF_DEBUG=1 shows the traceback).
 USER_ERRORS = (UserError,)
@@ -88,12 +90,12 @@ def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out:
     except click.ClickException as exc:
         elsewhere = dist_utils.failure_elsewhere()
         if elsewhere:
-            _exit_rank(f"stopped because {elsewhere}", 0)
+            _exit_rank(f"stopped because {elsewhere}", _BYSTANDER_EXIT)
         _exit_rank(exc.format_message(), exc.exit_code)
     except BaseException as exc:
         elsewhere = dist_utils.failure_elsewhere()
         if elsewhere:  # a collective broke because another rank stopped: that rank's error is the cause
-            _exit_rank(f"stopped because {elsewhere}", 0)
+            _exit_rank(f"stopped because {elsewhere}", _BYSTANDER_EXIT)
         import traceback  # a bug here: the traceback matters, and the other ranks must not hang
 
         traceback.print_exc()
@@ -104,10 +106,16 @@ def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out:
     os._exit(0)  # skips C++ static destructors that can abort after the process group is gone
 
 
+#: Exit status of a rank that stopped only because another one failed. With one launcher for every
+#: rank, 0: the launcher (and a scheduler reading its exit codes) then names the rank that caused the
+#: failure, not the ones it took down. With a launcher per node, 1: a node whose ranks all exited 0
+#: would count as finished, and its launcher would wait minutes for the lost node at its exit barrier.
+_BYSTANDER_EXIT = 0 if os.environ.get("LOCAL_WORLD_SIZE", "1") == os.environ.get("WORLD_SIZE", "1") else 1
+
+
 def _exit_rank(message: str, code: int) -> None:
     """Print this rank's error and leave at once. The first rank to fail reports its error to the
-    others; a rank that only stopped because of it exits 0, so that the launcher (and a scheduler
-    reading its exit codes) names the rank that caused the failure, not the ones it took down."""
+    others (a rank that only stopped because of it exits with ``_BYSTANDER_EXIT``)."""
     text = f"[rank {dist_utils.rank()}] {message}"
     if code != 0:
         dist_utils.report_failure(text)
@@ -173,8 +181,22 @@ def _launch_local(ctx: click.Context, nproc: int, config, overrides, out, overwr
         torchrun(parse_args(args))
     except ChildFailedError as exc:
         first, failure = exc.get_first_failure()
+        if failure.exitcode < 0:  # ended by a signal before it could say anything (SIGKILL, out of memory)
+            killed = f"killed by {failure.signal_name()} (exit code {failure.exitcode})"
+            _record_lost_writer(Path(resume or out) if resume or out else None, failure.pid, f"[rank {first}] {killed}")
+            raise click.ClickException(f"rank {first} was {killed} and the launcher stopped the other "
+                                       "processes") from None
         raise click.ClickException(f"rank {first} failed (exit code {failure.exitcode}) and the launcher stopped the "
                                    f"other processes; its error is printed above") from None
+
+
+def _record_lost_writer(run_dir: Path | None, pid: int, reason: str) -> None:
+    """Rank 0 writes ``summary.json``; when it was the process killed, the summary still says
+    ``running`` with its pid: the launcher, which saw it die, records why."""
+    summary = read_summary(run_dir) if run_dir is not None else {}
+    if summary.get("status") == "running" and summary.get("pid") == pid:
+        summary["status"] = f"failed: {reason}"
+        write_summary(run_dir, summary)
 
 
 @cli.command()

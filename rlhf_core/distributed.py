@@ -47,6 +47,7 @@ def init(device_type: str) -> None:
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    _processes[:] = all_gather_objects(_this_process())
 
 
 def shutdown() -> None:
@@ -57,32 +58,88 @@ def shutdown() -> None:
 
 
 _FAILURE_KEY = "rlhf/failure"
+#: Every rank's process as :func:`_this_process` describes it, gathered when the group starts.
+_processes: list[dict[str, Any] | None] = []
+#: Set once the launcher's store failed to answer (its host, node 0's launcher, is gone).
+_store_lost: list[bool] = []
+
+
+def _with_store(action: Any) -> Any:
+    """``action(store)`` on the launcher's key-value store, or None when it cannot be reached: asked
+    once, then left alone, so that the reason a rank stops is not buried under connection errors."""
+    if _store_lost:
+        return None
+    try:
+        return action(dist.distributed_c10d._get_default_store())
+    except Exception:
+        _store_lost.append(True)
+        return None
 
 
 def report_failure(message: str) -> None:
     """Tell the other ranks (through the launcher's key-value store) why this rank is stopping, so
-    that rank 0 can record the real reason instead of 'interrupted'."""
-    with _quiet():
-        dist.distributed_c10d._get_default_store().set(_FAILURE_KEY, message)
+    that rank 0 can record the real reason instead of 'interrupted'. The first report stays: later
+    ones are consequences of it."""
+    _with_store(lambda store: store.compare_set(_FAILURE_KEY, "", message))
 
 
 def failure_elsewhere() -> str | None:
-    """The message another rank reported with :func:`report_failure`, if any."""
+    """Why another rank stopped: the message it reported with :func:`report_failure`, else, when a
+    rank on this machine ended without a word (SIGKILL, the out-of-memory killer, a crash), which
+    one (reported in turn, for the ranks on other machines). None when neither is known."""
     if world_size() == 1:
         return None
-    with _quiet():
-        store = dist.distributed_c10d._get_default_store()
-        if store.check([_FAILURE_KEY]):
-            return store.get(_FAILURE_KEY).decode("utf-8", "replace")
-    return None
+    reported = _with_store(lambda store: store.get(_FAILURE_KEY) if store.check([_FAILURE_KEY]) else None)
+    if reported is not None:
+        return reported.decode("utf-8", "replace")
+    ended = ended_ranks()
+    if not ended:
+        return None
+    who = f"rank {ended[0]}" if len(ended) == 1 else f"ranks {', '.join(map(str, ended))}"
+    message = (f"[{who}] ended without reporting an error (killed by a signal such as SIGKILL or the "
+               "out-of-memory killer, or crashed)")
+    report_failure(message)
+    return message
 
 
-class _quiet:
-    def __enter__(self):
-        return self
+def ended_ranks() -> list[int]:
+    """The other ranks on this machine whose process has ended or is ending. Only processes on the
+    same machine can be checked (Linux: ``/proc``); a rank elsewhere reports its own peers."""
+    me = _processes[rank()] if len(_processes) > rank() else None
+    if me is None:
+        return []
+    return [r for r, other in enumerate(_processes)
+            if r != rank() and other is not None and other["machine"] == me["machine"] and _has_ended(other)]
 
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], Exception)
+
+def _this_process() -> dict[str, Any] | None:
+    """This process as a peer on the same machine can look it up: the machine (boot id and pid
+    namespace, so that containers sharing a host do not mix), pid and start time (a reused pid is
+    another process). None without ``/proc``."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            boot = fh.read().strip()
+        return {"machine": f"{boot}/{os.readlink('/proc/self/ns/pid')}", "pid": os.getpid(),
+                "start": _proc_stat(os.getpid())[2]}
+    except OSError:
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int]:
+    """``(state, flags, start time)`` of a process from ``/proc/PID/stat`` (fields 3, 9 and 22)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return fields[0], int(fields[6]), int(fields[19])
+
+
+def _has_ended(process: dict[str, Any]) -> bool:
+    try:
+        state, flags, start = _proc_stat(process["pid"])
+    except (OSError, IndexError, ValueError):
+        return True  # gone (and reaped by the launcher)
+    # A zombie or dead process, one that is exiting (PF_EXITING: a killed process closes its sockets,
+    # which is what breaks the others' collectives, before it becomes a zombie), or a reused pid.
+    return state in ("Z", "X") or bool(flags & 0x4) or start != process["start"]
 
 
 def barrier() -> None:

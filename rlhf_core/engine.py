@@ -269,6 +269,9 @@ def make_run_dir(out: str | None, overwrite: bool) -> Path:
 
 #: Called by the watchdog before it ends a process that cannot handle a signal itself.
 _on_abort: list[Any] = []
+#: Non-empty while :func:`run_pipeline` records how a failed run ended: a signal (the launcher's
+#: SIGTERM to the ranks a failure left behind, say) must not cut that record short.
+_recording_end: list[bool] = []
 #: Seconds a signalled process may take to stop by itself before the watchdog ends it (longer while
 #: it is writing a checkpoint before stopping).
 ABORT_GRACE_S = 3.0
@@ -288,6 +291,8 @@ def signals_interrupt() -> Iterator[None]:
 
     def handler(signum, frame):
         name = signal.Signals(signum).name
+        if _recording_end:  # the run is stopping already; the watchdog still bounds how long it takes
+            return
         # A loop that checkpoints on signals gets until its next step boundary (a second signal is final).
         if ckptmod.is_honoured() and ckptmod.request_stop(name):
             return
@@ -304,13 +309,18 @@ def signals_interrupt() -> Iterator[None]:
             data = os.read(read_fd, 1)
             if not data:
                 return
-            # A checkpoint-before-stopping may take a while; a rank stuck in a collective does not.
-            time.sleep(CHECKPOINT_GRACE_S if ckptmod.is_honoured() else ABORT_GRACE_S)
+            # A checkpoint-before-stopping may take a while; a rank stuck in a collective does not, nor
+            # one whose peer has died (NCCL waits on a dead peer instead of failing as gloo does): no
+            # checkpoint, a collective, can complete then.
+            checkpointing = ckptmod.is_honoured() and not dist_utils.ended_ranks()
+            time.sleep(CHECKPOINT_GRACE_S if checkpointing else ABORT_GRACE_S)
             signame = signal.Signals(data[0]).name
             for callback in list(_on_abort):
                 with contextlib.suppress(Exception):
                     callback(signame)
-            os.write(2, f"[rank {dist_utils.rank()}] stopped by {signame} while waiting on other ranks\n".encode())
+            reason = dist_utils.failure_elsewhere()
+            why = f"stopped because {reason}" if reason else f"stopped by {signame} while waiting on other ranks"
+            os.write(2, f"Error: [rank {dist_utils.rank()}] {why}\n".encode())
             os._exit(1)
 
         watchdog = threading.Thread(target=watch, daemon=True, name="rlhf-signal-watchdog")
@@ -481,6 +491,7 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = F
                 shutil.rmtree(checkpointers[spec.name].directory, ignore_errors=True)
         current = None
     except KeyboardInterrupt as exc:
+        _recording_end.append(True)
         elsewhere = dist_utils.failure_elsewhere()  # stopped because another rank failed?
         if elsewhere:
             summary.update(status=f"failed: {elsewhere}", stage_in_progress=current)
@@ -490,6 +501,7 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = F
         _record_outcome(tracker, summary, run_dir)
         raise
     except BaseException as exc:
+        _recording_end.append(True)
         # A collective that broke because another rank died: record that rank's reason, the root cause.
         reason = dist_utils.failure_elsewhere() or _reason(exc)
         summary.update(status=f"failed: {reason}", stage_in_progress=current)
@@ -497,6 +509,7 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = F
         raise
     finally:
         _on_abort.remove(on_abort)
+        _recording_end.clear()
     summary["status"] = "finished"
     del summary["pid"]
     write_summary(run_dir, summary)

@@ -33,7 +33,8 @@ def test_plugin_is_listed_with_its_components(installed):
     rows = {r["name"]: r for r in json.loads(rlhf(installed, "plugins", "--json").stdout)}
     example = rows["example"]
     assert example["version"] == "0.1.0" and example["source"] == "entry point of rlhf-example"
-    assert example["registered"] == {"loss": ["label_smoothed_ce"], "reward": ["repeat"], "advantage": ["median"]}
+    assert example["registered"] == {"loss": ["capped_pg", "label_smoothed_ce"], "reward": ["repeat"],
+                                     "advantage": ["median"]}
 
 
 def test_pipeline_uses_the_plugin_by_config_alone(installed, tmp_path):
@@ -49,6 +50,7 @@ stages:
     data: {train: "builtin:letters", builtin_size: 200}
     reward: repeat
     advantage: median
+    loss: {name: capped_pg, cap: 2.0}
     gold: letters_gold
     iterations: 25
     prompts_per_batch: 32
@@ -60,6 +62,7 @@ stages:
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("smooth_term" in r for r in rows if r["stage"] == "sft")
+    assert all(r["capped_ratio"] > 0 for r in rows if r["stage"] == "ppo" and "reward_mean" in r)  # the plugin's loss ran
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["gold_score_ppo"] > summary["gold_score_sft"]
 

@@ -45,8 +45,8 @@ class PerSequenceAdvantage:
         return inputs.rewards - inputs.rewards.mean()
 
 
-def nan_policy_loss(logits, labels, old_logprobs, advantages, *, backend=None):
-    return logits.sum() * float("nan"), {}
+def nan_policy_loss(inputs):
+    return inputs.logprobs * float("nan"), {}
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""Three components, each a small function or class, registered through rlhf's hooks."""
+"""Four components, each a small function or class, registered through rlhf's hooks."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +6,7 @@ import torch
 import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core.distributed import masked_mean
-from rlhf_core.interfaces import AdvantageInputs
+from rlhf_core.interfaces import AdvantageInputs, PolicyLossInputs
 
 
 def label_smoothed_ce(logits, labels, *, backend=None, smoothing: float = 0.1):
@@ -16,6 +16,13 @@ def label_smoothed_ce(logits, labels, *, backend=None, smoothing: float = 0.1):
     uniform = -torch.log_softmax(logits.float(), dim=-1).mean(-1)  # [B, T]
     smooth = masked_mean(uniform, valid)
     return (1 - smoothing) * nll + smoothing * smooth, {"smooth_term": float(smooth)}
+
+
+def capped_pg(inputs: PolicyLossInputs, *, cap: float = 2.0):
+    """Policy loss on per-token log-probs: the policy gradient with the importance ratio capped and
+    detached, ``-min(r, cap) * A * logp`` per token (the host aggregates and runs it fused)."""
+    ratio = torch.exp(inputs.logprobs - inputs.old_logprobs).detach().clamp(max=cap)
+    return -ratio * inputs.advantages * inputs.logprobs, {"capped_ratio": ratio}
 
 
 class RepeatReward:
@@ -43,6 +50,7 @@ class MedianBaseline:
 @hookimpl
 def rlhf_register_losses(register):
     register("label_smoothed_ce", label_smoothed_ce, family="token")
+    register("capped_pg", capped_pg, family="policy")
 
 
 @hookimpl
