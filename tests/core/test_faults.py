@@ -78,13 +78,7 @@ def two_processes(config, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two_nodes(config, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nodes")
-    nodes = start_nodes(root, "run", str(config), "--out", str(root / "run"))
-    try:
-        for node in nodes:
-            node.wait(timeout=240)
-    finally:
-        for node in nodes:
-            kill_tree(node)
+    nodes = run_nodes(root, "run", str(config), "--out", str(root / "run"))
     for i, node in enumerate(nodes):
         assert node.returncode == 0, output(root, i)[-3000:]
     return root / "run"
@@ -113,6 +107,18 @@ def node_command(port: int, *args: str) -> list[str]:
     """README "Distributed runs": the command every node of a cluster runs (one process per node here)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "-m", "rlhf_core.cli", *args]
+
+
+def run_nodes(root: Path, *args: str) -> list[subprocess.Popen]:
+    """:func:`start_nodes` and wait for both to end (4 minutes at most; then their trees are killed)."""
+    nodes = start_nodes(root, *args)
+    try:
+        for node in nodes:
+            node.wait(timeout=240)
+    finally:
+        for node in nodes:
+            kill_tree(node)
+    return nodes
 
 
 def start_nodes(root: Path, *args: str) -> list[subprocess.Popen]:
@@ -275,13 +281,7 @@ def test_a_lost_node_ends_the_other_promptly_and_both_resume(config, two_nodes, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == (f"failed: [rank 1] {ENDED}" if lost_rank == 1 else "running")
     assert summary["stages_completed"] == ["sft"] and complete_checkpoints(out, "ppo")
-    nodes = start_nodes(tmp_path, "run", "--resume", str(out))
-    try:
-        for node in nodes:
-            node.wait(timeout=240)
-    finally:
-        for node in nodes:
-            kill_tree(node)
+    nodes = run_nodes(tmp_path, "run", "--resume", str(out))
     assert [n.returncode for n in nodes] == [0, 0], output(tmp_path, 0)[-3000:] + output(tmp_path, 1)[-3000:]
     assert "== stage ppo (ppo), resuming from step" in output(tmp_path, 0)
     assert json.loads((out / "summary.json").read_text())["status"] == "finished"
