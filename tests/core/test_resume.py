@@ -140,7 +140,8 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one_identically(r
     config, uninterrupted = reference["batch_mean"]
     out = tmp_path / "run"
     kill_at(config, out, "sft", 11)
-    older, newest = sorted((out / "checkpoints" / "sft").glob("step-*"))[-2:]
+    # Complete checkpoints only: the kill may have interrupted a save (a step-N.tmp without meta.json).
+    older, newest = [p for p in sorted((out / "checkpoints" / "sft").glob("step-*")) if (p / "meta.json").is_file()][-2:]
     shard = newest / "__0_0.distcp"
     data = bytearray(shard.read_bytes())
     data[100] ^= 0x01  # one flipped bit
