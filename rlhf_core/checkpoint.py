@@ -141,11 +141,13 @@ class Checkpointer:
     def latest(self) -> tuple[int, Path] | None:
         """The newest complete checkpoint whose files match their recorded sizes and checksums, if
         any. Damaged ones are passed over with a notice (once each); when every complete checkpoint
-        is damaged that is a :class:`CheckpointError` listing them."""
+        is damaged that is a :class:`CheckpointError` listing them. A collective: every rank calls it."""
         found = self.complete()
         damaged = []
         for step, path in reversed(found):
-            problem = self._verified.setdefault(path, verify(path))
+            if path not in self._verified:  # hashed once per checkpoint, by rank 0 (one shared directory)
+                self._verified[path] = dist_utils.broadcast_object(verify(path) if dist_utils.rank() == 0 else None)
+            problem = self._verified[path]
             if problem is None:
                 if damaged and path not in self._noticed:
                     self._noticed.add(path)
@@ -296,8 +298,9 @@ def verify(path: Path) -> str | None:
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        if file.stat().st_size != want["size"]:
-            return f"{name} has {file.stat().st_size} bytes, {want['size']} were written"
+        size = file.stat().st_size
+        if size != want["size"]:
+            return f"{name} has {size} bytes, {want['size']} were written"
         if _sha256(file) != want["sha256"]:
             return f"{name} does not match its recorded SHA-256"
     return None
@@ -383,9 +386,10 @@ def _metadata_types() -> set[tuple[str, str]]:
     allowed = {(dcp_metadata.__name__, name) for name, obj in vars(dcp_metadata).items()
                if isinstance(obj, type) and obj.__module__ == dcp_metadata.__name__}
     allowed |= {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-                ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib._local", "PosixPath"),
-                ("collections", "OrderedDict")}
-    allowed |= {("torch", name) for name, obj in vars(torch).items() if isinstance(obj, (torch.dtype, torch.memory_format))}
+                ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                ("pathlib._local", "PosixPath"), ("collections", "OrderedDict")}
+    allowed |= {("torch", name) for name, obj in vars(torch).items()
+                if isinstance(obj, (torch.dtype, torch.memory_format))}
     return allowed
 
 

@@ -431,7 +431,8 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = F
     if is_main_process():
         remove_leftovers(run_dir, checkpointers.values(), echo)
     dist_utils.barrier()  # no rank looks for checkpoints while rank 0 removes half-written ones
-    resumed_from = {name: c.latest()[0] for name, c in checkpointers.items() if name not in done and c.latest()}
+    latest = {name: c.latest() for name, c in checkpointers.items() if name not in done}
+    resumed_from = {name: found[0] for name, found in latest.items() if found}
     if is_main_process():
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfgmod.to_plain(config), sort_keys=False))
     device = resolve_device(config.model.device)

@@ -284,3 +284,17 @@ def test_a_full_disk_while_saving_the_final_model_names_it_and_what_it_needs(tmp
     assert f"no space left on the device while writing {out}/sft: it needs about 0.6 MB" in result.stderr
     assert json.loads((out / "summary.json").read_text())["status"].startswith("failed: no space left")
     assert not (out / "sft").exists() and not list(out.glob(".sft.tmp-*"))  # nothing half-written looks finished
+
+
+def test_each_checkpoint_file_is_hashed_once_however_often_latest_is_asked(tmp_path, monkeypatch):
+    import rlhf_core.checkpoint as ckmod
+
+    save_steps(tmp_path / "ck", steps=(1, 2))
+    hashed = []
+    real = ckmod._sha256
+    monkeypatch.setattr(ckmod, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    again = Checkpointer(tmp_path / "ck", 1, 3, False)
+    assert again.latest()[0] == again.latest()[0] == 2
+    model, optimizer = model_and_optimizer(3)
+    assert again.restore({"model": model}, {"model": optimizer})["step"] == 2
+    assert sorted(hashed) == [".metadata", "__0_0.distcp", "extra-rank0.json", "extra-rank0.safetensors"]
