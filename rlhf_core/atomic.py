@@ -22,6 +22,8 @@ from .errors import UserError
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+#: The hidden temp names this module writes: ``.<name>.tmp-<pid>`` and ``.<name>.old-<pid>``.
+_ORPHAN = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")
 
 
 class DiskFullError(UserError, OSError):
@@ -54,6 +56,19 @@ def disk_full(exc: BaseException, path: Path, needed_bytes: int | None) -> DiskF
                          f"some space or write the run elsewhere (--out); the previous version of {path.name} is kept")
 
 
+@contextlib.contextmanager
+def disk_full_reported(path: Path, needed_bytes: int | None) -> Iterator[None]:
+    """Within the block, a full disk is raised as :class:`DiskFullError` (see :func:`disk_full`);
+    any other error passes unchanged. Free space is measured before an enclosing cleanup frees any."""
+    try:
+        yield
+    except Exception as exc:
+        full = disk_full(exc, path, needed_bytes)
+        if full is None or full is exc:
+            raise
+        raise full from None
+
+
 def state_bytes(state: Any) -> int:
     """Bytes of the tensors in a (nested) state dict: what a checkpoint of it needs on disk, about."""
     if hasattr(state, "element_size") and hasattr(state, "numel"):
@@ -79,16 +94,14 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        full = disk_full(exc, path, len(text.encode()))
+        with disk_full_reported(path, len(text.encode())):
+            with tmp.open("w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        if full is not None:
-            raise full from None
         raise
     _fsync_dir(path.parent)
     return path
@@ -139,9 +152,6 @@ def remove_orphans(directory: Path) -> list[Path]:
     return removed
 
 
-_ORPHAN = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")
-
-
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -149,8 +159,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, owned by another user
+        pass
     return True
 
 
@@ -165,24 +175,22 @@ def atomic_dir(path: str | Path, needed_bytes: int | None = None) -> Iterator[Pa
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        yield tmp
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with file.open("rb+") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if path.exists() and _exchange(tmp, path):
-            shutil.rmtree(tmp)  # now holds the previous contents
-        else:
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            if path.exists():
-                os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(path.parent)
-    except BaseException as exc:
-        full = disk_full(exc, path, needed_bytes)  # before the temp directory frees its space
+        with disk_full_reported(path, needed_bytes):
+            yield tmp
+            for file in tmp.rglob("*"):
+                if file.is_file():
+                    with file.open("rb+") as fh:
+                        os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            if path.exists() and _exchange(tmp, path):
+                shutil.rmtree(tmp)  # now holds the previous contents
+            else:
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                if path.exists():
+                    os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            _fsync_dir(path.parent)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if full is not None:
-            raise full from None
         raise

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_text, disk_full, dumps_strict
+from .atomic import atomic_write_text, disk_full_reported, dumps_strict
 
 
 def is_main_process() -> bool:
@@ -99,14 +99,8 @@ class Tracker:
         self.rows.append(row)
         if is_main_process():
             line = dumps_strict(row) + "\n"
-            try:
-                with self.path.open("a", encoding="utf-8") as fh:
-                    fh.write(line)
-            except OSError as exc:
-                full = disk_full(exc, self.path, len(line))
-                if full is not None:
-                    raise full from None
-                raise
+            with disk_full_reported(self.path, len(line)), self.path.open("a", encoding="utf-8") as fh:
+                fh.write(line)
             numbers = {k: v for k, v in row.items() if k not in ("stage", "step") and isinstance(v, (int, float))}
             for name, backend in list(self.backends.items()):
                 with self._guard(name, f"stage {self.stage} step {int(step)}"):
