@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # annotations only: these modules import this one
 
 #: The supported plugin API of this module (see README "Plugin API").
 __all__ = ["Stage", "StageContext", "StageResult", "StageInput", "StageError", "ComponentError", "TokenLoss",
-           "ScoreLoss", "PairwiseLoss", "PolicyLoss", "PolicyLossInputs", "Reward", "AdvantageInputs", "AdvantageEstimator",
+           "ScoreLoss", "PairwiseLoss", "PolicyLoss", "PolicyLossInputs", "FusedPolicyLoss", "Reward", "AdvantageInputs", "AdvantageEstimator",
            "TrackerBackend", "Generator", "checked_rewards", "checked_advantages", "checked_rollout"]
 
 class StageError(UserError, ValueError):
@@ -279,6 +279,25 @@ class PolicyLossInputs:
     max_new_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class FusedPolicyLoss:
+    """A policy loss's faster form, registered with it (``register(name, fn, family="policy",
+    fused=FusedPolicyLoss(...))``) so that nothing outside the loss names it.
+
+    ``options(loss_options, loss_agg) -> dict | None``: the keyword arguments of the two kernels
+    below when they compute exactly what ``fn`` aggregated with ``loss_agg`` would, else None (the
+    stage then runs ``fn`` on log-probs). ``on_logits(logits [B, T, V], labels, old_logprobs,
+    advantages, ref_logprobs, mask, **kwargs)`` and ``on_linear(hidden [N, H], weight [V, H],
+    labels [N], ...)`` (the same, from the last hidden states and the LM head) return the
+    micro-batch's token mean (the host scales it to its share of the minibatch) and float metrics;
+    both also take ``kl_estimator``, ``kl_in_loss``, ``beta``, ``entropy_coef`` and ``backend``.
+    """
+
+    options: Callable[[dict, str], dict | None]
+    on_logits: Callable[..., tuple[torch.Tensor, dict[str, float]]]
+    on_linear: Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+
 class PolicyLoss(Protocol):
     """``loss(inputs: PolicyLossInputs, **options) -> (terms [B, T], metrics)``.
 
@@ -290,7 +309,7 @@ class PolicyLoss(Protocol):
     defaults are the options (``fn.check_options(**options)`` validates values). Registered with
     ``register(name, fn, family="policy", needs=(...), fused=...)``: ``needs`` lists the optional
     inputs it reads (``"ref_logprobs"``, ``"engine_logprobs"``, ``"entropy"``), checked before
-    anything trains; ``fused`` an optional faster form of the same loss (see ``ppo_clip``).
+    anything trains; ``fused`` an optional faster form of the same loss (:class:`FusedPolicyLoss`).
     """
 
     def __call__(self, inputs: PolicyLossInputs, **options: Any) -> tuple[torch.Tensor, dict[str, Any]]: ...

@@ -1,7 +1,7 @@
 """Policy-gradient math, pure functions: the policy losses on per-token log-probs (``ppo_clip``, the
 three-step recipe's clipped objective, with DAPO's clip-higher and dual clip; ``gspo``; ``cispo``;
 ``reinforce``), the host-side loss aggregation modes, KL estimators and control, reward shaping,
-``ppo_clip``'s fused forms, the clipped value loss."""
+``ppo_clip``'s fused form, the clipped value loss."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ import torch
 import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core.distributed import masked_mean
-from rlhf_core.interfaces import PolicyLossInputs
+from rlhf_core.interfaces import FusedPolicyLoss, PolicyLossInputs
 
 
 def _ratio_stats(log_ratio: torch.Tensor, ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def ppo_clip(inputs: PolicyLossInputs, *, clip_eps: float = 0.2, clip_eps_low: f
     2025) widens the upper side, e.g. 0.2 / 0.28. ``dual_clip`` ``c > 1`` (Ye et al. 2020) bounds the
     loss of a negative advantage: for ``A < 0`` the term is ``min(term, -c A)``. Metrics:
     ``clip_frac`` (share of tokens where a clip removes the gradient), ``ratio_mean``, ``ratio_max``,
-    ``approx_kl``. Its registered fused form (``ppo_clip_fast``) computes the symmetric,
+    ``approx_kl``. Its registered fused form (:data:`PPO_CLIP_FUSED`) computes the symmetric,
     token-mean case in one sweep over the logits (or the LM head's chunks)."""
     low = clip_eps if clip_eps_low is None else clip_eps_low
     high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -71,15 +71,13 @@ def _check_ppo_clip(*, clip_eps: float = 0.2, clip_eps_low: float | None = None,
 ppo_clip.check_options = _check_ppo_clip
 
 
-def ppo_clip_fast(options: dict, loss_agg: str):
-    """``ppo_clip``'s fused form, or None where it does not apply: one sweep over the logits
-    (``rlhf_kernels.ppo_clip_loss``) or over the LM head's chunks (``linear_ppo_clip_loss``, whose
-    gradients are computed inside its forward) for the symmetric clip without dual clip under
-    ``token_mean``. Returns ``clip_eps``."""
+def _ppo_clip_fast_options(options: dict, loss_agg: str) -> dict | None:
+    """Where ``ppo_clip``'s fused form computes what it would: the symmetric clip without dual clip
+    under ``token_mean``; its kernels then take ``clip_eps``."""
     symmetric = options.get("clip_eps_low") is None and options.get("clip_eps_high") is None
     if loss_agg != "token_mean" or not symmetric or options.get("dual_clip") is not None:
         return None
-    return options.get("clip_eps", 0.2)
+    return {"clip_eps": options.get("clip_eps", 0.2)}
 
 
 def gspo(inputs: PolicyLossInputs, *, clip_eps_low: float = 3e-4, clip_eps_high: float = 4e-4,
@@ -312,9 +310,13 @@ def add_penalties(loss: torch.Tensor, metrics: dict[str, float], logprobs, entro
     return loss, metrics
 
 
+#: ``ppo_clip``'s faster form, registered with it.
+PPO_CLIP_FUSED = FusedPolicyLoss(_ppo_clip_fast_options, ppo_clip_logits_objective, ppo_clip_linear_objective)
+
+
 @hookimpl
 def rlhf_register_losses(register):
-    register("ppo_clip", ppo_clip, family="policy", fused=ppo_clip_fast)
+    register("ppo_clip", ppo_clip, family="policy", fused=PPO_CLIP_FUSED)
     register("gspo", gspo, family="policy")
     register("cispo", cispo, family="policy")
     register("reinforce", reinforce, family="policy")

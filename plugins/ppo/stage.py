@@ -41,8 +41,7 @@ from rlhf_core.training import TrainingError, autocast_context
 
 from .advantages import whiten
 from .loss import (
-    KL_ESTIMATORS, KLController, aggregate, clipped_value_loss, local_normaliser, policy_loss_terms,
-    ppo_clip_linear_objective, ppo_clip_logits_objective, shape_rewards,
+    KL_ESTIMATORS, KLController, aggregate, clipped_value_loss, local_normaliser, policy_loss_terms, shape_rewards,
 )
 from .rollout import (
     Experience, critic_values, response_hidden, response_logits, response_values, score_tokens, token_scores, widen,
@@ -469,43 +468,28 @@ def reference_logprobs(models: PPOModels, roll, backend: str | None) -> torch.Te
 def update(models: PPOModels, exp: Experience, loss_entry, config: PPOConfig, backend: str | None) -> dict[str, float]:
     """Training phase: ``ppo_epochs`` passes of minibatch updates of the policy (and critic) on one
     Experience. ``loss_entry``: the registered policy loss (its function and, in ``meta``, its
-    ``fused`` form). Each minibatch's loss normaliser (``loss_agg``) is summed over every rank before
-    its micro-batches (``micro_batch_size`` rows each) run, and each micro-batch contributes its
-    share, so the step does not depend on the number of processes or the micro-batch split.
-    Returns minibatch-averaged stats."""
-    roll = exp.rollout
-    mask = roll.mask.float()
-    loss_fn, options = loss_entry.obj, config.loss.options
-    fast_form = loss_entry.meta.get("fused")
-    clip_eps = fast_form(options, config.loss_agg) if fast_form is not None else None
-    needs = set(loss_entry.meta.get("needs", ()))
-    fill = exp.old_logprobs is None  # on-policy: the old log-probs are this pass's own (see make_experience)
-    if fill:
-        exp.old_logprobs, exp.entropy = torch.zeros_like(mask), torch.zeros_like(mask)
-    # Aligned with the unsliced [B, R + 1, V] policy logits; the extra column is ignored.
-    labels_w, old_w, adv_w = widen(roll.labels, -100), widen(exp.old_logprobs, 0.0), widen(exp.advantages, 0.0)
-    mask_w = widen(mask, 0.0)
-    ref_w = widen(exp.ref_logprobs, 0.0) if exp.ref_logprobs is not None else None
-    engine_w = widen(roll.logprobs, 0.0) if roll.logprobs is not None else None
+    ``fused`` form). Each minibatch's normalisers (``loss_agg``'s, and the critic's token count) are
+    summed over every rank before its micro-batches (``micro_batch_size`` rows each) run, and each
+    micro-batch contributes its share, so the step does not depend on the number of processes or the
+    micro-batch split. Returns minibatch-averaged stats."""
+    mask = exp.rollout.mask.float()
+    step = PolicyLossStep(models, exp, loss_entry, config, backend)
     world = dist_utils.world_size()
     local_minibatch = max(1, config.minibatch_size // world)
     local_micro = max(1, (config.micro_batch_size or config.minibatch_size) // world)
-    penalties = dict(kl_estimator=config.kl.estimator, kl_in_loss=config.kl.placement == "loss" and ref_w is not None,
-                     beta=models.kl.value, entropy_coef=config.entropy_coef)
     stats: dict[str, list[float]] = {}
     models.policy.train()
     for _ in range(config.ppo_epochs):
         for idx in torch.randperm(len(mask), device=mask.device).split(local_minibatch):
+            micros = idx.split(local_micro)
             normaliser = float(dist_utils.all_reduce_sum(
                 local_normaliser(config.loss_agg, mask[idx], config.generation.max_new_tokens)))
             models.optimizer.zero_grad(set_to_none=True)
             window: dict[str, list[float]] = {}  # metric -> [sum of value * tokens, tokens]
             policy_loss = 0.0
-            for micro in idx.split(local_micro):
+            for micro in micros:
                 with autocast_context(config.mixed_precision, mask.device):
-                    loss, m = _micro_batch_loss(models, roll, micro, labels_w, old_w, adv_w, mask_w, ref_w, engine_w,
-                                                exp, fill, loss_fn, options, clip_eps, needs, penalties, config,
-                                                normaliser, backend)
+                    loss, m = step(micro, normaliser)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"stage 'ppo': the policy loss became {float(loss.detach())}; lower lr, kl.coef "
                                         "or entropy_coef, set mixed_precision: no, or check the reward's scale")
@@ -521,77 +505,113 @@ def update(models: PPOModels, exp: Experience, loss_entry, config: PPOConfig, ba
             m = {k: total / max(count, 1e-9) for k, (total, count) in window.items()}
             m.update(policy_loss=policy_loss, grad_norm=float(grad_norm))
             if models.critic is not None:
-                (weight,) = dist_utils.loss_weights([float(mask[idx].sum())], mask.device)
-                # A critic on the policy's base: its backward (a checkpointed recomputation) in its adapter's scope too.
-                with getattr(models.critic, "scope", contextlib.nullcontext)():
-                    v_new = response_values(models.critic, roll.sequences[idx], roll.attention_mask[idx], roll.prompt_len)
-                    v_loss = clipped_value_loss(v_new, exp.values[idx], exp.returns[idx], mask[idx], config.vf_clip)
-                    if not torch.isfinite(v_loss):
-                        raise TrainingError(f"stage 'ppo': the value loss became {float(v_loss.detach())}; lower "
-                                            "critic_lr or check the reward's scale")
-                    models.critic_optimizer.zero_grad(set_to_none=True)
-                    (v_loss * weight).backward()
-                clip_gradients(models.critic.parameters(), config.max_grad_norm, "critic")
-                models.critic_optimizer.step()
-                m["value_loss"] = float(v_loss.detach())
+                m["value_loss"] = critic_update(models, exp, micros, config)
             for key, value in m.items():
                 stats.setdefault(key, []).append(float(value))
-    if fill:
-        exp.old_logprobs = old_w[:, :-1] * mask
+    if step.fill:
+        exp.old_logprobs = step.old[:, :-1] * mask
         exp.entropy = exp.entropy * mask
         exp.kl_tokens = (KL_ESTIMATORS[config.kl.estimator](exp.old_logprobs, exp.ref_logprobs) * mask
                          if exp.ref_logprobs is not None else torch.zeros_like(mask))
     return dist_utils.global_mean({key: sum(v) / len(v) for key, v in stats.items()}, mask.device)
 
 
-def _micro_batch_loss(models, roll, micro, labels_w, old_w, adv_w, mask_w, ref_w, engine_w, exp, fill, loss_fn,
-                      options, clip_eps, needs, penalties, config, normaliser, backend):
-    """One micro-batch's share of the minibatch loss and its metrics (floats). The policy's
-    log-probs of the sampled tokens come from the fused-linear kernels (``models.fused``) or the
-    logits; the registered loss turns them into per-token terms that :func:`aggregate` sums with the
-    global ``normaliser``. Where ``ppo_clip``'s fast form applies (``clip_eps`` not None) its one-sweep
-    kernel gives the micro-batch's token mean instead, scaled to the same share."""
-    share = float(mask_w[micro].sum()) / normaliser if normaliser > 0 else 0.0
-    ref = ref_w[micro] if ref_w is not None else None
+def critic_update(models: PPOModels, exp: Experience, micros: list[torch.Tensor], config: PPOConfig) -> float:
+    """One optimizer step of the critic on a minibatch (``micros``: its micro-batches' rows): the
+    clipped value loss, a token mean over every rank's minibatch tokens. Returns this rank's loss."""
+    roll, mask = exp.rollout, exp.rollout.mask.float()
+    counts = [float(mask[micro].sum()) for micro in micros]
+    weights = dist_utils.loss_weights(counts, mask.device)
+    models.critic_optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for micro, n, weight in zip(micros, counts, weights):
+        # A critic on the policy's base: its backward (a checkpointed recomputation) in its adapter's scope too.
+        with getattr(models.critic, "scope", contextlib.nullcontext)():
+            v_new = response_values(models.critic, roll.sequences[micro], roll.attention_mask[micro], roll.prompt_len)
+            v_loss = clipped_value_loss(v_new, exp.values[micro], exp.returns[micro], mask[micro], config.vf_clip)
+            if not torch.isfinite(v_loss):
+                raise TrainingError(f"stage 'ppo': the value loss became {float(v_loss.detach())}; lower "
+                                    "critic_lr or check the reward's scale")
+            (v_loss * weight).backward()
+        total += float(v_loss.detach()) * n
+    clip_gradients(models.critic.parameters(), config.max_grad_norm, "critic")
+    models.critic_optimizer.step()
+    return total / max(sum(counts), 1e-9)
 
-    def on_policy_scores(out, head):
-        if fill:  # this pass's own log-probs are the old ones (detached), and its entropy is logged
-            old_w[micro], entropy = token_scores(out.detach(), head.detach() if head is not None else None,
-                                                 labels_w[micro], backend)
-            exp.entropy[micro] = entropy[:, :-1]
 
-    def generic(logprobs, entropy):
-        inputs = PolicyLossInputs(logprobs, old_w[micro], adv_w[micro], mask_w[micro], ref,
-                                  engine_w[micro] if engine_w is not None else None, entropy,
-                                  config.generation.max_new_tokens)
-        terms, metrics = policy_loss_terms(loss_fn, options, inputs, **penalties)
-        return aggregate(terms, mask_w[micro], config.loss_agg, normaliser), _metric_floats(metrics, mask_w[micro])
+class PolicyLossStep:
+    """The policy loss of one micro-batch, for :func:`update`: the per-token tensors of an
+    Experience widened to the ``[B, R + 1]`` columns of the policy's forward (the extra column is
+    never a target), the registered loss, and what the config says about penalties and aggregation.
 
-    wants_entropy = "entropy" in needs or penalties["entropy_coef"] > 0
-    if models.fused:
-        def objective(hidden, head):  # inside the policy's forward
-            on_policy_scores(hidden, head)
-            flat, labels = hidden.reshape(-1, hidden.shape[-1]), labels_w[micro].reshape(-1)
-            if clip_eps is not None:
-                loss, m = ppo_clip_linear_objective(flat, head, labels, old_w[micro].reshape(-1), adv_w[micro].reshape(-1),
-                                                    ref.reshape(-1) if ref is not None else None,
-                                                    mask_w[micro].reshape(-1), clip_eps=clip_eps, backend=backend,
-                                                    **penalties)
-                return loss * share, m
-            logp = rlhf_kernels.linear_token_logprobs(flat, head, labels, backend=backend).view(labels_w[micro].shape)
-            entropy = (rlhf_kernels.linear_token_entropy(flat, head, backend=backend).view(logp.shape)
-                       if wants_entropy else None)
-            return generic(logp, entropy)
+    ``step(rows, normaliser) -> (loss, metrics)``: the policy's log-probs of the sampled tokens come
+    from the fused-linear kernels (``models.fused``) or the logits; the registered loss turns them
+    into per-token terms that :func:`aggregate` sums with the minibatch's global ``normaliser``.
+    Where the loss's registered fused form applies to these options, its one-sweep kernel gives the
+    micro-batch's token mean instead, scaled to the same share. On-policy (``fill``), the pass's own
+    detached log-probs are the old ones, and its entropy is logged."""
 
-        return response_hidden(models.policy, roll.sequences[micro], roll.attention_mask[micro], roll.prompt_len, objective)
-    logits = response_logits(models.policy, roll.sequences[micro], roll.attention_mask[micro], roll.prompt_len)
-    on_policy_scores(logits, None)
-    if clip_eps is not None:
-        loss, m = ppo_clip_logits_objective(logits, labels_w[micro], old_w[micro], adv_w[micro], ref, mask_w[micro],
-                                            clip_eps=clip_eps, backend=backend, **penalties)
-        return loss * share, m
-    logp = rlhf_kernels.token_logprobs(logits, labels_w[micro], backend=backend)
-    return generic(logp, rlhf_kernels.token_entropy(logits, backend=backend) if wants_entropy else None)
+    def __init__(self, models: PPOModels, exp: Experience, loss_entry, config: PPOConfig, backend: str | None):
+        roll = exp.rollout
+        self.models, self.exp, self.roll, self.config, self.backend = models, exp, roll, config, backend
+        self.loss_fn, self.options = loss_entry.obj, config.loss.options
+        self.fast = loss_entry.meta.get("fused")
+        self.fast_options = self.fast.options(self.options, config.loss_agg) if self.fast is not None else None
+        self.fill = exp.old_logprobs is None  # on-policy: see make_experience
+        if self.fill:
+            exp.old_logprobs, exp.entropy = torch.zeros_like(roll.mask.float()), torch.zeros_like(roll.mask.float())
+        self.labels, self.mask = widen(roll.labels, -100), widen(roll.mask.float(), 0.0)
+        self.old, self.adv = widen(exp.old_logprobs, 0.0), widen(exp.advantages, 0.0)
+        self.ref = widen(exp.ref_logprobs, 0.0) if exp.ref_logprobs is not None else None
+        self.engine = widen(roll.logprobs, 0.0) if roll.logprobs is not None else None
+        self.penalties = dict(kl_estimator=config.kl.estimator, kl_in_loss=config.kl.placement == "loss" and
+                              self.ref is not None, beta=models.kl.value, entropy_coef=config.entropy_coef)
+        self.wants_entropy = "entropy" in loss_entry.meta.get("needs", ()) or config.entropy_coef > 0
+
+    def __call__(self, rows: torch.Tensor, normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
+        share = float(self.mask[rows].sum()) / normaliser if normaliser > 0 else 0.0
+        ref = self.ref[rows] if self.ref is not None else None
+        args = (self.models.policy, self.roll.sequences[rows], self.roll.attention_mask[rows], self.roll.prompt_len)
+        if self.models.fused:
+            def objective(hidden, head):  # inside the policy's forward
+                self._fill_old(rows, hidden, head)
+                flat, labels = hidden.reshape(-1, hidden.shape[-1]), self.labels[rows].reshape(-1)
+                if self.fast_options is not None:
+                    loss, m = self.fast.on_linear(flat, head, labels, self.old[rows].reshape(-1),
+                                                  self.adv[rows].reshape(-1), ref.reshape(-1) if ref is not None else None,
+                                                  self.mask[rows].reshape(-1), **self.fast_options,
+                                                  backend=self.backend, **self.penalties)
+                    return loss * share, m
+                shape = self.labels[rows].shape
+                logp = rlhf_kernels.linear_token_logprobs(flat, head, labels, backend=self.backend).view(shape)
+                entropy = (rlhf_kernels.linear_token_entropy(flat, head, backend=self.backend).view(shape)
+                           if self.wants_entropy else None)
+                return self._aggregated(rows, logp, entropy, normaliser)
+
+            return response_hidden(*args, objective)
+        logits = response_logits(*args)
+        self._fill_old(rows, logits, None)
+        if self.fast_options is not None:
+            loss, m = self.fast.on_logits(logits, self.labels[rows], self.old[rows], self.adv[rows], ref, self.mask[rows],
+                                          **self.fast_options, backend=self.backend, **self.penalties)
+            return loss * share, m
+        logp = rlhf_kernels.token_logprobs(logits, self.labels[rows], backend=self.backend)
+        entropy = rlhf_kernels.token_entropy(logits, backend=self.backend) if self.wants_entropy else None
+        return self._aggregated(rows, logp, entropy, normaliser)
+
+    def _fill_old(self, rows: torch.Tensor, out: torch.Tensor, head: torch.Tensor | None) -> None:
+        if self.fill:
+            self.old[rows], entropy = token_scores(out.detach(), head.detach() if head is not None else None,
+                                                   self.labels[rows], self.backend)
+            self.exp.entropy[rows] = entropy[:, :-1]
+
+    def _aggregated(self, rows, logprobs, entropy, normaliser) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = PolicyLossInputs(logprobs, self.old[rows], self.adv[rows], self.mask[rows],
+                                  self.ref[rows] if self.ref is not None else None,
+                                  self.engine[rows] if self.engine is not None else None, entropy,
+                                  self.config.generation.max_new_tokens)
+        terms, metrics = policy_loss_terms(self.loss_fn, self.options, inputs, **self.penalties)
+        return aggregate(terms, self.mask[rows], self.config.loss_agg, normaliser), _metric_floats(metrics, self.mask[rows])
 
 
 def _metric_floats(metrics: dict[str, Any], mask: torch.Tensor) -> dict[str, float]:

@@ -253,3 +253,33 @@ def test_a_loss_written_for_the_logits_contract_is_refused_with_the_new_one(regi
     registry.add("loss", "old_style", old_style, "old-plugin", family="policy")
     with pytest.raises(ConfigError, match="policy loss 'old_style' of plugin 'old-plugin' takes logits"):
         resolve(load_raw(None, ["stages.ppo.loss=old_style"]), registry)
+
+
+def test_the_critic_step_does_not_depend_on_the_micro_batch_split(registry):
+    """micro_batch_size applies to the critic's forward too, with the same gradient."""
+    from rlhf_core.models import ScalarHeadModel
+    from rlhf_plugins.ppo.advantages import GAE
+
+    torch.manual_seed(0)
+    policy = load_causal_lm(CFG, seed=0)
+    critic = ScalarHeadModel.from_causal_lm(load_causal_lm(CFG, seed=2))
+    config = PPOConfig(prompts_per_batch=4, samples_per_prompt=2, ppo_epochs=1, minibatch_size=8, max_grad_norm=0.0,
+                       generation=GenerationConfig(max_new_tokens=12), kl=KLConfig(coef=0.0))
+    m = PPOModels(policy, None, torch.optim.SGD(policy.parameters(), lr=0.0), KLController(0.0, False, 6.0, 100),
+                  critic=critic, critic_optimizer=torch.optim.SGD(critic.parameters(), lr=0.0), reference_free=True)
+    torch.manual_seed(1)
+    exp = make_experience(m, ["abc", "hello there", "x", "aaaa b"], load_tokenizer(CFG), reward, GAE(), config,
+                          torch.device("cpu"), "cpp")
+    grads, losses, forwards = [], [], []
+    hook = critic.register_forward_hook(lambda *_: forwards.append(1))
+    for micro in (None, 2):
+        forwards.clear()
+        stats = update(m, copy.deepcopy(exp), registry.lookup("loss", ComponentSpec("ppo_clip"), "policy"),
+                       dataclasses.replace(config, micro_batch_size=micro), "cpp")
+        grads.append(torch.cat([p.grad.reshape(-1) for p in critic.parameters() if p.grad is not None]))
+        losses.append(stats["value_loss"])
+        assert len(forwards) == (1 if micro is None else 4)  # 8 rows: one forward, or four of 2 rows
+    hook.remove()
+    assert grads[0].abs().sum() > 0
+    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) <= 1e-6
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
