@@ -298,3 +298,28 @@ def test_each_checkpoint_file_is_hashed_once_however_often_latest_is_asked(tmp_p
     model, optimizer = model_and_optimizer(3)
     assert again.restore({"model": model}, {"model": optimizer})["step"] == 2
     assert sorted(hashed) == [".metadata", "__0_0.distcp", "extra-rank0.json", "extra-rank0.safetensors"]
+
+
+def test_garbled_checkpoint_files_are_clear_errors(tmp_path):
+    """Files whose checksums match (rewritten with them) but whose content is not what rlhf wrote."""
+    ckpt = save_steps(tmp_path / "ck", steps=(1,))
+    _, path = ckpt.latest()
+    (path / ".metadata").write_bytes(b"\x80\x04not a pickle")
+    rewrite_meta(path)
+    with pytest.raises(CheckpointError, match=r"\.metadata is not DCP metadata \(UnpicklingError"):
+        Checkpointer(tmp_path / "ck", 1, 3, False).restore(*_targets())
+    import pickle
+
+    (path / ".metadata").write_bytes(pickle.dumps({"a": 1}))
+    rewrite_meta(path)
+    with pytest.raises(CheckpointError, match=r"\.metadata holds a dict, not DCP metadata"):
+        Checkpointer(tmp_path / "ck", 1, 3, False).restore(*_targets())
+    ckpt = save_steps(tmp_path / "ck2", steps=(1,))
+    _, path = ckpt.latest()
+    (path / "extra-rank0.json").write_text('{"rng": {"__tensor__": "t99"}}')
+    rewrite_meta(path)
+    with pytest.raises(CheckpointError, match=r"extra-rank0.json is not a state this rlhf wrote \(KeyError"):
+        Checkpointer(tmp_path / "ck2", 1, 3, False).restore(*_targets())
+    (path / "meta.json").write_text("{torn")
+    with pytest.raises(CheckpointError, match=r"is damaged \(meta.json unreadable"):
+        Checkpointer(tmp_path / "ck2", 1, 3, False).latest()

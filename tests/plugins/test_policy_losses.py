@@ -283,3 +283,15 @@ def test_the_critic_step_does_not_depend_on_the_micro_batch_split(registry):
     assert grads[0].abs().sum() > 0
     assert float((grads[1] - grads[0]).norm() / grads[0].norm()) <= 1e-6
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_a_loss_needing_the_reference_or_an_unknown_input_is_refused(registry):
+    registry.add("loss", "needs_ref", reinforce, "ref-plugin", family="policy", needs=("ref_logprobs",))
+    registry.add("loss", "needs_odd", reinforce, "odd-plugin", family="policy", needs=("values",))
+    with pytest.raises(ConfigError, match="kl.coef: policy loss 'needs_ref' needs the reference's log-probs, and "
+                                          "kl.coef: 0 means no reference; set kl.coef > 0"):
+        resolve(load_raw(None, ["stages.ppo.loss=needs_ref", "stages.ppo.kl.coef=0"]), registry)
+    resolve(load_raw(None, ["stages.ppo.loss=needs_ref"]), registry)  # with a reference: fine
+    with pytest.raises(ConfigError, match=r"policy loss 'needs_odd' declares needs \['values'\]; accepted: "
+                                          "ref_logprobs, engine_logprobs, entropy"):
+        resolve(load_raw(None, ["stages.ppo.loss=needs_odd"]), registry)
