@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The project's GPU check for a lent device machine (NVIDIA H100/H200), run from the checkout's root:
-# ../shared/gpu-check.sh's kernel tests and bf16 benchmark at 128k/152k vocabularies, then the
+# The project's GPU check for an NVIDIA H100/H200 machine, run from the checkout's root: the GPU
+# kernel tests and the bf16 kernel benchmark at 128k/152k vocabularies, then the
 # checks added since: the pipeline on CUDA with LoRA, fused-linear, a GAE critic and reward model on
 # the policy's shared base (the offline default run's gold score must still rise), the same with the
 # `loop: rlhf` decode loop, and, where vLLM is installed, with `generator: vllm` (sleep mode on CUDA).
