@@ -254,6 +254,7 @@ def _rlhf(*args):
     return subprocess.run([sys.executable, "-m", "rlhf_core.cli", *args], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # a run and its resume; the final-model case below stays in the default suite
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_run_resumes(tmp_path, small_disk):
     import subprocess
 

@@ -136,6 +136,7 @@ def test_a_kill_during_a_checkpoint_write_resumes_from_the_previous_one(referenc
     assert_identical(uninterrupted, out)
 
 
+@pytest.mark.slow  # end to end; the fallback itself is in the default suite (tests/core/test_checkpoint.py)
 def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one_identically(reference, tmp_path):
     config, uninterrupted = reference["batch_mean"]
     out = tmp_path / "run"
@@ -242,6 +243,7 @@ def tensorboard_scalars(run: Path, stage: str) -> dict[str, list[tuple[int, floa
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.slow  # two kill-and-resume pipelines
 @pytest.mark.parametrize("every, checkpoint", [(30, 30), (0, 0)])  # reward resumes at its checkpoint / starts over
 def test_tensorboard_after_kill_and_resume_holds_each_step_once(tmp_path, every, checkpoint):
     from tensorboard.backend.event_processing import plugin_event_accumulator
