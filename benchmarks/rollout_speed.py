@@ -102,7 +102,7 @@ def measure(which: str, engine: str, *, prompts: int, samples: int, new_tokens: 
         t3 = time.perf_counter()
         return {"model": which, "engine": engine, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
                 "iteration_s": t3 - t1, "generate_s": exp.time_generate, "score_s": t2 - t1 - exp.time_generate,
-                "train_s": t3 - t2, **exp.engine_stats}
+                "train_s": t3 - t2, **exp.stats}
 
 
 def _frozen_copy(model):

@@ -361,7 +361,8 @@ class AdvantageEstimator(Protocol):
 
     Advantages are 0 outside ``inputs.mask``. ``needs_values`` asks the stage for a critic (whose
     value targets are then ``advantages + values``); ``min_group_size`` (default 1) is the smallest
-    ``samples_per_prompt`` the estimator makes sense with, checked before any model loads. An
+    ``samples_per_prompt`` the estimator makes sense with, checked before any model loads (on the
+    instance built from the options, so an option may raise it). An
     estimator with state across batches (a running baseline) also defines ``state_dict()`` and
     ``load_state_dict(state)``, so checkpoints carry it. ``__init__(**options)`` raising
     ``ValueError`` rejects a bad option before anything trains.

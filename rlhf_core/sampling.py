@@ -16,7 +16,7 @@ from .data import IGNORE_INDEX, encode_prompt, pad
 
 
 #: The supported plugin API of this module (see README "Plugin API").
-__all__ = ["Rollout", "make_rollout", "pad_prompts", "generate", "evaluate_samples", "position_ids", "sample_tokens"]
+__all__ = ["Rollout", "make_rollout", "concat_rollouts", "pad_prompts", "generate", "evaluate_samples", "position_ids", "sample_tokens"]
 
 #: ``generate(..., loop=)``: Hugging Face ``generate``, or rlhf's own decode loop (see :func:`generate`).
 LOOPS = ("generate", "rlhf")
@@ -137,6 +137,36 @@ def make_rollout(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     if logprobs is not None:
         logprobs = logprobs.float() * mask
     return Rollout(sequences, attention, prompt_ids.shape[1], labels, mask, texts, logprobs)
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_id: int, rows: torch.Tensor | None = None) -> Rollout:
+    """One :class:`Rollout` holding the rows of several (``rows``: which of the concatenated rows
+    to keep, in that order; all when None). Prompts are left-padded to the widest prompt and
+    responses right-padded to the longest, with ``pad_id`` (attention 0, labels -100, mask 0,
+    engine log-probs 0), so every response still starts at one column and positions derived from
+    the attention mask are unchanged. Engine log-probs are kept only when every rollout has them."""
+    prompt_len = max(r.prompt_len for r in rollouts)
+    width = max(r.sequences.shape[1] - r.prompt_len for r in rollouts)
+
+    def widened(t: torch.Tensor, left: int, right: int, value: float | int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (left, right), value=value)
+
+    parts: dict[str, list[torch.Tensor]] = {"sequences": [], "attention_mask": [], "labels": [], "mask": [], "logprobs": []}
+    for r in rollouts:
+        left, right = prompt_len - r.prompt_len, width - (r.sequences.shape[1] - r.prompt_len)
+        parts["sequences"].append(widened(r.sequences, left, right, pad_id))
+        parts["attention_mask"].append(widened(r.attention_mask, left, right, 0))
+        parts["labels"].append(widened(r.labels, 0, right, IGNORE_INDEX))
+        parts["mask"].append(widened(r.mask, 0, right, 0))
+        if r.logprobs is not None:
+            parts["logprobs"].append(widened(r.logprobs, 0, right, 0.0))
+    joined = {k: torch.cat(v) for k, v in parts.items() if v and (k != "logprobs" or len(v) == len(rollouts))}
+    texts = [t for r in rollouts for t in r.responses]
+    if rows is not None:
+        joined = {k: v[rows] for k, v in joined.items()}
+        texts = [texts[i] for i in rows.tolist()]
+    return Rollout(joined["sequences"], joined["attention_mask"], prompt_len, joined["labels"], joined["mask"], texts,
+                   joined.get("logprobs"))
 
 
 def pad_prompts(tokenizer, prompt_ids: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,15 +5,22 @@ Outcome estimators (one scalar reward per sequence, broadcast to its response to
   rank's samples: ``AdvantageInputs.batch_mean``).
 - ``ema``: baseline = exponential moving average of past batch means (``decay``); the first batch
   uses its own mean.
-- ``group_mean``: baseline = mean reward of the samples of the same prompt (``scale=True`` also
-  divides by the group's std, as GRPO does).
+- ``group_mean``: baseline = mean reward of the samples of the same prompt; ``scale: std`` also
+  divides by the group's std (GRPO, Shao et al. 2024), ``scale: none`` does not (Dr. GRPO, Liu et
+  al. 2025, who show the std division weighs prompts by their difficulty).
 - ``rloo``: leave-one-out, ``A_i = R_i - mean_{j != i, same prompt} R_j`` (Kool et al. 2019).
 Token-level:
+- ``reinforce_pp``: REINFORCE++ (Hu et al. 2025): the discounted return of the token rewards (the
+  KL penalty per token when ``kl.placement: reward``, the reward on the last token), normalised
+  over the whole global batch; ``baseline: group`` first subtracts the prompt's group mean reward
+  (REINFORCE++-baseline).
 - ``gae``: generalised advantage estimation with a learned critic:
   ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lambda A_{t+1}`` (Schulman et al. 2016),
   with ``V`` after the last response token taken as 0.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -78,15 +85,20 @@ class EMABaseline:
 
 
 class GroupMeanBaseline:
-    """``A_i = R_i - mean(R of the same prompt)``; with ``scale``, divided by the group std + ``eps``."""
+    """``A_i = R_i - mean(R of the same prompt)``; with ``scale: std``, divided by the group's
+    (unbiased) std + ``eps`` (GRPO); ``scale: none`` keeps the raw difference (Dr. GRPO). A group
+    whose rewards are all equal gets advantage 0 either way. ``true`` / ``false`` are accepted as
+    the older spelling of ``std`` / ``none``."""
 
     needs_values = False
     min_group_size = 2
 
-    def __init__(self, *, scale: bool = False, eps: float = 1e-6):
+    def __init__(self, *, scale: Literal["std", "none"] | bool = "none", eps: float = 1e-6):
+        if scale not in ("std", "none", True, False):
+            raise ValueError(f"group_mean: scale must be 'std' (GRPO) or 'none' (Dr. GRPO), got {scale!r}")
         if not eps >= 0:
             raise ValueError(f"group_mean: eps must be >= 0, got {eps}")
-        self.scale, self.eps = scale, eps
+        self.scale, self.eps = scale in ("std", True), eps
 
     def __call__(self, inputs: AdvantageInputs) -> torch.Tensor:
         rewards = inputs.rewards.double()
@@ -140,6 +152,53 @@ class GAE:
         return adv * mask
 
 
+class ReinforcePP:
+    """REINFORCE++ (Hu et al. 2025): per token, the discounted return of the token rewards
+    ``G_t = sum_{s >= t} gamma^(s-t) r_s`` (``r_s``: ``-beta KL_s`` when the KL is placed in the
+    reward, plus the sequence reward on the last response token), then normalised over every valid
+    token of the global batch: ``A_t = (G_t - mean G) / (std G + eps)`` (``normalize: false`` keeps
+    ``G_t``). ``baseline: group`` (REINFORCE++-baseline) first subtracts the mean sequence reward
+    of the prompt's group from the last token's reward, so that ``G_0 = R_i - mean_group R``.
+
+    ``gamma: 0`` with ``normalize: false`` makes the advantage the token's own reward, which is
+    on-policy distillation's per-token reverse KL (see the ``distill`` option of the PPO stage)."""
+
+    needs_values = False
+    min_group_size = 1  # 2 with baseline: group (set from the options)
+
+    def __init__(self, *, baseline: Literal["none", "group"] = "none", gamma: float = 1.0, normalize: bool = True,
+                 eps: float = 1e-8):
+        if baseline not in ("none", "group"):
+            raise ValueError(f"reinforce_pp: baseline must be 'none' or 'group', got {baseline!r}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"reinforce_pp: gamma must be in [0, 1], got {gamma}")
+        if not eps >= 0:
+            raise ValueError(f"reinforce_pp: eps must be >= 0, got {eps}")
+        self.baseline, self.gamma, self.normalize, self.eps = baseline, gamma, normalize, eps
+        self.min_group_size = 2 if baseline == "group" else 1
+
+    def __call__(self, inputs: AdvantageInputs) -> torch.Tensor:
+        mask = inputs.mask.float()
+        rewards = inputs.token_rewards.double() * mask  # [B, T]
+        if self.baseline == "group":
+            sums, counts, _ = group_stats(inputs.rewards, inputs.group_ids)
+            last = (mask.sum(1).long() - 1).clamp(min=0)
+            rewards[torch.arange(len(last), device=mask.device), last] -= sums / counts
+        returns = torch.zeros_like(rewards)
+        running = torch.zeros_like(rewards[:, 0])
+        for t in reversed(range(rewards.shape[1])):
+            running = rewards[:, t] + self.gamma * running
+            returns[:, t] = running
+        returns = returns * mask
+        if self.normalize:
+            stats = inputs.all_reduce(torch.stack([returns.sum(), (returns ** 2).sum(), mask.double().sum()]))
+            count = stats[2].clamp(min=1)
+            mean = stats[0] / count
+            var = (stats[1] / count - mean ** 2).clamp(min=0)
+            returns = (returns - mean) / (var.sqrt() + self.eps)
+        return returns.float() * mask
+
+
 def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Normalise to zero mean, unit variance over the masked entries of the whole batch (every
     rank's, with several processes), 0 elsewhere."""
@@ -154,4 +213,5 @@ def rlhf_register_advantages(register):
     register("ema", EMABaseline)
     register("group_mean", GroupMeanBaseline)
     register("rloo", RLOOBaseline)
+    register("reinforce_pp", ReinforcePP)
     register("gae", GAE)

@@ -154,12 +154,14 @@ LOSS_AGG = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_su
 def local_normaliser(mode: str, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """This rank's share of the normaliser of ``mode`` for a minibatch with response ``mask [B, T]``;
     the host sums it over ranks (once, before the micro-batches run): valid tokens for
-    ``token_mean``, sequences for the ``seq_mean_*`` modes, sequences x ``max_new_tokens`` for
-    ``token_sum_norm`` (Dr. GRPO's constant)."""
+    ``token_mean``, sequences with at least one token in the loss for the ``seq_mean_*`` modes
+    (a response masked out whole, e.g. a truncated one, leaves the mean), every sampled sequence
+    x ``max_new_tokens`` for ``token_sum_norm`` (Dr. GRPO's constant)."""
     if mode == "token_mean":
         return mask.sum().double()
-    n = torch.tensor(float(mask.shape[0]), dtype=torch.float64, device=mask.device)
-    return n * max_new_tokens if mode == "token_sum_norm" else n
+    if mode == "token_sum_norm":  # a constant: every sampled sequence, whatever left the loss
+        return torch.tensor(float(mask.shape[0] * max_new_tokens), dtype=torch.float64, device=mask.device)
+    return (mask.sum(1) > 0).sum().double()  # sequences with a token in the loss
 
 
 def aggregate(terms: torch.Tensor, mask: torch.Tensor, mode: str, normaliser: float) -> torch.Tensor:
@@ -221,14 +223,16 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
 
 
 def shape_rewards(rewards: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor, beta: float,
-                  placement: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  placement: str, dense: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sequence rewards [B], token rewards [B, R])`` from the reward ``R [B]`` and the per-token KL
     to the reference ``kl_tokens [B, R]`` (0 off ``mask``).
 
     With ``placement == "reward"`` (Ziegler et al. 2019) the KL penalty is part of the reward:
     ``r_t = -beta * KL_t`` on every response token plus ``R`` on the last one, and the sequence
     reward is ``R - beta * sum_t KL_t``. With ``"loss"`` the rewards are ``R`` alone (the penalty is
-    added to the policy loss instead, see :func:`policy_objective`).
+    added to the policy loss's terms instead, see :func:`policy_loss_terms`). ``dense [B, R]``:
+    per-token rewards from elsewhere (on-policy distillation's ``-coef (log pi - log pi_teacher)``,
+    see :func:`distill_rewards`), added to the token rewards and, summed, to the sequence reward.
     """
     mask = mask.float()
     token_rewards = torch.zeros_like(mask)
@@ -236,9 +240,69 @@ def shape_rewards(rewards: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Te
     if placement == "reward":
         token_rewards -= beta * kl_tokens
         seq_rewards -= beta * kl_tokens.sum(1)
+    if dense is not None:
+        token_rewards += dense * mask
+        seq_rewards += (dense * mask).sum(1)
     last = (mask.sum(1).long() - 1).clamp(min=0)  # [B] index of the last response token
     token_rewards[torch.arange(len(last), device=mask.device), last] += rewards.float()
     return seq_rewards, token_rewards
+
+
+def distill_rewards(logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor,
+                    coef: float) -> torch.Tensor:
+    """On-policy distillation's per-token reward ``[B, R]`` (Agarwal et al. 2024, GKD; Lu et al.
+    2025): ``-coef * (log pi(y_t) - log pi_teacher(y_t))`` on the student's own samples, whose
+    sum over a response is ``-coef`` times a one-sample estimate of the reverse KL
+    ``KL(pi || pi_teacher)``; 0 off ``mask``."""
+    return -coef * (logprobs - teacher_logprobs) * mask
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, cache: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025) per response ``[B]``, from its length in
+    tokens ``lengths [B]``: 0 up to ``L_max - cache`` tokens, then linear down to ``-penalty`` at
+    ``L_max = max_new_tokens``: ``penalty * (L_max - cache - L) / cache`` (``-penalty`` beyond, which
+    a capped sampler never reaches). ``cache`` 0 disables it."""
+    if cache <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    over = (lengths.float() - (max_new_tokens - cache)).clamp(min=0, max=cache)
+    return -penalty * over / cache
+
+
+def truncated_responses(labels: torch.Tensor, mask: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """``[B]`` bool: responses the sampling budget cut off, i.e. whose last token is not EOS."""
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    return labels.gather(1, last.unsqueeze(1)).squeeze(1) != eos_id
+
+
+#: Rollout corrections (``rollout_correction.type``) for a generator whose sampling probabilities
+#: differ from the trainer's; see :func:`rollout_correction`.
+CORRECTIONS = ("tis", "seq_tis", "mask", "seq_mask")
+
+
+def rollout_correction(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor, kind: str, *,
+                       cap: float, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """``(advantage weight [B, R], loss mask [B, R], per-token metrics)`` correcting for the gap
+    between the trainer's probability of each sampled token before the update (``old_logprobs``)
+    and the engine's that sampled it (``engine_logprobs``), ``rho_t = pi_old / pi_engine``:
+
+    - ``tis``: truncated importance sampling per token, weight ``min(rho_t, cap)`` (Yao et al. 2025);
+    - ``seq_tis``: per sequence, ``min(prod_t rho_t, cap)`` on each of its tokens;
+    - ``mask``: masked IS, tokens with ``rho_t`` outside ``[low, high]`` leave the loss (weight 1);
+    - ``seq_mask``: the whole sequence leaves the loss when its geometric-mean ratio
+      ``exp(mean_t log rho_t)`` is outside ``[low, high]``.
+
+    Metrics (masked means, logged per batch): ``is_weight_mean``, and ``is_capped_frac`` (tokens
+    whose weight hit ``cap``) or ``is_masked_frac`` (tokens that left the loss)."""
+    log_rho = (old_logprobs - engine_logprobs) * mask
+    ones = torch.ones_like(mask)
+    if kind in ("tis", "seq_tis"):
+        rho = torch.exp(log_rho) if kind == "tis" else torch.exp(log_rho.sum(1, keepdim=True)).expand_as(mask)
+        weight = rho.clamp(max=cap) * mask
+        return weight, mask, {"is_weight_mean": weight, "is_capped_frac": (rho > cap).float()}
+    rho = torch.exp(log_rho) if kind == "mask" else torch.exp(
+        log_rho.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(mask)
+    keep = ((rho >= low) & (rho <= high)).float() * mask
+    return ones * mask, keep, {"is_weight_mean": ones, "is_masked_frac": mask - keep}
 
 
 def ppo_clip_logits_objective(logits: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,

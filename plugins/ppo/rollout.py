@@ -17,6 +17,26 @@ from rlhf_core.sampling import Rollout, position_ids
 
 
 @dataclass
+class Samples:
+    """Responses sampled for a batch of prompts and their rewards, before any scoring forward.
+
+    ``rollout`` (a prompt's samples in consecutive rows); ``rewards [B]``: the reward component's
+    scores plus the overlong shaping (zeros with ``reward: null``); ``group_ids [B]``: the prompt
+    each row answers; ``truncated [B]``: no EOS within ``max_new_tokens``; ``overlong [B]``: the
+    overlong penalty included in ``rewards`` (0 without it); ``time_generate``: seconds spent
+    sampling; ``stats``: what the sampling logs (dynamic sampling's rounds and groups).
+    """
+
+    rollout: Rollout
+    rewards: torch.Tensor
+    group_ids: torch.Tensor
+    truncated: torch.Tensor
+    overlong: torch.Tensor
+    time_generate: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Experience:
     """One rollout batch with everything the update needs (this rank's share with several processes).
 
@@ -26,8 +46,12 @@ class Experience:
     ``kl_tokens [B, R]``: per-token KL estimate to the reference (0 off the mask);
     ``advantages [B, R]`` (0 off the mask); ``values [B, R]`` and ``returns [B, R]``: the critic's
     values and value targets (None without a critic); ``time_generate``: seconds spent sampling;
-    ``engine_stats``: with a generator that reports its log-probs, ``engine_logprob_gap`` (mean
-    absolute difference to the trainer's) and, with TIS, ``tis_weight_mean``.
+    ``stats``: batch statistics logged with the iteration (already means over every rank), e.g.
+    with a generator that reports its log-probs ``engine_logprob_gap`` (mean absolute difference
+    to the trainer's) and the rollout correction's ``is_*``; dynamic sampling's ``ds_*``;
+    ``overlong_penalty_mean``, ``truncated_frac``; ``distill_kl``. ``loss_mask [B, R]``: the tokens
+    the policy loss sees: the response mask less what a rollout correction or
+    ``overlong.mask_truncated`` took out (None: the response mask).
     """
 
     rollout: Rollout
@@ -40,7 +64,12 @@ class Experience:
     values: torch.Tensor | None
     returns: torch.Tensor | None
     time_generate: float = 0.0
-    engine_stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+    loss_mask: torch.Tensor | None = None
+
+    def policy_mask(self) -> torch.Tensor:
+        """``[B, R]`` float: the tokens of the policy loss (see ``loss_mask``)."""
+        return (self.loss_mask if self.loss_mask is not None else self.rollout.mask).float()
 
 
 def response_logits(model, rollout_sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:

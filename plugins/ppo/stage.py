@@ -14,7 +14,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -31,7 +31,7 @@ from rlhf_core.interfaces import (
     AdvantageInputs, ComponentError, PolicyLossInputs, StageError, StageInput, StageResult, checked_advantages, checked_rewards, checked_rollout,
     describe,
 )
-from rlhf_core.sampling import evaluate_samples, generate
+from rlhf_core.sampling import concat_rollouts, evaluate_samples, generate
 from rlhf_core.models import (
     POLICY_ADAPTER, SharedBackbone, fused_linear_problems, is_lora, load_causal_lm, lora_scope, save_causal_lm,
     use_fused_linear,
@@ -41,10 +41,12 @@ from rlhf_core.training import TrainingError, autocast_context
 
 from .advantages import whiten
 from .loss import (
-    KL_ESTIMATORS, KLController, aggregate, clipped_value_loss, local_normaliser, policy_loss_terms, shape_rewards,
+    KL_ESTIMATORS, KLController, aggregate, clipped_value_loss, distill_rewards, local_normaliser, overlong_penalty,
+    policy_loss_terms, rollout_correction, shape_rewards, truncated_responses,
 )
 from .rollout import (
-    Experience, critic_values, response_hidden, response_logits, response_values, score_tokens, token_scores, widen,
+    Experience, Samples, critic_values, response_hidden, response_logits, response_values, score_tokens, token_scores,
+    widen,
 )
 
 
@@ -88,18 +90,72 @@ class KLConfig:
 
 @dataclass
 class RolloutCorrection:
-    """Truncated importance sampling (TIS) for engines whose sampling probabilities differ from the
-    trainer's: each token's advantage is weighted by ``min(pi_old / pi_engine, cap)``, where
-    ``pi_old`` is the trainer's probability of the sampled token before the update and ``pi_engine``
-    the generator's. Needs a generator that reports its log-probs (``hf`` does not: it samples from
-    the trainer's own weights)."""
+    """Corrections for engines whose sampling probabilities differ from the trainer's (``rho_t =
+    pi_old / pi_engine``, ``pi_old`` the trainer's probability of the sampled token before the
+    update, ``pi_engine`` the generator's), see :func:`rlhf_plugins.ppo.loss.rollout_correction`:
+    ``type: tis`` weighs each token's advantage by ``min(rho_t, cap)``; ``seq_tis`` by the
+    sequence's ``min(prod_t rho_t, cap)``; ``mask`` drops tokens with ``rho_t`` outside
+    ``[low, high]`` from the loss; ``seq_mask`` drops whole sequences whose geometric-mean ratio is
+    outside ``[low, high]``. Needs a generator that reports its log-probs (``hf`` does not: it
+    samples from the trainer's own weights)."""
 
-    type: Literal["tis"] = "tis"
+    type: Literal["tis", "seq_tis", "mask", "seq_mask"] = "tis"
     cap: float = 2.0
+    low: float = 0.5
+    high: float = 2.0
 
     def problems(self) -> list[str]:
         """Value checks."""
-        return rule_problems(self, {"cap": (lambda v: math.isfinite(v) and v >= 1, "a finite number >= 1")})
+        out = rule_problems(self, {"cap": (lambda v: math.isfinite(v) and v >= 1, "a finite number >= 1")})
+        if not (0 <= self.low <= 1 <= self.high and math.isfinite(self.high)):
+            out.append(f"low: the kept range needs 0 <= low <= 1 <= high (finite), got low={self.low}, high={self.high}")
+        return out
+
+
+@dataclass
+class OverlongConfig:
+    """DAPO's overlong reward shaping (Yu et al. 2025). ``cache``: the soft penalty's window, the
+    last ``cache`` tokens before ``generation.max_new_tokens``, over which the reward falls
+    linearly by up to ``penalty`` (0: no soft penalty); ``mask_truncated``: responses the sampling
+    budget cut off (no EOS) leave the policy loss (overlong filtering)."""
+
+    cache: int = 0
+    penalty: float = 1.0
+    mask_truncated: bool = False
+
+    def problems(self) -> list[str]:
+        """Value checks."""
+        return rule_problems(self, {"cache": AT_LEAST_0, "penalty": NON_NEGATIVE})
+
+
+@dataclass
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling (Yu et al. 2025): groups whose rewards are all equal carry no signal
+    under a group baseline; they are dropped and more prompts are sampled until the batch has
+    ``prompts_per_batch`` informative groups, for at most ``max_rounds`` rounds of generation
+    (after which dropped groups fill the batch, counted as ``ds_filled_groups``)."""
+
+    max_rounds: int = 4
+
+    def problems(self) -> list[str]:
+        """Value checks."""
+        return rule_problems(self, {"max_rounds": AT_LEAST_1})
+
+
+@dataclass
+class DistillConfig:
+    """On-policy distillation: a frozen ``teacher`` (a path, ``@STAGE`` or ``base``; it must share
+    the policy's tokenizer) scores the policy's own samples, and each token gets the reward
+    ``-coef * (log pi - log pi_teacher)`` (the reverse KL to the teacher), alone (``reward: null``)
+    or beside the sequence reward. The teacher is loaded like the reference: frozen, sharded, and
+    with LoRA the policy's own base with its adapters off when the teacher is that base."""
+
+    teacher: str
+    coef: float = 1.0
+
+    def problems(self) -> list[str]:
+        """Value checks."""
+        return rule_problems(self, {"coef": POSITIVE})
 
 
 @dataclass
@@ -110,7 +166,7 @@ class PPOConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     init: str = "auto"
-    reward: ComponentSpec = field(default_factory=lambda: ComponentSpec("reward_model"))
+    reward: ComponentSpec | None = field(default_factory=lambda: ComponentSpec("reward_model"))
     advantage: ComponentSpec = field(default_factory=lambda: ComponentSpec("batch_mean"))
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("ppo_clip"))
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"] = "token_mean"
@@ -138,6 +194,9 @@ class PPOConfig:
     shared_backbone: bool | Literal["auto"] = "auto"
     generator: ComponentSpec = field(default_factory=lambda: ComponentSpec("hf"))
     rollout_correction: RolloutCorrection | None = None
+    overlong: OverlongConfig | None = None
+    dynamic_sampling: DynamicSamplingConfig | None = None
+    distill: DistillConfig | None = None
     save: bool = True
 
     def problems(self) -> list[str]:
@@ -146,6 +205,9 @@ class PPOConfig:
         if self.data.max_prompt_length is None and self.data.max_length <= self.generation.max_new_tokens:
             out.append(f"data.max_length: must exceed generation.max_new_tokens ({self.generation.max_new_tokens}) "
                        f"to leave room for the prompt, got {self.data.max_length}")
+        if self.overlong is not None and self.overlong.cache >= self.generation.max_new_tokens:
+            out.append(f"overlong.cache: the penalty window must be shorter than generation.max_new_tokens "
+                       f"({self.generation.max_new_tokens}), got {self.overlong.cache}")
         return out + rule_problems(self, {
             "iterations": AT_LEAST_1, "prompts_per_batch": AT_LEAST_1, "samples_per_prompt": AT_LEAST_1,
             "ppo_epochs": AT_LEAST_1, "minibatch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1, "lr": POSITIVE, "critic_lr": POSITIVE,
@@ -168,7 +230,9 @@ class PPOModels:
     controller. Models are already sharded for this run's processes; ``policy_params``: what the
     policy's optimizer trains; ``shared``: the :class:`rlhf_core.models.SharedBackbone` when the
     critic or a reward model is an adapter on the policy's base (else None); ``reference_free``:
-    ``kl.coef`` is 0, so there is no reference and no reference forward. ``fused``: log-probs, the
+    ``kl.coef`` is 0, so there is no reference and no reference forward; ``teacher``: the frozen
+    distillation teacher (None without ``distill``, or with ``teacher_is_base``: the LoRA policy's
+    base with its adapters off). ``fused``: log-probs, the
     policy loss and entropy come from the last hidden states and the LM head through the
     fused-linear kernels, so no ``[B, R, V]`` logits exist (see ``fused_linear``)."""
 
@@ -182,6 +246,8 @@ class PPOModels:
     policy_params: list[torch.nn.Parameter] = field(default_factory=list)
     shared: Any = None
     reference_free: bool = False
+    teacher: Any = None
+    teacher_is_base: bool = False
 
     def __post_init__(self):
         if not self.policy_params:  # built by hand (tests, benchmarks): every trainable policy parameter
@@ -276,12 +342,18 @@ class PPOStage:
               eval_prompts, first, last, kl_history, trained, optims, generator) -> dict[str, float]:
         """Iterations ``bar``: rollout -> Experience -> update -> stats, evaluation, checkpoints."""
         device, ckpt = ctx.device, ctx.checkpointer
-        for it in bar:
+
+        def draw() -> list[str]:
             # A rank takes a contiguous share of the global prompt batch; a prompt's samples stay together.
-            batch_prompts = dist_utils.shard([rng.choice(prompts) for _ in range(config.prompts_per_batch)])
+            return dist_utils.shard([rng.choice(prompts) for _ in range(config.prompts_per_batch)])
+
+        for it in bar:
             t0 = time.perf_counter()
-            exp = make_experience(models, batch_prompts, tokenizer, reward_fn, estimator, config, device, ctx.kernel_backend,
-                                  generator)
+            if config.dynamic_sampling is not None:
+                samples = sample_informative(models, draw, tokenizer, reward_fn, config, device, generator)
+            else:
+                samples = sample(models, draw(), tokenizer, reward_fn, config, device, generator)
+            exp = score_experience(models, samples, estimator, config, ctx.kernel_backend)
             t1 = time.perf_counter()
             generator.sleep()  # an engine with its own memory gives it back while the trainer works
             metrics = update(models, exp, loss_entry, config, ctx.kernel_backend)
@@ -317,7 +389,10 @@ class PPOStage:
                 problems.append("shared_backbone: true does not work with distributed.strategy: ddp (DDP replicates "
                                 "whole modules); use fsdp")
         estimator_cls = registry.lookup("advantage", config.advantage).obj
-        need = getattr(estimator_cls, "min_group_size", 1)
+        try:  # an option can raise the need (reinforce_pp's baseline: group)
+            need = getattr(estimator_cls(**config.advantage.options), "min_group_size", 1)
+        except Exception:  # a bad option: check_options reports it
+            need = getattr(estimator_cls, "min_group_size", 1)
         if config.samples_per_prompt < need:
             problems.append(
                 f"samples_per_prompt: advantage estimator {config.advantage.name!r} compares samples of the same "
@@ -326,6 +401,7 @@ class PPOStage:
         world = dist_utils.planned_world_size()
         problems += fused_linear_problems(config.fused_linear, "")
         problems += policy_loss_problems(config, registry)
+        problems += sampling_problems(config, registry)
         if world > 1:
             if config.prompts_per_batch % world:
                 problems.append(f"prompts_per_batch: must be a multiple of the {world} processes (each takes an equal "
@@ -356,8 +432,10 @@ class PPOStage:
         ctx.shared = share_backbone(ctx, config, policy)
         critic = None
         try:
-            reward_entry = ctx.registry.lookup("reward", config.reward)
-            reward_fn = Scorer(reward_entry, reward_entry.obj(ctx, **config.reward.options))
+            reward_fn = None  # reward: null (distillation alone)
+            if config.reward is not None:
+                reward_entry = ctx.registry.lookup("reward", config.reward)
+                reward_fn = Scorer(reward_entry, reward_entry.obj(ctx, **config.reward.options))
             gold_fn = None
             if config.gold:
                 gold_entry = ctx.registry.lookup("reward", config.gold)
@@ -378,9 +456,30 @@ class PPOStage:
         if critic is not None:
             critic_opt = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=config.critic_lr)
         kl = KLController(config.kl.coef, config.kl.adaptive, config.kl.target, config.kl.horizon)
-        fused = use_fused_linear(config.fused_linear, ctx.name, [policy, reference])
+        teacher, teacher_is_base = load_teacher(ctx, config, policy, source)
+        fused = use_fused_linear(config.fused_linear, ctx.name, [policy, reference, teacher])
         return PPOModels(policy, reference, optimizer, kl, critic, critic_opt, fused=fused, policy_params=params,
-                         shared=shared, reference_free=reference_free), reward_fn, gold_fn
+                         shared=shared, reference_free=reference_free, teacher=teacher,
+                         teacher_is_base=teacher_is_base), reward_fn, gold_fn
+
+
+def load_teacher(ctx, config: PPOConfig, policy, source: str) -> tuple[Any, bool]:
+    """``(teacher, teacher_is_base)`` for ``distill``: ``(None, False)`` without it; with LoRA and a
+    teacher that is the policy's own base, ``(None, True)`` (the policy with its adapters off, no
+    copy); else a frozen, sharded copy. A teacher with another vocabulary is refused: its
+    log-probs must be of the very tokens the policy sampled."""
+    if config.distill is None:
+        return None, False
+    teacher_source = ctx.init_source(config.distill.teacher, "policy")
+    if ctx.tokenizer_for(teacher_source).get_vocab() != ctx.tokenizer_for(source).get_vocab():
+        raise StageError(f"stage {ctx.name!r}: distill.teacher {config.distill.teacher!r} ({teacher_source}) has another "
+                         f"tokenizer than the policy ({source}); on-policy distillation scores the policy's own tokens, "
+                         "so the teacher must share its vocabulary")
+    if is_main_process():
+        print(f"{ctx.name}: distilling from the teacher {teacher_source} (coef {config.distill.coef})")
+    if is_lora(policy) and teacher_source == source:
+        return None, True
+    return ctx.load_model(config.distill.teacher, trainable=False), False
 
 
 def share_backbone(ctx, config: PPOConfig, policy) -> SharedBackbone | None:
@@ -406,10 +505,10 @@ def share_backbone(ctx, config: PPOConfig, policy) -> SharedBackbone | None:
 # ---------------------------------------------------------------------- the phases of an iteration
 
 @torch.no_grad()
-def make_experience(models: PPOModels, prompts: list[str], tokenizer, reward_fn, estimator, config: PPOConfig,
-                    device: torch.device, backend: str | None, generator: Any = None) -> Experience:
-    """Rollout phase: sample ``samples_per_prompt`` responses per prompt, score them (reward, old
-    and reference log-probs, values), shape the rewards and estimate advantages."""
+def sample(models: PPOModels, prompts: list[str], tokenizer, reward_fn, config: PPOConfig, device: torch.device,
+           generator: Any = None) -> Samples:
+    """Sample ``samples_per_prompt`` responses per prompt (a prompt's samples in consecutive rows)
+    and score them with the reward (zeros with ``reward: null``) plus the overlong shaping."""
     k = config.samples_per_prompt
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts for _ in range(k)]
     prompt_text = [p for p in prompts for _ in range(k)]
@@ -424,33 +523,120 @@ def make_experience(models: PPOModels, prompts: list[str], tokenizer, reward_fn,
         roll = generate(models.policy, tokenizer, prompt_ids, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                         top_p=g.top_p, device=device)
     time_generate = time.perf_counter() - started
-    rewards = reward_fn(prompt_text, roll.responses).to(device)  # [B], checked: finite, one per response
+    rewards = (reward_fn(prompt_text, roll.responses).to(device) if reward_fn is not None  # [B], checked
+               else torch.zeros(len(prompt_ids), device=device))
+    truncated = truncated_responses(roll.labels, roll.mask, tokenizer.eos_token_id)
+    overlong = torch.zeros_like(rewards)
+    if config.overlong is not None:
+        overlong = overlong_penalty(roll.mask.sum(1), g.max_new_tokens, config.overlong.cache,
+                                    config.overlong.penalty).to(device)
+        rewards = rewards + overlong
+    return Samples(roll, rewards, group_ids, truncated, overlong, time_generate)
+
+
+@torch.no_grad()
+def sample_informative(models: PPOModels, draw: Callable[[], list[str]], tokenizer, reward_fn, config: PPOConfig,
+                       device: torch.device, generator: Any = None) -> Samples:
+    """DAPO's dynamic sampling: rounds of :func:`sample` on prompt batches from ``draw()`` (this
+    rank's share of a fresh global batch each round) until every rank holds as many groups whose
+    rewards are not all equal as one draw has prompts, or ``dynamic_sampling.max_rounds`` rounds
+    were run (then dropped groups fill the batch). Every rank runs the same number of rounds (its
+    sharded forwards must meet), keeping the informative groups first found. Logs ``ds_rounds``,
+    ``ds_dropped_groups`` (sampled and left out) and ``ds_filled_groups`` (tied groups used to fill
+    the batch), summed over ranks."""
+    k = config.samples_per_prompt
+    pool: list[Samples] = []
+    kept: list[list[int]] = []   # rows (of the concatenated rounds) of each kept group
+    spare: list[list[int]] = []  # rows of each tied group
+    offset, rounds, need = 0, 0, 0
+    while True:
+        prompts = draw()
+        need = len(prompts)
+        batch = sample(models, prompts, tokenizer, reward_fn, config, device, generator)
+        pool.append(batch)
+        rounds += 1
+        grouped = batch.rewards.view(-1, k)
+        for i, informative in enumerate(((grouped.max(1).values - grouped.min(1).values) > 0).tolist()):
+            rows = list(range(offset + i * k, offset + (i + 1) * k))
+            if not informative:
+                spare.append(rows)
+            elif len(kept) < need:
+                kept.append(rows)
+        offset += len(batch.rewards)
+        short = dist_utils.all_reduce_max(torch.tensor(float(len(kept) < need), device=device))
+        if float(short) == 0 or rounds >= config.dynamic_sampling.max_rounds:
+            break
+    filled = need - len(kept)
+    kept += spare[:filled]
+    rows = torch.tensor([row for group in kept for row in group], dtype=torch.long)
+    counts = dist_utils.all_reduce_sum(torch.tensor([len(spare) - filled, filled], dtype=torch.float64, device=device))
+    if float(counts[1]) > 0 and is_main_process():
+        print(f"ppo: dynamic sampling found too few groups with different rewards in {rounds} rounds; "
+              f"{int(counts[1])} tied group(s) fill the batch (raise dynamic_sampling.max_rounds)")
+    stats = {"ds_rounds": float(rounds), "ds_dropped_groups": float(counts[0]), "ds_filled_groups": float(counts[1])}
+
+    def joined(name: str) -> torch.Tensor:
+        return torch.cat([getattr(b, name) for b in pool])[rows.to(pool[0].rewards.device)]
+
+    return Samples(concat_rollouts([b.rollout for b in pool], tokenizer.pad_token_id, rows), joined("rewards"),
+                   torch.arange(need, device=device).repeat_interleave(k), joined("truncated"), joined("overlong"),
+                   sum(b.time_generate for b in pool), stats)
+
+
+@torch.no_grad()
+def score_experience(models: PPOModels, samples: Samples, estimator, config: PPOConfig, backend: str | None) -> Experience:
+    """Scoring phase: old, reference and teacher log-probs and critic values of the samples, the
+    shaped rewards (KL to the reference, distillation), advantages, rollout corrections and the
+    policy loss's mask (truncated responses, masked IS)."""
+    roll, rewards = samples.rollout, samples.rewards
     mask = roll.mask.float()
     # On-policy (one epoch, one minibatch, KL in the loss): the old log-probs are the update's own,
     # detached, so the no-grad scoring forward is skipped and update() fills them in.
     skip_old = on_policy(config) and roll.logprobs is None
-    with autocast_context(config.mixed_precision, device):
+    with autocast_context(config.mixed_precision, mask.device):
         old_logp, entropy = (None, None) if skip_old else score_tokens(models.policy, roll, backend, with_entropy=True,
                                                                        fused=models.fused)
         ref_logp = reference_logprobs(models, roll, backend)
+        teacher_logp = teacher_logprobs(models, roll, backend) if config.distill is not None else None
         values = critic_values(models.critic, roll) if models.critic is not None else None
     kl_tokens = (torch.zeros_like(mask) if skip_old or ref_logp is None  # no KL without a reference; on-policy: set by update()
                  else KL_ESTIMATORS[config.kl.estimator](old_logp, ref_logp) * mask)  # [B, R]
-    seq_rewards, token_rewards = shape_rewards(rewards, kl_tokens, mask, models.kl.value, config.kl.placement)
-    advantages = estimator(AdvantageInputs(seq_rewards, token_rewards, mask, group_ids, values,
+    dense = distill_rewards(old_logp, teacher_logp, mask, config.distill.coef) if teacher_logp is not None else None
+    seq_rewards, token_rewards = shape_rewards(rewards, kl_tokens, mask, models.kl.value, config.kl.placement, dense)
+    advantages = estimator(AdvantageInputs(seq_rewards, token_rewards, mask, samples.group_ids, values,
                                            all_reduce=dist_utils.all_reduce_sum)) * mask
     returns = advantages + values if values is not None else None
     if config.whiten_advantages:
         advantages = whiten(advantages, mask)
-    engine = {}
+    stats: dict[str, Any] = dict(samples.stats)
+    loss_mask = None  # the response mask, unless tokens leave the policy loss
+    if config.overlong is not None:
+        per_sequence = torch.ones_like(rewards)
+        stats["overlong_penalty_mean"] = masked_mean(samples.overlong, per_sequence, global_=True)
+        stats["truncated_frac"] = masked_mean(samples.truncated.float(), per_sequence, global_=True)
+        if config.overlong.mask_truncated:
+            loss_mask = mask * (~samples.truncated).float().unsqueeze(1)
+    if dense is not None:  # the mean sequence reverse KL to the teacher
+        stats["distill_kl"] = masked_mean(((old_logp - teacher_logp) * mask).sum(1), torch.ones_like(rewards), global_=True)
     if roll.logprobs is not None:  # the engine's sampling probabilities vs the trainer's (peers document a gap)
-        engine["engine_logprob_gap"] = masked_mean((old_logp - roll.logprobs).abs(), mask, global_=True)
-        if config.rollout_correction is not None:
-            weight = torch.exp(old_logp - roll.logprobs).clamp(max=config.rollout_correction.cap) * mask
+        stats["engine_logprob_gap"] = masked_mean((old_logp - roll.logprobs).abs(), mask, global_=True)
+        c = config.rollout_correction
+        if c is not None:
+            weight, keep, metrics = rollout_correction(old_logp, roll.logprobs, mask, c.type, cap=c.cap, low=c.low,
+                                                       high=c.high)
             advantages = advantages * weight
-            engine["tis_weight_mean"] = masked_mean(weight, mask, global_=True)
-    return Experience(roll, rewards, old_logp, ref_logp, entropy, kl_tokens, advantages, values, returns, time_generate,
-                      {k: float(v) for k, v in engine.items()})
+            if c.type in ("mask", "seq_mask"):
+                loss_mask = (loss_mask if loss_mask is not None else mask) * keep
+            stats.update({name: masked_mean(v, mask, global_=True) for name, v in metrics.items()})
+    return Experience(roll, rewards, old_logp, ref_logp, entropy, kl_tokens, advantages, values, returns,
+                      samples.time_generate, {k: float(v) for k, v in stats.items()}, loss_mask)
+
+
+def make_experience(models: PPOModels, prompts: list[str], tokenizer, reward_fn, estimator, config: PPOConfig,
+                    device: torch.device, backend: str | None, generator: Any = None) -> Experience:
+    """Rollout phase on ``prompts``: :func:`sample` then :func:`score_experience`."""
+    return score_experience(models, sample(models, prompts, tokenizer, reward_fn, config, device, generator), estimator,
+                            config, backend)
 
 
 def reference_logprobs(models: PPOModels, roll, backend: str | None) -> torch.Tensor | None:
@@ -465,6 +651,15 @@ def reference_logprobs(models: PPOModels, roll, backend: str | None) -> torch.Te
         return score_tokens(models.policy, roll, backend, fused=models.fused)[0]
 
 
+def teacher_logprobs(models: PPOModels, roll, backend: str | None) -> torch.Tensor:
+    """Log-probs ``[B, R]`` of the response tokens under the distillation teacher: its frozen copy,
+    or (``teacher_is_base``) the LoRA policy with its adapters switched off."""
+    if not models.teacher_is_base:
+        return score_tokens(models.teacher, roll, backend, fused=models.fused)[0]
+    with lora_scope(models.policy, None):
+        return score_tokens(models.policy, roll, backend, fused=models.fused)[0]
+
+
 def update(models: PPOModels, exp: Experience, loss_entry, config: PPOConfig, backend: str | None) -> dict[str, float]:
     """Training phase: ``ppo_epochs`` passes of minibatch updates of the policy (and critic) on one
     Experience. ``loss_entry``: the registered policy loss (its function and, in ``meta``, its
@@ -472,7 +667,7 @@ def update(models: PPOModels, exp: Experience, loss_entry, config: PPOConfig, ba
     summed over every rank before its micro-batches (``micro_batch_size`` rows each) run, and each
     micro-batch contributes its share, so the step does not depend on the number of processes or the
     micro-batch split. Returns minibatch-averaged stats."""
-    mask = exp.rollout.mask.float()
+    mask = exp.policy_mask()  # the tokens of the policy loss
     step = PolicyLossStep(models, exp, loss_entry, config, backend)
     world = dist_utils.world_size()
     local_minibatch = max(1, config.minibatch_size // world)
@@ -509,10 +704,11 @@ def update(models: PPOModels, exp: Experience, loss_entry, config: PPOConfig, ba
             for key, value in m.items():
                 stats.setdefault(key, []).append(float(value))
     if step.fill:
-        exp.old_logprobs = step.old[:, :-1] * mask
-        exp.entropy = exp.entropy * mask
-        exp.kl_tokens = (KL_ESTIMATORS[config.kl.estimator](exp.old_logprobs, exp.ref_logprobs) * mask
-                         if exp.ref_logprobs is not None else torch.zeros_like(mask))
+        response = exp.rollout.mask.float()
+        exp.old_logprobs = step.old[:, :-1] * response
+        exp.entropy = exp.entropy * response
+        exp.kl_tokens = (KL_ESTIMATORS[config.kl.estimator](exp.old_logprobs, exp.ref_logprobs) * response
+                         if exp.ref_logprobs is not None else torch.zeros_like(response))
     return dist_utils.global_mean({key: sum(v) / len(v) for key, v in stats.items()}, mask.device)
 
 
@@ -560,7 +756,9 @@ class PolicyLossStep:
         self.fill = exp.old_logprobs is None  # on-policy: see make_experience
         if self.fill:
             exp.old_logprobs, exp.entropy = torch.zeros_like(roll.mask.float()), torch.zeros_like(roll.mask.float())
-        self.labels, self.mask = widen(roll.labels, -100), widen(roll.mask.float(), 0.0)
+        self.labels, self.mask = widen(roll.labels, -100), widen(exp.policy_mask(), 0.0)
+        # what the fused form's token mean runs over: the tokens of the loss
+        self.loss_labels = self.labels.masked_fill(self.mask == 0, -100)
         self.old, self.adv = widen(exp.old_logprobs, 0.0), widen(exp.advantages, 0.0)
         self.ref = widen(exp.ref_logprobs, 0.0) if exp.ref_logprobs is not None else None
         self.engine = widen(roll.logprobs, 0.0) if roll.logprobs is not None else None
@@ -570,14 +768,15 @@ class PolicyLossStep:
 
     def __call__(self, rows: torch.Tensor, normaliser: float) -> tuple[torch.Tensor, dict[str, float]]:
         share = float(self.mask[rows].sum()) / normaliser if normaliser > 0 else 0.0
+        fast = self.fast_options is not None and share > 0  # its token mean needs a token in the loss
         ref = self.ref[rows] if self.ref is not None else None
         args = (self.models.policy, self.roll.sequences[rows], self.roll.attention_mask[rows], self.roll.prompt_len)
         if self.models.fused:
             def objective(hidden, head):  # inside the policy's forward
                 self._fill_old(rows, hidden, head)
                 flat, labels = hidden.reshape(-1, hidden.shape[-1]), self.labels[rows].reshape(-1)
-                if self.fast_options is not None:
-                    loss, m = self.fast.on_linear(flat, head, labels, self.old[rows].reshape(-1),
+                if fast:
+                    loss, m = self.fast.on_linear(flat, head, self.loss_labels[rows].reshape(-1), self.old[rows].reshape(-1),
                                                   self.adv[rows].reshape(-1), ref.reshape(-1) if ref is not None else None,
                                                   self.mask[rows].reshape(-1), **self.fast_options,
                                                   backend=self.backend, **self.penalties)
@@ -591,8 +790,8 @@ class PolicyLossStep:
             return response_hidden(*args, objective)
         logits = response_logits(*args)
         self._fill_old(rows, logits, None)
-        if self.fast_options is not None:
-            loss, m = self.fast.on_logits(logits, self.labels[rows], self.old[rows], self.adv[rows], ref, self.mask[rows],
+        if fast:
+            loss, m = self.fast.on_logits(logits, self.loss_labels[rows], self.old[rows], self.adv[rows], ref, self.mask[rows],
                                           **self.fast_options, backend=self.backend, **self.penalties)
             return loss * share, m
         logp = rlhf_kernels.token_logprobs(logits, self.labels[rows], backend=self.backend)
@@ -647,11 +846,31 @@ def policy_loss_problems(config: PPOConfig, registry) -> list[str]:
     return problems
 
 
+def sampling_problems(config: PPOConfig, registry) -> list[str]:
+    """What the reward, dynamic sampling and rollout corrections need from the rest of the config."""
+    problems = []
+    if config.reward is None and config.distill is None:
+        problems.append("reward: null leaves nothing to learn from; name a reward, or set distill: {teacher: ...} to "
+                        "learn from a teacher's log-probs alone")
+    if config.dynamic_sampling is not None and config.samples_per_prompt < 2:
+        problems.append(f"dynamic_sampling: drops groups whose samples all got the same reward, which needs "
+                        f"samples_per_prompt >= 2, got {config.samples_per_prompt}")
+    if config.rollout_correction is not None:
+        generator = registry.lookup("generator", config.generator).obj
+        if getattr(generator, "reports_logprobs", None) is False:
+            problems.append(f"rollout_correction: {config.rollout_correction.type} corrects for the gap between the "
+                            f"engine's sampling log-probs and the trainer's, and generator {config.generator.name!r} "
+                            "reports none (it samples from the trainer's own weights); remove it or use generator: vllm")
+    return problems
+
+
 def on_policy(config: PPOConfig) -> bool:
-    """One epoch over one minibatch with the KL in the loss (or none) and no rollout correction: the
-    policy that sampled is the one being updated, so the old log-probs need no forward of their own."""
+    """One epoch over one minibatch with the KL in the loss (or none), no rollout correction and no
+    distillation (whose token rewards need them first): the policy that sampled is the one being
+    updated, so the old log-probs need no forward of their own."""
     return (config.ppo_epochs == 1 and config.minibatch_size >= config.prompts_per_batch * config.samples_per_prompt
-            and (config.kl.placement == "loss" or config.kl.coef == 0) and config.rollout_correction is None)
+            and (config.kl.placement == "loss" or config.kl.coef == 0) and config.rollout_correction is None
+            and config.distill is None)
 
 
 def experience_stats(exp: Experience, beta: float) -> dict[str, float]:
@@ -670,7 +889,7 @@ def experience_stats(exp: Experience, beta: float) -> dict[str, float]:
         "reward_mean": mean, "reward_std": var ** 0.5, "kl": float(sums[3]) / n, "kl_coef": beta,
         "entropy": float(masked_mean(exp.entropy, mask, global_=True)), "response_length": float(sums[4]) / n,
         "advantage_mean": float(masked_mean(exp.advantages, mask, global_=True)),
-        **exp.engine_stats,
+        **exp.stats,
     }
 
 

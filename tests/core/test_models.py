@@ -1,6 +1,9 @@
 """Models: the real from_pretrained path on a tiny model saved to a temp dir; reward model as a unit."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -82,8 +85,6 @@ def hostile(tmp_path_factory):
 @pytest.mark.parametrize("path", ["sft init", "reward init", "ppo init (policy and reference)", "ppo reward model",
                                   "ppo critic", "rlhf generate", "rlhf eval", "rlhf eval reward model"])
 def test_a_hostile_pickle_on_any_model_path_is_one_clean_error_and_never_runs(hostile, tmp_path, path):
-    import subprocess
-    import sys
 
     root, dirs = hostile
     policy, reward = str(dirs["policy"]), str(dirs["reward_model"])
@@ -111,3 +112,21 @@ def test_a_hostile_pickle_on_any_model_path_is_one_clean_error_and_never_runs(ho
     where = reward if path in ("ppo reward model", "ppo critic", "rlhf eval reward model") else policy
     assert f"from {where!r}: a weights file is a pickle that refers to code, which rlhf never runs" in result.stderr
     assert not (root / "pwned").exists()
+
+
+def test_the_checkout_kernels_folder_does_not_hide_hugging_faces_kernels_package():
+    """From the repository root (where `python -m pytest` and `python -m rlhf_core.cli` run) a bare
+    `import kernels` — which transformers makes when Hugging Face's `kernels` is installed — must
+    not load rlhf's kernel folder under the wrong name."""
+    import importlib.metadata
+    from pathlib import Path
+
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels package is not installed")
+    root = Path(__file__).resolve().parents[2]
+    code = "import rlhf_core, kernels; print(kernels.__file__); from kernels import Device"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).resolve() != root / "kernels" / "__init__.py"

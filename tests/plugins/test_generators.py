@@ -157,7 +157,7 @@ def test_a_third_party_engine_is_selected_by_config_and_told_about_updates(tmp_p
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     ppo = [r for r in rows if "reward_mean" in r]
     assert len(ppo) == 3 and all(r["engine_logprob_gap"] > 0 for r in ppo)
-    assert all(0 < r["tis_weight_mean"] <= 1.5 for r in ppo)
+    assert all(0 < r["is_weight_mean"] <= 1.5 and 0 <= r["is_capped_frac"] <= 1 for r in ppo)
 
 
 def test_a_misbehaving_engine_is_named(tmp_path, engine_plugin):

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 import rlhf_kernels
 from rlhf_core.interfaces import AdvantageInputs
-from rlhf_plugins.ppo.advantages import GAE, BatchMeanBaseline, EMABaseline, GroupMeanBaseline, RLOOBaseline, whiten
+from rlhf_plugins.ppo.advantages import (GAE, BatchMeanBaseline, EMABaseline, GroupMeanBaseline, ReinforcePP, RLOOBaseline,
+                                         whiten)
 from rlhf_core.distributed import masked_mean
 from rlhf_core.interfaces import PolicyLossInputs
 from rlhf_plugins.ppo.loss import (KLController, aggregate, clipped_value_loss, kl_k1, kl_k3, ppo_clip,
@@ -51,6 +52,51 @@ def test_group_mean_and_rloo_hand_computed():
     assert torch.allclose(scaled, torch.tensor([-1, 1, -1, 1]) / math.sqrt(2))
     three = inputs([0.0, 3.0, 6.0], groups=[4, 4, 4])
     assert RLOOBaseline()(three)[:, 0].tolist() == [-4.5, 0.0, 4.5]
+    # The named scales: std is GRPO's (the older `true`), none is Dr. GRPO's (`false`, the default).
+    torch.testing.assert_close(GroupMeanBaseline(scale="std", eps=0.0)(inp)[:, 0], scaled)
+    assert GroupMeanBaseline(scale="none")(inp)[:, 0].tolist() == [-1.0, 1.0, -5.0, 5.0]
+    assert GroupMeanBaseline(scale=False)(inp)[:, 0].tolist() == [-1.0, 1.0, -5.0, 5.0]
+    with pytest.raises(ValueError, match="scale must be 'std' \\(GRPO\\) or 'none' \\(Dr. GRPO\\), got 'mean'"):
+        GroupMeanBaseline(scale="mean")
+
+
+def test_all_equal_group_rewards_give_zero_advantage_in_every_group_estimator():
+    tied = inputs([0.5, 0.5, 1.0, 1.0], groups=[0, 0, 1, 1])
+    for estimator in (GroupMeanBaseline(scale="std"), GroupMeanBaseline(), RLOOBaseline()):
+        assert estimator(tied).abs().sum() == 0, estimator
+
+
+def test_reinforce_pp_hand_computed():
+    # Two sequences: lengths 3 and 2 (T = 3). Token rewards -beta KL per token, R on the last token:
+    # row 0: (-0.1, -0.2, 1.0 - 0.1) ; row 1: (-0.3, 2.0 - 0.1, [pad 5.0]).
+    # gamma 1 returns: row 0: (0.6, 0.7, 0.9) ; row 1: (1.6, 1.9).
+    tr = [[-0.1, -0.2, 0.9], [-0.3, 1.9, 5.0]]
+    inp = inputs([0.6, 1.6], mask=[[1, 1, 1], [1, 1, 0]], token_rewards=tr)
+    raw = ReinforcePP(normalize=False)(inp)
+    torch.testing.assert_close(raw, torch.tensor([[0.6, 0.7, 0.9], [1.6, 1.9, 0.0]]))
+    # Normalised over the 5 valid tokens: mean 5.7/5 = 1.14, population std sqrt(mean(G^2) - 1.14^2).
+    g = [0.6, 0.7, 0.9, 1.6, 1.9]
+    mean = sum(g) / 5
+    std = math.sqrt(sum(x * x for x in g) / 5 - mean ** 2)
+    want = torch.tensor([[(x - mean) / std for x in g[:3]], [(g[3] - mean) / std, (g[4] - mean) / std, 0.0]])
+    torch.testing.assert_close(ReinforcePP(eps=0.0)(inp), want)
+    # gamma 0.5: row 0: G_2 = 0.9, G_1 = -0.2 + 0.45 = 0.25, G_0 = -0.1 + 0.125 = 0.025.
+    torch.testing.assert_close(ReinforcePP(gamma=0.5, normalize=False)(inp)[0], torch.tensor([0.025, 0.25, 0.9]))
+    # gamma 0 without normalising: the advantage is the token's own reward (on-policy distillation).
+    torch.testing.assert_close(ReinforcePP(gamma=0.0, normalize=False)(inp), torch.tensor(tr) * inp.mask)
+
+
+def test_reinforce_pp_group_baseline_hand_computed():
+    # Groups {0, 1} and {2, 3}, one token each, sequence rewards (1, 3 | 10, 10): the group mean is
+    # subtracted from the last token's reward: (-1, 1 | 0, 0); then normalised globally (mean 0,
+    # population std sqrt(2/4)).
+    inp = inputs([1.0, 3.0, 10.0, 10.0], groups=[0, 0, 1, 1], mask=[[1]] * 4, token_rewards=[[1.0], [3.0], [10.0], [10.0]])
+    assert ReinforcePP(baseline="group", normalize=False)(inp)[:, 0].tolist() == [-1.0, 1.0, 0.0, 0.0]
+    torch.testing.assert_close(ReinforcePP(baseline="group", eps=0.0)(inp)[:, 0],
+                               torch.tensor([-1.0, 1.0, 0.0, 0.0]) / math.sqrt(0.5))
+    assert ReinforcePP(baseline="group").min_group_size == 2 and ReinforcePP().min_group_size == 1
+    with pytest.raises(ValueError, match="reinforce_pp: baseline must be 'none' or 'group', got 'leave_one_out'"):
+        ReinforcePP(baseline="leave_one_out")
 
 
 def test_gae_hand_computed():

@@ -1,0 +1,186 @@
+"""The GRPO family's sampling and shaping around the policy loss: rollout corrections (TIS, sequence
+TIS, masked IS), DAPO's overlong shaping and dynamic sampling, on-policy distillation, rollouts
+joined across sampling rounds; each against hand-computed values, then through the PPO update
+(tokens that leave the loss weigh nothing, on the fused and the logits path) and end to end."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rlhf_core.cli import cli
+from rlhf_core.config import ComponentSpec, ConfigError, ModelConfig, load_raw, resolve
+from rlhf_core.data import encode_prompt
+from rlhf_core.interfaces import StageContext
+from rlhf_core.models import load_causal_lm, load_tokenizer
+from rlhf_core.sampling import concat_rollouts, generate
+from rlhf_plugins.ppo.advantages import GroupMeanBaseline
+from rlhf_plugins.ppo.loss import (KLController, distill_rewards, local_normaliser, overlong_penalty, rollout_correction,
+                                   shape_rewards, truncated_responses)
+from rlhf_plugins.ppo.rollout import score_tokens
+from rlhf_plugins.ppo.stage import (DynamicSamplingConfig, GenerationConfig, KLConfig, OverlongConfig, PPOConfig,
+                                    PPOModels, sample, sample_informative, score_experience, update)
+
+CFG = ModelConfig()
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+def test_rollout_corrections_by_hand():
+    # rho = pi_old / pi_engine per token: row 0 (2.0, 0.5, 1.5), row 1 (3.0, 1.0 | pad)
+    rho = torch.tensor([[2.0, 0.5, 1.5], [3.0, 1.0, 7.0]])
+    engine = torch.full((2, 3), -1.0)
+    old = engine + rho.log()
+    weight, keep, m = rollout_correction(old, engine, MASK, "tis", cap=1.8, low=0.5, high=2.0)
+    torch.testing.assert_close(weight, torch.tensor([[1.8, 0.5, 1.5], [1.8, 1.0, 0.0]]))
+    torch.testing.assert_close(keep, MASK)
+    assert float((m["is_capped_frac"] * MASK).sum()) == 2.0  # 2.0 and 3.0 hit the cap
+    # Sequence TIS: prod rho = 1.5 (row 0) and 3.0 (row 1), capped at 2.0, on each token of the row.
+    weight, _, m = rollout_correction(old, engine, MASK, "seq_tis", cap=2.0, low=0.5, high=2.0)
+    torch.testing.assert_close(weight, torch.tensor([[1.5, 1.5, 1.5], [2.0, 2.0, 0.0]]))
+    # Masked IS: tokens outside [0.6, 1.8] leave the loss (2.0, 0.5 and 3.0); weights stay 1.
+    weight, keep, m = rollout_correction(old, engine, MASK, "mask", cap=2.0, low=0.6, high=1.8)
+    torch.testing.assert_close(keep, torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+    torch.testing.assert_close(weight, MASK)
+    assert float((m["is_masked_frac"] * MASK).sum()) == 3.0
+    # Sequence mask: geometric means 1.5^(1/3) = 1.145 (kept) and sqrt(3) = 1.732 (dropped at high 1.7).
+    _, keep, _ = rollout_correction(old, engine, MASK, "seq_mask", cap=2.0, low=0.6, high=1.7)
+    torch.testing.assert_close(keep, torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
+
+
+def test_overlong_penalty_and_truncation_by_hand():
+    # max_new_tokens 10, cache 4: no penalty up to 6 tokens, then -(L - 6) / 4 down to -1 at 10.
+    lengths = torch.tensor([3, 6, 7, 9, 10])
+    assert overlong_penalty(lengths, 10, 4, 1.0).tolist() == pytest.approx([0.0, 0.0, -0.25, -0.75, -1.0])
+    assert overlong_penalty(lengths, 10, 4, 0.5).tolist() == pytest.approx([0.0, 0.0, -0.125, -0.375, -0.5])
+    assert overlong_penalty(lengths, 10, 0, 1.0).abs().sum() == 0
+    eos = 1
+    labels = torch.tensor([[5, 6, eos], [5, 6, 7], [eos, -100, -100]])
+    mask = (labels != -100).float()
+    assert truncated_responses(labels, mask, eos).tolist() == [False, True, False]
+
+
+def test_distillation_rewards_by_hand():
+    # log pi - log pi_teacher = (0.5, -0.2, 0.1 | 1.0, 0.3): token rewards are minus that, times coef.
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.5, -1.0, -3.0]])
+    teacher = torch.tensor([[-1.5, -1.8, -0.6], [-1.5, -1.3, -9.0]])
+    dense = distill_rewards(logp, teacher, MASK, 2.0)
+    torch.testing.assert_close(dense, torch.tensor([[-1.0, 0.4, -0.2], [-2.0, -0.6, 0.0]]))
+    # Alone (reward 0) and with a sequence reward: the token rewards gain them, the sequence reward their sum.
+    seq, tok = shape_rewards(torch.tensor([0.0, 1.0]), torch.zeros(2, 3), MASK, 0.0, "reward", dense)
+    torch.testing.assert_close(seq, torch.tensor([-0.8, -1.6]))
+    torch.testing.assert_close(tok, torch.tensor([[-1.0, 0.4, -0.2], [-2.0, 1.0 - 0.6, 0.0]]))
+
+
+def test_the_seq_mean_normaliser_leaves_out_sequences_masked_whole():
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
+    assert float(local_normaliser("seq_mean_token_mean", mask, 2)) == 2.0
+    assert float(local_normaliser("token_sum_norm", mask, 2)) == 6.0  # Dr. GRPO's constant keeps every sequence
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return load_causal_lm(CFG, seed=0), load_tokenizer(CFG)
+
+
+def test_joined_rollouts_score_like_their_parts(tiny):
+    """Rollouts of different prompt and response widths, joined and reordered, give every row the
+    log-probs it had alone: the padding added on both sides changes no position."""
+    policy, tok = tiny
+    torch.manual_seed(3)
+    a = generate(policy, tok, [encode_prompt(tok, p) for p in ["a=", "hello there="]], max_new_tokens=5,
+                 temperature=1.0, top_p=1.0, device=torch.device("cpu"))
+    b = generate(policy, tok, [encode_prompt(tok, p) for p in ["bb=", "c=", "a long prompt here="]], max_new_tokens=9,
+                 temperature=1.0, top_p=1.0, device=torch.device("cpu"))
+    a.logprobs, b.logprobs = -a.mask.float(), -2 * b.mask.float()
+    rows = torch.tensor([4, 0, 2])
+    joined = concat_rollouts([a, b], tok.pad_token_id, rows)
+    assert joined.responses == [b.responses[2], a.responses[0], b.responses[0]]
+    alone = [score_tokens(policy, r, "reference")[0] for r in (a, b)]
+    together = score_tokens(policy, joined, "reference")[0]
+    for row, (part, i) in enumerate([(1, 2), (0, 0), (1, 0)]):
+        n = int([a, b][part].mask[i].sum())
+        torch.testing.assert_close(together[row, :n], alone[part][i, :n], rtol=1e-5, atol=1e-5)
+        assert joined.mask[row].sum() == n and joined.logprobs[row, :n].tolist() == [-1.0 - part] * n
+
+
+def ppo_models(policy, coef=0.0):
+    return PPOModels(policy, None, torch.optim.SGD(policy.parameters(), lr=0.0), KLController(coef, False, 6.0, 100),
+                     reference_free=coef == 0)
+
+
+def test_dynamic_sampling_keeps_informative_groups_and_fills_when_rounds_run_out(tiny):
+    policy, tok = tiny
+    # Prompts starting with "t" always get reward 1 (a tied group); the others a reward by length.
+    def reward(prompts, responses):
+        return torch.tensor([1.0 if p.startswith("t") else float(len(r)) for p, r in zip(prompts, responses)])
+
+    draws = iter([["t1", "a"], ["t2", "t3"], ["b", "t4"], ["t5", "t6"]])
+    config = PPOConfig(prompts_per_batch=2, samples_per_prompt=3, generation=GenerationConfig(max_new_tokens=6),
+                       dynamic_sampling=DynamicSamplingConfig(max_rounds=4))
+    torch.manual_seed(1)
+    got = sample_informative(ppo_models(policy), lambda: next(draws), tok, reward, config, torch.device("cpu"))
+    # Round 1 keeps "a" (t1 tied), round 2 none, round 3 keeps "b": done in 3 rounds, 4 tied groups dropped.
+    assert got.stats == {"ds_rounds": 3.0, "ds_dropped_groups": 4.0, "ds_filled_groups": 0.0}
+    assert got.group_ids.tolist() == [0, 0, 0, 1, 1, 1] and len(got.rollout.responses) == 6
+    assert got.rewards.tolist() == [float(len(r)) for r in got.rollout.responses]
+    assert next(draws) == ["t5", "t6"]  # the fourth round never ran
+    # With one round allowed, a tied group fills the batch, and says so.
+    draws = iter([["t1", "a"]])
+    torch.manual_seed(1)
+    one = sample_informative(ppo_models(policy), lambda: next(draws), tok, reward,
+                             dataclasses.replace(config, dynamic_sampling=DynamicSamplingConfig(max_rounds=1)),
+                             torch.device("cpu"))
+    assert one.stats == {"ds_rounds": 1.0, "ds_dropped_groups": 0.0, "ds_filled_groups": 1.0}
+    assert one.rewards[3:].tolist() == [1.0, 1.0, 1.0]  # "a" first, then the tied "t1"
+
+
+def gradient_of(policy, exp, config, registry, fused):
+    policy = copy.deepcopy(policy)
+    m = dataclasses.replace(ppo_models(policy), fused=fused)
+    update(m, copy.deepcopy(exp), registry.lookup("loss", config.loss, "policy"), config, "cpp")
+    return torch.cat([p.grad.reshape(-1) for p in policy.parameters()])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("loss, agg", [(ComponentSpec("ppo_clip"), "token_mean"),
+                                       (ComponentSpec("cispo"), "seq_mean_token_mean")])
+def test_tokens_out_of_the_loss_weigh_nothing(tiny, registry, fused, loss, agg):
+    """overlong.mask_truncated: the update's gradient equals the gradient of the batch without the
+    truncated responses (whose advantages are set apart), whatever the loss's path (ppo_clip's
+    one-sweep fused form takes the masked labels)."""
+    policy, tok = tiny
+    config = PPOConfig(prompts_per_batch=3, samples_per_prompt=2, ppo_epochs=1, minibatch_size=6, max_grad_norm=0.0,
+                       loss=loss, loss_agg=agg, generation=GenerationConfig(max_new_tokens=4), kl=KLConfig(coef=0.0),
+                       overlong=OverlongConfig(mask_truncated=True))
+    torch.manual_seed(2)
+    reward = lambda prompts, responses: torch.tensor([float(r.count("a")) + 0.1 * i for i, r in enumerate(responses)])
+    samples = sample(ppo_models(policy), ["a=", "b=", "cc="], tok, reward, config, torch.device("cpu"))
+    # Make rows 1 and 4 end with EOS (the untrained policy rarely samples it): the others are truncated.
+    roll = samples.rollout
+    for row in (1, 4):
+        roll.labels[row, 2] = roll.sequences[row, roll.prompt_len + 2] = tok.eos_token_id
+        roll.mask[row, 3:] = 0
+        roll.labels[row, 3:] = -100
+        roll.attention_mask[row, roll.prompt_len + 3:] = 0
+    samples.truncated = truncated_responses(roll.labels, roll.mask, tok.eos_token_id)
+    assert samples.truncated.tolist() == [True, False, True, True, False, True]
+    exp = score_experience(ppo_models(policy), samples, GroupMeanBaseline(), config, "cpp")
+    assert exp.stats["truncated_frac"] == pytest.approx(4 / 6)
+    masked = gradient_of(policy, exp, config, registry, fused)
+    # The same update on rows 1 and 4 alone (their advantages as computed on the whole batch).
+    kept = torch.tensor([1, 4])
+    alone = copy.deepcopy(exp)
+    alone.rollout = concat_rollouts([exp.rollout], tok.pad_token_id, kept)
+    for name in ("old_logprobs", "entropy", "kl_tokens", "advantages"):
+        if getattr(exp, name) is not None:  # on-policy: the old log-probs come from the update's own forward
+            setattr(alone, name, getattr(exp, name)[kept])
+    alone.rewards, alone.loss_mask = exp.rewards[kept], None
+    reference = gradient_of(policy, alone, dataclasses.replace(config, minibatch_size=2), registry, fused)
+    assert reference.abs().sum() > 0
+    torch.testing.assert_close(masked, reference, rtol=1e-4, atol=1e-7)
