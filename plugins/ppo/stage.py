@@ -295,7 +295,7 @@ class PPOStage:
         def evaluate() -> dict[str, float]:
             # The same sampling seed every time, so that policies are compared on one random stream.
             g = config.generation
-            judges = {"reward": reward_fn, **({"gold": gold_fn} if gold_fn is not None else {})}
+            judges = {name: fn for name, fn in (("reward", reward_fn), ("gold", gold_fn)) if fn is not None}
             return evaluate_samples(models.policy, tokenizer, eval_prompts, judges, max_new_tokens=g.max_new_tokens,
                                     temperature=g.temperature, top_p=g.top_p, device=device, seed=ctx.seed)
 

@@ -184,3 +184,54 @@ def test_tokens_out_of_the_loss_weigh_nothing(tiny, registry, fused, loss, agg):
     reference = gradient_of(policy, alone, dataclasses.replace(config, minibatch_size=2), registry, fused)
     assert reference.abs().sum() > 0
     torch.testing.assert_close(masked, reference, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stages.ppo.dynamic_sampling={max_rounds: 2}"],
+     "stages[2].dynamic_sampling: drops groups whose samples all got the same reward, which needs samples_per_prompt >= 2, "
+     "got 1"),
+    (["stages.ppo.dynamic_sampling={max_rounds: 0}", "stages.ppo.samples_per_prompt=4"],
+     "stages[2].dynamic_sampling.max_rounds: must be at least 1, got 0"),
+    (["stages.ppo.reward=null"], "stages[2].reward: null leaves nothing to learn from; name a reward, or set distill"),
+    (["stages.ppo.distill={coef: 1.0}"], "stages[2].distill.teacher: required"),
+    (["stages.ppo.rollout_correction={type: seq_mask}"],
+     "stages[2].rollout_correction: seq_mask corrects for the gap between the engine's sampling log-probs and the "
+     "trainer's, and generator 'hf' reports none"),
+    (["stages.ppo.rollout_correction={type: mask, low: 1.5}"],
+     "stages[2].rollout_correction.low: the kept range needs 0 <= low <= 1 <= high (finite), got low=1.5, high=2.0"),
+    (["stages.ppo.overlong={cache: 12}"],
+     "stages[2].overlong.cache: the penalty window must be shorter than generation.max_new_tokens (12), got 12"),
+    (["stages.ppo.advantage={name: reinforce_pp, baseline: group}"],
+     "stages[2].samples_per_prompt: advantage estimator 'reinforce_pp' compares samples of the same prompt and needs "
+     "samples_per_prompt >= 2, got 1"),
+    (["stages.ppo.advantage={name: group_mean, scale: mean}"],
+     "stages[2].advantage.scale: expected one of 'std', 'none' or bool, got 'mean'"),
+])
+def test_bad_sampling_and_shaping_options_are_config_errors(registry, overrides, message):
+    with pytest.raises(ConfigError) as info:
+        resolve(load_raw(None, overrides), registry)
+    assert any(p.startswith(message) for p in info.value.problems), info.value.problems
+
+
+@pytest.mark.slow
+def test_distillation_alone_without_a_reference_pulls_the_student_to_its_teacher(tmp_path, monkeypatch):
+    """reward: null + distill from a short SFT's model into the untrained base, kl.coef 0: only the
+    teacher is loaded (no reference copy), and the student's reverse KL to the teacher falls."""
+    loaded = []
+    real = StageContext.load_model
+    monkeypatch.setattr(StageContext, "load_model", lambda self, init, **kw: loaded.append(init) or real(self, init, **kw))
+    stages = ("stages=[{stage: sft, data: {train: 'builtin:letters', builtin_size: 1200, max_length: 32}, "
+              "train: {steps: 60, batch_size: 32, lr: 3.0e-3, warmup_steps: 10}}, "
+              "{stage: ppo, init: base, data: {train: 'builtin:letters', builtin_size: 40}, iterations: 12, "
+              "prompts_per_batch: 16, minibatch_size: 16, ppo_epochs: 1, lr: 1.0e-2, generation: {max_new_tokens: 10}, "
+              "eval_every: 0, eval_prompts: 0, reward: null, kl: {coef: 0}, distill: {teacher: '@sft'}, "
+              "advantage: {name: reinforce_pp, gamma: 0.0}}]")
+    result = CliRunner().invoke(cli, ["run", "--out", str(tmp_path / "run"), "--set", stages], obj={})
+    assert result.exit_code == 0, result.output
+    assert loaded == ["base", "@sft"]  # SFT's policy, then PPO's teacher; with kl.coef 0 no reference
+    assert f"distilling from the teacher {tmp_path / 'run' / 'sft'}" in result.output
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ppo = [r for r in rows if "distill_kl" in r]
+    assert len(ppo) == 12 and all(r["reward_mean"] == 0 for r in ppo)  # no reward component
+    kl = [r["distill_kl"] for r in ppo]
+    assert sum(kl[-3:]) / 3 < 0.5 * sum(kl[:3]) / 3, kl
