@@ -1,9 +1,13 @@
 """End-to-end benchmark: SFT tokens/s and one PPO iteration (generate / score / train) on the
 builtin tiny model, ``reference`` kernels vs the fastest available backend, side by side; with
 ``--trl``, one RL iteration of rlhf against one step of TRL's GRPOTrainer at equal work
-(:mod:`rlhf_bench.vs_trl`).
+(:mod:`rlhf_bench.vs_trl`): on the tiny model, or with ``--shape realistic`` on a Llama of hidden 512
+and vocabularies 128256 and 32000 with DAPO's loss, each configuration in its own process, with the
+iteration's split and peak memory (``--shape small``: the same script on a shape that runs in about
+a minute).
 
-    python benchmarks/bench_e2e.py [--out bench_out] [--trl]
+    python benchmarks/bench_e2e.py [--out bench_out] [--trl [--shape realistic|small] [--steps N] [--warmup N]
+                                   [--config NAME ...]]
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pathlib import Path
 
 from rlhf_core.engine import make_run_dir, prepare, run_pipeline
 from rlhf_bench.measure import machine
+from rlhf_bench.vs_trl import DEFAULT_CONFIGS, RLHF_CONFIGS, SHAPES, TRL, run, run_shapes
 from rlhf_kernels import available_backends
 
 
@@ -38,12 +43,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--trl", action="store_true", help="Only the comparison with TRL's GRPOTrainer.")
+    parser.add_argument("--shape", choices=["tiny", *SHAPES], default="tiny",
+                        help="With --trl: the tiny model (default), or the realistic shapes (V=128256 and 32000).")
+    parser.add_argument("--steps", type=int, default=3, help="With --shape: measured iterations (median).")
+    parser.add_argument("--warmup", type=int, default=1, help="With --shape: warm-up iterations.")
+    parser.add_argument("--config", action="append", choices=[*RLHF_CONFIGS, TRL],
+                        help=f"With --shape (repeatable); default: {', '.join(DEFAULT_CONFIGS)}.")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.trl and args.shape != "tiny":
+        results = run_shapes(SHAPES[args.shape], args.config or DEFAULT_CONFIGS, args.warmup, args.steps)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"e2e_trl_{args.shape}.json"
+        path.write_text(json.dumps({"machine": machine(), "shapes": results}, indent=2))
+        print(f"wrote {path}")
+        return
     if args.trl:
-        from rlhf_bench.vs_trl import run
-
         results = run()
-        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "e2e_trl.json").write_text(json.dumps({"machine": machine(), "seconds_per_iteration": results}, indent=2))
         return
@@ -52,7 +68,6 @@ def main() -> None:
     print(f"{'backend':<10} {'SFT tok/s':>10} {'PPO gen s':>10} {'score s':>8} {'train s':>8}")
     for r in results:
         print(f"{r['backend']:<10} {r['sft_tokens_per_s']:>10.0f} {r['time_generate']:>10.4f} {r['time_score']:>8.4f} {r['time_train']:>8.4f}")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "e2e.json").write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
 

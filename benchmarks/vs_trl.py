@@ -6,15 +6,46 @@ own ``make_experience`` + ``update`` (on-policy: no separate old-log-prob forwar
 engine (Hugging Face ``generate``, and its own decode loop ``loop: rlhf``), with and without
 fused-linear, and with the ``vllm`` engine where vLLM is installed. Median seconds per iteration after two warm-up ones.
 Used by ``benchmarks/bench_e2e.py --trl``.
+
+The realistic shape (``--trl --shape realistic``, :func:`run_shapes`): Llama hidden 512, 4 layers, 8
+heads of 64, MLP 1376 (8/3 x 512 rounded up to a multiple of 32, Llama's rule), vocabulary 128256
+and 32000 (word-level tokenizers over ``t0 ... t{V-1}``), random weights saved once and loaded by
+every configuration; 8 prompts of 32 tokens x 8 samples x 128 new tokens; DAPO's loss on both sides:
+rlhf ``ppo_clip`` with ``clip_eps_low: 0.2, clip_eps_high: 0.28``, ``loss_agg: token_mean``,
+``group_mean`` advantages with ``scale: std``, ``kl.coef: 0`` (no reference); TRL ``GRPOConfig(
+loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0, scale_rewards="group")``. One epoch
+over one minibatch of 64 (both skip the old-log-prob forward), AdamW, grad-norm clip 1, fp32 on
+CPU. Every response is exactly 128 tokens on both sides: the tokenizer's EOS is id V, outside the
+model's vocabulary, so it is never sampled (nothing is masked or special-cased). Each configuration
+runs in a fresh process: median seconds per iteration after warm-up, the split (rlhf: generate /
+score / train from its own clocks; TRL: ``transformers.generate`` and ``_prepare_inputs`` from its
+profiling contexts), and the peak resident memory (``VmHWM``: the high-water mark of the process's
+own memory; ``ru_maxrss`` would also count the parent's, which a vfork-started child inherits).
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import types
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from rlhf_core.config import ComponentSpec
+from rlhf_core.plugins import build_registry, get_plugin_manager
+from rlhf_plugins.ppo.advantages import GroupMeanBaseline
+from rlhf_plugins.ppo.generators import HFGenerator
+from rlhf_plugins.ppo.loss import KLController
+from rlhf_plugins.ppo.stage import GenerationConfig, KLConfig, PPOConfig, PPOModels, Rollouts, make_experience, update
+from rlhf_plugins.vllm_engine import VLLMGenerator, vllm_unavailable
+
+from .memory_usage import word_tokenizer
 
 PROMPTS = ["abc def", "hello the", "x y z", "letters a"]
 
@@ -36,14 +67,7 @@ def reward(prompts, completions, **_) -> list[float]:
 
 
 def rlhf_iteration_seconds(steps: int, fused: bool, engine: str = "hf") -> float:
-    from rlhf_core.config import ComponentSpec
-    from rlhf_plugins.ppo.advantages import GroupMeanBaseline
-    from rlhf_core.plugins import build_registry, get_plugin_manager
-    from rlhf_plugins.ppo.loss import KLController
-
     ppo_clip = build_registry(get_plugin_manager(entry_points=False)).lookup("loss", ComponentSpec("ppo_clip"), "policy")
-    from rlhf_plugins.ppo.stage import GenerationConfig, KLConfig, PPOConfig, PPOModels, make_experience, update
-
     policy, tokenizer = _model()
     reference, _ = _model()
     reference.eval().requires_grad_(False)
@@ -55,20 +79,10 @@ def rlhf_iteration_seconds(steps: int, fused: bool, engine: str = "hf") -> float
     score = lambda p, r: torch.tensor(reward(p, r))  # noqa: E731
     generator = None
     if engine == "hf-loop":  # the hf engine with its own decode loop (loop: rlhf)
-        import types
-
-        from rlhf_plugins.ppo.generators import HFGenerator
-        from rlhf_plugins.ppo.stage import Rollouts
-
         ctx = types.SimpleNamespace(device=torch.device("cpu"), seed=0, name="ppo")
         generator = Rollouts(types.SimpleNamespace(kind="generator", name="hf", plugin="bench"),
                              HFGenerator(ctx, policy, tokenizer, loop="rlhf"))
     if engine == "vllm":
-        import types
-
-        from rlhf_plugins.ppo.stage import Rollouts
-        from rlhf_plugins.vllm_engine import VLLMGenerator
-
         with tempfile.TemporaryDirectory() as tmp:
             ctx = types.SimpleNamespace(device=torch.device("cpu"), seed=0, stage_dir=Path(tmp), name="ppo")
             generator = Rollouts(types.SimpleNamespace(kind="generator", name="vllm", plugin="bench"),
@@ -116,8 +130,6 @@ def trl_step_seconds(steps: int) -> float:
 
 def run(steps: int = 6, echo=print) -> dict:
     """rlhf (logits path and fused-linear) and TRL, side by side; returns seconds per iteration."""
-    from rlhf_plugins.vllm_engine import vllm_unavailable
-
     out = {"rlhf": rlhf_iteration_seconds(steps, fused=False), "rlhf_fused": rlhf_iteration_seconds(steps, fused=True),
            "rlhf_loop": rlhf_iteration_seconds(steps, fused=False, engine="hf-loop")}
     if not vllm_unavailable():
@@ -135,5 +147,254 @@ def run(steps: int = 6, echo=print) -> dict:
     return out
 
 
-if __name__ == "__main__":
-    run()
+# ---------------------------------------------------------------------- the realistic shape, one process each
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama policy and one iteration's batch: ``prompts`` x ``samples`` responses of exactly
+    ``new_tokens`` tokens after prompts of ``prompt_tokens`` tokens."""
+
+    vocab: int
+    hidden: int = 512
+    layers: int = 4
+    heads: int = 8
+    intermediate: int = 1376
+    prompts: int = 8
+    samples: int = 8
+    new_tokens: int = 128
+    prompt_tokens: int = 32
+
+    def describe(self) -> str:
+        return (f"Llama hidden {self.hidden}, {self.layers} layers, {self.heads} heads, MLP {self.intermediate}, "
+                f"vocab {self.vocab}; {self.prompts} prompts of {self.prompt_tokens} tokens x {self.samples} samples "
+                f"x {self.new_tokens} new tokens")
+
+
+#: ``--shape`` of ``bench_e2e.py --trl``: ``small`` checks the script end to end in about a minute.
+SHAPES = {
+    "realistic": [Shape(vocab=128256), Shape(vocab=32000)],
+    "small": [Shape(vocab=32000, prompts=2, samples=4, new_tokens=16, prompt_tokens=8)],
+}
+#: rlhf's configurations: the ``hf`` generator's loop and ``fused_linear``. ``loop+fused, one-sweep``
+#: uses the symmetric clip (0.2) so that ``ppo_clip``'s one-sweep fused kernel runs: not DAPO's
+#: loss, so not in the default set.
+RLHF_CONFIGS = {
+    "rlhf generate": {"loop": "generate", "fused": False, "clip": "dapo"},
+    "rlhf generate+fused": {"loop": "generate", "fused": True, "clip": "dapo"},
+    "rlhf loop": {"loop": "rlhf", "fused": False, "clip": "dapo"},
+    "rlhf loop+fused": {"loop": "rlhf", "fused": True, "clip": "dapo"},
+    "rlhf loop+fused, one-sweep": {"loop": "rlhf", "fused": True, "clip": "symmetric"},
+}
+TRL = "trl GRPOTrainer"
+DEFAULT_CONFIGS = ("rlhf generate", "rlhf generate+fused", "rlhf loop", "rlhf loop+fused", TRL)
+
+
+def digit_reward(prompts, completions, **_) -> list[float]:
+    """The same cheap rule for both sides: count of the digit 7 in the completion's text."""
+    return [float(str(c).count("7")) for c in completions]
+
+
+def shape_tokenizer(vocab: int):
+    """:func:`rlhf_bench.memory_usage.word_tokenizer` (``t0 ... t{vocab-1}``, pad ``t0``) whose EOS
+    is one more token, id ``vocab``: outside the model's vocabulary, so never sampled, and every
+    response runs to ``max_new_tokens`` on both sides."""
+    tokenizer = word_tokenizer(vocab)
+    tokenizer.add_special_tokens({"eos_token": "<eos>"})
+    assert tokenizer.eos_token_id == vocab
+    return tokenizer
+
+
+def save_policy(shape: Shape, directory: Path) -> Path:
+    """Random Llama weights (seed 0) and the tokenizer, saved once for every configuration."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.heads, max_position_embeddings=1024, bos_token_id=None,
+                         eos_token_id=shape.vocab, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    shape_tokenizer(shape.vocab).save_pretrained(directory)
+    return directory
+
+
+def shape_prompts(shape: Shape, count: int) -> list[str]:
+    """``count`` prompts of exactly ``prompt_tokens`` words (seeded), so no prompt is padded."""
+    gen = torch.Generator().manual_seed(1)
+    return [" ".join(f"t{i}" for i in torch.randint(3, shape.vocab, (shape.prompt_tokens,), generator=gen).tolist())
+            for _ in range(count)]
+
+
+def _memory() -> dict[str, int]:
+    """This process's resident memory now and its high-water mark, bytes (``/proc/self/status``)."""
+    fields = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+    return {"rss": fields["VmRSS"], "peak": fields["VmHWM"]}
+
+
+def rlhf_shape_worker(shape: Shape, model_dir: str, setup: dict, warmup: int, steps: int) -> dict:
+    """rlhf's ``make_experience`` + ``update`` on ``shape`` (one configuration, this process)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    options = {"clip_eps_low": 0.2, "clip_eps_high": 0.28} if setup["clip"] == "dapo" else {"clip_eps": 0.2}
+    loss = ComponentSpec("ppo_clip", options)
+    loss_entry = build_registry(get_plugin_manager(entry_points=False)).lookup("loss", loss, "policy")
+    loss_entry.obj.check_options(**options)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    policy = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    batch = shape.prompts * shape.samples
+    config = PPOConfig(prompts_per_batch=shape.prompts, samples_per_prompt=shape.samples, ppo_epochs=1,
+                       minibatch_size=batch, lr=1e-5, max_grad_norm=1.0, loss=loss, loss_agg="token_mean",
+                       advantage=ComponentSpec("group_mean", {"scale": "std"}), mixed_precision="no",
+                       generation=GenerationConfig(max_new_tokens=shape.new_tokens), kl=KLConfig(coef=0.0))
+    models = PPOModels(policy, None, torch.optim.AdamW(policy.parameters(), lr=1e-5, weight_decay=0.0),
+                       KLController(0.0, False, 6.0, 10000), fused=setup["fused"], reference_free=True)
+    ctx = types.SimpleNamespace(device=torch.device("cpu"), seed=0, name="ppo")
+    generator = Rollouts(types.SimpleNamespace(kind="generator", name="hf", plugin="bench"),
+                         HFGenerator(ctx, policy, tokenizer, loop=setup["loop"]))
+    score = lambda p, r: torch.tensor(digit_reward(p, r))  # noqa: E731
+    prompts = shape_prompts(shape, shape.prompts)
+    setup_rss = _memory()["rss"]
+    torch.manual_seed(0)
+    rows = []
+    for _ in range(warmup + steps):
+        t0 = time.perf_counter()
+        exp = make_experience(models, prompts, tokenizer, score, GroupMeanBaseline(scale="std"), config,
+                              torch.device("cpu"), None, generator)
+        t1 = time.perf_counter()
+        update(models, exp, loss_entry, config, None)
+        generator.update_weights(models.policy)
+        t2 = time.perf_counter()
+        rows.append({"seconds": t2 - t0, "generate": exp.time_generate, "score": t1 - t0 - exp.time_generate,
+                     "train": t2 - t1, "tokens": int(exp.rollout.mask.sum())})
+    return _summary(rows[warmup:], setup_rss, batch * shape.new_tokens)
+
+
+def trl_shape_worker(shape: Shape, model_dir: str, warmup: int, steps: int) -> dict:
+    """``steps + warmup`` steps of TRL's ``GRPOTrainer`` on ``shape`` (this process); its split from
+    its own profiling contexts (``GRPOTrainer.transformers.generate``; ``GRPOTrainer._prepare_inputs``
+    = generate + score; the rest of the step is train)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.extras import profiling
+
+    timings: list[tuple[str, float]] = []
+    logged = profiling.ProfilingContext._log_metrics
+
+    def record(self, duration: float) -> None:
+        timings.append((self.name, duration))
+        logged(self, duration)
+
+    profiling.ProfilingContext._log_metrics = record
+    tokens: list[int] = []
+
+    def counted_reward(prompts, completions, completion_ids, **_) -> list[float]:
+        tokens.append(sum(len(ids) for ids in completion_ids))  # what the step trains on
+        return digit_reward(prompts, completions)
+
+    rows: list[dict] = []
+    lap = [0.0]
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            generate = sum(d for name, d in timings if name.endswith(".transformers.generate"))
+            prepare = sum(d for name, d in timings if name.endswith("._prepare_inputs"))
+            rows.append({"seconds": now - lap[0], "generate": generate, "score": prepare - generate,
+                         "train": now - lap[0] - prepare})
+            timings.clear()
+            lap[0] = now
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    policy = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    batch = shape.prompts * shape.samples
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GRPOConfig(output_dir=tmp, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+                          num_generations=shape.samples, max_completion_length=shape.new_tokens, loss_type="dapo",
+                          epsilon=0.2, epsilon_high=0.28, beta=0.0, scale_rewards="group", num_iterations=1,
+                          mask_truncated_completions=False, learning_rate=1e-5, weight_decay=0.0, max_grad_norm=1.0,
+                          max_steps=warmup + steps, logging_steps=10**6, save_strategy="no", report_to=[],
+                          use_cpu=True, bf16=False, temperature=1.0, top_p=1.0, top_k=0, dataloader_num_workers=0,
+                          seed=0, disable_tqdm=True)
+        data = Dataset.from_list([{"prompt": p} for p in shape_prompts(shape, shape.prompts * (warmup + steps))])
+        trainer = GRPOTrainer(model=policy, reward_funcs=counted_reward, args=args, train_dataset=data,
+                              processing_class=tokenizer, callbacks=[Stamp()])
+        setup_rss = _memory()["rss"]
+        timings.clear()
+        lap[0] = time.perf_counter()
+        trainer.train()
+    for row, count in zip(rows, tokens):
+        row["tokens"] = count
+    return _summary(rows[warmup:], setup_rss, batch * shape.new_tokens)
+
+
+def _summary(rows: list[dict], setup_rss: int, expected_tokens: int) -> dict:
+    """Median seconds per iteration and split over ``rows`` (the measured iterations), memory and
+    the versions of what ran."""
+    short = [r["tokens"] for r in rows if r["tokens"] != expected_tokens]
+    if short:  # unequal work: a response ended before max_new_tokens
+        raise RuntimeError(f"expected {expected_tokens} response tokens per iteration, got {short}")
+    return {"seconds_per_iteration": statistics.median(r["seconds"] for r in rows),
+            "split": {k: statistics.median(r[k] for r in rows) for k in ("generate", "score", "train")},
+            "iterations": rows, "setup_rss_bytes": setup_rss, "peak_rss_bytes": _memory()["peak"],
+            "versions": {name: sys.modules[name].__version__ for name in ("transformers", "trl")
+                         if name in sys.modules}}
+
+
+def _worker(spec: dict) -> dict:
+    shape = Shape(**spec["shape"])
+    if spec["config"] == TRL:
+        return trl_shape_worker(shape, spec["model_dir"], spec["warmup"], spec["steps"])
+    return rlhf_shape_worker(shape, spec["model_dir"], RLHF_CONFIGS[spec["config"]], spec["warmup"], spec["steps"])
+
+
+def run_shapes(shapes: list[Shape], configs=DEFAULT_CONFIGS, warmup: int = 1, steps: int = 3,
+               echo=print) -> list[dict]:
+    """Each shape x configuration in a fresh process (``python -m rlhf_bench.vs_trl SPEC``), one
+    after the other, TRL first; prints a row per configuration as it finishes, with ratios to TRL
+    (TRL seconds / these, these peak / TRL peak), and returns the results (what ``bench_e2e.py``
+    writes as JSON; a configuration that failed is under ``failed`` with the end of its stderr)."""
+    out = []
+    for shape in shapes:
+        echo(shape.describe() + f"; fp32 on CPU, {torch.get_num_threads()} threads; median of {steps} "
+             f"iteration(s) after {warmup} warm-up")
+        echo(f"{'configuration':<28} {'s/iter':>8} {'generate':>9} {'score':>7} {'train':>7} {'setup GiB':>10} "
+             f"{'peak GiB':>9} {'TRL s/this':>11} {'peak/TRL':>9}")
+        results, failed = {}, {}
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = str(save_policy(shape, Path(tmp) / "policy"))
+            for name in sorted(configs, key=lambda n: n != TRL):
+                spec = {"shape": asdict(shape), "model_dir": model_dir, "config": name, "warmup": warmup,
+                        "steps": steps}
+                done = subprocess.run([sys.executable, "-m", "rlhf_bench.vs_trl", json.dumps(spec)],
+                                      capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+                if done.returncode != 0:
+                    failed[name] = done.stderr[-3000:]
+                    echo(f"{name:<28} failed:\n{failed[name]}")
+                    continue
+                r = results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+                trl = results.get(TRL)
+                ratios = f"{'-':>11} {'-':>9}"
+                if trl is not None:
+                    r["trl_seconds_over_this"] = trl["seconds_per_iteration"] / r["seconds_per_iteration"]
+                    r["peak_over_trl"] = r["peak_rss_bytes"] / trl["peak_rss_bytes"]
+                    ratios = f"{r['trl_seconds_over_this']:>10.2f}x {r['peak_over_trl']:>8.2f}x"
+                split = r["split"]
+                echo(f"{name:<28} {r['seconds_per_iteration']:>8.2f} {split['generate']:>9.2f} "
+                     f"{split['score']:>7.2f} {split['train']:>7.2f} {r['setup_rss_bytes'] / 2**30:>10.2f} "
+                     f"{r['peak_rss_bytes'] / 2**30:>9.2f} {ratios}")
+        out.append({"shape": asdict(shape), "warmup": warmup, "steps": steps, "results": results, "failed": failed})
+    return out
+
+
+if __name__ == "__main__":  # no argument: the tiny comparison; a JSON spec: one configuration, JSON on the last line
+    if len(sys.argv) > 1:
+        print(json.dumps(_worker(json.loads(sys.argv[1]))))
+    else:
+        run()
