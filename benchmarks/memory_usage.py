@@ -18,13 +18,12 @@ seed's step 3):
 
 Each set-up runs in its own process (a clean peak), one warm-up and one measured iteration, with
 the framework's own functions (``make_experience``/``update`` of the PPO stage, ``sft_loss_terms``).
-Peak RSS is the process's high-water mark (``ru_maxrss``): weights, optimizer state, activations,
+Peak RSS is the process's own high-water mark (``VmHWM``): weights, optimizer state, activations,
 everything. Used by ``rlhf bench memory`` and ``benchmarks/bench_memory.py``.
 """
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -107,6 +106,7 @@ def run_one(args: dict) -> dict:
 
     from rlhf_core.config import ComponentSpec
     from rlhf_core.data import collate_sft
+    from rlhf_core.distributed import peak_rss_mb
     from rlhf_plugins.ppo.advantages import GAE, BatchMeanBaseline
     from rlhf_core.plugins import build_registry, get_plugin_manager
     from rlhf_plugins.ppo.loss import KLController
@@ -157,7 +157,7 @@ def run_one(args: dict) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append((time.perf_counter() - t0,))
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     out = {"peak_rss_mb": peak_mb, "seconds": times[-1][0],
            "trainable_params": sum(p.numel() for p in params), "params": sum(p.numel() for p in policy.parameters())}
     if args["what"].startswith("ppo"):

@@ -339,13 +339,24 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory_mb(device: torch.device) -> float:
     """The largest per-process peak over every rank, in MiB: on CUDA the memory torch allocated
     since :func:`reset_peak_memory`, on CPU the process's peak resident set size so far."""
-    if device.type == "cuda":
-        mine = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        import resource
-
-        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    mine = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
     return float(all_reduce_max(torch.tensor(float(mine), dtype=torch.float64, device=device)))
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident set size in MiB: ``VmHWM`` on Linux. Not ``ru_maxrss``,
+    which Linux carries across ``exec``, so that a process started by a large parent reports the
+    parent's size at the fork."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -270,3 +270,28 @@ def test_a_critic_and_reward_model_on_the_policys_sharded_base_train_like_one_pr
                            trained["base_model.model.rlhf_heads.reward.weight"])
     reloaded, _ = lora_reward_dir(tmp_path / "again")
     assert torch.equal(trained["base_model.model.rlhf_heads.reward.weight"], reloaded.head.weight.detach())
+
+
+def test_policy_loss_aggregation_gives_one_gradient_on_one_or_two_processes(tmp_path):
+    """For every loss_agg mode (and a ratio, a sequence-ratio and a detached-weight loss), the policy
+    gradient of one update on 2 ranks x micro-batches of 1 row equals one process with micro-batches
+    of 2 rows; REINFORCE++'s global normalisation and the group std are the same too."""
+    from safetensors.torch import load_file as load
+
+    sys.path.insert(0, str(HERE))
+    try:
+        import _policy_loss_worker as worker
+    finally:
+        sys.path.remove(str(HERE))
+    single = worker.gradients(list(range(8)))
+    out = tmp_path / "grads.safetensors"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(HERE / "_policy_loss_worker.py"), str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = load(str(out))
+    assert set(two) == set(single) and len(single) == 2 + 3 * 4
+    for key, want in single.items():
+        got = two[key].reshape(want.shape)
+        assert want.abs().sum() > 0, key
+        assert float((got - want).norm() / want.norm()) <= 1e-6, key
+        assert float((got - want).abs().max() / want.abs().max()) <= 1e-6, key
