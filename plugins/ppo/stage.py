@@ -411,8 +411,11 @@ class PPOStage:
         return problems
 
     def inputs(self, config: PPOConfig, registry) -> list[StageInput]:
-        """The prompt data, the starting policy and (for estimators that need one) the critic."""
+        """The prompt data, the starting policy, the distillation teacher and (for estimators that need
+        one) the critic."""
         out = [*data_inputs(config.data, "prompts"), StageInput("init", "model", config.init)]
+        if config.distill is not None:
+            out.append(StageInput("distill.teacher", "model", config.distill.teacher))
         if registry.lookup("advantage", config.advantage).obj.needs_values:
             out.append(StageInput("critic_init", "model", config.critic_init))
         return out
@@ -852,6 +855,9 @@ def sampling_problems(config: PPOConfig, registry) -> list[str]:
     if config.reward is None and config.distill is None:
         problems.append("reward: null leaves nothing to learn from; name a reward, or set distill: {teacher: ...} to "
                         "learn from a teacher's log-probs alone")
+    if config.dynamic_sampling is not None and config.reward is None:
+        problems.append("dynamic_sampling: keeps groups whose rewards differ, and reward: null gives every sample 0; "
+                        "remove dynamic_sampling or name a reward")
     if config.dynamic_sampling is not None and config.samples_per_prompt < 2:
         problems.append(f"dynamic_sampling: drops groups whose samples all got the same reward, which needs "
                         f"samples_per_prompt >= 2, got {config.samples_per_prompt}")

@@ -57,6 +57,7 @@ def test_each_recipe_beats_sft_on_the_gold_judge(recipe, sft_and_reward, tmp_pat
     for stage in stages:
         name = stage.get("name", stage["stage"])
         numbers = summary["stages"][name]
+        print(f"recipe {recipe} stage {name}: gold {numbers['eval_gold_start']:.4f} -> {numbers['eval_gold_end']:.4f}")
         # The gold score of the SFT model on the held-out prompts is about 0.56; each recipe's
         # policy must beat it clearly (the default PPO run reaches about 0.92).
         assert numbers["eval_gold_start"] == pytest.approx(summary["stages"][stages[0].get("name", "ppo")]["eval_gold_start"])

@@ -235,3 +235,12 @@ def test_distillation_alone_without_a_reference_pulls_the_student_to_its_teacher
     assert len(ppo) == 12 and all(r["reward_mean"] == 0 for r in ppo)  # no reward component
     kl = [r["distill_kl"] for r in ppo]
     assert sum(kl[-3:]) / 3 < 0.5 * sum(kl[:3]) / 3, kl
+
+
+def test_a_missing_teacher_fails_before_anything_trains(tmp_path):
+    missing = tmp_path / "no-teacher"
+    result = CliRunner().invoke(cli, ["run", "--out", str(tmp_path / "run"), "--set",
+                                      f"stages.ppo.distill={{teacher: '{missing}'}}"], obj={})
+    assert result.exit_code != 0
+    assert f"stages[2].distill.teacher: {missing}: no such directory" in result.output
+    assert not (tmp_path / "run" / "sft").exists()
