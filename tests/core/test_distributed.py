@@ -295,3 +295,20 @@ def test_policy_loss_aggregation_gives_one_gradient_on_one_or_two_processes(tmp_
         assert want.abs().sum() > 0, key
         assert float((got - want).norm() / want.norm()) <= 1e-6, key
         assert float((got - want).abs().max() / want.abs().max()) <= 1e-6, key
+
+
+def test_dynamic_sampling_on_two_processes_runs_the_same_rounds(tmp_path):
+    """DAPO's dynamic sampling on 2 ranks: every rank runs the same number of sampling rounds (the
+    sharded forwards meet), and the logged counts are over both ranks. A reward of 0 for everything
+    ties every group: 3 rounds, 3 x 4 groups sampled, 4 of them fill the batch."""
+    stage = ("stages=[{stage: ppo, init: base, data: {train: 'builtin:letters', builtin_size: 40}, iterations: 2, "
+             "prompts_per_batch: 4, samples_per_prompt: 2, minibatch_size: 8, generation: {max_new_tokens: 6}, "
+             "eval_every: 0, eval_prompts: 0, reward: {name: letters_gold, scale: 0.0}, advantage: group_mean, "
+             "dynamic_sampling: {max_rounds: 3}}]")
+    result = rlhf("run", "--nproc", "2", "--out", str(tmp_path / "run"), "--set", stage)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ppo = [r for r in rows if "ds_rounds" in r]
+    assert len(ppo) == 2
+    for r in ppo:
+        assert (r["ds_rounds"], r["ds_dropped_groups"], r["ds_filled_groups"]) == (3, 8, 4)
