@@ -55,14 +55,16 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 
 @dataclass
 class RewardConfig:
-    """Options of the ``reward`` stage: ``data`` (reward records with ``score``, or pairwise records
-    for a ``pairwise`` loss), ``train`` loop, ``loss`` (``score`` or ``pairwise`` family), ``init``
-    (backbone weights: auto = latest policy, else base | @STAGE | path)."""
+    """Options of the ``reward`` stage."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    """Scored records ``{prompt, response, score}``, or pairwise ``{prompt, chosen, rejected}`` for a ``pairwise`` loss."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4))
+    """The optimisation loop."""
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("mse"))
+    """A ``score`` loss (``mse``, ``huber`` with ``delta``) or a ``pairwise`` one (``bradley_terry`` with ``margin``)."""
     init: str = "auto"
+    """Backbone weights: ``auto`` (the latest policy stage, else base), ``base``, ``@STAGE`` or a path."""
 
 
 class RewardStage:

@@ -42,18 +42,18 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, backend: s
 
 @dataclass
 class SFTConfig:
-    """Options of the ``sft`` stage: ``data`` (sft records), ``train`` loop, ``loss`` (a ``token``
-    loss), ``init`` (auto | base | @STAGE | path: the starting weights), ``fused_linear`` (compute
-    the cross-entropy from the last hidden states and the LM head with
-    ``rlhf_kernels.linear_cross_entropy``, never materialising ``[B, T, V]`` logits; ``auto``: on
-    with the ``cross_entropy`` loss (``token_mean``), one process and a plain bias-free linear LM
-    head, else off with a notice; ``true`` makes any of those an error)."""
+    """Options of the ``sft`` stage."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    """Demonstrations: ``{prompt, response}`` or ``{messages}`` records."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3))
+    """The optimisation loop."""
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("cross_entropy"))
+    """A ``token``-family loss (component): ``cross_entropy`` (option ``aggregation``: ``token_mean`` or ``sequence_mean``) or a plugin's."""
     init: str = "base"
+    """Starting weights: ``base``, ``auto`` (the latest policy stage, else base), ``@STAGE`` or a path."""
     fused_linear: bool | Literal["auto"] = "auto"
+    """Cross-entropy from the last hidden states and the LM head (``rlhf_kernels.linear_cross_entropy``), never materialising ``[B, T, V]`` logits; ``auto`` = with token-mean ``cross_entropy`` and a plain bias-free linear head, else off with a notice; ``true`` makes that an error."""
 
 
 def fused_blocker(config: SFTConfig) -> str:

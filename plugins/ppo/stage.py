@@ -53,8 +53,11 @@ class GenerationConfig:
     """Sampling: ``temperature``, nucleus ``top_p``, ``max_new_tokens`` per response (EOS ends one)."""
 
     temperature: float = 1.0
+    """Sampling temperature (> 0)."""
     top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p``, in (0, 1]."""
     max_new_tokens: int = 32
+    """Most tokens per response; EOS ends one earlier."""
 
     def problems(self) -> list[str]:
         """Value checks."""
@@ -71,11 +74,17 @@ class KLConfig:
     ``target`` sequence KL over ``horizon`` samples (it needs ``coef > 0``)."""
 
     coef: float = 0.05
+    """The KL coefficient beta; 0 = no reference at all (none is loaded, no reference forward runs, the logged ``kl`` is 0)."""
     estimator: Literal["k1", "k2", "k3"] = "k1"
+    """``k1`` = logp - logp_ref, ``k2`` = (logp - logp_ref)^2 / 2, ``k3`` = exp(ref - logp) - (ref - logp) - 1."""
     placement: Literal["reward", "loss"] = "reward"
+    """``reward``: beta * KL subtracted from the per-token reward; ``loss``: beta * KL added to the policy loss's per-token terms."""
     adaptive: bool = False
+    """Adjust beta toward ``target`` (needs ``coef > 0``)."""
     target: float = 6.0
+    """Sequence KL the adaptive controller aims for."""
     horizon: int = 10000
+    """Samples over which the adaptive controller moves beta."""
 
     def problems(self) -> list[str]:
         """Value checks."""
@@ -95,7 +104,9 @@ class RolloutCorrection:
     the trainer's own weights)."""
 
     type: Literal["tis"] = "tis"
+    """``tis``: truncated importance sampling."""
     cap: float = 2.0
+    """Upper bound of the per-token weight ``pi_old / pi_engine`` (>= 1)."""
 
     def problems(self) -> list[str]:
         """Value checks."""
@@ -104,41 +115,72 @@ class RolloutCorrection:
 
 @dataclass
 class PPOConfig:
-    """Options of the ``ppo`` stage (see README "Config reference"). Prompts longer than
+    """Options of the ``ppo`` stage (see the config reference in the docs). Prompts longer than
     ``data.max_prompt_length`` tokens (default ``data.max_length - generation.max_new_tokens``) keep
     their last tokens, counted and printed like the other stages' truncation."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    """Prompt records (``{prompt}`` or ``{messages}``)."""
     init: str = "auto"
+    """Policy and frozen reference: ``auto`` (the latest policy stage, else the base model), ``base``, ``@STAGE`` or a path. With ``model.lora`` the reference is the policy with its adapters disabled."""
     reward: ComponentSpec = field(default_factory=lambda: ComponentSpec("reward_model"))
+    """A registered reward (component): ``reward_model`` (``path: auto`` = the latest reward stage), ``length``, ``letters_gold`` or a plugin's."""
     advantage: ComponentSpec = field(default_factory=lambda: ComponentSpec("batch_mean"))
+    """Advantage estimator (component): ``batch_mean``, ``ema``, ``group_mean``, ``rloo``, ``gae`` or a plugin's."""
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("ppo_clip"))
+    """Policy loss (component, family ``policy``) on per-token log-probs: ``ppo_clip``, ``gspo``, ``cispo``, ``reinforce`` or a plugin's."""
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"] = "token_mean"
+    """How per-token terms become the loss: ``token_mean``, ``seq_mean_token_mean`` (GRPO), ``seq_mean_token_sum``, ``token_sum_norm`` (Dr. GRPO); normalisers are global."""
     micro_batch_size: int | None = None
+    """Rows per forward/backward inside a minibatch (gradient accumulation); null = ``minibatch_size``."""
     gold: ComponentSpec | None = None
+    """A reward used only to evaluate (component); gives ``gold_score_sft`` / ``gold_score_ppo``."""
     iterations: int = 100
+    """Rollout batches (generate -> score -> train)."""
     prompts_per_batch: int = 16
+    """Prompts sampled per iteration, global over all processes."""
     samples_per_prompt: int = 1
+    """Responses per prompt; group estimators (``group_mean``, ``rloo``) need at least 2."""
     ppo_epochs: int = 2
+    """Passes over each rollout batch."""
     minibatch_size: int = 16
+    """Rows per optimizer step inside an epoch."""
     lr: float = 1e-4
+    """Policy AdamW learning rate."""
     weight_decay: float = 0.0
+    """Policy AdamW weight decay."""
     max_grad_norm: float = 1.0
+    """Gradient-norm clipping; 0 = off."""
     whiten_advantages: bool = False
+    """Normalise advantages over the batch (zero mean, unit variance)."""
     entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Sampling options."""
     kl: KLConfig = field(default_factory=KLConfig)
+    """KL penalty to the frozen reference."""
     critic_init: str = "auto"
+    """Critic for ``gae``: ``auto`` (the latest reward model, else the policy's backbone), ``@STAGE`` or a path."""
     critic_lr: float = 1e-4
+    """Critic AdamW learning rate."""
     vf_clip: float = 0.2
+    """Clip range of the clipped value loss."""
     eval_every: int = 10
+    """Iterations between held-out evaluations (same random stream at start and end); 0 = start and end only."""
     eval_prompts: int = 64
+    """Held-out prompts per evaluation; 0 = no evaluation."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast: ``auto`` = bf16 on CUDA devices that support it, none on CPU."""
     fused_linear: bool | Literal["auto"] = "auto"
+    """Log-probs, entropy and losses from the last hidden state and the LM head without ``[B, R, V]`` logits; ``auto`` = where the head is a plain bias-free linear layer, else off with a notice; ``true`` makes that an error."""
     shared_backbone: bool | Literal["auto"] = "auto"
+    """With ``model.lora``: reward model and critic as adapters + heads on the policy's frozen base; ``auto`` = where they fit; ``true`` = an error where they do not; ``false`` = their own copies."""
     generator: ComponentSpec = field(default_factory=lambda: ComponentSpec("hf"))
+    """The rollout engine (component): ``hf`` (option ``loop: rlhf`` for rlhf's own decode loop) or ``vllm``."""
     rollout_correction: RolloutCorrection | None = None
+    """Truncated importance sampling for engines whose probabilities differ from the trainer's (null: off)."""
     save: bool = True
+    """Save the trained policy in the stage's output directory."""
 
     def problems(self) -> list[str]:
         """Value checks: counts at least 1, positive finite learning rates, room for a prompt."""
