@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import importlib.metadata
 
+from .checkout import keep_hub_kernels_importable
 from .errors import UserError
 from .hookspecs import hookimpl, hookspec
+
+keep_hub_kernels_importable()  # before anything imports transformers (see rlhf_core.checkout)
 
 __all__ = ["UserError", "hookimpl", "hookspec", "__version__"]
 try:
