@@ -16,7 +16,7 @@ from .engine import (RunDir, check_resumable, preflight, prepare, read_summary, 
                      signals_interrupt)
 from .errors import UserError
 from .models import ModelLoadError, resolve_device
-from .plugins import build_registry, disabled_from_env, get_plugin_manager, registered_by
+from .plugins import add_modules, build_registry, disabled_from_env, get_plugin_manager, locate_modules, registered_by
 from .registry import RegistryError
 from .tracking import write_summary
 
@@ -30,11 +30,18 @@ def _user_error(exc: Exception) -> click.ClickException:
     return click.ClickException(str(exc))
 
 
-def _plugin_manager(ctx: click.Context):
-    """The command's one plugin manager: the one ``main`` built (honouring ``--disable``), else a new one."""
+def _plugin_manager(ctx: click.Context, local: tuple[str, ...] = ()):
+    """The command's one plugin manager: the one ``main`` built (honouring ``--disable``), else a new
+    one; ``local`` (``--plugins``) adds plugin modules or ``.py`` files (relative to the current directory)."""
     if ctx.obj.get("pm") is None:
         ctx.obj["pm"] = get_plugin_manager(disabled=ctx.obj["disabled"])
-    return ctx.obj["pm"]
+    return add_modules(ctx.obj["pm"], locate_modules(list(local), Path.cwd())) if local else ctx.obj["pm"]
+
+
+def _plugins_option(fn):
+    """``--plugins``: local plugin modules for a command that has no config (as a config's ``plugins:``)."""
+    return click.option("--plugins", "local_plugins", multiple=True, metavar="MODULE_OR_FILE.py",
+                        help="Load a local plugin: a module name or a .py file (repeatable), as a config's plugins:.")(fn)
 
 
 def _warn_conflicts(registry) -> None:
@@ -201,11 +208,12 @@ def _record_lost_writer(run_dir: Path | None, pid: int, reason: str) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_plugins_option
 @click.pass_context
-def plugins(ctx: click.Context, as_json: bool) -> None:
+def plugins(ctx: click.Context, as_json: bool, local_plugins: tuple[str, ...]) -> None:
     """List loaded plugins (name, version, source) and what each registered."""
     try:
-        pm = _plugin_manager(ctx)
+        pm = _plugin_manager(ctx, local_plugins)
         registry = build_registry(pm)
     except USER_ERRORS as exc:
         raise _user_error(exc) from None
@@ -262,9 +270,10 @@ def _prompts(texts: tuple[str, ...], path: str | None, registry, tokenizer, seed
 @click.option("--n", "n", default=1, show_default=True, type=click.IntRange(min=1), help="Samples per prompt.")
 @click.option("--limit", type=click.IntRange(min=1), help="Use at most this many prompts.")
 @_sampling_options
+@_plugins_option
 @click.pass_context
 def generate_command(ctx: click.Context, model_dir, texts, path, n, limit, temperature, top_p, max_new_tokens, seed,
-                     device, as_json) -> None:
+                     device, as_json, local_plugins) -> None:
     """Sample responses from a trained policy (any sft or ppo stage output, or a model directory)."""
     import torch
 
@@ -272,7 +281,7 @@ def generate_command(ctx: click.Context, model_dir, texts, path, n, limit, tempe
     from .sampling import generate
 
     try:
-        registry = build_registry(_plugin_manager(ctx))
+        registry = build_registry(_plugin_manager(ctx, local_plugins))
         tokenizer, model, dev = load_policy(model_dir, device)
         prompts = _prompts(texts, path, registry, tokenizer, seed, limit)
         torch.manual_seed(seed)
@@ -299,9 +308,10 @@ def generate_command(ctx: click.Context, model_dir, texts, path, n, limit, tempe
 @click.option("--gold", "gold", metavar="SPEC", help="A second judge reported beside the reward (e.g. letters_gold).")
 @click.option("--limit", type=click.IntRange(min=1), help="Use at most this many prompts.")
 @_sampling_options
+@_plugins_option
 @click.pass_context
 def eval_command(ctx: click.Context, model_dir, path, reward, gold, limit, temperature, top_p, max_new_tokens, seed,
-                 device, as_json) -> None:
+                 device, as_json, local_plugins) -> None:
     """Mean reward (and gold score) of one sample per prompt: the numbers PPO's evaluation reports
     (the same function, the same seed gives the same samples)."""
     from .config import ComponentSpec, ConfigError, ModelConfig, RunConfig, check_options, coerce
@@ -309,7 +319,7 @@ def eval_command(ctx: click.Context, model_dir, path, reward, gold, limit, tempe
     from .sampling import evaluate_samples
 
     try:
-        registry = build_registry(_plugin_manager(ctx))
+        registry = build_registry(_plugin_manager(ctx, local_plugins))
         problems: list[str] = []
         specs = {}
         for name, text in (("reward", reward), ("gold", gold)):

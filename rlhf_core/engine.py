@@ -34,7 +34,7 @@ from .data import DataError, DataNotes, load_records
 from .errors import UserError
 from .interfaces import StageContext, StageResult
 from .models import check_model_source, resolve_device
-from .plugins import add_modules, build_registry, get_plugin_manager
+from .plugins import add_modules, build_registry, get_plugin_manager, locate_modules
 from .registry import Registry
 from .tracking import Tracker, format_table, is_main_process, write_summary
 from .training import seed_everything
@@ -66,7 +66,10 @@ def prepare(config_path: str | None, overrides: list[str] = (), disabled: set[st
     source = config_path or "embedded default config"
     modules = raw.get("plugins") or []
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-        raise cfgmod.ConfigError([f"plugins: expected a list of module names, got {modules!r}"], source)
+        raise cfgmod.ConfigError([f"plugins: expected a list of module names or .py file paths, got {modules!r}"],
+                                 source)
+    if modules:  # files are recorded by absolute path, so that --resume finds them from the run's config.yaml
+        raw["plugins"] = modules = locate_modules(modules, Path(config_path).resolve().parent if config_path else None)
     pm = add_modules(pm, modules) if pm is not None else get_plugin_manager(disabled=set(disabled), modules=modules)
     registry = build_registry(pm)
     return Prepared(pm, registry, cfgmod.resolve(raw, registry, source), source)
