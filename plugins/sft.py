@@ -6,7 +6,7 @@ reference response y_i given the prompt x_i (prompt tokens are masked out of the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -17,7 +17,7 @@ from rlhf_core.distributed import all_reduce_sum, masked_mean
 from rlhf_core.data import collate_sft, data_inputs, dataset_components, load_split, shift_labels, tokenize_sft
 from rlhf_core.interfaces import StageError, StageInput, StageResult
 from rlhf_core.models import fused_linear_problems, root_call, save_causal_lm, use_fused_linear
-from rlhf_core.training import Trainer, make_loader, total_steps
+from rlhf_core.training import Trainer, make_loader, total_steps, train_plan
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, backend: str | None = None,
@@ -92,6 +92,10 @@ class SFTStage:
     def inputs(self, config: SFTConfig, registry) -> list[StageInput]:
         """The sft records and the starting weights."""
         return [*data_inputs(config.data, "sft"), StageInput("init", "model", config.init)]
+
+    def plan(self, config: SFTConfig, registry, sizes: dict[str, int]) -> dict[str, Any]:
+        """Examples, steps and the most tokens they read (``rlhf run --dry-run``)."""
+        return train_plan(config.train, config.data, sizes)
 
     def run(self, ctx, config: SFTConfig) -> StageResult:
         """Train the policy on (prompt, response) pairs; returns the saved policy directory."""

@@ -75,13 +75,15 @@ def prepare(config_path: str | None, overrides: list[str] = (), disabled: set[st
     return Prepared(pm, registry, cfgmod.resolve(raw, registry, source), source)
 
 
-def preflight(prepared: Prepared, echo=print) -> None:
+def preflight(prepared: Prepared, echo=print) -> list[dict[str, int]]:
     """Check what every stage will read before the first one trains: the base model and tokenizer,
     each stage's model sources (``@STAGE`` must name an earlier stage) and data (every record is
     read and validated). All problems are raised together as a ConfigError; suspicious but legal
-    data is reported through ``echo``."""
+    data is reported through ``echo``. Returns, per stage, the number of valid records of each data
+    input by its config path (``{"data.train": 1800}``), for :func:`plan`."""
     config, registry = prepared.config, prepared.registry
     problems: list[str] = []
+    sizes: list[dict[str, int]] = []
     for key, what in (("name_or_path", "model"), ("tokenizer", "tokenizer")):
         value = getattr(config.model, key)
         problem = check_model_source(value, what=what) if value else None
@@ -90,6 +92,7 @@ def preflight(prepared: Prepared, echo=print) -> None:
     earlier: list[str] = []
     for i, spec in enumerate(config.stages):
         stage = registry.get("stage", spec.stage, plugin=spec.plugin).obj()
+        sizes.append({})
         for item in stage.inputs(spec.config, registry) if hasattr(stage, "inputs") else []:
             path = f"stages[{i}].{item.path}"
             if item.kind == "model":
@@ -99,8 +102,9 @@ def preflight(prepared: Prepared, echo=print) -> None:
                 continue
             notes = DataNotes()
             try:
-                load_records(item.value, item.data_kind, registry, seed=config.seed, builtin_size=item.builtin_size,
-                             notes=notes, fields=item.fields, split=item.split)
+                sizes[-1][item.path] = len(load_records(item.value, item.data_kind, registry, seed=config.seed,
+                                                        builtin_size=item.builtin_size, notes=notes,
+                                                        fields=item.fields, split=item.split))
             except DataError as exc:
                 problems.append(f"{path}: {exc}")
             for line in notes.lines(f"stage {spec.name!r} {item.path}"):
@@ -111,6 +115,27 @@ def preflight(prepared: Prepared, echo=print) -> None:
                         "the CPU already, so leave it off")
     if problems:
         raise cfgmod.ConfigError(problems, prepared.source)
+    return sizes
+
+
+def plan(prepared: Prepared, sizes: list[dict[str, int]]) -> str:
+    """What ``rlhf run`` would do, as text (``rlhf run --dry-run``): the base model, then per stage
+    its plugin, model sources, data inputs with their record counts and, from the stage's optional
+    ``plan(config, registry, sizes) -> {label: value}``, its steps and estimated tokens."""
+    config, registry = prepared.config, prepared.registry
+    lines = [f"plan for {prepared.source} (nothing was trained, no run directory was touched)",
+             f"model: {config.model.name_or_path}" + (" with LoRA" if config.model.lora else "")
+             + f", dtype {config.model.dtype}, device {resolve_device(config.model.device)}"]
+    for i, (spec, stage_sizes) in enumerate(zip(config.stages, sizes)):
+        entry = registry.get("stage", spec.stage, plugin=spec.plugin)
+        stage = entry.obj()
+        lines.append(f"stage {i} {spec.name!r} ({spec.stage}, plugin {entry.plugin})")
+        for item in stage.inputs(spec.config, registry) if hasattr(stage, "inputs") else []:
+            count = f" ({stage_sizes[item.path]} records)" if item.path in stage_sizes else ""
+            lines.append(f"  {item.path}: {item.value}{count}")
+        for label, value in (stage.plan(spec.config, registry, stage_sizes) if hasattr(stage, "plan") else {}).items():
+            lines.append(f"  {label}: {value:,}" if isinstance(value, int) else f"  {label}: {value}")
+    return "\n".join(lines)
 
 
 def _check_init(value: str, earlier: list[str]) -> str | None:

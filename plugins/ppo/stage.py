@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 import rlhf_kernels
 
@@ -36,7 +35,7 @@ from rlhf_core.models import (
     POLICY_ADAPTER, SharedBackbone, fused_linear_problems, is_lora, load_causal_lm, lora_scope, save_causal_lm,
     use_fused_linear,
 )
-from rlhf_core.tracking import is_main_process
+from rlhf_core.tracking import is_main_process, progress
 from rlhf_core.training import TrainingError, autocast_context
 
 from .advantages import whiten
@@ -294,8 +293,7 @@ class PPOStage:
             if first:
                 ctx.tracker.log(0, {f"eval_{k}": v for k, v in first.items()})
             last, kl_history = {}, []
-        bar = tqdm(range(start + 1, config.iterations + 1), desc=ctx.name, disable=not is_main_process(),
-                   dynamic_ncols=True, initial=start, total=config.iterations)
+        bar = progress(start, config.iterations, ctx.name, unit="iteration")
         with honour_stop_requests(ckpt):
             last = self._loop(ctx, config, bar, models, prompts, rng, tokenizer, reward_fn, estimator, loss_entry,
                               evaluate, eval_prompts, first, last, kl_history, trained, optims, generator)
@@ -382,6 +380,14 @@ class PPOStage:
         if registry.lookup("advantage", config.advantage).obj.needs_values:
             out.append(StageInput("critic_init", "model", config.critic_init))
         return out
+
+    def plan(self, config: PPOConfig, registry, sizes: dict[str, int]) -> dict[str, Any]:
+        """Iterations, samples and the most tokens generated (``rlhf run --dry-run``)."""
+        samples = config.iterations * config.prompts_per_batch * config.samples_per_prompt
+        return {"iterations": config.iterations, "samples": samples,
+                "optimizer steps": config.iterations * config.ppo_epochs
+                * math.ceil(config.prompts_per_batch * config.samples_per_prompt / config.minibatch_size),
+                "generated tokens (at most)": samples * config.generation.max_new_tokens}
 
     @staticmethod
     def _models(ctx, config: PPOConfig, needs_critic: bool, source: str) -> tuple[PPOModels, "Scorer", "Scorer | None"]:
