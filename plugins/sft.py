@@ -27,7 +27,8 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, backend: s
 
     ``aggregation``: ``token_mean`` (default) averages over all response tokens of the batch, so
     long responses weigh more; ``sequence_mean`` averages each sequence's tokens first, then the
-    sequences. Ignored labels (-100) contribute nothing. Metrics: ``tokens`` (response tokens).
+    sequences. Ignored labels (-100) contribute nothing. Metrics: ``tokens_per_batch`` (the response
+    tokens of this batch; the stage summary reports its mean as ``train_tokens_per_batch``).
     """
     valid = labels != -100
     if aggregation == "token_mean":
@@ -37,7 +38,7 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, backend: s
         loss = masked_mean(masked_mean(nll, valid, dim=1), valid.any(dim=1))
     else:
         raise ValueError(f"cross_entropy: unknown aggregation {aggregation!r}; accepted: token_mean, sequence_mean")
-    return loss, {"tokens": float(valid.sum())}
+    return loss, {"tokens_per_batch": float(valid.sum())}
 
 
 @dataclass
@@ -71,7 +72,7 @@ def sft_loss_terms(model, batch, loss_fn, options: dict, backend: str | None, fu
         loss = root_call(model, lambda hidden, weight: rlhf_kernels.linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), weight.to(hidden.dtype), labels.reshape(-1), backend=backend),
             batch["input_ids"], batch["attention_mask"])
-        return loss, {"tokens": float((labels != -100).sum())}
+        return loss, {"tokens_per_batch": float((labels != -100).sum())}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return loss_fn(logits, labels, backend=backend, **options)
 
