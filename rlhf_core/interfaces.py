@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # annotations only: these modules import this one
     from .tracking import Tracker
 
 
-#: The supported plugin API of this module (see README "Plugin API").
+#: The supported plugin API of this module (see docs/reference/api.md).
 __all__ = ["Stage", "StageContext", "StageResult", "StageInput", "StageError", "ComponentError", "TokenLoss",
            "ScoreLoss", "PairwiseLoss", "PolicyLoss", "PolicyLossInputs", "FusedPolicyLoss", "Reward", "AdvantageInputs", "AdvantageEstimator",
            "TrackerBackend", "Generator", "checked_rewards", "checked_advantages", "checked_rollout"]

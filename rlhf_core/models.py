@@ -25,7 +25,7 @@ from .distributed import barrier, full_state_dict, unwrap
 from .errors import UserError
 from .tracking import is_main_process
 
-#: The supported plugin API of this module (see README "Plugin API").
+#: The supported plugin API of this module (see docs/reference/api.md).
 __all__ = ["ModelLoadError", "ScalarHeadModel", "load_causal_lm", "load_tokenizer", "save_causal_lm",
            "is_reward_model_dir", "apply_lora", "is_lora", "is_adapter_dir", "merge_lora_state", "linear_head",
            "use_fused_linear", "fused_linear_problems", "plain_model", "lora_scope", "SharedBackbone", "root_call",

@@ -15,7 +15,7 @@ from . import distributed as dist_utils
 from .data import IGNORE_INDEX, encode_prompt, pad
 
 
-#: The supported plugin API of this module (see README "Plugin API").
+#: The supported plugin API of this module (see docs/reference/api.md).
 __all__ = ["Rollout", "make_rollout", "pad_prompts", "generate", "evaluate_samples", "position_ids", "sample_tokens"]
 
 #: ``generate(..., loop=)``: Hugging Face ``generate``, or rlhf's own decode loop (see :func:`generate`).

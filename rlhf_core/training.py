@@ -23,7 +23,7 @@ from .errors import UserError
 from .tracking import progress
 
 
-#: The supported plugin API of this module (see README "Plugin API").
+#: The supported plugin API of this module (see docs/reference/api.md).
 __all__ = ["Trainer", "TrainingError", "Batches", "make_loader", "total_steps", "autocast_context"]
 
 def seed_everything(seed: int) -> None:

@@ -677,7 +677,7 @@ def policy_loss_problems(config: PPOConfig, registry) -> list[str]:
     if params[:1] == ["logits"]:
         problems.append(f"loss: policy loss {config.loss.name!r} of plugin {entry.plugin!r} takes logits (the contract "
                         "before policy losses took log-probs); a policy loss is now fn(inputs: PolicyLossInputs, "
-                        "**options) -> (per-token terms, metrics): see the README's 'Policy losses'")
+                        "**options) -> (per-token terms, metrics): see docs/plugins.md, 'Policy losses'")
     needs = set(entry.meta.get("needs", ()))
     unknown = needs - {"ref_logprobs", "engine_logprobs", "entropy"}
     if unknown:

@@ -28,7 +28,7 @@ from .loading import data_inputs, dataset_components, held_out_count, load_recor
 from .tokenize import encode_prompt, encode_response, fit_length, render_prompt, response_text, tokenize_scored, tokenize_sft, TokenStats  # noqa: F401
 from .collate import append_column, collate_scored, collate_sft, pad, shift_labels  # noqa: F401
 
-#: The supported plugin API of this package (see README "Plugin API").
+#: The supported plugin API of this package (see docs/reference/api.md).
 __all__ = ["DataError", "Record", "TokenStats", "IGNORE_INDEX", "load_split", "load_records", "data_inputs",
            "dataset_components", "render_prompt", "encode_prompt", "encode_response", "tokenize_sft",
            "tokenize_scored", "collate_sft", "collate_scored", "shift_labels", "pad"]
