@@ -59,7 +59,8 @@ class RewardConfig:
     """Options of the ``reward`` stage."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    """Scored records ``{prompt, response, score}``, or pairwise ``{prompt, chosen, rejected}`` for a ``pairwise`` loss."""
+    """Scored records ``{prompt, response, score}``, or pairwise ``{prompt, chosen, rejected}`` for a ``pairwise``
+    loss."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4))
     """The optimisation loop."""
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("mse"))

@@ -50,11 +50,14 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3))
     """The optimisation loop."""
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("cross_entropy"))
-    """A ``token``-family loss (component): ``cross_entropy`` (option ``aggregation``: ``token_mean`` or ``sequence_mean``) or a plugin's."""
+    """A ``token``-family loss (component): ``cross_entropy`` (option ``aggregation``: ``token_mean`` or
+    ``sequence_mean``) or a plugin's."""
     init: str = "base"
     """Starting weights: ``base``, ``auto`` (the latest policy stage, else base), ``@STAGE`` or a path."""
     fused_linear: bool | Literal["auto"] = "auto"
-    """Cross-entropy from the last hidden states and the LM head (``rlhf_kernels.linear_cross_entropy``), never materialising ``[B, T, V]`` logits; ``auto`` = with token-mean ``cross_entropy`` and a plain bias-free linear head, else off with a notice; ``true`` makes that an error."""
+    """Cross-entropy from the last hidden states and the LM head (``rlhf_kernels.linear_cross_entropy``), never
+    materialising ``[B, T, V]`` logits; ``auto`` = with token-mean ``cross_entropy`` and a plain bias-free linear
+    head, else off with a notice; ``true`` makes that an error."""
 
 
 def fused_blocker(config: SFTConfig) -> str:

@@ -43,7 +43,8 @@ def _plugin_manager(ctx: click.Context, local: tuple[str, ...] = ()):
 def _plugins_option(fn):
     """``--plugins``: local plugin modules for a command that has no config (as a config's ``plugins:``)."""
     return click.option("--plugins", "local_plugins", multiple=True, metavar="MODULE_OR_FILE.py",
-                        help="Load a local plugin: a module name or a .py file (repeatable), as a config's plugins:.")(fn)
+                        help="Load a local plugin: a module name or a .py file (repeatable), as a config's "
+                             "plugins:.")(fn)
 
 
 def _warn_conflicts(registry) -> None:

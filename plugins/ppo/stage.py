@@ -73,11 +73,13 @@ class KLConfig:
     ``target`` sequence KL over ``horizon`` samples (it needs ``coef > 0``)."""
 
     coef: float = 0.05
-    """The KL coefficient beta; 0 = no reference at all (none is loaded, no reference forward runs, the logged ``kl`` is 0)."""
+    """The KL coefficient beta; 0 = no reference at all (none is loaded, no reference forward runs, the logged ``kl``
+    is 0)."""
     estimator: Literal["k1", "k2", "k3"] = "k1"
     """``k1`` = logp - logp_ref, ``k2`` = (logp - logp_ref)^2 / 2, ``k3`` = exp(ref - logp) - (ref - logp) - 1."""
     placement: Literal["reward", "loss"] = "reward"
-    """``reward``: beta * KL subtracted from the per-token reward; ``loss``: beta * KL added to the policy loss's per-token terms."""
+    """``reward``: beta * KL subtracted from the per-token reward; ``loss``: beta * KL added to the policy loss's
+    per-token terms."""
     adaptive: bool = False
     """Adjust beta toward ``target`` (needs ``coef > 0``)."""
     target: float = 6.0
@@ -121,15 +123,19 @@ class PPOConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Prompt records (``{prompt}`` or ``{messages}``)."""
     init: str = "auto"
-    """Policy and frozen reference: ``auto`` (the latest policy stage, else the base model), ``base``, ``@STAGE`` or a path. With ``model.lora`` the reference is the policy with its adapters disabled."""
+    """Policy and frozen reference: ``auto`` (the latest policy stage, else the base model), ``base``, ``@STAGE`` or a
+    path. With ``model.lora`` the reference is the policy with its adapters disabled."""
     reward: ComponentSpec = field(default_factory=lambda: ComponentSpec("reward_model"))
-    """A registered reward (component): ``reward_model`` (``path: auto`` = the latest reward stage), ``length``, ``letters_gold`` or a plugin's."""
+    """A registered reward (component): ``reward_model`` (``path: auto`` = the latest reward stage), ``length``,
+    ``letters_gold`` or a plugin's."""
     advantage: ComponentSpec = field(default_factory=lambda: ComponentSpec("batch_mean"))
     """Advantage estimator (component): ``batch_mean``, ``ema``, ``group_mean``, ``rloo``, ``gae`` or a plugin's."""
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("ppo_clip"))
-    """Policy loss (component, family ``policy``) on per-token log-probs: ``ppo_clip``, ``gspo``, ``cispo``, ``reinforce`` or a plugin's."""
+    """Policy loss (component, family ``policy``) on per-token log-probs: ``ppo_clip``, ``gspo``, ``cispo``,
+    ``reinforce`` or a plugin's."""
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"] = "token_mean"
-    """How per-token terms become the loss: ``token_mean``, ``seq_mean_token_mean`` (GRPO), ``seq_mean_token_sum``, ``token_sum_norm`` (Dr. GRPO); normalisers are global."""
+    """How per-token terms become the loss: ``token_mean``, ``seq_mean_token_mean`` (GRPO), ``seq_mean_token_sum``,
+    ``token_sum_norm`` (Dr. GRPO); normalisers are global."""
     micro_batch_size: int | None = None
     """Rows per forward/backward inside a minibatch (gradient accumulation); null = ``minibatch_size``."""
     gold: ComponentSpec | None = None
@@ -171,9 +177,11 @@ class PPOConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Autocast: ``auto`` = bf16 on CUDA devices that support it, none on CPU."""
     fused_linear: bool | Literal["auto"] = "auto"
-    """Log-probs, entropy and losses from the last hidden state and the LM head without ``[B, R, V]`` logits; ``auto`` = where the head is a plain bias-free linear layer, else off with a notice; ``true`` makes that an error."""
+    """Log-probs, entropy and losses from the last hidden state and the LM head without ``[B, R, V]`` logits; ``auto``
+    = where the head is a plain bias-free linear layer, else off with a notice; ``true`` makes that an error."""
     shared_backbone: bool | Literal["auto"] = "auto"
-    """With ``model.lora``: reward model and critic as adapters + heads on the policy's frozen base; ``auto`` = where they fit; ``true`` = an error where they do not; ``false`` = their own copies."""
+    """With ``model.lora``: reward model and critic as adapters + heads on the policy's frozen base; ``auto`` = where
+    they fit; ``true`` = an error where they do not; ``false`` = their own copies."""
     generator: ComponentSpec = field(default_factory=lambda: ComponentSpec("hf"))
     """The rollout engine (component): ``hf`` (option ``loop: rlhf`` for rlhf's own decode loop) or ``vllm``."""
     rollout_correction: RolloutCorrection | None = None

@@ -84,7 +84,8 @@ class ModelConfig:
     """The base model every stage starts from."""
 
     name_or_path: str = "builtin:tiny"
-    """``builtin:tiny`` (offline 2-layer Llama with a byte tokenizer), a local directory (a saved model, or a LoRA adapter directory a stage wrote) or a hub id (loaded with ``from_pretrained``)."""
+    """``builtin:tiny`` (offline 2-layer Llama with a byte tokenizer), a local directory (a saved model, or a LoRA
+    adapter directory a stage wrote) or a hub id (loaded with ``from_pretrained``)."""
     tokenizer: str | None = None
     """Where to load the tokenizer from, when not from ``name_or_path``."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
@@ -94,7 +95,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Passed to ``from_pretrained``: run the model repository's own Python code."""
     gradient_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass of every trained model (less memory, about a third more compute)."""
+    """Recompute each block's activations in the backward pass of every trained model (less memory, about a third more
+    compute)."""
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of every weight (null: full fine-tuning)."""
 
@@ -108,7 +110,8 @@ class DataConfig:
     """Where a stage's examples come from and how they are cut to length."""
 
     train: str = "builtin:letters"
-    """Training records: a JSONL/JSON/CSV/Parquet file, ``builtin:NAME``, a 🤗 ``save_to_disk`` directory or ``hf:NAME``."""
+    """Training records: a JSONL/JSON/CSV/Parquet file, ``builtin:NAME``, a 🤗 ``save_to_disk`` directory or
+    ``hf:NAME``."""
     eval: str | None = None
     """Held-out records (same forms as ``train``); without it, ``eval_fraction`` of ``train`` is held out."""
     eval_fraction: float = 0.1
@@ -116,7 +119,8 @@ class DataConfig:
     max_length: int = 256
     """Most prompt + response tokens of an example; the response is cut on the right."""
     max_prompt_length: int | None = None
-    """Most prompt tokens (the prompt keeps its last ones); null = half of ``max_length`` (ppo: ``max_length - generation.max_new_tokens``). An example left with no response token is skipped and counted."""
+    """Most prompt tokens (the prompt keeps its last ones); null = half of ``max_length`` (ppo: ``max_length -
+    generation.max_new_tokens``). An example left with no response token is skipped and counted."""
     builtin_size: int = 2000
     """How many examples a ``builtin:NAME`` dataset generates."""
     limit: int | None = None
@@ -195,11 +199,13 @@ class DistributedConfig:
     """How several processes share the work (ignored in a single process)."""
 
     strategy: Literal["auto", "fsdp", "ddp", "none"] = "auto"
-    """``auto`` (FSDP2 with several processes), ``fsdp`` (``fully_shard`` per transformer block plus the root), ``ddp`` (whole replicas, gradients all-reduced) or ``none`` (refused with several processes)."""
+    """``auto`` (FSDP2 with several processes), ``fsdp`` (``fully_shard`` per transformer block plus the root), ``ddp``
+    (whole replicas, gradients all-reduced) or ``none`` (refused with several processes)."""
     reshard_after_forward: bool = True
     """Free gathered parameters after each block's forward (less memory, one more all-gather in the backward)."""
     param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """FSDP compute dtype: ``auto`` = bf16 with fp32 gradient reduction on CUDA devices that support it, fp32 elsewhere."""
+    """FSDP compute dtype: ``auto`` = bf16 with fp32 gradient reduction on CUDA devices that support it, fp32
+    elsewhere."""
     cpu_offload: bool = False
     """Keep sharded parameters, gradients and optimizer state in CPU memory (FSDP on CUDA only)."""
 
@@ -220,7 +226,8 @@ class CheckpointConfig:
     """Mid-stage checkpoints for ``rlhf run --resume``."""
 
     every: int = 0
-    """Optimizer steps (sft, reward) or iterations (ppo) between checkpoints; 0 = none mid-stage (a finished stage is always kept)."""
+    """Optimizer steps (sft, reward) or iterations (ppo) between checkpoints; 0 = none mid-stage (a finished stage is
+    always kept)."""
     keep: int = 2
     """How many of a stage's newest checkpoints are kept."""
     on_signal: bool = True
@@ -236,7 +243,8 @@ class KernelConfig:
     """Which implementation of the fused kernels (``rlhf_kernels``) the stages use."""
 
     backend: Literal["auto", "reference", "triton", "cpp"] = "auto"
-    """``auto`` (Triton on CUDA, C++ on CPU when built, else the reference), ``reference`` (plain PyTorch), ``triton`` or ``cpp``."""
+    """``auto`` (Triton on CUDA, C++ on CPU when built, else the reference), ``reference`` (plain PyTorch), ``triton``
+    or ``cpp``."""
 
 
 @dataclass
@@ -246,7 +254,8 @@ class StageSpec:
     stage: str
     """The registered stage to run (``sft``, ``reward``, ``ppo`` or a plugin's)."""
     name: str
-    """Unique name of this entry, used by ``@NAME``, ``--set stages.NAME...`` and the output directory; default: the stage."""
+    """Unique name of this entry, used by ``@NAME``, ``--set stages.NAME...`` and the output directory; default: the
+    stage."""
     config: Any
     """The stage's validated options, an instance of its ``config_class``."""
     plugin: str | None = None
@@ -271,7 +280,8 @@ class RunConfig:
     tracking: list[ComponentSpec] = field(default_factory=list)
     """Experiment trackers besides ``metrics.jsonl`` and the plots, e.g. ``[tensorboard, {name: wandb, project: p}]``."""
     plugins: list[str] = field(default_factory=list)
-    """Local plugin modules, no packaging needed: an import path, a module next to the config file, or a ``.py`` file path."""
+    """Local plugin modules, no packaging needed: an import path, a module next to the config file, or a ``.py`` file
+    path."""
     stages: list[StageSpec] = field(default_factory=list)
     """The pipeline: stages run in order, each ``{stage: NAME, name: ..., <its options>}``."""
 

@@ -112,7 +112,8 @@ def test_getting_started_commands_run_in_order(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "runs" / "first" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["gold_score_ppo"] > summary["gold_score_sft"] + 0.15
     assert generate.startswith("### c=") and generate.count("  -> ") == 3
-    assert float(re.search(r"^reward\s+([\d.]+)", evaluate, re.M).group(1)) > 0.7  # the trained policy, judged by the rater
+    reward = float(re.search(r"^reward\s+([\d.]+)", evaluate, re.M).group(1))
+    assert reward > 0.7  # the trained policy, judged by the rater (SFT alone scores about 0.56)
 
 
 def test_install_and_test_commands_are_the_ones_ci_runs():
