@@ -94,10 +94,29 @@ def getting_started_commands() -> list[str]:
     return [line for line in block.splitlines() if line.strip()]
 
 
+def test_getting_started_commands_parse_and_the_quick_ones_run(tmp_path, monkeypatch):
+    """The default suite's share of the check below: every Getting-started command is a valid
+    invocation of today's CLI (its options exist and parse), and the two that train nothing run."""
+    monkeypatch.chdir(tmp_path)
+    commands = getting_started_commands()
+    assert [shlex.split(c)[:2] for c in commands] == [["rlhf", "doctor"], ["rlhf", "run"], ["rlhf", "run"],
+                                                      ["rlhf", "generate"], ["rlhf", "eval"]]
+    for line in commands:
+        argv = shlex.split(line)[1:]
+        with cli.make_context("rlhf", list(argv), obj={}, resilient_parsing=False) as ctx:
+            command = cli.get_command(ctx, argv[0])
+            command.make_context(argv[0], argv[1:], parent=ctx)  # raises on an unknown or malformed option
+    for line in commands[:2]:
+        result = CliRunner().invoke(cli, shlex.split(line)[1:], obj={"disabled": set()})
+        assert result.exit_code == 0, f"{line}\n{result.output}"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
 def test_getting_started_commands_run_in_order(tmp_path, monkeypatch):
     """Every command of Getting started, exactly as written, in a fresh directory: the doctor's
     table, the dry run's plan, the default pipeline (PPO beats SFT on the gold judge), then sampling
-    and scoring from its output."""
+    and scoring from its output. (Slow: the default pipeline takes about 20 s on 2 idle cores.)"""
     monkeypatch.chdir(tmp_path)
     outputs = []
     for line in getting_started_commands():
