@@ -166,7 +166,7 @@ def test_config_module_plugin(monkeypatch):
     monkeypatch.setitem(sys.modules, "my_local_plugin", module)
     pm = get_plugin_manager(modules=["my_local_plugin"], entry_points=False)
     assert build_registry(pm).get("loss", "zero_loss").plugin == "my_local_plugin"
-    with pytest.raises(PluginLoadError, match="plugin module 'no_such_module_x' \\(config 'plugins'\\) failed to import"):
+    with pytest.raises(PluginLoadError, match="plugin module 'no_such_module_x' \\(config 'plugins' or --plugins\\) failed to import"):
         get_plugin_manager(modules=["no_such_module_x"], entry_points=False)
 
 
