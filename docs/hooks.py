@@ -63,7 +63,8 @@ def _table(keys: list[KeyDoc]) -> list[str]:
         default = f"`{_cell(_yaml(key.default))}`"
         if key.section:
             default = "*(section)*" if key.default is not None else "`null` *(section)*"
-        lines.append(f"| `{key.path}` | `{_cell(key.type)}` | {default} | {_cell(key.doc)} |")
+        kind = _cell(key.type).replace("ComponentSpec", "component")  # a name or {name: ..., options}
+        lines.append(f"| `{key.path}` | `{kind}` | {default} | {_cell(key.doc)} |")
     return lines
 
 

@@ -116,7 +116,7 @@ class RolloutCorrection:
 
 @dataclass
 class PPOConfig:
-    """Options of the ``ppo`` stage (see the config reference in the docs). Prompts longer than
+    """Options of the ``ppo`` stage. Prompts longer than
     ``data.max_prompt_length`` tokens (default ``data.max_length - generation.max_new_tokens``) keep
     their last tokens, counted and printed like the other stages' truncation."""
 
