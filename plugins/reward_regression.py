@@ -7,6 +7,7 @@ non-pad token (:class:`rlhf_core.models.ScalarHeadModel`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from rlhf_core.distributed import all_gather_objects, unwrap
 from rlhf_core.data import collate_scored, data_inputs, dataset_components, load_split, tokenize_scored
 from rlhf_core.interfaces import StageError, StageInput, StageResult
 from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm
-from rlhf_core.training import Trainer, make_loader, total_steps
+from rlhf_core.training import Trainer, make_loader, total_steps, train_plan
 
 
 def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -55,14 +56,17 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 
 @dataclass
 class RewardConfig:
-    """Options of the ``reward`` stage: ``data`` (reward records with ``score``, or pairwise records
-    for a ``pairwise`` loss), ``train`` loop, ``loss`` (``score`` or ``pairwise`` family), ``init``
-    (backbone weights: auto = latest policy, else base | @STAGE | path)."""
+    """Options of the ``reward`` stage."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    """Scored records ``{prompt, response, score}``, or pairwise ``{prompt, chosen, rejected}`` for a ``pairwise``
+    loss."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4))
+    """The optimisation loop."""
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("mse"))
+    """A ``score`` loss (``mse``, ``huber`` with ``delta``) or a ``pairwise`` one (``bradley_terry`` with ``margin``)."""
     init: str = "auto"
+    """Backbone weights: ``auto`` (the latest policy stage, else base), ``base``, ``@STAGE`` or a path."""
 
 
 class RewardStage:
@@ -79,6 +83,11 @@ class RewardStage:
         family = registry.lookup("loss", config.loss, ("score", "pairwise")).meta["family"]
         kind = "pairwise" if family == "pairwise" else "reward"
         return [*data_inputs(config.data, kind), StageInput("init", "model", config.init)]
+
+    def plan(self, config: RewardConfig, registry, sizes: dict[str, int]) -> dict[str, Any]:
+        """Examples, steps and the most tokens they read (``rlhf run --dry-run``; a pair is two sequences)."""
+        pairwise = registry.lookup("loss", config.loss, ("score", "pairwise")).meta["family"] == "pairwise"
+        return train_plan(config.train, config.data, sizes, sequences_per_example=2 if pairwise else 1)
 
     def run(self, ctx, config: RewardConfig) -> StageResult:
         """Train R_phi; report held-out MSE and correlation (or pairwise accuracy)."""

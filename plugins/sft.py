@@ -6,7 +6,7 @@ reference response y_i given the prompt x_i (prompt tokens are masked out of the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -17,7 +17,7 @@ from rlhf_core.distributed import all_reduce_sum, masked_mean
 from rlhf_core.data import collate_sft, data_inputs, dataset_components, load_split, shift_labels, tokenize_sft
 from rlhf_core.interfaces import StageError, StageInput, StageResult
 from rlhf_core.models import fused_linear_problems, root_call, save_causal_lm, use_fused_linear
-from rlhf_core.training import Trainer, make_loader, total_steps
+from rlhf_core.training import Trainer, make_loader, total_steps, train_plan
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, backend: str | None = None,
@@ -27,7 +27,8 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, backend: s
 
     ``aggregation``: ``token_mean`` (default) averages over all response tokens of the batch, so
     long responses weigh more; ``sequence_mean`` averages each sequence's tokens first, then the
-    sequences. Ignored labels (-100) contribute nothing. Metrics: ``tokens`` (response tokens).
+    sequences. Ignored labels (-100) contribute nothing. Metrics: ``tokens_per_batch`` (the response
+    tokens of this batch; the stage summary reports its mean as ``train_tokens_per_batch``).
     """
     valid = labels != -100
     if aggregation == "token_mean":
@@ -37,23 +38,26 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, backend: s
         loss = masked_mean(masked_mean(nll, valid, dim=1), valid.any(dim=1))
     else:
         raise ValueError(f"cross_entropy: unknown aggregation {aggregation!r}; accepted: token_mean, sequence_mean")
-    return loss, {"tokens": float(valid.sum())}
+    return loss, {"tokens_per_batch": float(valid.sum())}
 
 
 @dataclass
 class SFTConfig:
-    """Options of the ``sft`` stage: ``data`` (sft records), ``train`` loop, ``loss`` (a ``token``
-    loss), ``init`` (auto | base | @STAGE | path: the starting weights), ``fused_linear`` (compute
-    the cross-entropy from the last hidden states and the LM head with
-    ``rlhf_kernels.linear_cross_entropy``, never materialising ``[B, T, V]`` logits; ``auto``: on
-    with the ``cross_entropy`` loss (``token_mean``), one process and a plain bias-free linear LM
-    head, else off with a notice; ``true`` makes any of those an error)."""
+    """Options of the ``sft`` stage."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    """Demonstrations: ``{prompt, response}`` or ``{messages}`` records."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3))
+    """The optimisation loop."""
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("cross_entropy"))
+    """A ``token``-family loss (component): ``cross_entropy`` (option ``aggregation``: ``token_mean`` or
+    ``sequence_mean``) or a plugin's."""
     init: str = "base"
+    """Starting weights: ``base``, ``auto`` (the latest policy stage, else base), ``@STAGE`` or a path."""
     fused_linear: bool | Literal["auto"] = "auto"
+    """Cross-entropy from the last hidden states and the LM head (``rlhf_kernels.linear_cross_entropy``), never
+    materialising ``[B, T, V]`` logits; ``auto`` = with token-mean ``cross_entropy`` and a plain bias-free linear
+    head, else off with a notice; ``true`` makes that an error."""
 
 
 def fused_blocker(config: SFTConfig) -> str:
@@ -71,7 +75,7 @@ def sft_loss_terms(model, batch, loss_fn, options: dict, backend: str | None, fu
         loss = root_call(model, lambda hidden, weight: rlhf_kernels.linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), weight.to(hidden.dtype), labels.reshape(-1), backend=backend),
             batch["input_ids"], batch["attention_mask"])
-        return loss, {"tokens": float((labels != -100).sum())}
+        return loss, {"tokens_per_batch": float((labels != -100).sum())}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return loss_fn(logits, labels, backend=backend, **options)
 
@@ -92,6 +96,10 @@ class SFTStage:
     def inputs(self, config: SFTConfig, registry) -> list[StageInput]:
         """The sft records and the starting weights."""
         return [*data_inputs(config.data, "sft"), StageInput("init", "model", config.init)]
+
+    def plan(self, config: SFTConfig, registry, sizes: dict[str, int]) -> dict[str, Any]:
+        """Examples, steps and the most tokens they read (``rlhf run --dry-run``)."""
+        return train_plan(config.train, config.data, sizes)
 
     def run(self, ctx, config: SFTConfig) -> StageResult:
         """Train the policy on (prompt, response) pairs; returns the saved policy directory."""

@@ -1,9 +1,11 @@
-"""Built-in tracker plugins (``tracking: [tensorboard, wandb, mlflow]``). ``metrics.jsonl`` and the
+"""Built-in tracker plugins (``tracking: [tensorboard, wandb, mlflow, trackio]``). ``metrics.jsonl`` and the
 PNG plots are always written by the host; these send the same rows to the tools researchers already
 watch. Each tool is an optional extra, checked before anything trains."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -223,8 +225,48 @@ class MlflowTracker:
                                    else "KILLED" if status == "interrupted" else "FAILED")
 
 
+class TrackioTracker:
+    """trackio (a local-first tracker with a W&B-like API): one trackio run per rlhf run in
+    ``project`` (default ``rlhf``), named after the run directory, the resolved config as the run
+    config, metrics ``<stage>/<metric>`` at the stage's own step (``<stage>/step`` is logged beside
+    them, since every stage counts from 0), and at the end the headline numbers and ``run/finished``
+    (1 for a finished run, else 0).
+
+    Data go to trackio's local database (``TRACKIO_DIR``, by default in the Hugging Face cache), where
+    ``trackio show --project PROJECT`` displays them; ``space_id`` also syncs them to a Hugging Face
+    Space (online only). ``--resume`` continues the same trackio run (``resume="allow"`` on the run
+    name). Like W&B, trackio cannot drop logged values (no ``resume`` method): the steps a stage logged
+    between its last checkpoint and the interruption appear twice (``metrics.jsonl`` holds them once)."""
+
+    def __init__(self, run_dir: Path, config: dict, *, project: str = "rlhf", space_id: str | None = None):
+        import trackio
+
+        with contextlib.redirect_stdout(io.StringIO()):  # trackio prints a banner; the run log stays ours
+            self.run = trackio.init(project=project, name=_run_key(run_dir), space_id=space_id, config=config,
+                                    resume="allow", auto_log_cpu=False, auto_log_gpu=False)
+
+    @staticmethod
+    def check_options(*, project: str = "rlhf", space_id: str | None = None) -> None:
+        """The package must be installed; ``project`` is a non-empty name."""
+        _require("trackio", "trackio", "trackio")
+        if not project:
+            raise ValueError("trackio: project must be a non-empty name")
+
+    def log(self, stage: str, step: int, metrics: dict[str, float]) -> None:
+        self.run.log({f"{stage}/step": step, **{f"{stage}/{k}": v for k, v in metrics.items()}})
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        finished = float(summary.get("status") == "finished")
+        self.run.log({"run/finished": finished, **{f"run/{k}": v for k, v in _headline(summary).items()}})
+        import trackio
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            trackio.finish()  # the module's finish also clears the current run, which trackio finishes again at exit
+
+
 @hookimpl
 def rlhf_register_trackers(register):
     register("tensorboard", TensorBoardTracker)
     register("wandb", WandbTracker)
     register("mlflow", MlflowTracker)
+    register("trackio", TrackioTracker)

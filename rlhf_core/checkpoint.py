@@ -53,7 +53,7 @@ from . import distributed as dist_utils
 from .atomic import _fsync_dir, atomic_write_text, disk_full, state_bytes
 from .errors import UserError
 
-#: The supported plugin API of this module (see README "Plugin API").
+#: The supported plugin API of this module (see docs/reference/api.md).
 __all__ = ["Checkpointer", "CheckpointError", "Interrupted"]
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -12,11 +13,12 @@ import yaml
 from . import __version__
 from . import distributed as dist_utils
 from .config import to_plain
-from .engine import (RunDir, check_resumable, preflight, prepare, read_summary, refuse_changes, run_pipeline,
+from .doctor import checks, table
+from .engine import (RunDir, check_resumable, plan, preflight, prepare, read_summary, refuse_changes, run_pipeline,
                      signals_interrupt)
 from .errors import UserError
 from .models import ModelLoadError, resolve_device
-from .plugins import build_registry, disabled_from_env, get_plugin_manager, registered_by
+from .plugins import add_modules, build_registry, disabled_from_env, get_plugin_manager, locate_modules, registered_by
 from .registry import RegistryError
 from .tracking import write_summary
 
@@ -30,11 +32,19 @@ def _user_error(exc: Exception) -> click.ClickException:
     return click.ClickException(str(exc))
 
 
-def _plugin_manager(ctx: click.Context):
-    """The command's one plugin manager: the one ``main`` built (honouring ``--disable``), else a new one."""
+def _plugin_manager(ctx: click.Context, local: tuple[str, ...] = ()):
+    """The command's one plugin manager: the one ``main`` built (honouring ``--disable``), else a new
+    one; ``local`` (``--plugins``) adds plugin modules or ``.py`` files (relative to the current directory)."""
     if ctx.obj.get("pm") is None:
         ctx.obj["pm"] = get_plugin_manager(disabled=ctx.obj["disabled"])
-    return ctx.obj["pm"]
+    return add_modules(ctx.obj["pm"], locate_modules(list(local), Path.cwd())) if local else ctx.obj["pm"]
+
+
+def _plugins_option(fn):
+    """``--plugins``: local plugin modules for a command that has no config (as a config's ``plugins:``)."""
+    return click.option("--plugins", "local_plugins", multiple=True, metavar="MODULE_OR_FILE.py",
+                        help="Load a local plugin: a module name or a .py file (repeatable), as a config's "
+                             "plugins:.")(fn)
 
 
 def _warn_conflicts(registry) -> None:
@@ -62,13 +72,16 @@ def cli(ctx: click.Context, disabled: tuple[str, ...]) -> None:
 @click.option("--overwrite", is_flag=True,
               help="Replace a previous run in --out: its contents are deleted once validation has passed.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@click.option("--dry-run", is_flag=True,
+              help="Resolve and validate everything (config, plugins, data, models) and print the plan: stages, "
+                   "models, data sizes, steps, estimated tokens; nothing trains and no run directory is touched.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Run on N local processes (launched with torch's own launcher, as torchrun would).")
 @click.option("--resume", "resume", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
               help="Continue an interrupted run in RUN_DIR from its newest checkpoint (its own config.yaml).")
 @click.pass_context
 def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out: str | None, overwrite: bool,
-        print_config: bool, nproc: int | None, resume: str | None) -> None:
+        print_config: bool, dry_run: bool, nproc: int | None, resume: str | None) -> None:
     """Run the pipeline in CONFIG (YAML); without CONFIG, the embedded default
     (SFT -> reward -> PPO on the builtin letters task with the builtin tiny model).
 
@@ -77,8 +90,11 @@ def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out:
     its newest checkpoint, and the final weights are those an uninterrupted run would have."""
     if resume is not None and (out is not None or overwrite):
         raise click.UsageError("--resume continues RUN_DIR in place; do not combine it with --out or --overwrite")
-    if nproc is not None and nproc > 1 and not dist_utils.launched_distributed() and not print_config:
+    if nproc is not None and nproc > 1 and not dist_utils.launched_distributed() and not (print_config or dry_run):
         _launch_local(ctx, nproc, config, overrides, out, overwrite, resume)
+        return
+    if dry_run:
+        _dry_run(ctx, config, overrides)
         return
     if not dist_utils.launched_distributed() or print_config:
         _run(ctx, config, overrides, out, overwrite, print_config, resume)
@@ -125,6 +141,17 @@ def _exit_rank(message: str, code: int) -> None:
     os._exit(code)
 
 
+def _dry_run(ctx: click.Context, config, overrides) -> None:
+    """``rlhf run --dry-run``: every check ``rlhf run`` makes before training, then the plan."""
+    try:
+        prepared = prepare(config, list(overrides), pm=_plugin_manager(ctx))
+        _warn_conflicts(prepared.registry)
+        sizes = preflight(prepared, echo=lambda line: click.echo(line, err=True))
+    except USER_ERRORS as exc:
+        raise _user_error(exc) from None
+    click.echo(plan(prepared, sizes))
+
+
 def _run(ctx: click.Context, config, overrides, out, overwrite, print_config, resume=None) -> None:
     main_rank = os.environ.get("RANK", "0") == "0"
     echo = click.echo if main_rank else (lambda *a, **k: None)
@@ -155,12 +182,19 @@ def _run(ctx: click.Context, config, overrides, out, overwrite, print_config, re
                     run_pipeline(prepared, run_dir.path, echo=echo, resume=resume is not None)
                 except KeyboardInterrupt as exc:
                     raise click.ClickException(
-                        f"interrupted by {getattr(exc, 'signame', 'SIGINT')}; completed stages and metrics so far are "
-                        f"in {run_dir.path} (summary.json status: interrupted)") from None
+                        f"interrupted by {getattr(exc, 'signame', 'SIGINT')}; completed stages, checkpoints and metrics "
+                        f"so far are in {run_dir.path} (summary.json status: interrupted); continue with: "
+                        f"{resume_command(run_dir.path)}") from None
     except KeyboardInterrupt as exc:
         raise click.ClickException(f"interrupted by {getattr(exc, 'signame', 'SIGINT')} before training started") from None
     except USER_ERRORS as exc:
         raise _user_error(exc) from None
+
+
+def resume_command(run_dir: Path) -> str:
+    """The exact command that continues ``run_dir`` (with ``--nproc N`` when N processes ran it)."""
+    world = dist_utils.world_size()
+    return f"rlhf run --resume {shlex.quote(str(run_dir))}" + (f" --nproc {world}" if world > 1 else "")
 
 
 def _launch_local(ctx: click.Context, nproc: int, config, overrides, out, overwrite, resume=None) -> None:
@@ -201,11 +235,12 @@ def _record_lost_writer(run_dir: Path | None, pid: int, reason: str) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_plugins_option
 @click.pass_context
-def plugins(ctx: click.Context, as_json: bool) -> None:
+def plugins(ctx: click.Context, as_json: bool, local_plugins: tuple[str, ...]) -> None:
     """List loaded plugins (name, version, source) and what each registered."""
     try:
-        pm = _plugin_manager(ctx)
+        pm = _plugin_manager(ctx, local_plugins)
         registry = build_registry(pm)
     except USER_ERRORS as exc:
         raise _user_error(exc) from None
@@ -227,6 +262,18 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
             click.echo(f"    FAILED: {row['error']}")
         for kind, names in row.get("registered", {}).items():
             click.echo(f"    {kind}: {', '.join(names)}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(as_json: bool) -> None:
+    """What is installed and usable here (torch and CUDA, the Triton and C++ kernels, peft, vLLM,
+    datasets, the trackers) and what each missing piece costs."""
+    rows = checks()
+    if as_json:
+        click.echo(json.dumps([row.as_dict() for row in rows], indent=2))
+        return
+    click.echo(table(rows))
 
 
 def _sampling_options(fn):
@@ -262,9 +309,10 @@ def _prompts(texts: tuple[str, ...], path: str | None, registry, tokenizer, seed
 @click.option("--n", "n", default=1, show_default=True, type=click.IntRange(min=1), help="Samples per prompt.")
 @click.option("--limit", type=click.IntRange(min=1), help="Use at most this many prompts.")
 @_sampling_options
+@_plugins_option
 @click.pass_context
 def generate_command(ctx: click.Context, model_dir, texts, path, n, limit, temperature, top_p, max_new_tokens, seed,
-                     device, as_json) -> None:
+                     device, as_json, local_plugins) -> None:
     """Sample responses from a trained policy (any sft or ppo stage output, or a model directory)."""
     import torch
 
@@ -272,7 +320,7 @@ def generate_command(ctx: click.Context, model_dir, texts, path, n, limit, tempe
     from .sampling import generate
 
     try:
-        registry = build_registry(_plugin_manager(ctx))
+        registry = build_registry(_plugin_manager(ctx, local_plugins))
         tokenizer, model, dev = load_policy(model_dir, device)
         prompts = _prompts(texts, path, registry, tokenizer, seed, limit)
         torch.manual_seed(seed)
@@ -299,9 +347,10 @@ def generate_command(ctx: click.Context, model_dir, texts, path, n, limit, tempe
 @click.option("--gold", "gold", metavar="SPEC", help="A second judge reported beside the reward (e.g. letters_gold).")
 @click.option("--limit", type=click.IntRange(min=1), help="Use at most this many prompts.")
 @_sampling_options
+@_plugins_option
 @click.pass_context
 def eval_command(ctx: click.Context, model_dir, path, reward, gold, limit, temperature, top_p, max_new_tokens, seed,
-                 device, as_json) -> None:
+                 device, as_json, local_plugins) -> None:
     """Mean reward (and gold score) of one sample per prompt: the numbers PPO's evaluation reports
     (the same function, the same seed gives the same samples)."""
     from .config import ComponentSpec, ConfigError, ModelConfig, RunConfig, check_options, coerce
@@ -309,7 +358,7 @@ def eval_command(ctx: click.Context, model_dir, path, reward, gold, limit, tempe
     from .sampling import evaluate_samples
 
     try:
-        registry = build_registry(_plugin_manager(ctx))
+        registry = build_registry(_plugin_manager(ctx, local_plugins))
         problems: list[str] = []
         specs = {}
         for name, text in (("reward", reward), ("gold", gold)):

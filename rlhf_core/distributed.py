@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 
-#: The supported plugin API of this module (see README "Plugin API").
+#: The supported plugin API of this module (see docs/reference/api.md).
 __all__ = ["masked_mean", "all_reduce_sum", "all_reduce_max", "all_gather_objects", "shard", "world_size",
            "rank", "barrier", "unwrap"]
 

@@ -34,7 +34,7 @@ from .data import DataError, DataNotes, load_records
 from .errors import UserError
 from .interfaces import StageContext, StageResult
 from .models import check_model_source, resolve_device
-from .plugins import add_modules, build_registry, get_plugin_manager
+from .plugins import add_modules, build_registry, get_plugin_manager, locate_modules
 from .registry import Registry
 from .tracking import Tracker, format_table, is_main_process, write_summary
 from .training import seed_everything
@@ -66,19 +66,24 @@ def prepare(config_path: str | None, overrides: list[str] = (), disabled: set[st
     source = config_path or "embedded default config"
     modules = raw.get("plugins") or []
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-        raise cfgmod.ConfigError([f"plugins: expected a list of module names, got {modules!r}"], source)
+        raise cfgmod.ConfigError([f"plugins: expected a list of module names or .py file paths, got {modules!r}"],
+                                 source)
+    if modules:  # files are recorded by absolute path, so that --resume finds them from the run's config.yaml
+        raw["plugins"] = modules = locate_modules(modules, Path(config_path).resolve().parent if config_path else None)
     pm = add_modules(pm, modules) if pm is not None else get_plugin_manager(disabled=set(disabled), modules=modules)
     registry = build_registry(pm)
     return Prepared(pm, registry, cfgmod.resolve(raw, registry, source), source)
 
 
-def preflight(prepared: Prepared, echo=print) -> None:
+def preflight(prepared: Prepared, echo=print) -> list[dict[str, int]]:
     """Check what every stage will read before the first one trains: the base model and tokenizer,
     each stage's model sources (``@STAGE`` must name an earlier stage) and data (every record is
     read and validated). All problems are raised together as a ConfigError; suspicious but legal
-    data is reported through ``echo``."""
+    data is reported through ``echo``. Returns, per stage, the number of valid records of each data
+    input by its config path (``{"data.train": 1800}``), for :func:`plan`."""
     config, registry = prepared.config, prepared.registry
     problems: list[str] = []
+    sizes: list[dict[str, int]] = []
     for key, what in (("name_or_path", "model"), ("tokenizer", "tokenizer")):
         value = getattr(config.model, key)
         problem = check_model_source(value, what=what) if value else None
@@ -87,6 +92,7 @@ def preflight(prepared: Prepared, echo=print) -> None:
     earlier: list[str] = []
     for i, spec in enumerate(config.stages):
         stage = registry.get("stage", spec.stage, plugin=spec.plugin).obj()
+        sizes.append({})
         for item in stage.inputs(spec.config, registry) if hasattr(stage, "inputs") else []:
             path = f"stages[{i}].{item.path}"
             if item.kind == "model":
@@ -96,8 +102,9 @@ def preflight(prepared: Prepared, echo=print) -> None:
                 continue
             notes = DataNotes()
             try:
-                load_records(item.value, item.data_kind, registry, seed=config.seed, builtin_size=item.builtin_size,
-                             notes=notes, fields=item.fields, split=item.split)
+                sizes[-1][item.path] = len(load_records(item.value, item.data_kind, registry, seed=config.seed,
+                                                        builtin_size=item.builtin_size, notes=notes,
+                                                        fields=item.fields, split=item.split))
             except DataError as exc:
                 problems.append(f"{path}: {exc}")
             for line in notes.lines(f"stage {spec.name!r} {item.path}"):
@@ -108,6 +115,27 @@ def preflight(prepared: Prepared, echo=print) -> None:
                         "the CPU already, so leave it off")
     if problems:
         raise cfgmod.ConfigError(problems, prepared.source)
+    return sizes
+
+
+def plan(prepared: Prepared, sizes: list[dict[str, int]]) -> str:
+    """What ``rlhf run`` would do, as text (``rlhf run --dry-run``): the base model, then per stage
+    its plugin, model sources, data inputs with their record counts and, from the stage's optional
+    ``plan(config, registry, sizes) -> {label: value}``, its steps and estimated tokens."""
+    config, registry = prepared.config, prepared.registry
+    lines = [f"plan for {prepared.source} (nothing was trained, no run directory was touched)",
+             f"model: {config.model.name_or_path}" + (" with LoRA" if config.model.lora else "")
+             + f", dtype {config.model.dtype}, device {resolve_device(config.model.device)}"]
+    for i, (spec, stage_sizes) in enumerate(zip(config.stages, sizes)):
+        entry = registry.get("stage", spec.stage, plugin=spec.plugin)
+        stage = entry.obj()
+        lines.append(f"stage {i} {spec.name!r} ({spec.stage}, plugin {entry.plugin})")
+        for item in stage.inputs(spec.config, registry) if hasattr(stage, "inputs") else []:
+            count = f" ({stage_sizes[item.path]} records)" if item.path in stage_sizes else ""
+            lines.append(f"  {item.path}: {item.value}{count}")
+        for label, value in (stage.plan(spec.config, registry, stage_sizes) if hasattr(stage, "plan") else {}).items():
+            lines.append(f"  {label}: {value:,}" if isinstance(value, int) else f"  {label}: {value}")
+    return "\n".join(lines)
 
 
 def _check_init(value: str, earlier: list[str]) -> str | None:

@@ -7,7 +7,7 @@ The ``rlhf`` command shows a :class:`UserError` as one message without a traceba
 from __future__ import annotations
 
 
-#: The supported plugin API of this module (see README "Plugin API").
+#: The supported plugin API of this module (see docs/reference/api.md).
 __all__ = ["UserError"]
 
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # annotations only: these modules import this one
     from .tracking import Tracker
 
 
-#: The supported plugin API of this module (see README "Plugin API").
+#: The supported plugin API of this module (see docs/reference/api.md).
 __all__ = ["Stage", "StageContext", "StageResult", "StageInput", "StageError", "ComponentError", "TokenLoss",
            "ScoreLoss", "PairwiseLoss", "PolicyLoss", "PolicyLossInputs", "FusedPolicyLoss", "Reward", "AdvantageInputs", "AdvantageEstimator",
            "TrackerBackend", "Generator", "checked_rewards", "checked_advantages", "checked_rollout"]
@@ -224,7 +224,9 @@ class Stage(Protocol):
     reports cross-field problems (it only ever sees a fully parsed config; declare a third parameter
     ``run`` to also see the run's :class:`RunConfig` without its stages, e.g. ``model.lora``); an optional
     ``inputs(config, registry) -> list[StageInput]`` lists the data and models it reads, which the
-    host checks before the first stage trains; ``run`` does the work.
+    host checks before the first stage trains; an optional ``plan(config, registry, sizes) -> {label:
+    value}`` says what the stage would do for ``rlhf run --dry-run`` (``sizes``: the record count of
+    each data input by its config path, e.g. ``{"data.train": 1800}``); ``run`` does the work.
     """
 
     config_class: ClassVar[type]

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -25,7 +26,7 @@ from .distributed import barrier, full_state_dict, unwrap
 from .errors import UserError
 from .tracking import is_main_process
 
-#: The supported plugin API of this module (see README "Plugin API").
+#: The supported plugin API of this module (see docs/reference/api.md).
 __all__ = ["ModelLoadError", "ScalarHeadModel", "load_causal_lm", "load_tokenizer", "save_causal_lm",
            "is_reward_model_dir", "apply_lora", "is_lora", "is_adapter_dir", "merge_lora_state", "linear_head",
            "use_fused_linear", "fused_linear_problems", "plain_model", "lora_scope", "SharedBackbone", "root_call",
@@ -172,7 +173,8 @@ def load_causal_lm(model_cfg: Any, path: str | None = None, *, seed: int = 0):
 
         base = load_causal_lm(model_cfg, adapter_base(source), seed=seed)
         with loading("the LoRA adapter", source):
-            return PeftModel.from_pretrained(base, source).merge_and_unload()
+            with peft_wrapping():
+                return PeftModel.from_pretrained(base, source).merge_and_unload()
     from transformers import AutoModelForCausalLM
 
     with loading("a causal LM", source):
@@ -312,6 +314,15 @@ def use_fused_linear(setting: bool | str, stage: str, models: list[nn.Module | N
 
 # ----------------------------------------------------------------------------- LoRA (peft)
 
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Wrapping a model in peft: peft reads transformers' deprecated ``is_gradient_checkpointing``,
+    whose FutureWarning a user can do nothing about, and which every LoRA command printed again."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_lora(model: nn.Module, lora_cfg: Any, base_source: str, *, causal_lm: bool = True) -> nn.Module:
     """``model`` with LoRA adapters (``peft.get_peft_model``) as ``lora_cfg`` (a
     :class:`rlhf_core.config.LoraConfig`) says: only the adapters train; the base weights are frozen.
@@ -323,7 +334,8 @@ def apply_lora(model: nn.Module, lora_cfg: Any, base_source: str, *, causal_lm: 
                               target_modules=lora_cfg.target_modules, bias="none",
                               task_type="CAUSAL_LM" if causal_lm else None)
     try:
-        model = get_peft_model(model, peft_cfg)
+        with peft_wrapping():
+            model = get_peft_model(model, peft_cfg)
     except ValueError as exc:  # e.g. target_modules that match nothing
         raise ModelLoadError(f"model.lora: {exc}") from None
     base = Path(base_source)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import pluggy
 
@@ -85,17 +88,65 @@ def get_plugin_manager(
     return pm
 
 
+def locate_modules(entries: list[str] | tuple[str, ...], base_dir: Path | None) -> list[str]:
+    """The ``plugins:`` entries as :func:`add_modules` loads them: a path to a ``.py`` file (relative
+    to ``base_dir``, the config file's directory) or a module name that names a ``.py`` file in
+    ``base_dir`` becomes that file's absolute path (so a resumed run finds it again from the run's
+    ``config.yaml``); any other name stays an import path."""
+    out = []
+    for entry in entries:
+        path = Path(entry)
+        if entry.endswith(".py"):
+            out.append(str((base_dir or Path.cwd()) / path if not path.is_absolute() else path))
+        elif base_dir is not None and (base_dir / f"{entry}.py").is_file():
+            out.append(str((base_dir / f"{entry}.py").resolve()))
+        else:
+            out.append(entry)
+    return out
+
+
+def _import_plugin(entry: str) -> tuple[str, ModuleType]:
+    """``(plugin name, module)`` for an import path or a ``.py`` file path (imported under its file
+    name, with its folder on ``sys.path`` so that it can import its neighbours)."""
+    if not entry.endswith(".py"):
+        return entry, importlib.import_module(entry)
+    path = Path(entry)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file {path}")
+    name = path.stem
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path.resolve()):
+        return name, sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path.resolve())
+    module = importlib.util.module_from_spec(spec)
+    if str(path.resolve().parent) not in sys.path:
+        sys.path.insert(0, str(path.resolve().parent))
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return name, module
+
+
 def add_modules(pm: pluggy.PluginManager, modules: list[str] | tuple[str, ...]) -> pluggy.PluginManager:
-    """Register local plugin modules (a config's ``plugins:`` list) by import path; a module that
-    is already registered or disabled is skipped, one that fails to import is an error."""
-    for module in modules:
-        if module in pm.rlhf_blocked or pm.has_plugin(module):
+    """Register local plugin modules (a config's ``plugins:`` list, or ``--plugins``) by import path
+    or ``.py`` file path (see :func:`locate_modules`); a module that is already registered or
+    disabled is skipped, one that fails to import is an error naming what is accepted."""
+    for entry in modules:
+        if entry in pm.rlhf_blocked or Path(entry).stem in pm.rlhf_blocked or pm.has_plugin(entry):
             continue
         try:
-            pm.register(importlib.import_module(module), name=module)
+            name, module = _import_plugin(entry)
         except Exception as exc:
-            raise PluginLoadError(f"plugin module {module!r} (config 'plugins') failed to import: {type(exc).__name__}: {exc}") from exc
-        pm.rlhf_info[module] = PluginInfo(module, "-", "config module")
+            raise PluginLoadError(
+                f"plugin module {entry!r} (config 'plugins' or --plugins) failed to import: {type(exc).__name__}: {exc} "
+                "(an entry is an importable module name, a NAME.py next to the config file, or a path to a .py "
+                "file)") from exc
+        if pm.has_plugin(name) or pm.is_registered(module):
+            continue
+        pm.register(module, name=name)
+        pm.rlhf_info[name] = PluginInfo(name, "-", f"file {entry}" if entry.endswith(".py") else "config module")
     _check_pending(pm)
     return pm
 

@@ -15,8 +15,9 @@ from . import distributed as dist_utils
 from .data import IGNORE_INDEX, encode_prompt, pad
 
 
-#: The supported plugin API of this module (see README "Plugin API").
-__all__ = ["Rollout", "make_rollout", "concat_rollouts", "pad_prompts", "generate", "evaluate_samples", "position_ids", "sample_tokens"]
+#: The supported plugin API of this module (see docs/reference/api.md).
+__all__ = ["Rollout", "make_rollout", "concat_rollouts", "pad_prompts", "generate", "evaluate_samples", "position_ids",
+           "sample_tokens"]
 
 #: ``generate(..., loop=)``: Hugging Face ``generate``, or rlhf's own decode loop (see :func:`generate`).
 LOOPS = ("generate", "rlhf")

@@ -23,6 +23,55 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+#: Seconds between two progress lines when stderr is not a terminal (a log file, a pipe, CI).
+PROGRESS_EVERY_S = 10.0
+
+
+class LineProgress:
+    """Progress for a log that is not a terminal: one line every :data:`PROGRESS_EVERY_S` seconds
+    and one at the end (``sft: step 50/150 (33%), 12.5 steps/s, loss=1.4231``), instead of a bar's
+    carriage-return updates. Iterates like the ``tqdm`` it stands in for."""
+
+    def __init__(self, steps: range, desc: str, total: int, unit: str):
+        self.steps, self.desc, self.total, self.unit = steps, desc, total, unit
+        self.postfix: dict[str, str] = {}
+        self.done = steps.start - 1
+        self.started = self.printed = time.perf_counter()
+        self.first = self.done
+
+    def __iter__(self) -> Iterator[int]:
+        for step in self.steps:
+            yield step
+            self.done = step
+            if time.perf_counter() - self.printed >= PROGRESS_EVERY_S:
+                self._line()
+
+    def set_postfix(self, **values: str) -> None:
+        """The numbers shown after the count (the latest loss, reward ...)."""
+        self.postfix = values
+
+    def close(self) -> None:
+        """The last line: where the loop stopped."""
+        if self.done > self.first:
+            self._line()
+
+    def _line(self) -> None:
+        self.printed = now = time.perf_counter()
+        rate = (self.done - self.first) / max(now - self.started, 1e-9)
+        extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
+        print(f"{self.desc}: {self.unit} {self.done}/{self.total} ({100 * self.done // max(self.total, 1)}%), "
+              f"{rate:.3g} {self.unit}s/s{extra}", file=sys.stderr, flush=True)
+
+
+def progress(start: int, total: int, desc: str, unit: str = "step") -> Any:
+    """The loop over steps ``start + 1 .. total`` with its progress display: a ``tqdm`` bar on a
+    terminal, :class:`LineProgress` otherwise, nothing on ranks other than 0."""
+    steps = range(start + 1, total + 1)
+    if not is_main_process() or sys.stderr.isatty():
+        return tqdm(steps, desc=desc, disable=not is_main_process(), dynamic_ncols=True, initial=start, total=total)
+    return LineProgress(steps, desc, total, unit)
+
+
 class Tracker:
     """Appends stage-tagged metric rows to ``metrics.jsonl`` (always: resume and the plots read it),
     keeps them for plotting, and hands each row to the run's tracker plugins (``tracking:``, e.g.

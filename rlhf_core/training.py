@@ -15,15 +15,15 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
 from .checkpoint import honour_stop_requests
+from .data import held_out_count
 from .errors import UserError
-from .tracking import is_main_process
+from .tracking import progress
 
 
-#: The supported plugin API of this module (see README "Plugin API").
+#: The supported plugin API of this module (see docs/reference/api.md).
 __all__ = ["Trainer", "TrainingError", "Batches", "make_loader", "total_steps", "autocast_context"]
 
 def seed_everything(seed: int) -> None:
@@ -141,6 +141,21 @@ def total_steps(train_cfg: Any, n_items: int) -> int:
     return max(1, math.ceil(per_epoch * train_cfg.epochs))
 
 
+def train_plan(train_cfg: Any, data_cfg: Any, sizes: dict[str, int], sequences_per_example: int = 1) -> dict[str, Any]:
+    """A ``Trainer`` stage's ``plan`` (``rlhf run --dry-run``): training examples (what ``data.train``
+    leaves after the held-out share), optimizer steps and the most tokens the steps can read
+    (``max_length`` per sequence; ``sequences_per_example`` is 2 for pairs)."""
+    n = sizes.get("data.train", 0)
+    if data_cfg.eval is None:
+        n -= held_out_count(n, data_cfg.eval_fraction)
+    if data_cfg.limit is not None:
+        n = min(n, data_cfg.limit)
+    steps = total_steps(train_cfg, n)
+    examples = steps * train_cfg.batch_size * train_cfg.grad_accum
+    return {"training examples": n, "optimizer steps": steps,
+            "tokens (at most)": examples * sequences_per_example * data_cfg.max_length}
+
+
 class Trainer:
     """Runs ``steps`` optimizer steps of ``compute_loss(batch) -> (loss, metrics)`` over a loader."""
 
@@ -177,8 +192,7 @@ class Trainer:
             scaler.load_state_dict(saved["scaler"])
             start, window, last = saved["step"], saved["window"], saved["last"]
         batches = loader.stream(start * cfg.grad_accum)
-        bar = tqdm(range(start + 1, steps + 1), desc=self.desc, disable=not is_main_process(), dynamic_ncols=True,
-                   leave=True, initial=start, total=steps)
+        bar = progress(start, steps, self.desc)
         self.model.train()
         count = count or (lambda batch: float(batch["real"]) * len(next(iter(batch.values()))))
         with honour_stop_requests(checkpointer):

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 import rlhf_kernels
 
@@ -36,7 +35,7 @@ from rlhf_core.models import (
     POLICY_ADAPTER, SharedBackbone, fused_linear_problems, is_lora, load_causal_lm, lora_scope, save_causal_lm,
     use_fused_linear,
 )
-from rlhf_core.tracking import is_main_process
+from rlhf_core.tracking import is_main_process, progress
 from rlhf_core.training import TrainingError, autocast_context
 
 from .advantages import whiten
@@ -55,8 +54,11 @@ class GenerationConfig:
     """Sampling: ``temperature``, nucleus ``top_p``, ``max_new_tokens`` per response (EOS ends one)."""
 
     temperature: float = 1.0
+    """Sampling temperature (> 0)."""
     top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p``, in (0, 1]."""
     max_new_tokens: int = 32
+    """Most tokens per response; EOS ends one earlier."""
 
     def problems(self) -> list[str]:
         """Value checks."""
@@ -73,11 +75,19 @@ class KLConfig:
     ``target`` sequence KL over ``horizon`` samples (it needs ``coef > 0``)."""
 
     coef: float = 0.05
+    """The KL coefficient beta; 0 = no reference at all (none is loaded, no reference forward runs, the logged ``kl``
+    is 0)."""
     estimator: Literal["k1", "k2", "k3"] = "k1"
+    """``k1`` = logp - logp_ref, ``k2`` = (logp - logp_ref)^2 / 2, ``k3`` = exp(ref - logp) - (ref - logp) - 1."""
     placement: Literal["reward", "loss"] = "reward"
+    """``reward``: beta * KL subtracted from the per-token reward; ``loss``: beta * KL added to the policy loss's
+    per-token terms."""
     adaptive: bool = False
+    """Adjust beta toward ``target`` (needs ``coef > 0``)."""
     target: float = 6.0
+    """Sequence KL the adaptive controller aims for."""
     horizon: int = 10000
+    """Samples over which the adaptive controller moves beta."""
 
     def problems(self) -> list[str]:
         """Value checks."""
@@ -100,9 +110,14 @@ class RolloutCorrection:
     samples from the trainer's own weights)."""
 
     type: Literal["tis", "seq_tis", "mask", "seq_mask"] = "tis"
+    """``tis`` (per token), ``seq_tis`` (per sequence), ``mask`` (masked IS per token), ``seq_mask`` (per
+    sequence)."""
     cap: float = 2.0
+    """Upper bound of the importance weight of ``tis`` / ``seq_tis`` (>= 1)."""
     low: float = 0.5
+    """``mask`` / ``seq_mask``: the smallest ratio kept in the loss (in [0, 1])."""
     high: float = 2.0
+    """``mask`` / ``seq_mask``: the largest ratio kept in the loss (>= 1)."""
 
     def problems(self) -> list[str]:
         """Value checks."""
@@ -120,8 +135,11 @@ class OverlongConfig:
     budget cut off (no EOS) leave the policy loss (overlong filtering)."""
 
     cache: int = 0
+    """Tokens before ``generation.max_new_tokens`` over which the soft penalty grows; 0 = no soft penalty."""
     penalty: float = 1.0
+    """The penalty at the full budget (subtracted from the reward)."""
     mask_truncated: bool = False
+    """Responses without EOS within the budget leave the policy loss."""
 
     def problems(self) -> list[str]:
         """Value checks."""
@@ -136,6 +154,7 @@ class DynamicSamplingConfig:
     (after which dropped groups fill the batch, counted as ``ds_filled_groups``)."""
 
     max_rounds: int = 4
+    """Most rounds of generation per iteration; then tied groups fill the batch."""
 
     def problems(self) -> list[str]:
         """Value checks."""
@@ -151,7 +170,9 @@ class DistillConfig:
     with LoRA the policy's own base with its adapters off when the teacher is that base."""
 
     teacher: str
+    """The teacher model: a path, ``@STAGE`` or ``base``; same tokenizer as the policy."""
     coef: float = 1.0
+    """Weight of the per-token reward ``-(log pi - log pi_teacher)``."""
 
     def problems(self) -> list[str]:
         """Value checks."""
@@ -160,44 +181,86 @@ class DistillConfig:
 
 @dataclass
 class PPOConfig:
-    """Options of the ``ppo`` stage (see README "Config reference"). Prompts longer than
+    """Options of the ``ppo`` stage. Prompts longer than
     ``data.max_prompt_length`` tokens (default ``data.max_length - generation.max_new_tokens``) keep
     their last tokens, counted and printed like the other stages' truncation."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    """Prompt records (``{prompt}`` or ``{messages}``)."""
     init: str = "auto"
+    """Policy and frozen reference: ``auto`` (the latest policy stage, else the base model), ``base``, ``@STAGE`` or a
+    path. With ``model.lora`` the reference is the policy with its adapters disabled."""
     reward: ComponentSpec | None = field(default_factory=lambda: ComponentSpec("reward_model"))
+    """A registered reward (component): ``reward_model`` (``path: auto`` = the latest reward stage), ``length``,
+    ``letters_gold`` or a plugin's; null = none (with ``distill``, learning from the teacher alone)."""
     advantage: ComponentSpec = field(default_factory=lambda: ComponentSpec("batch_mean"))
+    """Advantage estimator (component): ``batch_mean``, ``ema``, ``group_mean``, ``rloo``, ``reinforce_pp``, ``gae``
+    or a plugin's."""
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("ppo_clip"))
+    """Policy loss (component, family ``policy``) on per-token log-probs: ``ppo_clip``, ``gspo``, ``cispo``,
+    ``reinforce`` or a plugin's."""
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"] = "token_mean"
+    """How per-token terms become the loss: ``token_mean``, ``seq_mean_token_mean`` (GRPO), ``seq_mean_token_sum``,
+    ``token_sum_norm`` (Dr. GRPO); normalisers are global."""
     micro_batch_size: int | None = None
+    """Rows per forward/backward inside a minibatch (gradient accumulation); null = ``minibatch_size``."""
     gold: ComponentSpec | None = None
+    """A reward used only to evaluate (component); gives ``gold_score_sft`` / ``gold_score_ppo``."""
     iterations: int = 100
+    """Rollout batches (generate -> score -> train)."""
     prompts_per_batch: int = 16
+    """Prompts sampled per iteration, global over all processes."""
     samples_per_prompt: int = 1
+    """Responses per prompt; group estimators (``group_mean``, ``rloo``) need at least 2."""
     ppo_epochs: int = 2
+    """Passes over each rollout batch."""
     minibatch_size: int = 16
+    """Rows per optimizer step inside an epoch."""
     lr: float = 1e-4
+    """Policy AdamW learning rate."""
     weight_decay: float = 0.0
+    """Policy AdamW weight decay."""
     max_grad_norm: float = 1.0
+    """Gradient-norm clipping; 0 = off."""
     whiten_advantages: bool = False
+    """Normalise advantages over the batch (zero mean, unit variance)."""
     entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Sampling options."""
     kl: KLConfig = field(default_factory=KLConfig)
+    """KL penalty to the frozen reference."""
     critic_init: str = "auto"
+    """Critic for ``gae``: ``auto`` (the latest reward model, else the policy's backbone), ``@STAGE`` or a path."""
     critic_lr: float = 1e-4
+    """Critic AdamW learning rate."""
     vf_clip: float = 0.2
+    """Clip range of the clipped value loss."""
     eval_every: int = 10
+    """Iterations between held-out evaluations (same random stream at start and end); 0 = start and end only."""
     eval_prompts: int = 64
+    """Held-out prompts per evaluation; 0 = no evaluation."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast: ``auto`` = bf16 on CUDA devices that support it, none on CPU."""
     fused_linear: bool | Literal["auto"] = "auto"
+    """Log-probs, entropy and losses from the last hidden state and the LM head without ``[B, R, V]`` logits; ``auto``
+    = where the head is a plain bias-free linear layer, else off with a notice; ``true`` makes that an error."""
     shared_backbone: bool | Literal["auto"] = "auto"
+    """With ``model.lora``: reward model and critic as adapters + heads on the policy's frozen base; ``auto`` = where
+    they fit; ``true`` = an error where they do not; ``false`` = their own copies."""
     generator: ComponentSpec = field(default_factory=lambda: ComponentSpec("hf"))
+    """The rollout engine (component): ``hf`` (option ``loop: rlhf`` for rlhf's own decode loop) or ``vllm``."""
     rollout_correction: RolloutCorrection | None = None
+    """Corrections for engines whose probabilities differ from the trainer's: TIS, sequence TIS, masked IS (null:
+    off)."""
     overlong: OverlongConfig | None = None
+    """DAPO's overlong shaping: a soft length penalty and/or truncated responses out of the loss (null: off)."""
     dynamic_sampling: DynamicSamplingConfig | None = None
+    """DAPO's dynamic sampling: replace groups whose rewards are all equal (null: off)."""
     distill: DistillConfig | None = None
+    """On-policy distillation from a frozen teacher's per-token log-probs (null: off)."""
     save: bool = True
+    """Save the trained policy in the stage's output directory."""
 
     def problems(self) -> list[str]:
         """Value checks: counts at least 1, positive finite learning rates, room for a prompt."""
@@ -318,8 +381,7 @@ class PPOStage:
             if first:
                 ctx.tracker.log(0, {f"eval_{k}": v for k, v in first.items()})
             last, kl_history = {}, []
-        bar = tqdm(range(start + 1, config.iterations + 1), desc=ctx.name, disable=not is_main_process(),
-                   dynamic_ncols=True, initial=start, total=config.iterations)
+        bar = progress(start, config.iterations, ctx.name, unit="iteration")
         with honour_stop_requests(ckpt):
             last = self._loop(ctx, config, bar, models, prompts, rng, tokenizer, reward_fn, estimator, loss_entry,
                               evaluate, eval_prompts, first, last, kl_history, trained, optims, generator)
@@ -419,6 +481,14 @@ class PPOStage:
         if registry.lookup("advantage", config.advantage).obj.needs_values:
             out.append(StageInput("critic_init", "model", config.critic_init))
         return out
+
+    def plan(self, config: PPOConfig, registry, sizes: dict[str, int]) -> dict[str, Any]:
+        """Iterations, samples and the most tokens generated (``rlhf run --dry-run``)."""
+        samples = config.iterations * config.prompts_per_batch * config.samples_per_prompt
+        return {"iterations": config.iterations, "samples": samples,
+                "optimizer steps": config.iterations * config.ppo_epochs
+                * math.ceil(config.prompts_per_batch * config.samples_per_prompt / config.minibatch_size),
+                "generated tokens (at most)": samples * config.generation.max_new_tokens}
 
     @staticmethod
     def _models(ctx, config: PPOConfig, needs_critic: bool, source: str) -> tuple[PPOModels, "Scorer", "Scorer | None"]:
@@ -831,7 +901,7 @@ def policy_loss_problems(config: PPOConfig, registry) -> list[str]:
     if params[:1] == ["logits"]:
         problems.append(f"loss: policy loss {config.loss.name!r} of plugin {entry.plugin!r} takes logits (the contract "
                         "before policy losses took log-probs); a policy loss is now fn(inputs: PolicyLossInputs, "
-                        "**options) -> (per-token terms, metrics): see the README's 'Policy losses'")
+                        "**options) -> (per-token terms, metrics): see docs/plugins.md, 'Policy losses'")
     needs = set(entry.meta.get("needs", ()))
     unknown = needs - {"ref_logprobs", "engine_logprobs", "entropy"}
     if unknown:

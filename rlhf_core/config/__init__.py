@@ -12,7 +12,7 @@ from .coerce import coerce, coerce_dataclass  # noqa: F401
 from .overrides import apply_override, default_config_text, load_raw, parse_override  # noqa: F401
 from .resolve import check_options, resolve  # noqa: F401
 
-#: The supported plugin API of this package (see README "Plugin API").
+#: The supported plugin API of this package (see docs/reference/api.md).
 __all__ = ["ComponentSpec", "ConfigError", "DataConfig", "TrainConfig", "ModelConfig", "RunConfig",
            "rule_problems", "POSITIVE", "NON_NEGATIVE", "AT_LEAST_0", "AT_LEAST_1", "FRACTION", "UNIT",
            "flatten", "to_plain"]

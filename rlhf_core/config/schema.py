@@ -21,12 +21,14 @@ class ConfigError(UserError, ValueError):
 @dataclass
 class ComponentSpec:
     """A component choice: ``name`` plus keyword ``options``. In YAML either ``mse`` or
-    ``{name: huber, delta: 2.0}``; ``plugin`` picks which plugin's component a name means when two
-    plugins register it (``{name: length, plugin: my-plugin}``)."""
+    ``{name: huber, delta: 2.0}``."""
 
     name: str
+    """The registered name of the component (``rlhf plugins`` lists them)."""
     options: dict[str, Any] = field(default_factory=dict)
+    """Its keyword options, written beside ``name`` in YAML; checked against its signature."""
     plugin: str | None = None
+    """Which plugin's component ``name`` means when two plugins register it (``{name: length, plugin: my-plugin}``)."""
 
 
 # Value rules. A config dataclass may define ``problems() -> list[str]`` ("field: message", relative
@@ -52,16 +54,18 @@ def rule_problems(obj: Any, rules: dict[str, Rule]) -> list[str]:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters (through the ``peft`` library) on every trainable model: rank ``r``, scale
-    ``alpha / r``, ``dropout`` on the adapter input, ``target_modules`` (``all-linear``: every linear
-    layer but the output head; or a list of module names such as ``[q_proj, v_proj]``). With
-    ``merge``, a stage's output also holds the merged model in ``<output>/merged``."""
+    """LoRA adapters (through the ``peft`` library) on every trainable model."""
 
     r: int = 16
+    """Adapter rank."""
     alpha: float = 32.0
+    """Adapter scale numerator: the update is scaled by ``alpha / r``."""
     dropout: float = 0.0
+    """Dropout on the adapter input, in [0, 1)."""
     target_modules: list[str] | str = "all-linear"
+    """``all-linear`` (every linear layer but the output head) or a list of module names such as ``[q_proj, v_proj]``."""
     merge: bool = False
+    """Also save the merged model in ``<stage output>/merged`` (an ordinary Hugging Face directory)."""
 
     def problems(self) -> list[str]:
         """Value checks; ``peft`` must be installed."""
@@ -77,19 +81,24 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    """The base model. ``name_or_path``: ``builtin:tiny`` (offline tiny Llama + byte tokenizer),
-    a local directory (a saved model, or a LoRA adapter directory a stage wrote), or a hub id
-    (loaded with ``from_pretrained``). ``gradient_checkpointing`` recomputes each block's
-    activations in the backward pass of every trainable model (less memory, about a third more
-    compute). ``lora``: train LoRA adapters instead of every weight (see :class:`LoraConfig`)."""
+    """The base model every stage starts from."""
 
     name_or_path: str = "builtin:tiny"
+    """``builtin:tiny`` (offline 2-layer Llama with a byte tokenizer), a local directory (a saved model, or a LoRA
+    adapter directory a stage wrote) or a hub id (loaded with ``from_pretrained``)."""
     tokenizer: str | None = None
+    """Where to load the tokenizer from, when not from ``name_or_path``."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the weights; ``auto`` keeps the checkpoint's."""
     device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda:N``."""
     trust_remote_code: bool = False
+    """Passed to ``from_pretrained``: run the model repository's own Python code."""
     gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass of every trained model (less memory, about a third more
+    compute)."""
     lora: LoraConfig | None = None
+    """Train LoRA adapters instead of every weight (null: full fine-tuning)."""
 
     def problems(self) -> list[str]:
         """Value checks (see :func:`rule_problems`)."""
@@ -98,28 +107,30 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where a stage's examples come from and how they are cut to length.
-
-    ``train``/``eval``: a JSONL/JSON/CSV/Parquet path or ``builtin:NAME``; without ``eval``,
-    ``eval_fraction`` of train is held out. ``max_length`` caps prompt + response tokens:
-    the prompt keeps its last ``max_prompt_length`` tokens (default half of ``max_length``), then the
-    response is cut on the right; an example left with no response token is skipped and counted.
-    ``builtin_size``: number of examples a builtin dataset generates. ``limit``: use at most this
-    many training examples. ``train``/``eval`` may also be a 🤗 ``save_to_disk`` directory or
-    ``hf:NAME``; ``split``/``eval_split`` choose their split; ``fields`` maps our field names to
-    the source's columns, e.g. ``{prompt: question, response: answer, score: rating}``.
-    """
+    """Where a stage's examples come from and how they are cut to length."""
 
     train: str = "builtin:letters"
+    """Training records: a JSONL/JSON/CSV/Parquet file, ``builtin:NAME``, a 🤗 ``save_to_disk`` directory or
+    ``hf:NAME``."""
     eval: str | None = None
+    """Held-out records (same forms as ``train``); without it, ``eval_fraction`` of ``train`` is held out."""
     eval_fraction: float = 0.1
+    """Share of ``train`` held out (seeded shuffle) when ``eval`` is not given, in [0, 1)."""
     max_length: int = 256
+    """Most prompt + response tokens of an example; the response is cut on the right."""
     max_prompt_length: int | None = None
+    """Most prompt tokens (the prompt keeps its last ones); null = half of ``max_length`` (ppo: ``max_length -
+    generation.max_new_tokens``). An example left with no response token is skipped and counted."""
     builtin_size: int = 2000
+    """How many examples a ``builtin:NAME`` dataset generates."""
     limit: int | None = None
+    """Use at most this many training examples (null: all)."""
     fields: dict[str, str] = field(default_factory=dict)
+    """Our field names mapped to the source's columns, e.g. ``{prompt: question, response: answer, score: rating}``."""
     split: str = "train"
+    """Split of a 🤗 ``DatasetDict`` directory or ``hf:NAME`` dataset used for ``train``."""
     eval_split: str = "test"
+    """Split used for ``eval`` when it names a 🤗 ``DatasetDict`` directory or ``hf:NAME``."""
 
     def problems(self) -> list[str]:
         """Value checks: lengths that leave room for a response, a held-out share below 1."""
@@ -140,29 +151,36 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The optimisation loop shared by the stages.
-
-    ``steps``: optimizer steps (overrides ``epochs``); ``batch_size`` examples per micro-batch;
-    ``grad_accum`` micro-batches per step; AdamW with ``lr``/``weight_decay``/``betas``; ``warmup_steps``
-    of linear warm-up then ``schedule`` (cosine to 10% of lr, linear to 0, or constant);
-    ``max_grad_norm`` clipping (0 = off); ``eval_every`` steps (0 = only at the end);
-    ``mixed_precision``: ``auto`` = bf16 autocast on CUDA devices that support it, none on CPU.
-    """
+    """The optimisation loop shared by the stages (AdamW, warm-up, schedule, clipping)."""
 
     steps: int | None = None
+    """Optimizer steps; overrides ``epochs`` when set."""
     epochs: float = 1.0
+    """Passes over the training data, when ``steps`` is null."""
     batch_size: int = 16
+    """Examples per micro-batch, global over all processes."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step."""
     lr: float = 1e-4
+    """AdamW learning rate."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas: two numbers in [0, 1)."""
     warmup_steps: int = 0
+    """Steps of linear warm-up before ``schedule``."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """After warm-up: cosine to 10% of ``lr``, linear to 0, or constant."""
     max_grad_norm: float = 1.0
+    """Gradient-norm clipping; 0 = off."""
     eval_every: int = 0
+    """Steps between held-out evaluations; 0 = only at the end."""
     log_every: int = 10
+    """Steps between lines in ``metrics.jsonl``."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast: ``auto`` = bf16 on CUDA devices that support it, none on CPU."""
     save: bool = True
+    """Save the trained model in the stage's output directory."""
 
     def problems(self) -> list[str]:
         """Value checks: counts at least 1, a positive finite lr, betas in [0, 1)."""
@@ -178,21 +196,18 @@ class TrainConfig:
 
 @dataclass
 class DistributedConfig:
-    """How several processes share the work (ignored in a single process).
-
-    ``strategy``: ``auto`` (FSDP2 when launched with several processes), ``fsdp`` (``fully_shard``
-    per transformer block plus the root), ``ddp`` (whole replicas, gradients all-reduced) or
-    ``none``. ``reshard_after_forward``: free gathered parameters after each block's forward (less
-    memory, one more all-gather in backward). ``param_dtype``: ``auto`` = bf16 compute with fp32
-    gradient reduction on CUDA devices that support it, fp32 elsewhere; or ``float32`` /
-    ``bfloat16``. ``cpu_offload``: keep sharded parameters, gradients and optimizer state in CPU
-    memory (FSDP only).
-    """
+    """How several processes share the work (ignored in a single process)."""
 
     strategy: Literal["auto", "fsdp", "ddp", "none"] = "auto"
+    """``auto`` (FSDP2 with several processes), ``fsdp`` (``fully_shard`` per transformer block plus the root), ``ddp``
+    (whole replicas, gradients all-reduced) or ``none`` (refused with several processes)."""
     reshard_after_forward: bool = True
+    """Free gathered parameters after each block's forward (less memory, one more all-gather in the backward)."""
     param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """FSDP compute dtype: ``auto`` = bf16 with fp32 gradient reduction on CUDA devices that support it, fp32
+    elsewhere."""
     cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer state in CPU memory (FSDP on CUDA only)."""
 
     def problems(self) -> list[str]:
         """Several processes need a strategy that keeps their replicas in step."""
@@ -208,14 +223,15 @@ class DistributedConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Mid-stage checkpoints for ``rlhf run --resume``. ``every``: optimizer steps (sft, reward) or
-    iterations (ppo) between checkpoints, 0 = none mid-stage (a finished stage is always kept);
-    ``keep``: how many of a stage's newest checkpoints to keep; ``on_signal``: on SIGTERM/SIGINT,
-    write a checkpoint at the next step boundary before stopping."""
+    """Mid-stage checkpoints for ``rlhf run --resume``."""
 
     every: int = 0
+    """Optimizer steps (sft, reward) or iterations (ppo) between checkpoints; 0 = none mid-stage (a finished stage is
+    always kept)."""
     keep: int = 2
+    """How many of a stage's newest checkpoints are kept."""
     on_signal: bool = True
+    """On SIGTERM/SIGINT, write a checkpoint at the next step boundary before stopping."""
 
     def problems(self) -> list[str]:
         """Value checks."""
@@ -224,21 +240,26 @@ class CheckpointConfig:
 
 @dataclass
 class KernelConfig:
-    """``backend``: auto | reference | triton | cpp (see ``rlhf_kernels``)."""
+    """Which implementation of the fused kernels (``rlhf_kernels``) the stages use."""
 
     backend: Literal["auto", "reference", "triton", "cpp"] = "auto"
+    """``auto`` (Triton on CUDA, C++ on CPU when built, else the reference), ``reference`` (plain PyTorch), ``triton``
+    or ``cpp``."""
 
 
 @dataclass
 class StageSpec:
-    """One pipeline entry: the stage plugin (``stage``), its unique ``name`` (default: the stage),
-    its validated options (``config``, an instance of the stage's ``config_class``) and, when two
-    plugins register the stage name, the ``plugin`` that provides it."""
+    """One pipeline entry; in YAML its options sit beside ``stage`` and ``name``."""
 
     stage: str
+    """The registered stage to run (``sft``, ``reward``, ``ppo`` or a plugin's)."""
     name: str
+    """Unique name of this entry, used by ``@NAME``, ``--set stages.NAME...`` and the output directory; default: the
+    stage."""
     config: Any
+    """The stage's validated options, an instance of its ``config_class``."""
     plugin: str | None = None
+    """Which plugin's stage ``stage`` means when two plugins register it."""
 
 
 @dataclass
@@ -247,13 +268,22 @@ class RunConfig:
     stage list."""
 
     seed: int = 0
+    """Seeds Python and torch at the start of every stage."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model."""
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    """The fused kernels' backend."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """How several processes share the work."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Mid-stage checkpoints for ``--resume``."""
     tracking: list[ComponentSpec] = field(default_factory=list)
+    """Experiment trackers besides ``metrics.jsonl`` and the plots, e.g. ``[tensorboard, {name: wandb, project: p}]``."""
     plugins: list[str] = field(default_factory=list)
+    """Local plugin modules, no packaging needed: an import path, a module next to the config file, or a ``.py`` file
+    path."""
     stages: list[StageSpec] = field(default_factory=list)
+    """The pipeline: stages run in order, each ``{stage: NAME, name: ..., <its options>}``."""
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -22,11 +22,16 @@ def load_records(spec: str, kind: str, registry: Any, *, seed: int, builtin_size
     return read_records(spec, kind, notes, fields=fields, split=split)
 
 
+def held_out_count(n: int, eval_fraction: float) -> int:
+    """How many of ``n`` records :func:`split_records` holds out (at least one when there are two or more)."""
+    return min(n - 1, max(1, round(n * eval_fraction))) if eval_fraction > 0 and n > 0 else 0
+
+
 def split_records(records: list[Record], eval_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Seeded shuffle, then hold out ``eval_fraction`` (at least one record when there are two or more)."""
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    n_eval = min(len(records) - 1, max(1, round(len(records) * eval_fraction))) if eval_fraction > 0 else 0
+    n_eval = held_out_count(len(records), eval_fraction)
     return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
 
 

@@ -63,6 +63,26 @@ def map_fields(obj: Any, fields: dict[str, str] | None, where: str) -> Any:
     return out
 
 
+#: Column names other datasets use for our fields, for the hint that maps them with ``data.fields``.
+FIELD_ALIASES = {
+    "prompt": ("question", "instruction", "query", "input", "problem"),
+    "response": ("completion", "answer", "output", "target", "solution"),
+    "score": ("rating", "reward", "label"),
+    "chosen": ("preferred", "winner", "positive"),
+    "rejected": ("dispreferred", "loser", "negative"),
+    "messages": ("conversations", "conversation", "chat", "dialog"),
+}
+
+
+def _mapping_hint(name: str, obj: dict) -> str:
+    """``; the record has a 'completion' field: map it with data.fields: {response: completion}`` when
+    the record has a column other datasets use for ``name``, else ``""``."""
+    found = next((alias for alias in FIELD_ALIASES.get(name, ()) if alias in obj), None)
+    if found is None:
+        return ""
+    return f"; the record has a {found!r} field: map it with data.fields: {{{name}: {found}}}"
+
+
 def validate_record(obj: Any, where: str, kind: str, notes: DataNotes | None = None) -> Record | None:
     """Check the fields that ``kind`` needs; returns a :class:`Record`, None for a record that is
     dropped (counted in ``notes``), or raises :class:`DataError`."""
@@ -76,7 +96,8 @@ def validate_record(obj: Any, where: str, kind: str, notes: DataNotes | None = N
     for name in _FIELDS[kind]:
         if name not in obj or obj[name] is None:
             alt = " (or 'messages')" if kind in ("sft", "prompts") else ""
-            raise DataError(f"{where}: missing field {name!r}{alt}; a {kind} record needs {', '.join(_FIELDS[kind])}")
+            raise DataError(f"{where}: missing field {name!r}{alt}; a {kind} record needs {', '.join(_FIELDS[kind])}"
+                            f"{_mapping_hint(name, obj)}")
         value = obj[name]
         if name == "score":
             if isinstance(value, bool) or not isinstance(value, (int, float)):

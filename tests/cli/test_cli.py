@@ -25,7 +25,7 @@ def test_version_and_help():
 def test_plugins_json_lists_builtins_and_what_they_registered():
     rows = {r["name"]: r for r in json.loads(invoke("plugins", "--json").output)}
     assert rows["sft"]["source"] == "builtin"
-    assert rows["ppo-advantages"]["registered"]["advantage"] == ["batch_mean", "ema", "gae", "group_mean", "rloo"]
+    assert rows["ppo-advantages"]["registered"]["advantage"] == ["batch_mean", "ema", "gae", "group_mean", "reinforce_pp", "rloo"]
     assert rows["reward"]["registered"]["loss"] == ["bradley_terry", "huber", "mse"]
     text = invoke("plugins").output
     assert "ppo-rewards" in text and "reward: length, reward_model" in text
@@ -173,3 +173,44 @@ def test_bench_memory_runs_every_kind_of_set_up_at_a_toy_shape(tmp_path):
                                                        ("sft", "plain")]
     assert all(r["peak_rss_mb"] > 0 and r["seconds"] > 0 for r in rows) and (out / "memory.png").is_file()
     assert rows[1]["trainable_params"] < rows[0]["trainable_params"]  # the policy trains its adapters only
+
+
+def test_doctor_says_what_is_usable_and_what_a_missing_piece_costs(monkeypatch):
+    """One row per piece; a missing optional package says how to install it and what is lost."""
+    import importlib.util
+
+    import torch
+
+    rows = {r["name"]: r for r in json.loads(invoke("doctor", "--json").output)}
+    assert rows["torch"] == {"name": "torch", "ok": True, "detail": torch.__version__, "without": ""}
+    assert {"CUDA", "Triton kernels", "C++ kernels", "peft", "vllm", "datasets", "tensorboard", "wandb", "mlflow",
+            "trackio"} <= set(rows)
+    assert rows["CUDA"]["ok"] == torch.cuda.is_available()
+    if rows["C++ kernels"]["ok"]:
+        assert rows["C++ kernels"]["detail"].split()[2] in ("avx512", "avx2", "scalar")  # the ISA the kernels use
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    text = invoke("doctor").output
+    assert '-- peft' in text and 'not installed: pip install -e ".[lora]"' in text
+    assert "without it: no LoRA (model.lora)" in text
+
+
+def test_dry_run_validates_everything_and_prints_the_plan_without_training(tmp_path, monkeypatch):
+    """The plan has the stages, the model, each data input's record count, steps and token estimates;
+    nothing is trained and no run directory appears. A bad data file is the same error as a real run's."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("run", "--dry-run", "--set", "stages.sft.train.steps=7", "--set", "stages.ppo.samples_per_prompt=2",
+                    "--set", "stages.ppo.advantage=rloo")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "model: builtin:tiny, dtype float32, device cpu" in lines
+    assert "stage 0 'sft' (sft, plugin sft)" in lines and "  data.train: builtin:letters (2000 records)" in lines
+    assert "  training examples: 1,800" in lines and "  optimizer steps: 7" in lines
+    assert "  tokens (at most): 7,168" in lines  # 7 steps x 32 examples x max_length 32
+    ppo = lines[lines.index("stage 2 'ppo' (ppo, plugin ppo)"):]
+    assert "  samples: 3,840" in ppo and "  generated tokens (at most): 46,080" in ppo  # 60 x 32 x 2, x 12 tokens
+    assert not (tmp_path / "runs").exists()
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    bad = CliRunner().invoke(cli, ["run", "--dry-run", "--set", f"stages.sft.data.train={data}"], obj={})
+    assert bad.exit_code == 1 and "map it with data.fields: {response: completion}" in bad.output

@@ -29,7 +29,7 @@ def test_all_problems_reported_together_with_choices(registry):
     assert "stages[0].train.lr: expected a number, got 'fast'" in text
     assert "stages[0].train.stepz: unknown key" in text
     assert "stages[0].loss: unknown loss 'crossentropy'; available: cross_entropy" in text
-    assert "stages[1].advantage: unknown advantage estimator 'rlo'; available: batch_mean, ema, gae, group_mean, rloo" in text
+    assert "stages[1].advantage: unknown advantage estimator 'rlo'; available: batch_mean, ema, gae, group_mean, reinforce_pp, rloo" in text
     assert "stages[1].kl.estimator: expected one of 'k1', 'k2', 'k3', got 'k4'" in text
     assert "stages[2].stage: unknown stage 'dpo'; available: ppo, reward, sft" in text
     # PPO's cross-field checks need the estimator: they say they were skipped instead of vanishing.

@@ -1,5 +1,5 @@
 """Faults real clusters have, on this machine: a rank SIGKILLed in the middle of training, a whole
-node lost, and a run over two launchers ("nodes") as a cluster starts it, with the README's command.
+node lost, and a run over two launchers ("nodes") as a cluster starts it, with the command of docs/recipes/distributed.md.
 
 Every kill is a real SIGKILL of running processes. torchrun starts each worker in a session of its
 own, so killing a launcher's process group would leave its workers running: a "node" here is the
@@ -104,7 +104,7 @@ def run_to_end(args: list[str], log: Path, timeout: float = 240) -> tuple[int, s
 
 
 def node_command(port: int, *args: str) -> list[str]:
-    """README "Distributed runs": the command every node of a cluster runs (one process per node here)."""
+    """docs/recipes/distributed.md: the command every node of a cluster runs (one process per node here)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "-m", "rlhf_core.cli", *args]
 
@@ -244,7 +244,7 @@ def test_a_killed_rank_ends_the_job_promptly_and_the_run_resumes_to_the_same_wei
 
 @pytest.mark.slow
 def test_two_nodes_train_the_same_weights_as_one_process(one_process, two_nodes):
-    """Two torchrun launchers meeting at a c10d rendezvous endpoint (README "Distributed runs"),
+    """Two torchrun launchers meeting at a c10d rendezvous endpoint (docs/recipes/distributed.md),
     one process each: SFT and PPO end with the weights of a 1-process run (2-vs-1 tolerance)."""
     summary = json.loads((two_nodes / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["stages_completed"] == list(STAGES)

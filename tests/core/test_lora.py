@@ -36,6 +36,20 @@ def batch():
     return ids, torch.ones_like(ids)
 
 
+def test_wrapping_a_checkpointed_model_prints_no_third_party_deprecation():
+    """peft reads transformers' deprecated ``is_gradient_checkpointing``: that FutureWarning, which a
+    user cannot act on, is not shown on every LoRA command; other warnings still are."""
+    import warnings
+
+    model = load_causal_lm(CFG, seed=0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_lora(model, LoraConfig(r=4), "builtin:tiny")
+        warnings.warn("still shown", FutureWarning)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == ["still shown"]
+
+
 def test_only_adapters_train_and_base_weights_are_untouched():
     model = lora_model()
     ids, mask = batch()

@@ -185,6 +185,7 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1, stderr
     assert "Traceback" not in stderr and "interrupted by SIGTERM" in stderr
+    assert stderr.rstrip().endswith(f"continue with: rlhf run --resume {out}")  # the exact command
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["interrupted_by"] == "SIGTERM"
     assert summary["stages_completed"] == [] and summary["stage_in_progress"] == "sft"

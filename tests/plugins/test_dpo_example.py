@@ -1,4 +1,4 @@
-"""The README's "Writing a stage" example: a DPO stage in its own pip package (examples/rlhf-dpo),
+"""The "Writing stages" example (docs/stages.md): a DPO stage in its own pip package (examples/rlhf-dpo),
 found through its entry point and trained by config alone, using only rlhf's public stage API."""
 from __future__ import annotations
 

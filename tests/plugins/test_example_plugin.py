@@ -1,4 +1,4 @@
-"""The README tutorial's third-party package: pip-installed, found through its entry point, and
+"""The plugin tutorial's third-party package (docs/plugins.md): pip-installed, found through its entry point, and
 used by a pipeline by config alone (custom loss, reward and advantage estimator)."""
 from __future__ import annotations
 

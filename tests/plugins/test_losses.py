@@ -17,7 +17,7 @@ def test_cross_entropy_hand_computed():
     labels = torch.tensor([[0, 0, -100]])
     loss, metrics = cross_entropy_loss(logits, labels, backend="reference")
     assert math.isclose(loss.item(), (math.log(2) + math.log(4 / 3)) / 2, rel_tol=1e-6)
-    assert metrics["tokens"] == 2.0
+    assert metrics["tokens_per_batch"] == 2.0
 
 
 def test_sequence_mean_aggregation_differs_from_token_mean():

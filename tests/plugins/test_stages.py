@@ -27,7 +27,7 @@ def test_fused_linear_sft_loss_and_grads_equal_the_logits_path():
         loss.backward()
         losses.append(loss.detach())
         grads.append(model.lm_head.weight.grad.clone())
-        assert metrics["tokens"] == 5.0
+        assert metrics["tokens_per_batch"] == 5.0
     for loss, grad in zip(losses[1:], grads[1:]):
         torch.testing.assert_close(loss, losses[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grad, grads[0], atol=1e-5, rtol=1e-4)

@@ -50,7 +50,7 @@ def test_tensorboard_scalars_config_and_hparams_read_back(tmp_path):
 def test_tracker_options_and_missing_package_are_config_errors(registry, monkeypatch):
     with pytest.raises(ConfigError, match=r"tracking\[0\].flsh: unknown option for tracker 'tensorboard'"):
         resolve(load_raw(None, ["tracking=[{name: tensorboard, flsh: 1}]"]), registry)
-    with pytest.raises(ConfigError, match=r"tracking\[0\]: unknown tracker 'wandbb'; available: mlflow, tensorboard, wandb"):
+    with pytest.raises(ConfigError, match=r"tracking\[0\]: unknown tracker 'wandbb'; available: mlflow, tensorboard, trackio, wandb"):
         resolve(load_raw(None, ["tracking=[wandbb]"]), registry)
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"tensorboard tracker needs the tensorboard package: pip install"):
@@ -300,3 +300,40 @@ def test_mlflow_resumed_run_continues_the_same_mlflow_run(tmp_path):
     got = client.get_run(first.run_id)
     assert got.info.status == "FINISHED" and got.data.metrics["run/gold_score"] == 0.5
     assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "sft/loss")] == [(1, 2.0), (2, 1.0)]
+
+
+
+TRACKIO_SCRIPT = """
+import sys
+from pathlib import Path
+from rlhf_plugins.trackers import TrackioTracker
+
+tracker = TrackioTracker(Path(sys.argv[1]), {"stages": [{"stage": "sft"}]}, project="docs-test")
+for step in (1, 2, 3):
+    tracker.log("sft", step, {"loss": 1.0 / step})
+tracker.log("ppo", 1, {"reward_mean": 0.25})
+tracker.finish({"status": "finished", "gold_score_ppo": 0.9})
+"""
+
+
+def test_trackio_rows_read_back_from_its_database(tmp_path):
+    """The trackio tracker in a fresh process whose TRACKIO_DIR is a temp directory (trackio reads it
+    at import): each logged row is in trackio's SQLite store with its stage's step, the run is named
+    after the run directory, the end is recorded, and trackio's banner stays off the run's log."""
+    import os
+    import sqlite3
+    import subprocess
+
+    pytest.importorskip("trackio")
+    store = tmp_path / "trackio"
+    done = subprocess.run([sys.executable, "-c", TRACKIO_SCRIPT, str(tmp_path / "my-run")], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, env={**os.environ, "TRACKIO_DIR": str(store)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Trackio" not in done.stdout
+    (db,) = store.glob("docs-test*.db")
+    logged = [(name, json.loads(m)) for name, m in
+              sqlite3.connect(db).execute("SELECT run_name, metrics FROM metrics ORDER BY id")]
+    assert {name for name, _ in logged} == {logged[0][0]} and logged[0][0].startswith("my-run-")
+    assert [(m["sft/step"], m["sft/loss"]) for _, m in logged if "sft/loss" in m] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert [(m["ppo/step"], m["ppo/reward_mean"]) for _, m in logged if "ppo/step" in m] == [(1, 0.25)]
+    assert logged[-1][1] == {"run/finished": 1.0, "run/gold_score_ppo": 0.9}

@@ -26,13 +26,16 @@ KEYS = ("chosen", "rejected")
 
 @dataclass
 class DPOConfig:
-    """``data`` (pairwise records), ``train`` loop, ``beta`` (the KL strength), ``init`` (auto = the
-    latest policy stage's output: the policy and its frozen reference)."""
+    """Options of the ``dpo`` stage."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    """Pairwise records ``{prompt, chosen, rejected}``."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4))
+    """The optimisation loop."""
     beta: float = 0.1
+    """The KL strength: how far the policy may move from its reference."""
     init: str = "auto"
+    """Policy and frozen reference: ``auto`` = the latest policy stage's output."""
 
     def problems(self) -> list[str]:
         return rule_problems(self, {"beta": POSITIVE})

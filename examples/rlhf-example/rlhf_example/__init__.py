@@ -1,1 +1,1 @@
-"""rlhf-example: the plugin built step by step in the README's "Writing a plugin" tutorial."""
+"""rlhf-example: the plugin built step by step in the "Writing plugins" tutorial (docs/plugins.md)."""
