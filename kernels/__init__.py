@@ -25,7 +25,8 @@ import torch
 
 from . import reference
 from .fused import (
-    CrossEntropyFn, LinearLossFn, LinearTokenEntropyFn, LinearTokenLogprobsFn, PPOClipFn, TokenEntropyFn, TokenLogprobsFn,
+    CrossEntropyFn, LinearLossFn, LinearScoresFn, LinearTokenEntropyFn, LinearTokenLogprobsFn, PPOClipFn, TokenEntropyFn,
+    TokenLogprobsFn, scores_pass,
 )
 from .reference import ppo_clip_terms, reduce_tokens
 
@@ -218,11 +219,12 @@ def ppo_clip_loss(
 
 def linear_token_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
-    ignore_index: int = -100, backend: str | None = None, with_entropy: bool = False,
+    ignore_index: int = -100, backend: str | None = None, with_entropy: bool = False, entropy_grad: bool = True,
 ):
     """``token_logprobs(hidden @ weight.T, labels)`` without materialising the ``[N, V]`` logits.
     With ``with_entropy``, ``(logprobs, entropy)``: outside autograd both come from one pass over
-    each logits chunk (one matrix product instead of two); with gradients they are two ops."""
+    each logits chunk (one matrix product instead of two); with gradients they are two ops, or,
+    with ``entropy_grad=False`` (the entropy only logged), one pass whose entropy is detached."""
     op = "linear_token_logprobs"
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"{op}: need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -230,6 +232,9 @@ def linear_token_logprobs(
     impl = _prepare(weight[:, 0].unsqueeze(0).expand(hidden.shape[0], -1), labels, ignore_index, backend, op)
     if with_entropy:
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            if not entropy_grad and impl is not None:
+                return LinearScoresFn.apply(hidden.contiguous(), weight.contiguous(), labels.contiguous(),
+                                            float(temperature), ignore_index, impl, _entropy_impl(impl))
             return (linear_token_logprobs(hidden, weight, labels, temperature=temperature, ignore_index=ignore_index,
                                           backend=backend),
                     linear_token_entropy(hidden, weight, temperature=temperature, backend=backend))
@@ -320,18 +325,7 @@ def linear_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, *, temperat
 @torch.no_grad()
 def _linear_scores(hidden, weight, labels, temperature: float, ignore_index: int, impl) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropy ``[N]`` of ``hidden @ weight.T`` from one pass over each logits chunk."""
-    from .fused import _chunk_rows, entropy_rows, logit_chunks
-
-    n = hidden.shape[0]
-    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    ent_impl = _entropy_impl(impl)
-    for rows, logits in logit_chunks(hidden, weight, _chunk_rows(n, weight.shape[0])):
-        if impl is None:
-            logp[rows] = reference.token_logprobs(logits, labels[rows], temperature=temperature, ignore_index=ignore_index)
-        else:
-            logp[rows] = impl.forward(logits, labels[rows], temperature, ignore_index)[0]
-        entropy[rows] = ent_impl.entropy_forward(logits, temperature)[0] if ent_impl else entropy_rows(logits, temperature)
+    logp, _, entropy = scores_pass(hidden, weight, labels, temperature, ignore_index, impl, _entropy_impl(impl))
     return logp, entropy
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import ppo_clip_terms
+from .reference import ppo_clip_terms, token_logprobs
 
 #: Upper bound on the bytes of the temporary logits chunk of the fused-linear ops; with it the
 #: extra memory of those ops is independent of the vocabulary size.
@@ -151,6 +151,43 @@ class LinearTokenLogprobsFn(torch.autograd.Function):
             lambda logits, rows: ctx.impl.backward(logits, labels[rows], lse[rows], grad[rows], ctx.temperature,
                                                    ctx.ignore_index, logits))
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def scores_pass(hidden, weight, labels, temperature: float, ignore_index: int, impl, ent_impl):
+    """``(logp, lse, entropy)`` ``[N]`` of ``hidden @ weight.T`` from one pass over each logits chunk:
+    the log-prob of each row's label and its log-sum-exp (``impl.forward``; with ``impl`` None the
+    reference log-probs and no ``lse``), and the entropy (``ent_impl.entropy_forward``, else
+    :func:`entropy_rows`). No autograd."""
+    n = hidden.shape[0]
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device) if impl is not None else None
+    entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    for rows, logits in logit_chunks(hidden, weight, _chunk_rows(n, weight.shape[0])):
+        if impl is None:
+            logp[rows] = token_logprobs(logits, labels[rows], temperature=temperature, ignore_index=ignore_index)
+        else:
+            logp[rows], lse[rows] = impl.forward(logits, labels[rows], temperature, ignore_index)
+        entropy[rows] = ent_impl.entropy_forward(logits, temperature)[0] if ent_impl else entropy_rows(logits, temperature)
+    return logp, lse, entropy
+
+
+class LinearScoresFn(torch.autograd.Function):
+    """:class:`LinearTokenLogprobsFn` whose forward also returns each row's entropy, from the same
+    pass over the logits chunks (one matrix product for both). The entropy is not differentiable:
+    it is what an on-policy PPO update logs while its log-probs carry the gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, ignore_index, impl, ent_impl):
+        logp, lse, entropy = scores_pass(hidden, weight, labels, temperature, ignore_index, impl, ent_impl)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.temperature, ctx.ignore_index, ctx.impl = temperature, ignore_index, impl
+        ctx.step = _chunk_rows(hidden.shape[0], weight.shape[0])
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad, grad_entropy):
+        return *LinearTokenLogprobsFn.backward(ctx, grad), None
 
 
 def logit_chunks(hidden, weight, step: int):

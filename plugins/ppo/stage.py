@@ -846,15 +846,24 @@ class PolicyLossStep:
         args = (self.models.policy, self.roll.sequences[rows], self.roll.attention_mask[rows], self.roll.prompt_len)
         if self.models.fused:
             def objective(hidden, head):  # inside the policy's forward
-                self._fill_old(rows, hidden, head)
                 flat, labels = hidden.reshape(-1, hidden.shape[-1]), self.labels[rows].reshape(-1)
+                shape = self.labels[rows].shape
+                if self.fill and not fast and not self.wants_entropy:
+                    # On-policy: one pass gives the log-probs (their detached values are the old ones)
+                    # and the entropy to log, instead of a scoring pass before the loss's.
+                    logp, entropy = rlhf_kernels.linear_token_logprobs(flat, head, labels, backend=self.backend,
+                                                                       with_entropy=True, entropy_grad=False)
+                    logp = logp.view(shape)
+                    self.old[rows] = logp.detach()
+                    self.exp.entropy[rows] = entropy.detach().view(shape)[:, :-1]
+                    return self._aggregated(rows, logp, None, normaliser)
+                self._fill_old(rows, hidden, head)
                 if fast:
                     loss, m = self.fast.on_linear(flat, head, self.loss_labels[rows].reshape(-1), self.old[rows].reshape(-1),
                                                   self.adv[rows].reshape(-1), ref.reshape(-1) if ref is not None else None,
                                                   self.mask[rows].reshape(-1), **self.fast_options,
                                                   backend=self.backend, **self.penalties)
                     return loss * share, m
-                shape = self.labels[rows].shape
                 logp = rlhf_kernels.linear_token_logprobs(flat, head, labels, backend=self.backend).view(shape)
                 entropy = (rlhf_kernels.linear_token_entropy(flat, head, backend=self.backend).view(shape)
                            if self.wants_entropy else None)

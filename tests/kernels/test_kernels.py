@@ -171,6 +171,35 @@ def test_fused_linear_ops_match_reference(backend, monkeypatch):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", FAST)
+def test_fused_linear_logprobs_with_detached_entropy_in_one_pass(backend, monkeypatch):
+    """``linear_token_logprobs(..., with_entropy=True, entropy_grad=False)`` under autograd: the
+    log-probs and their gradients of the reference, the entropy of the reference (detached), from
+    one matrix product per chunk (counted)."""
+    from rlhf_kernels import fused
+
+    monkeypatch.setattr(fused, "LINEAR_CHUNK_BYTES", 4 * 101 * 3)  # several chunks of 3 rows
+    torch.manual_seed(4)
+    hidden = torch.randn(10, 16, requires_grad=True)
+    weight = torch.randn(101, 16, requires_grad=True)
+    labels = torch.randint(0, 101, (10,))
+    labels[2] = -100
+    products = []
+    real = fused.logit_chunks
+    monkeypatch.setattr(fused, "logit_chunks", lambda *a: products.append(1) or real(*a))
+    logp, entropy = K.linear_token_logprobs(hidden, weight, labels, backend=backend, with_entropy=True,
+                                            entropy_grad=False, temperature=0.9)
+    assert len(products) == 1 and not entropy.requires_grad  # one pass over the chunks for both
+    want = reference.linear_token_logprobs(hidden, weight, labels, temperature=0.9)
+    torch.testing.assert_close(logp, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, reference.token_entropy(hidden.detach() @ weight.detach().T, temperature=0.9),
+                               atol=1e-5, rtol=1e-5)
+    upstream = torch.randn(10)
+    for a, b in zip(torch.autograd.grad((logp * upstream).sum(), (hidden, weight)),
+                    torch.autograd.grad((want * upstream).sum(), (hidden, weight))):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["reference", *FAST])
 def test_invalid_input_is_a_clear_error(backend):
     logits = torch.randn(3, 10)

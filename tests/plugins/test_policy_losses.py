@@ -16,6 +16,7 @@ from rlhf_core.interfaces import PolicyLossInputs
 from rlhf_core.models import load_causal_lm, load_tokenizer
 from rlhf_plugins.ppo.advantages import GroupMeanBaseline
 from rlhf_plugins.ppo.loss import KLController, aggregate, cispo, gspo, kl_k2, local_normaliser, ppo_clip, reinforce
+from rlhf_plugins.ppo import stage as stage_module
 from rlhf_plugins.ppo.stage import GenerationConfig, KLConfig, PPOConfig, PPOModels, make_experience, update
 
 # Two responses of 3 and 1 tokens (position 3 of row 0 and 1..3 of row 1 are padding); the ratios
@@ -295,3 +296,32 @@ def test_a_loss_needing_the_reference_or_an_unknown_input_is_refused(registry):
     with pytest.raises(ConfigError, match=r"policy loss 'needs_odd' declares needs \['values'\]; accepted: "
                                           "ref_logprobs, engine_logprobs, entropy"):
         resolve(load_raw(None, ["stages.ppo.loss=needs_odd"]), registry)
+
+
+@pytest.mark.parametrize("loss", [ComponentSpec("cispo"), ComponentSpec("ppo_clip", {"clip_eps_high": 0.28})],
+                         ids=lambda s: s.name)
+def test_on_policy_fused_update_equals_the_logits_path_in_one_pass(registry, rollout, loss, monkeypatch):
+    """On-policy (one epoch, one minibatch, no reference): the update fills the old log-probs and the
+    logged entropy itself; fused, one pass over the LM head's chunks gives both with the loss's
+    log-probs, and gradients, old log-probs and entropy equal the logits path's."""
+    policy, _, exp, config = rollout
+    cfg = dataclasses.replace(config, loss=loss, kl=KLConfig(coef=0.0), ppo_epochs=1, minibatch_size=8)
+    results = []
+    for fused in (False, True):
+        model = copy.deepcopy(policy)
+        m = PPOModels(model, None, torch.optim.SGD(model.parameters(), lr=0.0), KLController(0.0, False, 6.0, 100),
+                      fused=fused, reference_free=True)
+        on_policy_exp = copy.deepcopy(exp)
+        on_policy_exp.old_logprobs, on_policy_exp.entropy, on_policy_exp.ref_logprobs = None, None, None
+        scoring_passes = []
+        real = stage_module.token_scores
+        monkeypatch.setattr(stage_module, "token_scores", lambda *a, **k: scoring_passes.append(1) or real(*a, **k))
+        update(m, on_policy_exp, registry.lookup("loss", loss, "policy"), cfg, "cpp")
+        assert len(scoring_passes) == (0 if fused else 1)  # fused: no scoring pass of its own
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        results.append((grad, on_policy_exp.old_logprobs, on_policy_exp.entropy))
+    (g_logits, old_logits, ent_logits), (g_fused, old_fused, ent_fused) = results
+    assert g_logits.abs().sum() > 0 and ent_fused.abs().sum() > 0
+    torch.testing.assert_close(g_fused, g_logits, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(old_fused, old_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ent_fused, ent_logits, rtol=1e-4, atol=1e-5)
