@@ -47,12 +47,17 @@ def main() -> None:
                         help="With --trl: the tiny model (default), or the realistic shapes (V=128256 and 32000).")
     parser.add_argument("--steps", type=int, default=3, help="With --shape: measured iterations (median).")
     parser.add_argument("--warmup", type=int, default=1, help="With --shape: warm-up iterations.")
+    parser.add_argument("--vocab", type=int, action="append",
+                        help="With --shape: only the shapes of this vocabulary size (repeatable).")
     parser.add_argument("--config", action="append", choices=[*RLHF_CONFIGS, TRL],
                         help=f"With --shape (repeatable); default: {', '.join(DEFAULT_CONFIGS)}.")
     args = parser.parse_args()
     out = Path(args.out)
     if args.trl and args.shape != "tiny":
-        results = run_shapes(SHAPES[args.shape], args.config or DEFAULT_CONFIGS, args.warmup, args.steps)
+        shapes = [shape for shape in SHAPES[args.shape] if not args.vocab or shape.vocab in args.vocab]
+        if not shapes:
+            parser.error(f"--vocab: {args.shape} has vocabularies {', '.join(str(s.vocab) for s in SHAPES[args.shape])}")
+        results = run_shapes(shapes, args.config or DEFAULT_CONFIGS, args.warmup, args.steps)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"e2e_trl_{args.shape}.json"
         path.write_text(json.dumps({"machine": machine(), "shapes": results}, indent=2))
