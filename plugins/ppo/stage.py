@@ -919,13 +919,16 @@ def policy_loss_problems(config: PPOConfig, registry) -> list[str]:
     if "ref_logprobs" in needs and config.kl.coef == 0:
         problems.append(f"kl.coef: policy loss {config.loss.name!r} needs the reference's log-probs, and kl.coef: 0 "
                         "means no reference; set kl.coef > 0")
-    if "engine_logprobs" in needs:
-        generator = registry.lookup("generator", config.generator).obj
-        if getattr(generator, "reports_logprobs", None) is False:
-            problems.append(f"generator: policy loss {config.loss.name!r} needs the engine's sampling log-probs, which "
-                            f"generator {config.generator.name!r} does not report (it samples from the trainer's "
-                            "weights); use generator: vllm, or another loss")
+    if "engine_logprobs" in needs and reports_no_logprobs(config, registry):
+        problems.append(f"generator: policy loss {config.loss.name!r} needs the engine's sampling log-probs, which "
+                        f"generator {config.generator.name!r} does not report (it samples from the trainer's "
+                        "weights); use generator: vllm, or another loss")
     return problems
+
+
+def reports_no_logprobs(config: PPOConfig, registry) -> bool:
+    """The configured generator declares that it reports no sampling log-probs (``hf``)."""
+    return getattr(registry.lookup("generator", config.generator).obj, "reports_logprobs", None) is False
 
 
 def sampling_problems(config: PPOConfig, registry) -> list[str]:
@@ -940,12 +943,10 @@ def sampling_problems(config: PPOConfig, registry) -> list[str]:
     if config.dynamic_sampling is not None and config.samples_per_prompt < 2:
         problems.append(f"dynamic_sampling: drops groups whose samples all got the same reward, which needs "
                         f"samples_per_prompt >= 2, got {config.samples_per_prompt}")
-    if config.rollout_correction is not None:
-        generator = registry.lookup("generator", config.generator).obj
-        if getattr(generator, "reports_logprobs", None) is False:
-            problems.append(f"rollout_correction: {config.rollout_correction.type} corrects for the gap between the "
-                            f"engine's sampling log-probs and the trainer's, and generator {config.generator.name!r} "
-                            "reports none (it samples from the trainer's own weights); remove it or use generator: vllm")
+    if config.rollout_correction is not None and reports_no_logprobs(config, registry):
+        problems.append(f"rollout_correction: {config.rollout_correction.type} corrects for the gap between the "
+                        f"engine's sampling log-probs and the trainer's, and generator {config.generator.name!r} "
+                        "reports none (it samples from the trainer's own weights); remove it or use generator: vllm")
     return problems
 
 
