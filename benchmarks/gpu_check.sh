@@ -3,7 +3,8 @@
 # kernel tests and the bf16 kernel benchmark at 128k/152k vocabularies, then the
 # checks added since: the pipeline on CUDA with LoRA, fused-linear, a GAE critic and reward model on
 # the policy's shared base (the offline default run's gold score must still rise), the same with the
-# `loop: rlhf` decode loop, and, where vLLM is installed, with `generator: vllm` (sleep mode on CUDA).
+# `loop: rlhf` decode loop, where vLLM is installed with `generator: vllm` (sleep mode on CUDA), and
+# DAPO's recipe on-policy (the one-pass fused update, dynamic sampling).
 # No network on that machine: the project is installed without dependencies. Logs and JSON/PNG go to
 # $OUT (or ./gpu_out). Budget: under 10 minutes in all.
 set -uo pipefail
@@ -35,3 +36,8 @@ if python3 -c "import vllm" 2>/dev/null; then
 else
   echo "vllm not installed on this machine: step 5 skipped" | tee "$out/vllm.txt"
 fi
+# 6. the GRPO family on CUDA: DAPO's recipe (clip-higher, dynamic sampling, overlong shaping, no reference),
+#    made on-policy (one epoch, one minibatch) so the fused update takes its log-probs and entropy in one pass
+timeout 120 rlhf run examples/configs/dapo.yaml --out "$out/run_dapo" --set stages.dapo.ppo_epochs=1 \
+  --set stages.dapo.minibatch_size=32 --set stages.dapo.iterations=30 >"$out/run_dapo.log" 2>&1
+python3 -c "import json,sys; d=json.load(open(sys.argv[1])); s=d['stages'].get('dapo', {}); print(sys.argv[1], d['status'], 'gold', s.get('eval_gold_start'), '->', s.get('eval_gold_end'))" "$out/run_dapo/summary.json"
