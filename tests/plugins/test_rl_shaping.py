@@ -244,3 +244,28 @@ def test_a_missing_teacher_fails_before_anything_trains(tmp_path):
     assert result.exit_code != 0
     assert f"stages[2].distill.teacher: {missing}: no such directory" in result.output
     assert not (tmp_path / "run" / "sft").exists()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_no_reference_with_kl_coef_0_and_a_lora_teacher_that_is_the_base_costs_no_copy(tmp_path, monkeypatch, lora):
+    """kl.coef 0 loads no reference; with LoRA, a distillation teacher that is the policy's own base
+    is that base with the adapters off: no model is loaded besides the policy, and at the first
+    iteration the student (zero-initialised adapters) equals its teacher exactly."""
+    if lora:
+        pytest.importorskip("peft")
+    loaded = []
+    real = StageContext.load_model
+    monkeypatch.setattr(StageContext, "load_model", lambda self, init, **kw: loaded.append(init) or real(self, init, **kw))
+    distill = ", distill: {teacher: base}" if lora else ""
+    stage = ("stages=[{stage: ppo, init: base, data: {train: 'builtin:letters', builtin_size: 40}, iterations: 2, "
+             "prompts_per_batch: 4, minibatch_size: 4, generation: {max_new_tokens: 6}, eval_every: 0, eval_prompts: 0, "
+             f"reward: length, kl: {{coef: 0}}{distill}}}]")
+    args = ["run", "--out", str(tmp_path / "run"), "--set", stage] + (["--set", "model.lora={r: 4}"] if lora else [])
+    result = CliRunner().invoke(cli, args, obj={})
+    assert result.exit_code == 0, result.output
+    assert loaded == []
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ppo = [r for r in rows if "reward_mean" in r]
+    assert len(ppo) == 2 and all(r["kl"] == 0 for r in ppo)
+    if lora:
+        assert ppo[0]["distill_kl"] == 0.0 and ppo[1]["distill_kl"] != 0.0
