@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 
 from rlhf_core import hookimpl
+from rlhf_core.data import last_index
 from rlhf_core.distributed import masked_mean
 from rlhf_core.interfaces import AdvantageInputs
 
@@ -182,8 +183,7 @@ class ReinforcePP:
         rewards = inputs.token_rewards.double() * mask  # [B, T]
         if self.baseline == "group":
             sums, counts, _ = group_stats(inputs.rewards, inputs.group_ids)
-            last = (mask.sum(1).long() - 1).clamp(min=0)
-            rewards[torch.arange(len(last), device=mask.device), last] -= sums / counts
+            rewards[torch.arange(len(mask), device=mask.device), last_index(mask)] -= sums / counts
         returns = torch.zeros_like(rewards)
         running = torch.zeros_like(rewards[:, 0])
         for t in reversed(range(rewards.shape[1])):

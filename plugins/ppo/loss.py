@@ -11,6 +11,7 @@ import torch
 
 import rlhf_kernels
 from rlhf_core import hookimpl
+from rlhf_core.data import last_index
 from rlhf_core.distributed import masked_mean
 from rlhf_core.interfaces import FusedPolicyLoss, PolicyLossInputs
 
@@ -243,7 +244,7 @@ def shape_rewards(rewards: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Te
     if dense is not None:
         token_rewards += dense * mask
         seq_rewards += (dense * mask).sum(1)
-    last = (mask.sum(1).long() - 1).clamp(min=0)  # [B] index of the last response token
+    last = last_index(mask)  # [B]
     token_rewards[torch.arange(len(last), device=mask.device), last] += rewards.float()
     return seq_rewards, token_rewards
 
@@ -270,13 +271,7 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, cache: int, pen
 
 def truncated_responses(labels: torch.Tensor, mask: torch.Tensor, eos_id: int) -> torch.Tensor:
     """``[B]`` bool: responses the sampling budget cut off, i.e. whose last token is not EOS."""
-    last = (mask.sum(1).long() - 1).clamp(min=0)
-    return labels.gather(1, last.unsqueeze(1)).squeeze(1) != eos_id
-
-
-#: Rollout corrections (``rollout_correction.type``) for a generator whose sampling probabilities
-#: differ from the trainer's; see :func:`rollout_correction`.
-CORRECTIONS = ("tis", "seq_tis", "mask", "seq_mask")
+    return labels.gather(1, last_index(mask).unsqueeze(1)).squeeze(1) != eos_id
 
 
 def rollout_correction(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor, kind: str, *,

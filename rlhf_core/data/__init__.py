@@ -26,7 +26,7 @@ from .records import DataError, DataNotes, IGNORE_INDEX, KINDS, KNOWN_ROLES, map
 from .formats import check_data_path, is_saved_dataset, read_records  # noqa: F401
 from .loading import data_inputs, dataset_components, held_out_count, load_records, load_split, split_records  # noqa: F401
 from .tokenize import encode_prompt, encode_response, fit_length, render_prompt, response_text, tokenize_scored, tokenize_sft, TokenStats  # noqa: F401
-from .collate import append_column, collate_scored, collate_sft, pad, shift_labels  # noqa: F401
+from .collate import append_column, collate_scored, collate_sft, last_index, pad, shift_labels  # noqa: F401
 
 #: The supported plugin API of this package (see docs/reference/api.md).
 __all__ = ["DataError", "Record", "TokenStats", "IGNORE_INDEX", "load_split", "load_records", "data_inputs",

@@ -13,6 +13,12 @@ def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the column of each row's last 1 in a left-aligned ``[B, T]`` mask (a response's last
+    token; 0 for an empty row)."""
+    return (mask.sum(1).long() - 1).clamp(min=0)
+
+
 def append_column(t: torch.Tensor, value: float | int) -> torch.Tensor:
     """``[B, T]`` -> ``[B, T + 1]`` with a last column of ``value``."""
     return torch.cat([t, t.new_full((t.shape[0], 1), value)], dim=1)
