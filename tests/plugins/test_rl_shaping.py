@@ -206,6 +206,15 @@ def test_tokens_out_of_the_loss_weigh_nothing(tiny, registry, fused, loss, agg):
      "samples_per_prompt >= 2, got 1"),
     (["stages.ppo.advantage={name: group_mean, scale: mean}"],
      "stages[2].advantage.scale: expected one of 'std', 'none' or bool, got 'mean'"),
+    (["stages.ppo.advantage={name: reinforce_pp, gamma: 1.5}"],
+     "stages[2].advantage: reinforce_pp: gamma must be in [0, 1], got 1.5"),
+    (["stages.ppo.overlong={cache: -1}"], "stages[2].overlong.cache: must be at least 0, got -1"),
+    (["stages.ppo.overlong={penalty: -1.0}"], "stages[2].overlong.penalty: must be a finite number >= 0, got -1.0"),
+    (["stages.ppo.distill={teacher: base, coef: 0}"], "stages[2].distill.coef: must be a finite number > 0, got 0.0"),
+    (["stages.ppo.dynamic_sampling={max_rounds: 2}", "stages.ppo.samples_per_prompt=2", "stages.ppo.reward=null",
+      "stages.ppo.distill={teacher: base}"],
+     "stages[2].dynamic_sampling: keeps groups whose rewards differ, and reward: null gives every sample 0; remove "
+     "dynamic_sampling or name a reward"),
 ])
 def test_bad_sampling_and_shaping_options_are_config_errors(registry, overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -269,3 +278,23 @@ def test_no_reference_with_kl_coef_0_and_a_lora_teacher_that_is_the_base_costs_n
     assert len(ppo) == 2 and all(r["kl"] == 0 for r in ppo)
     if lora:
         assert ppo[0]["distill_kl"] == 0.0 and ppo[1]["distill_kl"] != 0.0
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_before_training(tmp_path):
+    """Distillation scores the student's own token ids, so a teacher whose vocabulary differs is a
+    one-line error naming both, before any update."""
+    from transformers import ByT5Tokenizer
+
+    from rlhf_core.models import save_causal_lm
+
+    teacher = save_causal_lm(load_causal_lm(CFG, seed=7), ByT5Tokenizer(extra_ids=0), tmp_path / "teacher")
+    stage = (f"stages=[{{stage: ppo, init: base, data: {{train: 'builtin:letters', builtin_size: 40}}, iterations: 2, "
+             f"prompts_per_batch: 4, minibatch_size: 4, eval_every: 0, eval_prompts: 0, reward: length, "
+             f"distill: {{teacher: '{teacher}'}}}}]")
+    result = CliRunner().invoke(cli, ["run", "--out", str(tmp_path / "run"), "--set", stage], obj={})
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (f"stage 'ppo': distill.teacher '{teacher}' ({teacher}) has another tokenizer than the policy "
+            "(builtin:tiny); on-policy distillation scores the policy's own tokens, so the teacher must share its "
+            "vocabulary") in result.output
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or "reward_mean" not in metrics.read_text()  # no PPO iteration ran
