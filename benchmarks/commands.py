@@ -74,6 +74,28 @@ def bench_rollout(tiny_only, out) -> None:
     rollout.run(out_dir=out, echo=click.echo, larger=not tiny_only)
 
 
+@bench.command("algorithms")
+@click.option("--algorithm", "algorithms", multiple=True, metavar="NAME[=YAML]",
+              help="A built-in recipe (grpo, dr_grpo, dapo, gspo, cispo, rloo, reinforce_pp, ppo_gae) or NAME={ppo "
+                   "stage keys} for a plugin's loss or estimator (repeatable). Default: every built-in.")
+@click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1), help="Seeds 0..N-1 per algorithm.")
+@click.option("--iterations", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--samples", "samples_per_iteration", default=256, show_default=True, type=click.IntRange(min=8),
+              help="Responses sampled per iteration (a multiple of 8), the same for every algorithm.")
+@click.option("--eval-every", default=25, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", default="bench_out", show_default=True, type=click.Path(file_okay=False))
+def bench_algorithms(algorithms, seeds, iterations, samples_per_iteration, eval_every, out) -> None:
+    """Every RL algorithm on builtin:arith: the same sample budget, seeds and SFT warm-up; held-out
+    accuracy (mean +- std over seeds), reward, KL, response length and wall time; JSON and PNG."""
+    from . import algorithms as algos
+
+    try:
+        algos.run(list(algorithms or algos.BUILT_IN), list(range(seeds)), iterations=iterations,
+                  samples_per_iteration=samples_per_iteration, eval_every=eval_every, out_dir=out, echo=click.echo)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 @hookimpl
 def rlhf_register_commands(cli):
     cli.add_command(bench)

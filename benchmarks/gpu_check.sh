@@ -4,7 +4,8 @@
 # checks added since: the pipeline on CUDA with LoRA, fused-linear, a GAE critic and reward model on
 # the policy's shared base (the offline default run's gold score must still rise), the same with the
 # `loop: rlhf` decode loop, where vLLM is installed with `generator: vllm` (sleep mode on CUDA), and
-# DAPO's recipe on-policy (the one-pass fused update, dynamic sampling).
+# DAPO's recipe on-policy (the one-pass fused update, dynamic sampling), and the verifiable-rewards recipe
+# with a judge reward on the GPU.
 # No network on that machine: the project is installed without dependencies. Logs and JSON/PNG go to
 # $OUT (or ./gpu_out). Budget: under 10 minutes in all.
 set -uo pipefail
@@ -41,3 +42,8 @@ fi
 timeout 120 rlhf run examples/configs/dapo.yaml --out "$out/run_dapo" --set stages.dapo.ppo_epochs=1 \
   --set stages.dapo.minibatch_size=32 --set stages.dapo.iterations=30 >"$out/run_dapo.log" 2>&1
 python3 -c "import json,sys; d=json.load(open(sys.argv[1])); s=d['stages'].get('dapo', {}); print(sys.argv[1], d['status'], 'gold', s.get('eval_gold_start'), '->', s.get('eval_gold_end'))" "$out/run_dapo/summary.json"
+# 7. verifiable rewards on CUDA: the arith recipe (SFT, then GRPO with math + format; held-out accuracy
+#    must rise), with a judge reward (a causal LM's verdict probability, on the trainer's GPU) at weight 0
+timeout 150 rlhf run examples/configs/grpo_arith.yaml --out "$out/run_arith" --set stages.grpo.iterations=80 \
+  --set "stages.grpo.reward=[{name: math}, {name: format, pattern: '<answer>-?\\d+</answer>', weight: 0.2}, {name: judge, model: base, yes: 'Y', no: 'N', weight: 0.0}]" \
+  >"$out/run_arith.log" 2>&1; grep -E "judge|Error" "$out/run_arith.log" | head -3; gold "$out/run_arith/summary.json"

@@ -106,6 +106,7 @@ def run_one(args: dict) -> dict:
 
     from rlhf_core.config import ComponentSpec
     from rlhf_core.data import collate_sft
+    from rlhf_core.interfaces import RewardSum
     from rlhf_core.distributed import peak_rss_mb
     from rlhf_plugins.ppo.advantages import GAE, BatchMeanBaseline
     from rlhf_core.plugins import build_registry, get_plugin_manager
@@ -119,10 +120,12 @@ def run_one(args: dict) -> dict:
     tokenizer = word_tokenizer(args["vocab"])
     policy, reference = build(args)
     gen = torch.Generator().manual_seed(1)
-    reward = lambda p, r: torch.randn(len(r), generator=gen)  # noqa: E731  (ppo: the reward model is not compared)
+    # ppo: the reward model is not compared
+    reward = RewardSum([("reward", 1.0, lambda p, r, rows: torch.randn(len(r), generator=gen))])
     estimator, critic, critic_opt, shared = BatchMeanBaseline(), None, None, None
     if args["what"] == "ppo+rm+critic":
-        reward, critic, shared = scalar_models(args, policy, tokenizer)
+        judge, critic, shared = scalar_models(args, policy, tokenizer)
+        reward = RewardSum([("reward_model", 1.0, lambda p, r, rows: judge(p, r))])
         critic_opt = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=1e-5)
         estimator = GAE()
     params = shared.parameters_of("default") if shared else [p for p in policy.parameters() if p.requires_grad]
@@ -137,7 +140,7 @@ def run_one(args: dict) -> dict:
                            fused=args["fused"], policy_params=params, shared=shared)
         for _ in range(2):
             t0 = time.perf_counter()
-            exp = make_experience(models, prompts, tokenizer, reward, estimator, config, torch.device("cpu"), None)
+            exp = make_experience(models, prompts, [{}] * len(prompts), tokenizer, reward, estimator, config, torch.device("cpu"), None)
             t1 = time.perf_counter()
             update(models, exp, ppo_clip, config, None)
             times.append((time.perf_counter() - t0, exp.time_generate, t1 - t0 - exp.time_generate, time.perf_counter() - t1))

@@ -51,6 +51,7 @@ def measure(which: str, engine: str, *, prompts: int, samples: int, new_tokens: 
     """Tokens/s of one timed generate (after a warm-up), then one PPO iteration's split."""
     from rlhf_core.config import ComponentSpec
     from rlhf_core.data import encode_prompt
+    from rlhf_core.interfaces import RewardSum
     from rlhf_plugins.ppo.advantages import GroupMeanBaseline
     from rlhf_plugins.ppo.generators import HFGenerator
     from rlhf_core.plugins import build_registry, get_plugin_manager
@@ -93,9 +94,9 @@ def measure(which: str, engine: str, *, prompts: int, samples: int, new_tokens: 
         models = PPOModels(policy, None, torch.optim.AdamW(policy.parameters(), lr=1e-6),
                            KLController(0.04, False, 6.0, 10000), fused=True)
         models.reference = _frozen_copy(policy)
-        reward = lambda p, r: torch.tensor([float(len(x)) for x in r])  # noqa: E731
+        reward = RewardSum([("reward", 1.0, lambda p, r, rows: torch.tensor([float(len(x)) for x in r]))])
         t1 = time.perf_counter()
-        exp = make_experience(models, texts, tokenizer, reward, GroupMeanBaseline(), config, ctx.device, None, generator)
+        exp = make_experience(models, texts, [{}] * len(texts), tokenizer, reward, GroupMeanBaseline(), config, ctx.device, None, generator)
         t2 = time.perf_counter()
         update(models, exp, ppo_clip, config, None)
         generator.update_weights(models.policy)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from rlhf_core.config import ComponentSpec
+from rlhf_core.interfaces import RewardSum
 from rlhf_core.plugins import build_registry, get_plugin_manager
 from rlhf_plugins.ppo.advantages import GroupMeanBaseline
 from rlhf_plugins.ppo.generators import HFGenerator
@@ -76,7 +77,7 @@ def rlhf_iteration_seconds(steps: int, fused: bool, engine: str = "hf") -> float
                        kl=KLConfig(coef=0.04, estimator="k3", placement="loss"))
     models = PPOModels(policy, reference, torch.optim.AdamW(policy.parameters(), lr=1e-5),
                        KLController(0.04, False, 6.0, 10000), fused=fused)
-    score = lambda p, r: torch.tensor(reward(p, r))  # noqa: E731
+    score = RewardSum([("reward", 1.0, lambda p, r, rows: torch.tensor(reward(p, r)))])
     generator = None
     if engine == "hf-loop":  # the hf engine with its own decode loop (loop: rlhf)
         ctx = types.SimpleNamespace(device=torch.device("cpu"), seed=0, name="ppo")
@@ -91,7 +92,7 @@ def rlhf_iteration_seconds(steps: int, fused: bool, engine: str = "hf") -> float
     torch.manual_seed(0)
     for _ in range(steps + 2):
         t0 = time.perf_counter()
-        exp = make_experience(models, PROMPTS, tokenizer, score, GroupMeanBaseline(), config, torch.device("cpu"), None,
+        exp = make_experience(models, PROMPTS, [{}] * len(PROMPTS), tokenizer, score, GroupMeanBaseline(), config, torch.device("cpu"), None,
                               generator)
         update(models, exp, ppo_clip, config, None)
         if generator is not None:
@@ -257,14 +258,14 @@ def rlhf_shape_worker(shape: Shape, model_dir: str, setup: dict, warmup: int, st
     ctx = types.SimpleNamespace(device=torch.device("cpu"), seed=0, name="ppo")
     generator = Rollouts(types.SimpleNamespace(kind="generator", name="hf", plugin="bench"),
                          HFGenerator(ctx, policy, tokenizer, loop=setup["loop"]))
-    score = lambda p, r: torch.tensor(digit_reward(p, r))  # noqa: E731
+    score = RewardSum([("reward", 1.0, lambda p, r, rows: torch.tensor(digit_reward(p, r)))])
     prompts = shape_prompts(shape, shape.prompts)
     setup_rss = _memory()["rss"]
     torch.manual_seed(0)
     rows = []
     for _ in range(warmup + steps):
         t0 = time.perf_counter()
-        exp = make_experience(models, prompts, tokenizer, score, GroupMeanBaseline(scale="std"), config,
+        exp = make_experience(models, prompts, [{}] * len(prompts), tokenizer, score, GroupMeanBaseline(scale="std"), config,
                               torch.device("cpu"), None, generator)
         t1 = time.perf_counter()
         update(models, exp, loss_entry, config, None)

@@ -73,6 +73,7 @@ class RewardStage:
     """Reward-model training: setup (data, backbone + head) -> loop -> save (backbone + head)."""
 
     config_class = RewardConfig
+    produces = "reward"
 
     def components(self, config: RewardConfig):
         """The loss and builtin datasets this stage will look up."""

@@ -84,6 +84,7 @@ class SFTStage:
     """Supervised fine-tuning: setup (data, model) -> loop (Trainer) -> save (save_pretrained)."""
 
     config_class = SFTConfig
+    produces = "policy"
 
     def components(self, config: SFTConfig):
         """The loss and builtin datasets this stage will look up."""

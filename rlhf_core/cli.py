@@ -290,16 +290,20 @@ def _sampling_options(fn):
     return fn
 
 
-def _prompts(texts: tuple[str, ...], path: str | None, registry, tokenizer, seed: int, limit: int | None) -> list[str]:
+def _prompts(texts: tuple[str, ...], path: str | None, registry, tokenizer, seed: int, limit: int | None,
+             extra: dict[str, str] | None = None) -> tuple[list[str], list[dict]]:
+    """The prompts of ``--prompt`` and a prompts file, and each one's data record (``extra``: the
+    fields a reward reads, which the file's records must have)."""
     from .data import load_records, render_prompt
 
-    prompts = list(texts)
+    prompts, rows = list(texts), [{} for _ in texts]
     if path:
-        records = load_records(path, "prompts", registry, seed=seed, builtin_size=limit or 64)
+        records = load_records(path, "prompts", registry, seed=seed, builtin_size=limit or 64, extra=extra)
         prompts += [render_prompt(tokenizer, r.fields) for r in records]
+        rows += [r.fields for r in records]
     if not prompts:
         raise click.UsageError("give at least one --prompt TEXT or a prompts file")
-    return prompts[:limit] if limit else prompts
+    return (prompts[:limit], rows[:limit]) if limit else (prompts, rows)
 
 
 @cli.command("generate")
@@ -322,7 +326,7 @@ def generate_command(ctx: click.Context, model_dir, texts, path, n, limit, tempe
     try:
         registry = build_registry(_plugin_manager(ctx, local_plugins))
         tokenizer, model, dev = load_policy(model_dir, device)
-        prompts = _prompts(texts, path, registry, tokenizer, seed, limit)
+        prompts, _ = _prompts(texts, path, registry, tokenizer, seed, limit)
         torch.manual_seed(seed)
         roll = generate(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts for _ in range(n)],
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, device=dev)
@@ -354,7 +358,7 @@ def eval_command(ctx: click.Context, model_dir, path, reward, gold, limit, tempe
     """Mean reward (and gold score) of one sample per prompt: the numbers PPO's evaluation reports
     (the same function, the same seed gives the same samples)."""
     from .config import ComponentSpec, ConfigError, ModelConfig, RunConfig, check_options, coerce
-    from .interfaces import StageContext
+    from .interfaces import CheckedReward, RewardSum, StageContext, reward_fields
     from .sampling import evaluate_samples
 
     try:
@@ -377,10 +381,14 @@ def eval_command(ctx: click.Context, model_dir, path, reward, gold, limit, tempe
         stage_ctx = StageContext(name="eval", stage_dir=Path(model_dir), registry=registry, tracker=None, device=dev,
                                  run_config=RunConfig(model=ModelConfig(name_or_path=model_dir, device=device)),
                                  seed=seed, results={})
-        judges = {name: _checked_reward(registry, spec, stage_ctx) for name, spec in specs.items()}
-        prompts = _prompts((), path, registry, tokenizer, seed, limit)
+        entries = {name: registry.lookup("reward", spec) for name, spec in specs.items()}
+        extra = {field: f"--{name} {spec.name!r}" for name, spec in specs.items()
+                 for field in reward_fields(entries[name], spec.options)}
+        prompts, rows = _prompts((), path, registry, tokenizer, seed, limit, extra)
+        judges = {name: RewardSum([(spec.name, 1.0, CheckedReward(entries[name], stage_ctx, spec.options))])
+                  for name, spec in specs.items()}
         result = evaluate_samples(model, tokenizer, prompts, judges, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_p=top_p, device=dev, seed=seed)
+                                  temperature=temperature, top_p=top_p, device=dev, seed=seed, rows=rows)
     except (USER_ERRORS + (yaml.YAMLError,)) as exc:
         raise _user_error(exc) from None
     result["prompts"] = len(prompts)
@@ -389,14 +397,6 @@ def eval_command(ctx: click.Context, model_dir, path, reward, gold, limit, tempe
         return
     for key, value in result.items():
         click.echo(f"{key:<10} {value:.4f}" if isinstance(value, float) else f"{key:<10} {value}")
-
-
-def _checked_reward(registry, spec, stage_ctx):
-    from .interfaces import checked_rewards
-
-    entry = registry.lookup("reward", spec)
-    fn = entry.obj(stage_ctx, **spec.options)
-    return lambda prompts, responses: checked_rewards(entry, fn, prompts, responses)
 
 
 def load_policy(model_dir: str, device: str):

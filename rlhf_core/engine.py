@@ -89,14 +89,15 @@ def preflight(prepared: Prepared, echo=print) -> list[dict[str, int]]:
         problem = check_model_source(value, what=what) if value else None
         if problem:
             problems.append(f"model.{key}: {problem}")
-    earlier: list[str] = []
+    earlier: dict[str, str | None] = {}  # earlier stage name -> what it produces (None: not declared)
     for i, spec in enumerate(config.stages):
         stage = registry.get("stage", spec.stage, plugin=spec.plugin).obj()
         sizes.append({})
         for item in stage.inputs(spec.config, registry) if hasattr(stage, "inputs") else []:
             path = f"stages[{i}].{item.path}"
-            if item.kind == "model":
-                problem = _check_init(item.value, earlier)
+            if item.kind in ("model", "reward_model"):
+                problem = (_check_init(item.value, list(earlier)) if item.kind == "model"
+                           else _check_reward_model(item.value, earlier))
                 if problem:
                     problems.append(f"{path}: {problem}")
                 continue
@@ -104,12 +105,12 @@ def preflight(prepared: Prepared, echo=print) -> list[dict[str, int]]:
             try:
                 sizes[-1][item.path] = len(load_records(item.value, item.data_kind, registry, seed=config.seed,
                                                         builtin_size=item.builtin_size, notes=notes,
-                                                        fields=item.fields, split=item.split))
+                                                        fields=item.fields, split=item.split, extra=item.extra))
             except DataError as exc:
                 problems.append(f"{path}: {exc}")
             for line in notes.lines(f"stage {spec.name!r} {item.path}"):
                 echo(f"rlhf: warning: {line}")
-        earlier.append(spec.name)
+        earlier[spec.name] = getattr(stage, "produces", None)
     if config.distributed.cpu_offload and resolve_device(config.model.device).type != "cuda":
         problems.append("distributed.cpu_offload: moves sharded parameters from GPU to CPU memory; this run is on "
                         "the CPU already, so leave it off")
@@ -146,6 +147,25 @@ def _check_init(value: str, earlier: list[str]) -> str | None:
             return None
         return f"{value!r} names no earlier stage; earlier stages: {', '.join(earlier) or '(none)'}"
     return check_model_source(value)
+
+
+def _check_reward_model(value: str, earlier: dict[str, str | None]) -> str | None:
+    """Why a trained reward model cannot come from ``value`` (``auto``, ``@STAGE`` or a directory
+    the reward's own option check has already looked at), or None. Scoring with a fresh head on
+    the base model would train against noise and still exit 0, so it is refused up front."""
+    if value == "auto":
+        if any(kind in ("reward", None) for kind in earlier.values()):
+            return None
+        return (f"'auto' means the latest earlier stage that trains a reward model, and there is none (earlier "
+                f"stages: {', '.join(earlier) or '(none)'}); an untrained reward head would score noise. Add a "
+                "reward stage before this one, set path to a trained reward model directory, or use another reward "
+                "(math, exact_match, format, code, remote, judge, ...)")
+    if value.startswith("@"):
+        if value[1:] not in earlier:
+            return f"{value!r} names no earlier stage; earlier stages: {', '.join(earlier) or '(none)'}"
+        if earlier[value[1:]] not in ("reward", None):
+            return f"{value!r} names stage {value[1:]!r}, which trains a {earlier[value[1:]]}, not a reward model"
+    return None
 
 
 class RunDir:

@@ -49,12 +49,11 @@ def rlhf_register_losses(register):
 
 @hookspec
 def rlhf_register_rewards(register):
-    """Register rewards used by the PPO stage.
+    """Register rewards used by the PPO stage (and ``rlhf eval``).
 
     :param register: ``register(name, reward_class)``; the class follows
-        :class:`rlhf_core.interfaces.Reward`: built as ``reward_class(ctx, **options)`` once per
-        stage, then called ``reward(prompts, responses) -> Tensor [B]`` of finite floats (checked:
-        anything else stops the stage with an error naming the reward). A static
+        :class:`rlhf_core.interfaces.Reward` (the contract: construction, the call, the optional
+        ``fields`` it reads from the data and ``inputs`` it loads). A static
         ``check_options(**options)`` that raises ``ValueError`` validates option values before
         anything trains (the constructor needs ``ctx``, so the host cannot simply build one).
     :return: nothing.

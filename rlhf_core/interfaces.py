@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # annotations only: these modules import this one
 
 #: The supported plugin API of this module (see docs/reference/api.md).
 __all__ = ["Stage", "StageContext", "StageResult", "StageInput", "StageError", "ComponentError", "TokenLoss",
-           "ScoreLoss", "PairwiseLoss", "PolicyLoss", "PolicyLossInputs", "FusedPolicyLoss", "Reward", "AdvantageInputs", "AdvantageEstimator",
+           "ScoreLoss", "PairwiseLoss", "PolicyLoss", "PolicyLossInputs", "FusedPolicyLoss", "Reward", "CheckedReward", "RewardSum", "reward_fields", "AdvantageInputs", "AdvantageEstimator",
            "TrackerBackend", "Generator", "checked_rewards", "checked_advantages", "checked_rollout"]
 
 class StageError(UserError, ValueError):
@@ -41,8 +41,12 @@ class StageInput:
 
     ``path``: where it is set in the stage's config (``data.train``, ``init``); ``kind``:
     ``"data"`` (``value`` is a data file or ``builtin:NAME``, read and validated as ``data_kind``
-    records, ``builtin_size`` of them for a builtin, columns renamed by ``fields``, 🤗 ``split``) or ``"model"`` (``value`` is an init source:
-    ``auto``, ``base``, ``@STAGE`` naming an earlier stage, or a directory / hub id).
+    records, ``builtin_size`` of them for a builtin, columns renamed by ``fields``, 🤗 ``split``;
+    ``extra``: the fields a component reads beside the kind's own, ``{field: who reads it}``, e.g.
+    ``{"answer": "reward 'math'"}``), ``"model"`` (``value`` is an init source: ``auto``,
+    ``base``, ``@STAGE`` naming an earlier stage, or a directory / hub id) or ``"reward_model"``
+    (``value`` is where a trained reward model comes from: ``auto`` needs an earlier stage that
+    trains one, ``@STAGE`` must name one, a directory must hold one).
     """
 
     path: str
@@ -52,6 +56,7 @@ class StageInput:
     builtin_size: int = 0
     fields: dict[str, str] | None = None
     split: str = "train"
+    extra: dict[str, str] | None = None
 
 
 @dataclass
@@ -226,7 +231,10 @@ class Stage(Protocol):
     ``inputs(config, registry) -> list[StageInput]`` lists the data and models it reads, which the
     host checks before the first stage trains; an optional ``plan(config, registry, sizes) -> {label:
     value}`` says what the stage would do for ``rlhf run --dry-run`` (``sizes``: the record count of
-    each data input by its config path, e.g. ``{"data.train": 1800}``); ``run`` does the work.
+    each data input by its config path, e.g. ``{"data.train": 1800}``); an optional class attribute
+    ``produces`` (``"policy"`` or ``"reward"``, the :attr:`StageResult.kind` it returns) lets the
+    host check before anything trains that a later stage reading a trained reward model
+    (``path: auto``) has one to read; ``run`` does the work.
     """
 
     config_class: ClassVar[type]
@@ -319,12 +327,77 @@ class PolicyLoss(Protocol):
 
 @runtime_checkable
 class Reward(Protocol):
-    """Scores responses: built as ``cls(ctx: StageContext, **options)``.
+    """Scores responses: built as ``cls(ctx: StageContext, **options)`` once per stage.
 
-    ``__call__(prompts: list[str], responses: list[str]) -> Tensor [B]`` (float, on any device).
+    ``__call__(prompts: list[str], responses: list[str], **fields) -> Tensor [B]`` (finite floats,
+    on any device), one score per response.
+
+    ``fields`` (optional, class attribute) names the prompt records' data fields the reward reads
+    (``("answer",)``, ``("tests",)``), or is a function of the reward's options returning them
+    (``fields = staticmethod(lambda *, template, **_: ...)``). The host checks that every record
+    of the stage's data has them before anything trains (a missing one is a ``FILE:LINE`` error;
+    ``data.fields`` maps other column names onto them) and passes each as a keyword argument: a
+    list aligned with ``responses`` (a prompt's value repeated for each of its samples). A reward
+    without ``fields`` is called with prompts and responses alone.
+
+    ``inputs(**options) -> list[StageInput]`` (optional, static) lists the models it reads, checked
+    with the stage's own inputs before anything trains (``reward_model``: a trained reward model
+    that ``path: auto`` must find in an earlier stage).
     """
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor: ...
+    def __call__(self, prompts: list[str], responses: list[str], **fields: list[Any]) -> torch.Tensor: ...
+
+
+def reward_fields(entry: Any, options: dict[str, Any]) -> tuple[str, ...]:
+    """The data fields a registered reward reads with these ``options`` (see :class:`Reward`):
+    its ``fields`` attribute, called with the options when it is a function. A value that is not a
+    list of field names is a :class:`ComponentError` naming the reward."""
+    declared = getattr(entry.obj, "fields", ())
+    try:
+        names = declared(**options) if callable(declared) else declared
+    except (TypeError, ValueError) as exc:
+        raise ComponentError(f"{describe(entry)}: its fields could not be computed from its options: {exc}") from exc
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+        raise ComponentError(f"{describe(entry)} declares fields {names!r}; expected a tuple of field names such as "
+                             "('answer',)")
+    return tuple(names)
+
+
+class CheckedReward:
+    """A reward component as the host calls it: built from its registry ``entry`` and ``options``
+    with ``ctx``; each call passes the declared :func:`reward_fields` of ``rows`` (the data records'
+    fields, aligned with the responses) and checks the output (:func:`checked_rewards`)."""
+
+    def __init__(self, entry: Any, ctx: Any, options: dict[str, Any]):
+        self.entry, self.fields = entry, reward_fields(entry, options)
+        self.reward = entry.obj(ctx, **options)
+
+    def __call__(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]] | None = None) -> torch.Tensor:
+        """``[B]`` float32 scores of ``responses``."""
+        if self.fields and (rows is None or len(rows) != len(responses)):
+            raise ComponentError(f"{describe(self.entry)} reads the data fields {', '.join(self.fields)}, and "
+                                 "this caller gives no data records with the responses")
+        values = {name: [row[name] for row in rows] for name in self.fields} if self.fields else {}
+        return checked_rewards(self.entry, self.reward, prompts, responses, values)
+
+
+class RewardSum:
+    """A weighted sum of rewards, ``total = sum_i w_i * r_i``: ``terms`` are ``(name, weight,
+    reward)`` with ``reward(prompts, responses, rows) -> [B]`` (a :class:`CheckedReward`). One
+    term of weight 1 is that reward unchanged."""
+
+    def __init__(self, terms: list[tuple[str, float, Callable[..., torch.Tensor]]]):
+        self.terms = terms
+
+    def score(self, prompts: list[str], responses: list[str],
+              rows: list[dict[str, Any]] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(total [B], parts)``: ``parts`` maps each term's name to its unweighted scores ``[B]``
+        (empty for a single term of weight 1, whose scores are the total)."""
+        parts = {name: reward(prompts, responses, rows) for name, _, reward in self.terms}
+        if len(self.terms) == 1 and self.terms[0][1] == 1.0:
+            return parts[self.terms[0][0]], {}
+        total = sum(weight * parts[name] for name, weight, _ in self.terms)
+        return total, parts
 
 
 @dataclass
@@ -382,12 +455,14 @@ def describe(entry: Any) -> str:
     return f"{human} {entry.name!r} (plugin {entry.plugin!r})"
 
 
-def checked_rewards(entry: Any, reward: Any, prompts: list[str], responses: list[str]) -> torch.Tensor:
-    """Call ``reward(prompts, responses)`` and check the :class:`Reward` contract: a float tensor of
-    shape ``[B]`` with finite values. Anything else is a :class:`ComponentError` naming the reward."""
+def checked_rewards(entry: Any, reward: Any, prompts: list[str], responses: list[str],
+                    fields: dict[str, list[Any]] | None = None) -> torch.Tensor:
+    """Call ``reward(prompts, responses, **fields)`` and check the :class:`Reward` contract: a float
+    tensor of shape ``[B]`` with finite values. Anything else is a :class:`ComponentError` naming
+    the reward."""
     who, n = describe(entry), len(responses)
     try:
-        out = reward(prompts, responses)
+        out = reward(prompts, responses, **(fields or {}))
     except Exception as exc:
         raise ComponentError(f"{who} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(out, torch.Tensor):

@@ -7,7 +7,7 @@ derived from the attention mask so that later forward passes see the positions `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 
@@ -178,23 +178,28 @@ def pad_prompts(tokenizer, prompt_ids: list[list[int]], device: torch.device) ->
 
 
 @torch.no_grad()
-def evaluate_samples(policy, tokenizer, prompts: list[str], judges: dict[str, Callable[[list[str], list[str]], torch.Tensor]],
-                     *, max_new_tokens: int, temperature: float, top_p: float, device: torch.device,
-                     seed: int) -> dict[str, float]:
-    """Mean score of fresh samples under each judge (``name -> reward(prompts, responses) -> [B]``),
-    one sample per prompt, drawn with the RNG seeded with ``seed`` (``seed + rank``) inside a
-    forked RNG, so that two policies are compared on the same random stream and the caller's RNG
-    is untouched. With several processes each rank samples its share of ``prompts``; the means
-    are over all of them. PPO's held-out evaluation is this function."""
-    share = dist_utils.shard(prompts)
+def evaluate_samples(policy, tokenizer, prompts: list[str], judges: dict[str, Any], *, max_new_tokens: int,
+                     temperature: float, top_p: float, device: torch.device, seed: int,
+                     rows: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """Mean score of fresh samples under each judge (``name ->`` a
+    :class:`~rlhf_core.interfaces.RewardSum`, scoring ``(prompts, responses, rows)``), one sample
+    per prompt, drawn with the RNG seeded with ``seed`` (``seed + rank``) inside a forked RNG, so
+    that two policies are compared on the same random stream and the caller's RNG is untouched.
+    ``rows``: each prompt's data record (the fields rewards read), aligned with ``prompts``. With
+    several processes each rank samples its share of ``prompts``; the means are over all of them.
+    PPO's held-out evaluation is this function."""
+    rows = rows if rows is not None else [{} for _ in prompts]
+    share, share_rows = dist_utils.shard(prompts), dist_utils.shard(rows)
     real = 1.0 if share else 0.0
-    share = share or prompts[:1]  # a rank without prompts still takes part in the sharded forwards
+    if not share:  # a rank without prompts still takes part in the sharded forwards
+        share, share_rows = prompts[:1], rows[:1]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed + dist_utils.rank())
         policy.eval()
         roll = generate(policy, tokenizer, [encode_prompt(tokenizer, p) for p in share],
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, device=device)
-    sums = torch.tensor([real * float(fn(share, roll.responses).double().sum()) for fn in judges.values()]
+    sums = torch.tensor([real * float(fn.score(share, roll.responses, share_rows)[0].double().sum())
+                         for fn in judges.values()]
                         + [real * len(share)], dtype=torch.float64, device=device)
     sums = dist_utils.all_reduce_sum(sums)
     return {name: float(sums[i] / sums[-1]) for i, name in enumerate(judges)}

@@ -9,7 +9,9 @@ import torch
 from rlhf_core import distributed as dist_utils
 from rlhf_core import hookimpl
 from rlhf_core.data import encode_prompt, encode_response, pad
+from rlhf_core.interfaces import StageError, StageInput
 from rlhf_core.models import REWARD_MARKER, is_reward_model_dir, load_tokenizer
+from rlhf_core.tracking import is_main_process
 
 
 class RewardModelReward:
@@ -22,6 +24,12 @@ class RewardModelReward:
     def __init__(self, ctx, *, path: str = "auto", batch_size: int = 64):
         self.check_options(path=path, batch_size=batch_size)
         source = ctx.init_source(path, "reward")
+        if not is_reward_model_dir(source):  # the base model with a fresh head would score noise
+            raise StageError(f"stage {ctx.name!r}: reward_model: path {path!r} resolves to {source}, which is not a "
+                             f"trained reward model (no {REWARD_MARKER}); train one with a reward stage first, or "
+                             "point path at a reward stage's output directory")
+        if is_main_process():
+            print(f"{ctx.name}: reward = the reward model in {source}")
         # its own frozen copy, or (LoRA PPO sharing the policy's base) an adapter + head on the policy
         self.model = ctx.load_scalar_model(source, name="reward", trainable=False)
         self.tokenizer = load_tokenizer(ctx.run_config.model, source)
@@ -35,6 +43,12 @@ class RewardModelReward:
         if path != "auto" and not path.startswith("@") and not is_reward_model_dir(path):
             what = "no such directory" if not Path(path).exists() else f"not a saved reward model (no {REWARD_MARKER})"
             raise ValueError(f"reward_model: path {path!r}: {what}; use auto, @STAGE or a reward stage's output directory")
+
+    @staticmethod
+    def inputs(*, path: str = "auto", batch_size: int = 64) -> list[StageInput]:
+        """What it reads, checked before anything trains: a trained reward model (``auto`` needs an
+        earlier stage that trains one)."""
+        return [StageInput("path", "reward_model", path)]
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:

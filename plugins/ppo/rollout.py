@@ -24,7 +24,8 @@ class Samples:
     scores plus the overlong shaping (zeros with ``reward: null``); ``group_ids [B]``: the prompt
     each row answers; ``truncated [B]``: no EOS within ``max_new_tokens``; ``overlong [B]``: the
     overlong penalty included in ``rewards`` (0 without it); ``time_generate``: seconds spent
-    sampling; ``stats``: what the sampling logs (dynamic sampling's rounds and groups).
+    sampling; ``stats``: what the sampling logs (dynamic sampling's rounds and groups);
+    ``reward_parts``: with several weighted rewards, each one's unweighted scores ``[B]`` by name.
     """
 
     rollout: Rollout
@@ -34,6 +35,7 @@ class Samples:
     overlong: torch.Tensor
     time_generate: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
+    reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

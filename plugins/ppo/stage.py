@@ -9,6 +9,7 @@ the reward model's blind spots.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 import random
@@ -23,12 +24,14 @@ import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core import distributed as dist_utils
 from rlhf_core.checkpoint import honour_stop_requests
-from rlhf_core.config import AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, ComponentSpec, DataConfig, rule_problems
+from rlhf_core.config import (
+    AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, ComponentSpec, DataConfig, WeightedComponent, rule_problems,
+)
 from rlhf_core.distributed import masked_mean
 from rlhf_core.data import TokenStats, data_inputs, dataset_components, encode_prompt, load_split, render_prompt
 from rlhf_core.interfaces import (
-    AdvantageInputs, ComponentError, PolicyLossInputs, StageError, StageInput, StageResult, checked_advantages, checked_rewards, checked_rollout,
-    describe,
+    AdvantageInputs, CheckedReward, ComponentError, RewardSum, PolicyLossInputs, StageError, StageInput, StageResult, checked_advantages,
+    checked_rollout, describe, reward_fields,
 )
 from rlhf_core.sampling import concat_rollouts, evaluate_samples, generate
 from rlhf_core.models import (
@@ -190,9 +193,11 @@ class PPOConfig:
     init: str = "auto"
     """Policy and frozen reference: ``auto`` (the latest policy stage, else the base model), ``base``, ``@STAGE`` or a
     path. With ``model.lora`` the reference is the policy with its adapters disabled."""
-    reward: ComponentSpec | None = field(default_factory=lambda: ComponentSpec("reward_model"))
-    """A registered reward (component): ``reward_model`` (``path: auto`` = the latest reward stage), ``length``,
-    ``letters_gold`` or a plugin's; null = none (with ``distill``, learning from the teacher alone)."""
+    reward: ComponentSpec | list[WeightedComponent] | None = field(default_factory=lambda: ComponentSpec("reward_model"))
+    """A registered reward (component): ``reward_model`` (``path: auto`` = the latest reward stage), ``math``,
+    ``exact_match``, ``format``, ``code``, ``remote``, ``judge``, ``length``, ``letters_gold`` or a plugin's; a list
+    ``[{name: math, weight: 1.0}, {name: format, weight: 0.2}]`` sums weighted rewards (each logged as
+    ``reward_<name>``); null = none (with ``distill``, learning from the teacher alone)."""
     advantage: ComponentSpec = field(default_factory=lambda: ComponentSpec("batch_mean"))
     """Advantage estimator (component): ``batch_mean``, ``ema``, ``group_mean``, ``rloo``, ``reinforce_pp``, ``gae``
     or a plugin's."""
@@ -321,11 +326,13 @@ class PPOStage:
     """setup (models, reward, estimator) -> loop (rollout -> Experience -> update) -> save."""
 
     config_class = PPOConfig
+    produces = "policy"
 
     def components(self, config: PPOConfig):
         """Reward, advantage estimator, policy loss, gold judge and builtin datasets to look up."""
         return [
-            ("reward", config.reward, "reward", None), ("advantage", config.advantage, "advantage", None),
+            *((("reward", spec, path, None) for path, spec in reward_specs(config.reward))),
+            ("advantage", config.advantage, "advantage", None),
             ("loss", config.loss, "loss", ("policy",)), ("reward", config.gold, "gold", None),
             ("generator", config.generator, "generator", None),
             *dataset_components(config.data, "data"),
@@ -346,11 +353,14 @@ class PPOStage:
         # model or critic of its own or on the policy's base); each rank samples its own responses.
         torch.manual_seed(ctx.seed + dist_utils.rank())
 
-        train_recs, eval_recs = load_split(config.data, "prompts", ctx.registry, ctx.seed)
+        train_recs, eval_recs = load_split(config.data, "prompts", ctx.registry, ctx.seed,
+                                           read_fields(config, ctx.registry))
+        eval_recs = eval_recs[: config.eval_prompts]
         stats = TokenStats()
         prompts = fit_prompts(tokenizer, [render_prompt(tokenizer, r.fields) for r in train_recs], config.prompt_budget(), stats)
-        eval_prompts = fit_prompts(tokenizer, [render_prompt(tokenizer, r.fields) for r in eval_recs][: config.eval_prompts],
+        eval_prompts = fit_prompts(tokenizer, [render_prompt(tokenizer, r.fields) for r in eval_recs],
                                    config.prompt_budget(), TokenStats())
+        rows, eval_rows = [r.fields for r in train_recs], [r.fields for r in eval_recs]
         print(f"ppo data: {stats.total} prompts, {stats.truncated} cut to their last {config.prompt_budget()} tokens; "
               f"{len(eval_prompts)} held out")
         rng = random.Random(ctx.seed)  # the same global prompt batches on every rank
@@ -360,7 +370,8 @@ class PPOStage:
             g = config.generation
             judges = {name: fn for name, fn in (("reward", reward_fn), ("gold", gold_fn)) if fn is not None}
             return evaluate_samples(models.policy, tokenizer, eval_prompts, judges, max_new_tokens=g.max_new_tokens,
-                                    temperature=g.temperature, top_p=g.top_p, device=device, seed=ctx.seed)
+                                    temperature=g.temperature, top_p=g.top_p, device=device, seed=ctx.seed,
+                                    rows=eval_rows)
 
         ckpt = ctx.checkpointer
         trained, optims = {"policy": models.policy}, {"policy": [models.optimizer]}
@@ -371,7 +382,9 @@ class PPOStage:
         saved = ckpt.restore(trained, optims) if ckpt is not None else None
         start = 0
         if saved is not None:  # continue exactly: prompt order, KL coefficient, estimator state, progress
-            start, first, last, kl_history = saved["step"], saved["first"], saved["last"], saved["kl_history"]
+            start, first, last = saved["step"], saved["first"], saved["last"]
+            # per-iteration KL and reward_tied; a checkpoint of the release before kept the KL alone
+            history = saved["history"] if "history" in saved else {"kl": saved["kl_history"], "reward_tied": []}
             rng.setstate(saved["prompt_rng"])
             models.kl.value = saved["kl_coef"]
             if hasattr(estimator.estimator, "load_state_dict"):
@@ -380,17 +393,22 @@ class PPOStage:
             first = evaluate() if eval_prompts else {}
             if first:
                 ctx.tracker.log(0, {f"eval_{k}": v for k, v in first.items()})
-            last, kl_history = {}, []
+            last, history = {}, {"kl": [], "reward_tied": []}
         bar = progress(start, config.iterations, ctx.name, unit="iteration")
         with honour_stop_requests(ckpt):
-            last = self._loop(ctx, config, bar, models, prompts, rng, tokenizer, reward_fn, estimator, loss_entry,
-                              evaluate, eval_prompts, first, last, kl_history, trained, optims, generator)
+            last = self._loop(ctx, config, bar, models, list(zip(prompts, rows)), rng, tokenizer, reward_fn, estimator,
+                              loss_entry, evaluate, eval_prompts, first, last, history, trained, optims, generator)
         bar.close()
         final = evaluate() if eval_prompts else {}
         if final:
             ctx.tracker.log(config.iterations, {f"eval_{k}": v for k, v in final.items()})
         summary = {k: last[k] for k in ("reward_mean", "kl", "kl_coef", "clip_frac", "response_length") if k in last}
-        summary["kl_max"] = max(kl_history) if kl_history else 0.0
+        summary["kl_max"] = max(history["kl"]) if history["kl"] else 0.0
+        summary["reward_tied_iterations"] = float(sum(history["reward_tied"]))
+        if history["reward_tied"] and all(history["reward_tied"]) and is_main_process():
+            print(f"{ctx.name}: warning: in every one of the {len(history['reward_tied'])} iterations "
+                  + tied_reason(config.samples_per_prompt) + "; the policy learned nothing from the reward (check the "
+                  "reward and its data fields, or raise generation.temperature / samples_per_prompt)")
         summary.update(prompts=float(stats.total), prompts_truncated=float(stats.truncated))
         summary.update({f"eval_{k}_start": v for k, v in first.items()})
         summary.update({f"eval_{k}_end": v for k, v in final.items()})
@@ -401,20 +419,21 @@ class PPOStage:
         return StageResult(model_dir, "policy", summary, headline)
 
     def _loop(self, ctx, config, bar, models, prompts, rng, tokenizer, reward_fn, estimator, loss_entry, evaluate,
-              eval_prompts, first, last, kl_history, trained, optims, generator) -> dict[str, float]:
+              eval_prompts, first, last, history, trained, optims, generator) -> dict[str, float]:
         """Iterations ``bar``: rollout -> Experience -> update -> stats, evaluation, checkpoints."""
         device, ckpt = ctx.device, ctx.checkpointer
 
-        def draw() -> list[str]:
+        def draw() -> tuple[list[str], list[dict]]:
             # A rank takes a contiguous share of the global prompt batch; a prompt's samples stay together.
-            return dist_utils.shard([rng.choice(prompts) for _ in range(config.prompts_per_batch)])
+            share = dist_utils.shard([rng.choice(prompts) for _ in range(config.prompts_per_batch)])
+            return [text for text, _ in share], [row for _, row in share]
 
         for it in bar:
             t0 = time.perf_counter()
             if config.dynamic_sampling is not None:
                 samples = sample_informative(models, draw, tokenizer, reward_fn, config, device, generator)
             else:
-                samples = sample(models, draw(), tokenizer, reward_fn, config, device, generator)
+                samples = sample(models, *draw(), tokenizer, reward_fn, config, device, generator)
             exp = score_experience(models, samples, estimator, config, ctx.kernel_backend)
             t1 = time.perf_counter()
             generator.sleep()  # an engine with its own memory gives it back while the trainer works
@@ -424,7 +443,12 @@ class PPOStage:
             metrics.update(experience_stats(exp, models.kl.value))
             models.kl.update(metrics["kl"], config.prompts_per_batch * config.samples_per_prompt)
             metrics.update(time_generate=exp.time_generate, time_score=t1 - t0 - exp.time_generate, time_train=t2 - t1)
-            kl_history.append(metrics["kl"])
+            tied = metrics.get("reward_tied", 0.0)  # absent with reward: null
+            if tied and not any(history["reward_tied"]) and is_main_process():
+                print(f"{ctx.name}: warning: iteration {it}: " + tied_reason(config.samples_per_prompt)
+                      + " (counted as reward_tied in the metrics and the summary; later ones are not printed)")
+            history["kl"].append(metrics["kl"])
+            history["reward_tied"].append(tied)
             ctx.tracker.log(it, metrics)
             last = metrics
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
@@ -433,7 +457,7 @@ class PPOStage:
             if ckpt is not None and ckpt.due(it, config.iterations):
                 state = estimator.estimator.state_dict() if hasattr(estimator.estimator, "state_dict") else None
                 ckpt.save(it, trained, optims, {
-                    "first": first, "last": last, "kl_history": kl_history, "prompt_rng": rng.getstate(),
+                    "first": first, "last": last, "history": history, "prompt_rng": rng.getstate(),
                     "kl_coef": models.kl.value, "estimator": state,
                 })
                 ckpt.after_save()
@@ -464,6 +488,11 @@ class PPOStage:
         problems += fused_linear_problems(config.fused_linear, "")
         problems += policy_loss_problems(config, registry)
         problems += sampling_problems(config, registry)
+        if isinstance(config.reward, list):
+            if not config.reward:
+                problems.append("reward: an empty list; name at least one reward, or null for none")
+            problems += [f"reward[{i}].weight: must be a finite number, got {spec.weight!r}"
+                         for i, spec in enumerate(config.reward) if not math.isfinite(spec.weight)]
         if world > 1:
             if config.prompts_per_batch % world:
                 problems.append(f"prompts_per_batch: must be a multiple of the {world} processes (each takes an equal "
@@ -475,7 +504,12 @@ class PPOStage:
     def inputs(self, config: PPOConfig, registry) -> list[StageInput]:
         """The prompt data, the starting policy, the distillation teacher and (for estimators that need
         one) the critic."""
-        out = [*data_inputs(config.data, "prompts"), StageInput("init", "model", config.init)]
+        out = [*data_inputs(config.data, "prompts", extra=read_fields(config, registry)),
+               StageInput("init", "model", config.init)]
+        judges = reward_specs(config.reward) + ([("gold", config.gold)] if config.gold is not None else [])
+        for path, spec in judges:  # what a reward itself reads (a trained reward model, a judge model)
+            reads = getattr(registry.lookup("reward", spec).obj, "inputs", None)
+            out += [dataclasses.replace(item, path=f"{path}.{item.path}") for item in (reads(**spec.options) if reads else [])]
         if config.distill is not None:
             out.append(StageInput("distill.teacher", "model", config.distill.teacher))
         if registry.lookup("advantage", config.advantage).obj.needs_values:
@@ -491,7 +525,8 @@ class PPOStage:
                 "generated tokens (at most)": samples * config.generation.max_new_tokens}
 
     @staticmethod
-    def _models(ctx, config: PPOConfig, needs_critic: bool, source: str) -> tuple[PPOModels, "Scorer", "Scorer | None"]:
+    def _models(ctx, config: PPOConfig, needs_critic: bool,
+                source: str) -> tuple[PPOModels, RewardSum | None, RewardSum | None]:
         """Policy, reference (frozen copy of the start), reward and gold judges, critic, optimizers,
         KL controller. With LoRA the reference is the policy with its adapters off, and reward
         models and the critic that fit become adapters + heads on the policy's frozen base
@@ -505,14 +540,8 @@ class PPOStage:
         ctx.shared = share_backbone(ctx, config, policy)
         critic = None
         try:
-            reward_fn = None  # reward: null (distillation alone)
-            if config.reward is not None:
-                reward_entry = ctx.registry.lookup("reward", config.reward)
-                reward_fn = Scorer(reward_entry, reward_entry.obj(ctx, **config.reward.options))
-            gold_fn = None
-            if config.gold:
-                gold_entry = ctx.registry.lookup("reward", config.gold)
-                gold_fn = Scorer(gold_entry, gold_entry.obj(ctx, **config.gold.options))
+            reward_fn = build_rewards(ctx, config.reward)  # None with reward: null (distillation alone)
+            gold_fn = build_rewards(ctx, config.gold)
             if needs_critic:
                 critic = ctx.load_scalar_model(ctx.init_source(config.critic_init, "reward"), name="critic", trainable=True)
         finally:
@@ -578,13 +607,15 @@ def share_backbone(ctx, config: PPOConfig, policy) -> SharedBackbone | None:
 # ---------------------------------------------------------------------- the phases of an iteration
 
 @torch.no_grad()
-def sample(models: PPOModels, prompts: list[str], tokenizer, reward_fn, config: PPOConfig, device: torch.device,
-           generator: Any = None) -> Samples:
+def sample(models: PPOModels, prompts: list[str], rows: list[dict[str, Any]], tokenizer, reward_fn: RewardSum | None,
+           config: PPOConfig, device: torch.device, generator: Any = None) -> Samples:
     """Sample ``samples_per_prompt`` responses per prompt (a prompt's samples in consecutive rows)
-    and score them with the reward (zeros with ``reward: null``) plus the overlong shaping."""
+    and score them with the rewards (zeros with ``reward: null``), which see each prompt's data
+    record ``rows`` (aligned with ``prompts``), plus the overlong shaping."""
     k = config.samples_per_prompt
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts for _ in range(k)]
     prompt_text = [p for p in prompts for _ in range(k)]
+    sample_rows = [row for row in rows for _ in range(k)]
     group_ids = torch.arange(len(prompts), device=device).repeat_interleave(k)
     started = time.perf_counter()
     models.policy.eval()
@@ -596,22 +627,26 @@ def sample(models: PPOModels, prompts: list[str], tokenizer, reward_fn, config: 
         roll = generate(models.policy, tokenizer, prompt_ids, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                         top_p=g.top_p, device=device)
     time_generate = time.perf_counter() - started
-    rewards = (reward_fn(prompt_text, roll.responses).to(device) if reward_fn is not None  # [B], checked
-               else torch.zeros(len(prompt_ids), device=device))
+    rewards, parts = torch.zeros(len(prompt_ids), device=device), {}  # reward: null
+    if reward_fn is not None:
+        rewards, parts = reward_fn.score(prompt_text, roll.responses, sample_rows)  # [B] each, checked
+        rewards, parts = rewards.to(device), {name: v.to(device) for name, v in parts.items()}
     truncated = truncated_responses(roll.labels, roll.mask, tokenizer.eos_token_id)
     overlong = torch.zeros_like(rewards)
     if config.overlong is not None:
         overlong = overlong_penalty(roll.mask.sum(1), g.max_new_tokens, config.overlong.cache,
                                     config.overlong.penalty).to(device)
         rewards = rewards + overlong
-    return Samples(roll, rewards, group_ids, truncated, overlong, time_generate)
+    return Samples(roll, rewards, group_ids, truncated, overlong, time_generate, reward_parts=parts)
 
 
 @torch.no_grad()
-def sample_informative(models: PPOModels, draw: Callable[[], list[str]], tokenizer, reward_fn, config: PPOConfig,
-                       device: torch.device, generator: Any = None) -> Samples:
+def sample_informative(models: PPOModels, draw: Callable[[], tuple[list[str], list[dict]]], tokenizer,
+                       reward_fn: RewardSum | None, config: PPOConfig, device: torch.device,
+                       generator: Any = None) -> Samples:
     """DAPO's dynamic sampling: rounds of :func:`sample` on prompt batches from ``draw()`` (this
-    rank's share of a fresh global batch each round) until every rank holds as many groups whose
+    rank's share of a fresh global batch each round: prompts and their data records) until every
+    rank holds as many groups whose
     rewards are not all equal as one draw has prompts, or ``dynamic_sampling.max_rounds`` rounds
     were run (then dropped groups fill the batch). Every rank runs the same number of rounds (its
     sharded forwards must meet), keeping the informative groups first found. Logs ``ds_rounds``,
@@ -623,9 +658,9 @@ def sample_informative(models: PPOModels, draw: Callable[[], list[str]], tokeniz
     spare: list[list[int]] = []  # rows of each tied group
     offset, rounds, need = 0, 0, 0
     while True:
-        prompts = draw()
+        prompts, rows = draw()
         need = len(prompts)
-        batch = sample(models, prompts, tokenizer, reward_fn, config, device, generator)
+        batch = sample(models, prompts, rows, tokenizer, reward_fn, config, device, generator)
         pool.append(batch)
         rounds += 1
         grouped = batch.rewards.view(-1, k)
@@ -651,9 +686,11 @@ def sample_informative(models: PPOModels, draw: Callable[[], list[str]], tokeniz
     def joined(name: str) -> torch.Tensor:
         return torch.cat([getattr(b, name) for b in pool])[rows.to(pool[0].rewards.device)]
 
+    parts = {name: torch.cat([b.reward_parts[name] for b in pool])[rows.to(pool[0].rewards.device)]
+             for name in pool[0].reward_parts}
     return Samples(concat_rollouts([b.rollout for b in pool], tokenizer.pad_token_id, rows), joined("rewards"),
                    torch.arange(need, device=device).repeat_interleave(k), joined("truncated"), joined("overlong"),
-                   sum(b.time_generate for b in pool), stats)
+                   sum(b.time_generate for b in pool), stats, parts)
 
 
 @torch.no_grad()
@@ -682,6 +719,8 @@ def score_experience(models: PPOModels, samples: Samples, estimator, config: PPO
     if config.whiten_advantages:
         advantages = whiten(advantages, mask)
     stats: dict[str, Any] = dict(samples.stats)
+    if config.reward is not None:
+        stats.update(reward_signal(samples, config.samples_per_prompt))
     loss_mask = None  # the response mask, unless tokens leave the policy loss
     if config.overlong is not None:
         per_sequence = torch.ones_like(rewards)
@@ -705,11 +744,44 @@ def score_experience(models: PPOModels, samples: Samples, estimator, config: PPO
                       samples.time_generate, {k: float(v) for k, v in stats.items()}, loss_mask)
 
 
-def make_experience(models: PPOModels, prompts: list[str], tokenizer, reward_fn, estimator, config: PPOConfig,
-                    device: torch.device, backend: str | None, generator: Any = None) -> Experience:
-    """Rollout phase on ``prompts``: :func:`sample` then :func:`score_experience`."""
-    return score_experience(models, sample(models, prompts, tokenizer, reward_fn, config, device, generator), estimator,
-                            config, backend)
+def tied_reason(k: int) -> str:
+    """What a tied batch means, for the warnings."""
+    if k > 1:
+        return (f"every prompt's {k} samples got the same reward, so group-relative advantages are 0 and the reward "
+                "teaches nothing in this batch")
+    return "every sample in the batch got the same reward, so the reward teaches nothing in this batch"
+
+
+def reward_signal(samples: Samples, k: int) -> dict[str, float]:
+    """Whether the batch's rewards can teach anything, over every rank: ``reward_tied`` is 1 when
+    every group of ``k > 1`` samples got equal rewards (group-relative advantages are all 0), or
+    with ``k = 1`` when every reward in the batch is equal (a constant reward); with ``k > 1``,
+    ``tied_groups_frac`` is the share of groups whose samples all got the same reward. With
+    several weighted rewards, ``reward_<name>`` is each one's unweighted mean."""
+    rewards = samples.rewards.double()
+    one = torch.ones_like(rewards)
+    out = {f"reward_{name}": masked_mean(part.double(), one, global_=True) for name, part in samples.reward_parts.items()}
+    if k > 1:
+        grouped = rewards.view(-1, k)
+        tied = ((grouped.max(1).values - grouped.min(1).values) == 0).double()
+        counts = dist_utils.all_reduce_sum(torch.stack([tied.sum(), torch.tensor(float(len(tied)), dtype=torch.float64,
+                                                                                  device=tied.device)]))
+        out["tied_groups_frac"] = float(counts[0] / counts[1])
+        out["reward_tied"] = float(counts[0] == counts[1])
+    else:
+        high = dist_utils.all_reduce_max(rewards.max())
+        low = -dist_utils.all_reduce_max(-rewards.min())
+        out["reward_tied"] = float(high == low)
+    return {k_: float(v) for k_, v in out.items()}
+
+
+def make_experience(models: PPOModels, prompts: list[str], rows: list[dict[str, Any]], tokenizer,
+                    reward_fn: RewardSum | None, estimator, config: PPOConfig, device: torch.device,
+                    backend: str | None, generator: Any = None) -> Experience:
+    """Rollout phase on ``prompts`` (and their data records ``rows``): :func:`sample` then
+    :func:`score_experience`."""
+    return score_experience(models, sample(models, prompts, rows, tokenizer, reward_fn, config, device, generator),
+                            estimator, config, backend)
 
 
 def reference_logprobs(models: PPOModels, roll, backend: str | None) -> torch.Tensor | None:
@@ -979,14 +1051,48 @@ def experience_stats(exp: Experience, beta: float) -> dict[str, float]:
     }
 
 
-class Scorer:
-    """A reward component whose every output is checked against the Reward contract."""
+def reward_specs(reward: ComponentSpec | list[WeightedComponent] | None) -> list[tuple[str, ComponentSpec]]:
+    """``(config path, spec)`` of each configured reward: ``reward`` for one, ``reward[i]`` in a list."""
+    if reward is None:
+        return []
+    if isinstance(reward, list):
+        return [(f"reward[{i}]", spec) for i, spec in enumerate(reward)]
+    return [("reward", reward)]
 
-    def __init__(self, entry, reward):
-        self.entry, self.reward = entry, reward
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        return checked_rewards(self.entry, self.reward, prompts, responses)
+def reward_terms_names(specs: list[ComponentSpec]) -> list[str]:
+    """A unique logging name per reward term: its component name, ``_2``, ``_3`` ... for repeats."""
+    names: list[str] = []
+    for spec in specs:
+        name, n = spec.name, 1
+        while name in names:
+            n += 1
+            name = f"{spec.name}_{n}"
+        names.append(name)
+    return names
+
+
+def build_rewards(ctx, reward: ComponentSpec | list[WeightedComponent] | None) -> RewardSum | None:
+    """The configured reward(s) as one :class:`RewardSum` (None for ``null``): each built once with
+    its options and checked on every call."""
+    specs = [spec for _, spec in reward_specs(reward)]
+    if not specs:
+        return None
+    names = reward_terms_names(specs)
+    return RewardSum([(name, getattr(spec, "weight", 1.0), CheckedReward(ctx.registry.lookup("reward", spec), ctx,
+                                                                          spec.options))
+                      for name, spec in zip(names, specs)])
+
+
+def read_fields(config: PPOConfig, registry) -> dict[str, str]:
+    """The data fields the rewards and the gold judge read: ``{field: "reward 'math'"}``."""
+    out: dict[str, str] = {}
+    judges = reward_specs(config.reward) + ([("gold", config.gold)] if config.gold is not None else [])
+    for path, spec in judges:
+        entry = registry.lookup("reward", spec)
+        for name in reward_fields(entry, spec.options):
+            out.setdefault(name, f"{path} {spec.name!r} (plugin {entry.plugin!r})")
+    return out
 
 
 class Rollouts:

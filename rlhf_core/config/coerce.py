@@ -8,7 +8,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-from .schema import ComponentSpec
+from .schema import ComponentSpec, component_keys
 
 
 def _type_name(tp: Any) -> str:
@@ -21,8 +21,9 @@ def _type_name(tp: Any) -> str:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
-    if tp is ComponentSpec:
-        return "a name or {name: ..., options...}"
+    if isinstance(tp, type) and issubclass(tp, ComponentSpec):
+        extra = "".join(f", {k}: ..." for k in component_keys(tp) if k not in ("name", "plugin"))
+        return f"a name or {{name: ...{extra}, options...}}"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
@@ -64,16 +65,20 @@ def coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected a mapping, got {value!r}")
             return {}
         return dict(value)
-    if tp is ComponentSpec:
+    if isinstance(tp, type) and issubclass(tp, ComponentSpec):
         if isinstance(value, str) and value:
-            return ComponentSpec(value)
+            return tp(value)
         if isinstance(value, dict) and isinstance(value.get("name"), str) and value["name"]:
             plugin = value.get("plugin")
             if plugin is not None and not isinstance(plugin, str):
                 problems.append(f"{path}.plugin: expected a plugin name, got {plugin!r}")
                 return None
-            options = {k: v for k, v in value.items() if k not in ("name", "plugin")}
-            return ComponentSpec(value["name"], options, plugin)
+            keys = component_keys(tp)
+            hints = typing.get_type_hints(tp)
+            own = {k: coerce(hints[k], value[k], f"{path}.{k}", problems)
+                   for k in keys if k not in ("name", "plugin") and k in value}
+            options = {k: v for k, v in value.items() if k not in keys}
+            return tp(value["name"], options, plugin, **own)
         problems.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
         return None
     if dataclasses.is_dataclass(tp):

@@ -77,7 +77,7 @@ def _optional_section(annotation: Any, owner: type) -> Any:
     module = inspect.getmodule(owner)
     for part in annotation.replace(" ", "").split("|"):
         candidate = getattr(module, part, None)
-        if dataclasses.is_dataclass(candidate) and candidate is not ComponentSpec:
+        if dataclasses.is_dataclass(candidate) and not issubclass(candidate, ComponentSpec):
             return _defaults_of(candidate)
     return None
 

@@ -31,6 +31,21 @@ class ComponentSpec:
     """Which plugin's component ``name`` means when two plugins register it (``{name: length, plugin: my-plugin}``)."""
 
 
+@dataclass
+class WeightedComponent(ComponentSpec):
+    """One term of a weighted sum of components (several rewards): ``{name: math, weight: 1.0,
+    ...options}``; a bare name has weight 1."""
+
+    weight: float = 1.0
+    """The term's weight in the sum (a finite number)."""
+
+
+def component_keys(cls: type) -> tuple[str, ...]:
+    """The keys of a component mapping that are the host's, not the component's options: ``name``,
+    ``plugin`` and any field a subclass of :class:`ComponentSpec` adds (``weight``)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name != "options")
+
+
 # Value rules. A config dataclass may define ``problems() -> list[str]`` ("field: message", relative
 # paths) for value checks; it is called only when every field parsed, so it never sees half-parsed values.
 Rule = tuple[Callable[[Any], bool], str]
@@ -306,6 +321,8 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, StageSpec):
         head = {"stage": obj.stage, "name": obj.name, **({"plugin": obj.plugin} if obj.plugin else {})}
         return {**head, **to_plain(obj.config)}
+    if isinstance(obj, WeightedComponent):
+        return {"name": obj.name, "weight": obj.weight, **({"plugin": obj.plugin} if obj.plugin else {}), **obj.options}
     if isinstance(obj, ComponentSpec):
         if not obj.options and obj.plugin is None:
             return obj.name

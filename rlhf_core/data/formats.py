@@ -136,10 +136,11 @@ def check_data_path(path: str | Path) -> str | None:
 
 
 def read_records(path: str | Path, kind: str, notes: DataNotes | None = None, *, fields: dict[str, str] | None = None,
-                 split: str = "train") -> list[Record]:
+                 split: str = "train", extra: dict[str, str] | None = None) -> list[Record]:
     """Read and validate every record of ``path`` (a data file, a saved 🤗 dataset directory, or
     ``hf:NAME``) for data ``kind``; errors name file, line, field. ``fields`` maps our field names to
-    the source's columns (``{prompt: question}``). Suspicious records are counted in ``notes``
+    the source's columns (``{prompt: question}``); ``extra``: fields a component reads (see
+    :func:`~rlhf_core.data.records.validate_record`). Suspicious records are counted in ``notes``
     (pairs with chosen == rejected are dropped)."""
     notes = notes if notes is not None else DataNotes()
     if str(path).startswith("hf:"):
@@ -150,7 +151,8 @@ def read_records(path: str | Path, kind: str, notes: DataNotes | None = None, *,
             raise DataError(problem)
         path = Path(path)
         rows = _read_saved_dataset(path, split) if is_saved_dataset(path) else _READERS[path.suffix.lower()](path)
-    records = [r for where, obj in rows if (r := validate_record(map_fields(obj, fields, where), where, kind, notes))]
+    records = [r for where, obj in rows if (r := validate_record(map_fields(obj, fields, where), where, kind, notes,
+                                                                       extra))]
     if not records:
         raise DataError(f"{path}: no records (the file is empty)" if not notes.dropped_pairs
                         else f"{path}: no usable records (every pair has chosen == rejected)")

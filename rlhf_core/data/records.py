@@ -83,16 +83,26 @@ def _mapping_hint(name: str, obj: dict) -> str:
     return f"; the record has a {found!r} field: map it with data.fields: {{{name}: {found}}}"
 
 
-def validate_record(obj: Any, where: str, kind: str, notes: DataNotes | None = None) -> Record | None:
-    """Check the fields that ``kind`` needs; returns a :class:`Record`, None for a record that is
-    dropped (counted in ``notes``), or raises :class:`DataError`."""
+def validate_record(obj: Any, where: str, kind: str, notes: DataNotes | None = None,
+                    extra: dict[str, str] | None = None) -> Record | None:
+    """Check the fields that ``kind`` needs, and the ``extra`` fields a component reads (``{field:
+    who reads it}``, e.g. ``{"answer": "reward 'math'"}``: kept as they are, any JSON value but
+    null); returns a :class:`Record`, None for a record that is dropped (counted in ``notes``), or
+    raises :class:`DataError`."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    kept = {}
+    for name, reader in (extra or {}).items():
+        if obj.get(name) is None:
+            raise DataError(f"{where}: missing field {name!r}, which {reader} reads; the record has "
+                            f"{', '.join(map(str, obj)) or 'no fields'} (map another column with data.fields: "
+                            f"{{{name}: COLUMN}})")
+        kept[name] = obj[name]
     if kind in ("sft", "prompts") and "messages" in obj:
         _check_messages(obj["messages"], where, need_assistant_last=kind == "sft")
         if notes is not None and any(m["role"] not in KNOWN_ROLES for m in obj["messages"]):
             notes.unknown_roles.append(where)
-        return Record(where, {"messages": obj["messages"]})
+        return Record(where, {**kept, "messages": obj["messages"]})
     for name in _FIELDS[kind]:
         if name not in obj or obj[name] is None:
             alt = " (or 'messages')" if kind in ("sft", "prompts") else ""
@@ -110,7 +120,7 @@ def validate_record(obj: Any, where: str, kind: str, notes: DataNotes | None = N
         if notes is not None:
             notes.dropped_pairs.append(where)
         return None
-    return Record(where, {name: obj[name] for name in _FIELDS[kind]})
+    return Record(where, {**kept, **{name: obj[name] for name in _FIELDS[kind]}})
 
 
 def _check_messages(messages: Any, where: str, need_assistant_last: bool) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlhf_core.config import ComponentSpec, ConfigError, ModelConfig, load_raw, resolve
-from rlhf_core.interfaces import PolicyLossInputs
+from rlhf_core.interfaces import PolicyLossInputs, RewardSum
 from rlhf_core.models import load_causal_lm, load_tokenizer
 from rlhf_plugins.ppo.advantages import GroupMeanBaseline
 from rlhf_plugins.ppo.loss import KLController, aggregate, cispo, gspo, kl_k2, local_normaliser, ppo_clip, reinforce
@@ -137,8 +137,11 @@ def test_aggregation_modes_by_hand():
 CFG = ModelConfig()
 
 
-def reward(prompts, responses):
+def reward(prompts, responses, rows=None):
     return torch.tensor([float(r.count("a")) - 0.1 * len(r) for r in responses])
+
+
+REWARD = RewardSum([("reward", 1.0, reward)])
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +155,7 @@ def rollout():
                        kl=KLConfig(coef=0.05, estimator="k3", placement="reward"))
     m = PPOModels(policy, reference, torch.optim.SGD(policy.parameters(), lr=0.0), KLController(0.05, False, 6.0, 100))
     torch.manual_seed(1)
-    exp = make_experience(m, ["abc", "hello there", "x", "aaaa b"], load_tokenizer(CFG), reward, GroupMeanBaseline(),
+    exp = make_experience(m, ["abc", "hello there", "x", "aaaa b"], [{}] * 4, load_tokenizer(CFG), REWARD, GroupMeanBaseline(),
                           config, torch.device("cpu"), "cpp")
     # Responses of different lengths, as EOS would end them (the untrained policy rarely samples EOS):
     # the aggregation modes weigh them differently.
@@ -269,7 +272,7 @@ def test_the_critic_step_does_not_depend_on_the_micro_batch_split(registry):
     m = PPOModels(policy, None, torch.optim.SGD(policy.parameters(), lr=0.0), KLController(0.0, False, 6.0, 100),
                   critic=critic, critic_optimizer=torch.optim.SGD(critic.parameters(), lr=0.0), reference_free=True)
     torch.manual_seed(1)
-    exp = make_experience(m, ["abc", "hello there", "x", "aaaa b"], load_tokenizer(CFG), reward, GAE(), config,
+    exp = make_experience(m, ["abc", "hello there", "x", "aaaa b"], [{}] * 4, load_tokenizer(CFG), REWARD, GAE(), config,
                           torch.device("cpu"), "cpp")
     grads, losses, forwards = [], [], []
     hook = critic.register_forward_hook(lambda *_: forwards.append(1))

@@ -9,6 +9,7 @@ import torch
 
 from rlhf_core.config import ComponentSpec, ModelConfig
 from rlhf_core.data import encode_prompt
+from rlhf_core.interfaces import RewardSum
 from rlhf_core.models import load_causal_lm, load_tokenizer
 from rlhf_plugins.ppo.advantages import BatchMeanBaseline
 from rlhf_plugins.ppo.loss import KLController
@@ -18,8 +19,11 @@ from rlhf_plugins.ppo.stage import KLConfig, PPOConfig, PPOModels, make_experien
 CFG = ModelConfig()
 
 
-def reward(prompts, responses):
+def score(prompts, responses, rows):
     return torch.tensor([float(r.count("a")) - 0.1 * len(r) for r in responses])
+
+
+REWARD = RewardSum([("reward", 1.0, score)])
 
 
 def models(fused: bool, policy, reference) -> PPOModels:
@@ -49,7 +53,7 @@ def test_fused_ppo_equals_logits_path(registry, placement, entropy_coef):
     for fused in (False, True):
         m = models(fused, policy, reference)
         torch.manual_seed(1)  # the same samples for both paths
-        exp = make_experience(m, prompts, tokenizer, reward, BatchMeanBaseline(), config, torch.device("cpu"), "cpp")
+        exp = make_experience(m, prompts, [{}] * len(prompts), tokenizer, REWARD, BatchMeanBaseline(), config, torch.device("cpu"), "cpp")
         torch.manual_seed(2)  # the same minibatch order
         stats = update(m, exp, registry.lookup("loss", ComponentSpec("ppo_clip"), "policy"), config, "cpp")
         results[fused] = (exp, stats, m.policy)
@@ -131,7 +135,7 @@ def test_on_policy_update_skips_the_old_forward_and_changes_nothing(registry, fu
         monkeypatch.setattr(stage, "score_tokens", lambda *a, _calls=calls, **k: _calls.append(a[0]) or real(*a, **k))
         m = models(fused, policy, reference)
         torch.manual_seed(1)
-        exp = make_experience(m, prompts, tokenizer, reward, BatchMeanBaseline(), config, torch.device("cpu"), "cpp")
+        exp = make_experience(m, prompts, [{}] * len(prompts), tokenizer, REWARD, BatchMeanBaseline(), config, torch.device("cpu"), "cpp")
         assert (exp.old_logprobs is None) == skip
         assert sum(c is m.policy for c in calls) == (0 if skip else 1)  # the policy's scoring forward is skipped
         torch.manual_seed(2)

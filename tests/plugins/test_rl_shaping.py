@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from rlhf_core.cli import cli
 from rlhf_core.config import ComponentSpec, ConfigError, ModelConfig, load_raw, resolve
 from rlhf_core.data import encode_prompt
-from rlhf_core.interfaces import StageContext
+from rlhf_core.interfaces import RewardSum, StageContext
 from rlhf_core.models import load_causal_lm, load_tokenizer
 from rlhf_core.sampling import concat_rollouts, generate
 from rlhf_plugins.ppo.advantages import GroupMeanBaseline
@@ -117,10 +117,11 @@ def ppo_models(policy, coef=0.0):
 def test_dynamic_sampling_keeps_informative_groups_and_fills_when_rounds_run_out(tiny):
     policy, tok = tiny
     # Prompts starting with "t" always get reward 1 (a tied group); the others a reward by length.
-    def reward(prompts, responses):
+    def score(prompts, responses, rows):
         return torch.tensor([1.0 if p.startswith("t") else float(len(r)) for p, r in zip(prompts, responses)])
 
-    draws = iter([["t1", "a"], ["t2", "t3"], ["b", "t4"], ["t5", "t6"]])
+    reward = RewardSum([("reward", 1.0, score)])
+    draws = iter([(p, [{}, {}]) for p in (["t1", "a"], ["t2", "t3"], ["b", "t4"], ["t5", "t6"])])
     config = PPOConfig(prompts_per_batch=2, samples_per_prompt=3, generation=GenerationConfig(max_new_tokens=6),
                        dynamic_sampling=DynamicSamplingConfig(max_rounds=4))
     torch.manual_seed(1)
@@ -129,9 +130,9 @@ def test_dynamic_sampling_keeps_informative_groups_and_fills_when_rounds_run_out
     assert got.stats == {"ds_rounds": 3.0, "ds_dropped_groups": 4.0, "ds_filled_groups": 0.0}
     assert got.group_ids.tolist() == [0, 0, 0, 1, 1, 1] and len(got.rollout.responses) == 6
     assert got.rewards.tolist() == [float(len(r)) for r in got.rollout.responses]
-    assert next(draws) == ["t5", "t6"]  # the fourth round never ran
+    assert next(draws)[0] == ["t5", "t6"]  # the fourth round never ran
     # With one round allowed, a tied group fills the batch, and says so.
-    draws = iter([["t1", "a"]])
+    draws = iter([(["t1", "a"], [{}, {}])])
     torch.manual_seed(1)
     one = sample_informative(ppo_models(policy), lambda: next(draws), tok, reward,
                              dataclasses.replace(config, dynamic_sampling=DynamicSamplingConfig(max_rounds=1)),
@@ -159,8 +160,9 @@ def test_tokens_out_of_the_loss_weigh_nothing(tiny, registry, fused, loss, agg):
                        loss=loss, loss_agg=agg, generation=GenerationConfig(max_new_tokens=4), kl=KLConfig(coef=0.0),
                        overlong=OverlongConfig(mask_truncated=True))
     torch.manual_seed(2)
-    reward = lambda prompts, responses: torch.tensor([float(r.count("a")) + 0.1 * i for i, r in enumerate(responses)])
-    samples = sample(ppo_models(policy), ["a=", "b=", "cc="], tok, reward, config, torch.device("cpu"))
+    reward = RewardSum([("reward", 1.0, lambda prompts, responses, rows: torch.tensor(
+        [float(r.count("a")) + 0.1 * i for i, r in enumerate(responses)]))])
+    samples = sample(ppo_models(policy), ["a=", "b=", "cc="], [{}] * 3, tok, reward, config, torch.device("cpu"))
     # Make rows 1 and 4 end with EOS (the untrained policy rarely samples it): the others are truncated.
     roll = samples.rollout
     for row in (1, 4):

@@ -57,6 +57,7 @@ class DPOStage:
     """setup (policy, frozen reference, pairwise data) -> loop (Trainer) -> save."""
 
     config_class = DPOConfig
+    produces = "policy"
 
     def components(self, config: DPOConfig):
         return dataset_components(config.data, "data")

@@ -1,0 +1,58 @@
+"""The builtin ``arith`` task: verifiable rewards on a job a tiny byte-level model learns in minutes.
+
+Prompt: ``What is A+B?`` for integers ``0 <= A, B < 50``; each record carries its ``answer`` (the
+sum, as a string), which the ``math`` and ``exact_match`` rewards compare against. The ideal
+response is ``<answer>SUM</answer>``.
+
+An SFT warm-up on the demonstrations teaches the format and some arithmetic: after 600 steps the
+tiny model, sampling at temperature 1, is right about half the time. A share of the demonstrations
+(:data:`UNTAGGED_DEMOS`) gives the sum without the ``<answer>`` tag, so the ``format`` reward has
+something to teach too. RL with the ``math`` reward then raises held-out accuracy (the gold score:
+``math`` on fresh samples of held-out prompts) well past what imitation reached: see
+``examples/configs/grpo_arith.yaml`` and ``rlhf bench algorithms``.
+"""
+from __future__ import annotations
+
+import random
+
+from rlhf_core import hookimpl
+
+MAX_OPERAND = 50
+UNTAGGED_DEMOS = 0.2
+
+
+def make_prompt(a: int, b: int) -> str:
+    """The question for ``a + b``."""
+    return f"What is {a}+{b}?"
+
+
+def tagged(answer: int | str) -> str:
+    """The ideal response for ``answer``."""
+    return f"<answer>{answer}</answer>"
+
+
+def _demonstration(rng: random.Random, total: int) -> str:
+    """A demonstration: the sum, without the tag with probability :data:`UNTAGGED_DEMOS`."""
+    return str(total) if rng.random() < UNTAGGED_DEMOS else tagged(total)
+
+
+def make_records(kind: str, n: int, seed: int) -> list[dict]:
+    """``n`` records of data ``kind`` (``sft``: prompt, demonstration and answer; ``prompts``:
+    prompt and answer), deterministic in ``seed``."""
+    if kind not in ("sft", "prompts"):
+        raise ValueError(f"arith dataset: no {kind!r} data (it trains with verifiable rewards, not a reward model); "
+                         "accepted: sft, prompts")
+    rng = random.Random(f"arith-{kind}-{seed}")
+    out = []
+    for _ in range(n):
+        a, b = rng.randrange(MAX_OPERAND), rng.randrange(MAX_OPERAND)
+        record = {"prompt": make_prompt(a, b), "answer": str(a + b)}
+        if kind == "sft":
+            record["response"] = _demonstration(rng, a + b)
+        out.append(record)
+    return out
+
+
+@hookimpl
+def rlhf_register_datasets(register):
+    register("arith", make_records)
