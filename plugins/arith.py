@@ -1,11 +1,11 @@
 """The builtin ``arith`` task: verifiable rewards on a job a tiny byte-level model learns in minutes.
 
-Prompt: ``What is A+B?`` for integers ``0 <= A, B < 50``; each record carries its ``answer`` (the
+Prompt: ``What is A+B?`` for integers ``0 <= A, B < 30``; each record carries its ``answer`` (the
 sum, as a string), which the ``math`` and ``exact_match`` rewards compare against. The ideal
 response is ``<answer>SUM</answer>``.
 
 An SFT warm-up on the demonstrations teaches the format and some arithmetic: after 600 steps the
-tiny model, sampling at temperature 1, is right about half the time. A share of the demonstrations
+tiny model, sampling at temperature 1, is right about 40% of the time. A share of the demonstrations
 (:data:`UNTAGGED_DEMOS`) gives the sum without the ``<answer>`` tag, so the ``format`` reward has
 something to teach too. RL with the ``math`` reward then raises held-out accuracy (the gold score:
 ``math`` on fresh samples of held-out prompts) well past what imitation reached: see
@@ -17,7 +17,7 @@ import random
 
 from rlhf_core import hookimpl
 
-MAX_OPERAND = 50
+MAX_OPERAND = 30
 UNTAGGED_DEMOS = 0.2
 
 
