@@ -13,7 +13,7 @@ from typing import Any
 from .errors import UserError
 
 KINDS = ("stage", "loss", "reward", "advantage", "dataset", "tracker", "generator")
-LOSS_FAMILIES = ("token", "score", "pairwise", "policy")
+LOSS_FAMILIES = ("token", "score", "pairwise", "policy", "preference", "kto")
 _HUMAN = {"stage": "stage", "loss": "loss", "reward": "reward", "advantage": "advantage estimator", "dataset": "dataset",
           "tracker": "tracker", "generator": "generator"}
 

@@ -25,7 +25,8 @@ from rlhf_core import hookimpl
 from rlhf_core import distributed as dist_utils
 from rlhf_core.checkpoint import honour_stop_requests
 from rlhf_core.config import (
-    AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, ComponentSpec, DataConfig, WeightedComponent, rule_problems,
+    AT_LEAST_0, AT_LEAST_1, NON_NEGATIVE, POSITIVE, ComponentSpec, DataConfig, GenerationConfig, WeightedComponent,
+    rule_problems,
 )
 from rlhf_core.distributed import masked_mean
 from rlhf_core.data import TokenStats, data_inputs, dataset_components, encode_prompt, load_split, render_prompt
@@ -50,23 +51,6 @@ from .rollout import (
     Experience, Samples, critic_values, response_hidden, response_logits, response_values, score_tokens, token_scores,
     widen,
 )
-
-
-@dataclass
-class GenerationConfig:
-    """Sampling: ``temperature``, nucleus ``top_p``, ``max_new_tokens`` per response (EOS ends one)."""
-
-    temperature: float = 1.0
-    """Sampling temperature (> 0)."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p``, in (0, 1]."""
-    max_new_tokens: int = 32
-    """Most tokens per response; EOS ends one earlier."""
-
-    def problems(self) -> list[str]:
-        """Value checks."""
-        return rule_problems(self, {"temperature": POSITIVE, "max_new_tokens": AT_LEAST_1,
-                                    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]")})
 
 
 @dataclass

@@ -121,6 +121,23 @@ class ModelConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Sampling: ``temperature``, nucleus ``top_p``, ``max_new_tokens`` per response (EOS ends one)."""
+
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p``, in (0, 1]."""
+    max_new_tokens: int = 32
+    """Most tokens per response; EOS ends one earlier."""
+
+    def problems(self) -> list[str]:
+        """Value checks."""
+        return rule_problems(self, {"temperature": POSITIVE, "max_new_tokens": AT_LEAST_1,
+                                    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]")})
+
+
+@dataclass
 class DataConfig:
     """Where a stage's examples come from and how they are cut to length."""
 
