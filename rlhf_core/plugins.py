@@ -35,6 +35,8 @@ BUILTINS = {
     "ppo-advantages": "rlhf_plugins.ppo.advantages",
     "ppo-rewards": "rlhf_plugins.ppo.rewards",
     "ppo-generators": "rlhf_plugins.ppo.generators",
+    "preference": "rlhf_plugins.preference.stage",
+    "preference-losses": "rlhf_plugins.preference.losses",
     "rewards-verifiable": "rlhf_plugins.rewards.verifiable",
     "rewards-remote": "rlhf_plugins.rewards.remote",
     "rewards-judge": "rlhf_plugins.rewards.judge",

@@ -11,8 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf_core.registry import Registry, RegistryError
-from rlhf_plugins.preference import losses
+from rlhf_core.registry import RegistryError
 from rlhf_plugins.preference.losses import (
     KTOInputs, PreferenceInputs, dpo_loss, hinge_loss, ipo_loss, kto_loss, kto_reference_point, orpo_loss,
     robust_dpo_loss, simpo_loss,
@@ -294,29 +293,20 @@ def test_kto_reference_point_is_a_clamped_detached_global_mean():
     assert kto_reference_point(torch.zeros(0), torch.zeros(0)).item() == 0.0
 
 
-def registered() -> Registry:
-    registry = Registry()
-    def register(name, obj, **meta):
-        registry.add("loss", name, obj, "preference", **meta)
-
-    losses.rlhf_register_losses(register=register)
-    return registry
-
-
-def test_registered_names_families_meta_and_options():
-    registry = registered()
+def test_registered_names_families_meta_and_options(registry):
     assert registry.names("loss", "preference") == sorted(CASES)
     assert registry.names("loss", "kto") == ["kto"]
     for name in CASES:
         entry = registry.get("loss", name, "preference")
-        assert entry.obj is CASES[name][0]
+        assert entry.obj is CASES[name][0] and entry.plugin == "preference-losses"
         assert entry.meta["reference_free"] is (name in REFERENCE_FREE)
     assert registry.get("loss", "kto", "kto").meta["reference_free"] is False
     # A preference loss asked for by a stage of another family is a config error.
     with pytest.raises(RegistryError, match="'preference' loss"):
         registry.get("loss", "sigmoid", "kto")
     # The options a config may set, with their defaults (written once, in the signatures).
-    options = {e.name: {k: p.default for k, p in e.options().items()} for e in registry.entries("loss")}
+    options = {e.name: {k: p.default for k, p in e.options().items()} for e in registry.entries("loss")
+               if e.plugin == "preference-losses"}
     assert options == {
         "sigmoid": {"beta": 0.1, "label_smoothing": 0.0}, "ipo": {"beta": 0.1}, "hinge": {"beta": 0.1},
         "robust": {"beta": 0.1, "label_smoothing": 0.1}, "simpo": {"beta": 2.0, "gamma": 1.0}, "orpo": {"beta": 0.1},
@@ -336,16 +326,15 @@ def test_registered_names_families_meta_and_options():
     ("kto", {"desirable_weight": 0.0}, "kto: desirable_weight"),
     ("kto", {"undesirable_weight": float("inf")}, "kto: undesirable_weight"),
 ])
-def test_check_options_rejects_bad_values(name, options, message):
-    entry = registered().get("loss", name)
+def test_check_options_rejects_bad_values(registry, name, options, message):
+    entry = registry.get("loss", name)
     with pytest.raises(ValueError, match=message):
         entry.obj.check_options(**options)
 
 
-def test_check_options_accepts_the_defaults_and_boundaries():
-    registry = registered()
-    for entry in registry.entries("loss"):
-        entry.obj.check_options()
+def test_check_options_accepts_the_defaults_and_boundaries(registry):
+    for name in [*CASES, "kto"]:
+        registry.get("loss", name).obj.check_options()
     dpo_loss.check_options(beta=1e-3, label_smoothing=0.0)
     simpo_loss.check_options(gamma=0.0)
 

@@ -1,0 +1,164 @@
+"""Stage ``rejection_sampling``: rejection-sampling fine-tuning (best-of-K, as in Llama 2's RLHF and
+RAFT, Dong et al. 2023), as a third-party plugin that rlhf does not ship.
+
+Each round: sample ``samples_per_prompt`` responses per prompt from the current policy, score them
+with a registered reward (any of rlhf's or a plugin's, reading the prompt records' fields), keep
+the best response of each prompt (when it beats ``min_reward``), and fine-tune on the kept pairs
+with token cross-entropy. The kept responses are trained on as the exact token ids the policy
+sampled: never decoded and encoded again. Everything it uses is rlhf's public API: config
+dataclasses, data loading, ``generate``, rewards (``CheckedReward``/``RewardSum``), ``Trainer``,
+``save_causal_lm``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+import rlhf_kernels
+from rlhf_core import hookimpl
+from rlhf_core.config import (
+    AT_LEAST_1, ComponentSpec, DataConfig, GenerationConfig, TrainConfig, rule_problems,
+)
+from rlhf_core.data import (
+    IGNORE_INDEX, collate_sft, data_inputs, dataset_components, encode_prompt, load_split, render_prompt, shift_labels,
+)
+from rlhf_core.interfaces import CheckedReward, RewardSum, StageError, StageInput, StageResult, reward_fields
+from rlhf_core.models import save_causal_lm
+from rlhf_core.sampling import evaluate_samples, generate
+from rlhf_core.training import Trainer, make_loader
+
+
+@dataclass
+class RejectionSamplingConfig:
+    """Options of the ``rejection_sampling`` stage."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt records (with the fields the reward reads)."""
+    reward: ComponentSpec = field(default_factory=lambda: ComponentSpec("reward_model"))
+    """The registered reward that picks the best sample."""
+    gold: ComponentSpec | None = None
+    """A reward judging fresh samples of held-out prompts at the start and the end; null = none."""
+    init: str = "auto"
+    """The policy: ``auto`` = the latest policy stage's output."""
+    rounds: int = 2
+    """Sample-select-train rounds."""
+    prompts_per_round: int = 128
+    """Prompts sampled each round."""
+    samples_per_prompt: int = 4
+    """K: responses per prompt; the best one is kept."""
+    min_reward: float = -math.inf
+    """Keep a prompt's best response only when its reward is at least this."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Sampling."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=20, lr=1e-4))
+    """The fine-tuning of each round (``steps`` per round)."""
+    eval_prompts: int = 64
+    """Held-out prompts for the ``gold`` evaluation."""
+
+    def problems(self) -> list[str]:
+        """Value checks."""
+        return rule_problems(self, {"rounds": AT_LEAST_1, "prompts_per_round": AT_LEAST_1,
+                                    "samples_per_prompt": AT_LEAST_1, "eval_prompts": AT_LEAST_1})
+
+
+class RejectionSamplingStage:
+    """setup (policy, reward, prompts) -> rounds of (sample K -> keep the best -> fine-tune) -> save."""
+
+    config_class = RejectionSamplingConfig
+    produces = "policy"
+
+    def components(self, config: RejectionSamplingConfig):
+        return [("reward", config.reward, "reward", None), ("reward", config.gold, "gold", None),
+                *dataset_components(config.data, "data")]
+
+    def inputs(self, config: RejectionSamplingConfig, registry) -> list[StageInput]:
+        return [*data_inputs(config.data, "prompts", extra=fields_read(config, registry)),
+                StageInput("init", "model", config.init)]
+
+    def run(self, ctx, config: RejectionSamplingConfig) -> StageResult:
+        tokenizer, policy = ctx.load_policy(config.init)
+        train_recs, eval_recs = load_split(config.data, "prompts", ctx.registry, ctx.seed, fields_read(config, ctx.registry))
+        reward = judge(ctx, config.reward)
+        g = config.generation
+        held = eval_recs[: config.eval_prompts]
+
+        def gold() -> float:
+            out = evaluate_samples(policy, tokenizer, [render_prompt(tokenizer, r.fields) for r in held],
+                                   {"gold": judge(ctx, config.gold)}, max_new_tokens=g.max_new_tokens,
+                                   temperature=g.temperature, top_p=g.top_p, device=ctx.device, seed=ctx.seed,
+                                   rows=[r.fields for r in held])
+            return out["gold"]
+
+        first = gold() if config.gold and held else None
+        rng = torch.Generator().manual_seed(ctx.seed)
+        summary: dict[str, float] = {}
+        for round_ in range(config.rounds):
+            picks = torch.randint(len(train_recs), (config.prompts_per_round,), generator=rng).tolist()
+            items, best = self.best_of_k(ctx, config, policy, tokenizer, reward, [train_recs[i] for i in picks])
+            if not items:
+                raise StageError(f"stage {ctx.name!r}: round {round_}: no response reached min_reward "
+                                 f"{config.min_reward}")
+            ctx.tracker.log(round_ * config.train.steps, {"kept": float(len(items)), "best_reward": best})
+
+            def compute_loss(batch):
+                logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                labels = shift_labels(batch["labels"])
+                return rlhf_kernels.cross_entropy(logits, labels, backend=ctx.kernel_backend), {}
+
+            def count(batch):
+                return float((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
+
+            loader = make_loader(items, config.train.batch_size, lambda b: collate_sft(b, tokenizer.pad_token_id),
+                                 ctx.seed + round_)
+            trainer = Trainer(policy, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name} round {round_}")
+            summary = trainer.fit(loader, compute_loss, None, config.train.steps, count)
+            summary.update(kept=float(len(items)), best_reward=best)
+        if first is not None:
+            summary.update(eval_gold_start=first, eval_gold_end=gold())
+        model_dir = save_causal_lm(policy, tokenizer, ctx.stage_dir) if config.train.save else None
+        return StageResult(model_dir, "policy", summary)
+
+    @staticmethod
+    @torch.no_grad()
+    def best_of_k(ctx, config, policy, tokenizer, reward, records) -> tuple[list[dict], float]:
+        """Fine-tuning items from the best of K samples per record, and their mean reward. An item
+        is the prompt's ids followed by the sampled response ids exactly as generated."""
+        k, g = config.samples_per_prompt, config.generation
+        prompt_ids = [encode_prompt(tokenizer, render_prompt(tokenizer, r.fields)) for r in records]
+        policy.eval()
+        roll = generate(policy, tokenizer, [p for p in prompt_ids for _ in range(k)], max_new_tokens=g.max_new_tokens,
+                        temperature=g.temperature, top_p=g.top_p, device=ctx.device)
+        rows = [r.fields for r in records for _ in range(k)]
+        prompts = [render_prompt(tokenizer, r) for r in rows]
+        scores = reward.score(prompts, roll.responses, rows)[0].view(len(records), k)
+        items, kept = [], []
+        for i, row in enumerate(scores.argmax(1).tolist()):
+            value = float(scores[i, row])
+            if value < config.min_reward:
+                continue
+            response = roll.labels[i * k + row][roll.mask[i * k + row].bool()].tolist()  # the sampled ids, EOS included
+            items.append({"input_ids": prompt_ids[i] + response, "labels": [IGNORE_INDEX] * len(prompt_ids[i]) + response})
+            kept.append(value)
+        policy.train()
+        return items, sum(kept) / max(len(kept), 1)
+
+
+def fields_read(config: RejectionSamplingConfig, registry) -> dict[str, str]:
+    """The data fields the reward and the gold judge read."""
+    out = {}
+    for path, spec in (("reward", config.reward), ("gold", config.gold)):
+        if spec is not None:
+            out.update({name: f"{path} {spec.name!r}" for name in reward_fields(registry.lookup("reward", spec), spec.options)})
+    return out
+
+
+def judge(ctx, spec: ComponentSpec) -> RewardSum:
+    """A registered reward as a :class:`RewardSum` of one term."""
+    return RewardSum([(spec.name, 1.0, CheckedReward(ctx.registry.lookup("reward", spec), ctx, spec.options))])
+
+
+@hookimpl
+def rlhf_register_stages(register):
+    register("rejection_sampling", RejectionSamplingStage)
