@@ -45,7 +45,8 @@ def _noisy_response(rng: random.Random, letter: str, p_correct: float, length: i
 
 
 def make_records(kind: str, n: int, seed: int) -> list[dict]:
-    """``n`` records of data ``kind`` (sft | reward | pairwise | prompts), deterministic in ``seed``."""
+    """``n`` records of data ``kind`` (sft | reward | pairwise | unpaired | prompts), deterministic in ``seed``;
+    an unpaired completion is desirable when its gold score is at least 0.5."""
     rng = random.Random(f"letters-{kind}-{seed}")
     out = []
     for _ in range(n):
@@ -67,8 +68,11 @@ def make_records(kind: str, n: int, seed: int) -> list[dict]:
                 continue
             chosen, rejected = (a, b) if gold_score(prompt, a) > gold_score(prompt, b) else (b, a)
             out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        elif kind == "unpaired":
+            completion = _noisy_response(rng, letter, rng.random(), TARGET_LEN)
+            out.append({"prompt": prompt, "completion": completion, "label": gold_score(prompt, completion) >= 0.5})
         else:
-            raise ValueError(f"letters dataset: unknown kind {kind!r}; accepted: sft, reward, pairwise, prompts")
+            raise ValueError(f"letters dataset: unknown kind {kind!r}; accepted: sft, reward, pairwise, unpaired, prompts")
     return out
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from rlhf_core import hookimpl
 from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
 from rlhf_core.distributed import all_gather_objects, unwrap
-from rlhf_core.data import collate_scored, data_inputs, dataset_components, load_split, tokenize_scored
+from rlhf_core.data import Rendering, collate_scored, data_inputs, dataset_components, load_split, tokenize_scored
 from rlhf_core.interfaces import StageError, StageInput, StageResult
 from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm
 from rlhf_core.training import Trainer, make_loader, total_steps, train_plan
@@ -59,8 +59,8 @@ class RewardConfig:
     """Options of the ``reward`` stage."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    """Scored records ``{prompt, response, score}``, or pairwise ``{prompt, chosen, rejected}`` for a ``pairwise``
-    loss."""
+    """Scored records ``{prompt, response, score}`` (or ``completion``, or ``messages``), or pairwise ``{prompt, chosen,
+    rejected}`` (or ``{chosen, rejected}`` holding the prompt) for a ``pairwise`` loss; strings or messages."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4))
     """The optimisation loop."""
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("mse"))
@@ -100,8 +100,9 @@ class RewardStage:
         tokenizer = ctx.tokenizer_for(source)
         train_recs, eval_recs = load_split(config.data, "pairwise" if pairwise else "reward", ctx.registry, ctx.seed)
         dl = config.data
-        train_items, stats = tokenize_scored(train_recs, tokenizer, dl.max_length, dl.max_prompt_length, keys)
-        eval_items, _ = tokenize_scored(eval_recs, tokenizer, dl.max_length, dl.max_prompt_length, keys)
+        rendering = Rendering(dl.chat_template, ctx.name, source)
+        train_items, stats = tokenize_scored(train_recs, tokenizer, dl.max_length, dl.max_prompt_length, keys, rendering)
+        eval_items, _ = tokenize_scored(eval_recs, tokenizer, dl.max_length, dl.max_prompt_length, keys, rendering)
         print(f"reward data: {stats.describe()}; {len(eval_items)} held out")
         if not train_items:
             raise StageError(f"stage {ctx.name!r}: no usable training examples ({stats.describe()})")

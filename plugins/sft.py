@@ -14,7 +14,7 @@ import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
 from rlhf_core.distributed import all_reduce_sum, masked_mean
-from rlhf_core.data import collate_sft, data_inputs, dataset_components, load_split, shift_labels, tokenize_sft
+from rlhf_core.data import Rendering, collate_sft, data_inputs, dataset_components, load_split, shift_labels, tokenize_sft
 from rlhf_core.interfaces import StageError, StageInput, StageResult
 from rlhf_core.models import fused_linear_problems, root_call, save_causal_lm, use_fused_linear
 from rlhf_core.training import Trainer, make_loader, total_steps, train_plan
@@ -46,7 +46,7 @@ class SFTConfig:
     """Options of the ``sft`` stage."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    """Demonstrations: ``{prompt, response}`` or ``{messages}`` records."""
+    """Demonstrations: ``{prompt, response}`` (or ``completion``) records, strings or messages, or ``{messages}``."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3))
     """The optimisation loop."""
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("cross_entropy"))
@@ -105,10 +105,13 @@ class SFTStage:
     def run(self, ctx, config: SFTConfig) -> StageResult:
         """Train the policy on (prompt, response) pairs; returns the saved policy directory."""
         backend = ctx.kernel_backend
-        tokenizer = ctx.tokenizer_for(ctx.init_source(config.init, "policy"))
+        source = ctx.init_source(config.init, "policy")
+        tokenizer = ctx.tokenizer_for(source)
         train_recs, eval_recs = load_split(config.data, "sft", ctx.registry, ctx.seed)
-        train_items, stats = tokenize_sft(train_recs, tokenizer, config.data.max_length, config.data.max_prompt_length)
-        eval_items, _ = tokenize_sft(eval_recs, tokenizer, config.data.max_length, config.data.max_prompt_length)
+        dl = config.data
+        rendering = Rendering(dl.chat_template, ctx.name, source)
+        train_items, stats = tokenize_sft(train_recs, tokenizer, dl.max_length, dl.max_prompt_length, rendering)
+        eval_items, _ = tokenize_sft(eval_recs, tokenizer, dl.max_length, dl.max_prompt_length, rendering)
         print(f"sft data: {stats.describe()}; {len(eval_items)} held out")
         if not train_items:
             raise StageError(f"stage {ctx.name!r}: no usable training examples ({stats.describe()})")

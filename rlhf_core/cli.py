@@ -13,6 +13,7 @@ import yaml
 from . import __version__
 from . import distributed as dist_utils
 from .config import to_plain
+from .data import CHAT_TEMPLATE_MODES, Rendering, encode_prompt, load_records, render_prompt
 from .doctor import checks, table
 from .engine import (RunDir, check_resumable, plan, preflight, prepare, read_summary, refuse_changes, run_pipeline,
                      signals_interrupt)
@@ -290,16 +291,48 @@ def _sampling_options(fn):
     return fn
 
 
-def _prompts(texts: tuple[str, ...], path: str | None, registry, tokenizer, seed: int, limit: int | None,
-             extra: dict[str, str] | None = None) -> tuple[list[str], list[dict]]:
-    """The prompts of ``--prompt`` and a prompts file, and each one's data record (``extra``: the
-    fields a reward reads, which the file's records must have)."""
-    from .data import load_records, render_prompt
+def _parse_fields(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, str]:
+    """``--fields prompt=question,answer=solution`` as ``{"prompt": "question", "answer": "solution"}``."""
+    out: dict[str, str] = {}
+    if not value:
+        return out
+    for pair in value.split(","):
+        ours, sep, theirs = (part.strip() for part in pair.partition("="))
+        if not (sep and ours and theirs):
+            raise click.BadParameter(f"expected FIELD=COLUMN pairs separated by commas (e.g. "
+                                     f"prompt=question,answer=solution), got {pair.strip()!r}")
+        out[ours] = theirs
+    return out
 
-    prompts, rows = list(texts), [{} for _ in texts]
+
+def _format_options(fn):
+    """The prompt-format flags ``generate`` and ``eval`` share (a stage's ``data.chat_template`` and ``data.fields``)."""
+    for option in reversed([
+        click.option("--chat-template", "chat_template", type=click.Choice(CHAT_TEMPLATE_MODES), default="auto",
+                     show_default=True,
+                     help="The tokenizer's chat template: auto = for message-list prompts only (plain text as written, "
+                          "with a notice when the model has a template); always = plain text too, as one user message "
+                          "(an error for a model without a template); never = no template."),
+        click.option("--fields", "fields", callback=_parse_fields, metavar="FIELD=COLUMN,...",
+                     help="The prompts file's columns for our fields, e.g. prompt=question,answer=solution (as a "
+                          "stage's data.fields)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _prompts(texts: tuple[str, ...], path: str | None, registry, tokenizer, seed: int, limit: int | None,
+             rendering: Rendering, extra: dict[str, str] | None = None,
+             fields: dict[str, str] | None = None) -> tuple[list[str], list[dict]]:
+    """The prompts of ``--prompt`` and a prompts file (its columns renamed by ``fields``), rendered as
+    ``rendering`` says, and each one's data record (``extra``: the fields a reward reads, which the
+    file's records must have)."""
+    prompts = [render_prompt(tokenizer, {"prompt": text}, rendering, "--prompt") for text in texts]
+    rows: list[dict] = [{} for _ in texts]
     if path:
-        records = load_records(path, "prompts", registry, seed=seed, builtin_size=limit or 64, extra=extra)
-        prompts += [render_prompt(tokenizer, r.fields) for r in records]
+        records = load_records(path, "prompts", registry, seed=seed, builtin_size=limit or 64, extra=extra,
+                               fields=fields)
+        prompts += [render_prompt(tokenizer, r.fields, rendering, r.source) for r in records]
         rows += [r.fields for r in records]
     if not prompts:
         raise click.UsageError("give at least one --prompt TEXT or a prompts file")
@@ -312,21 +345,22 @@ def _prompts(texts: tuple[str, ...], path: str | None, registry, tokenizer, seed
 @click.option("--file", "path", metavar="FILE", help="Prompts: a .jsonl/.json/.csv/.parquet file of prompt records, or builtin:NAME.")
 @click.option("--n", "n", default=1, show_default=True, type=click.IntRange(min=1), help="Samples per prompt.")
 @click.option("--limit", type=click.IntRange(min=1), help="Use at most this many prompts.")
+@_format_options
 @_sampling_options
 @_plugins_option
 @click.pass_context
-def generate_command(ctx: click.Context, model_dir, texts, path, n, limit, temperature, top_p, max_new_tokens, seed,
-                     device, as_json, local_plugins) -> None:
+def generate_command(ctx: click.Context, model_dir, texts, path, n, limit, chat_template, fields, temperature, top_p,
+                     max_new_tokens, seed, device, as_json, local_plugins) -> None:
     """Sample responses from a trained policy (any sft or ppo stage output, or a model directory)."""
     import torch
 
-    from .data import encode_prompt
     from .sampling import generate
 
     try:
         registry = build_registry(_plugin_manager(ctx, local_plugins))
         tokenizer, model, dev = load_policy(model_dir, device)
-        prompts, _ = _prompts(texts, path, registry, tokenizer, seed, limit)
+        rendering = _rendering(chat_template, "rlhf generate", model_dir)
+        prompts, _ = _prompts(texts, path, registry, tokenizer, seed, limit, rendering, fields=fields)
         torch.manual_seed(seed)
         roll = generate(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts for _ in range(n)],
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, device=dev)
@@ -350,11 +384,12 @@ def generate_command(ctx: click.Context, model_dir, texts, path, n, limit, tempe
               help="A registered reward: a name, or YAML such as '{name: reward_model, path: runs/x/reward}'.")
 @click.option("--gold", "gold", metavar="SPEC", help="A second judge reported beside the reward (e.g. letters_gold).")
 @click.option("--limit", type=click.IntRange(min=1), help="Use at most this many prompts.")
+@_format_options
 @_sampling_options
 @_plugins_option
 @click.pass_context
-def eval_command(ctx: click.Context, model_dir, path, reward, gold, limit, temperature, top_p, max_new_tokens, seed,
-                 device, as_json, local_plugins) -> None:
+def eval_command(ctx: click.Context, model_dir, path, reward, gold, limit, chat_template, fields, temperature, top_p,
+                 max_new_tokens, seed, device, as_json, local_plugins) -> None:
     """Mean reward (and gold score) of one sample per prompt: the numbers PPO's evaluation reports
     (the same function, the same seed gives the same samples)."""
     from .config import ComponentSpec, ConfigError, ModelConfig, RunConfig, check_options, coerce
@@ -384,7 +419,8 @@ def eval_command(ctx: click.Context, model_dir, path, reward, gold, limit, tempe
         entries = {name: registry.lookup("reward", spec) for name, spec in specs.items()}
         extra = {field: f"--{name} {spec.name!r}" for name, spec in specs.items()
                  for field in reward_fields(entries[name], spec.options)}
-        prompts, rows = _prompts((), path, registry, tokenizer, seed, limit, extra)
+        prompts, rows = _prompts((), path, registry, tokenizer, seed, limit, _rendering(chat_template, "rlhf eval", model_dir),
+                                 extra, fields)
         judges = {name: RewardSum([(spec.name, 1.0, CheckedReward(entries[name], stage_ctx, spec.options))])
                   for name, spec in specs.items()}
         result = evaluate_samples(model, tokenizer, prompts, judges, max_new_tokens=max_new_tokens,
@@ -397,6 +433,11 @@ def eval_command(ctx: click.Context, model_dir, path, reward, gold, limit, tempe
         return
     for key, value in result.items():
         click.echo(f"{key:<10} {value:.4f}" if isinstance(value, float) else f"{key:<10} {value}")
+
+
+def _rendering(chat_template: str, where: str, model_dir: str) -> Rendering:
+    """How ``generate`` / ``eval`` render prompts: ``--chat-template``, its notice on stderr."""
+    return Rendering(chat_template, where, model_dir, option="--chat-template", echo=lambda line: click.echo(line, err=True))
 
 
 def load_policy(model_dir: str, device: str):

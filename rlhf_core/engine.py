@@ -33,7 +33,7 @@ from .atomic import atomic_write_text, remove_orphans
 from .data import DataError, DataNotes, load_records
 from .errors import UserError
 from .interfaces import StageContext, StageResult
-from .models import check_model_source, resolve_device
+from .models import check_model_source, load_tokenizer, resolve_device
 from .plugins import add_modules, build_registry, get_plugin_manager, locate_modules
 from .registry import Registry
 from .tracking import Tracker, format_table, is_main_process, write_summary
@@ -84,6 +84,7 @@ def preflight(prepared: Prepared, echo=print) -> list[dict[str, int]]:
     config, registry = prepared.config, prepared.registry
     problems: list[str] = []
     sizes: list[dict[str, int]] = []
+    has_template: dict[str, bool] = {}  # tokenizer source -> whether it has a chat template
     for key, what in (("name_or_path", "model"), ("tokenizer", "tokenizer")):
         value = getattr(config.model, key)
         problem = check_model_source(value, what=what) if value else None
@@ -110,6 +111,9 @@ def preflight(prepared: Prepared, echo=print) -> list[dict[str, int]]:
                 problems.append(f"{path}: {exc}")
             for line in notes.lines(f"stage {spec.name!r} {item.path}"):
                 echo(f"rlhf: warning: {line}")
+        problem = _chat_template_problem(config.model, spec.config, has_template)
+        if problem:
+            problems.append(f"stages[{i}].data.chat_template: {problem}")
         earlier[spec.name] = getattr(stage, "produces", None)
     if config.distributed.cpu_offload and resolve_device(config.model.device).type != "cuda":
         problems.append("distributed.cpu_offload: moves sharded parameters from GPU to CPU memory; this run is on "
@@ -117,6 +121,26 @@ def preflight(prepared: Prepared, echo=print) -> list[dict[str, int]]:
     if problems:
         raise cfgmod.ConfigError(problems, prepared.source)
     return sizes
+
+
+def _chat_template_problem(model_cfg: cfgmod.ModelConfig, stage_cfg: Any, has_template: dict[str, bool]) -> str | None:
+    """Why a stage's ``data.chat_template: always`` cannot work (the tokenizer it starts from has no
+    chat template), or None; ``has_template`` caches the answer per tokenizer source. Earlier stages
+    save the base model's tokenizer, so every init but a path is the base model's tokenizer."""
+    data, init = getattr(stage_cfg, "data", None), getattr(stage_cfg, "init", "base")
+    if not isinstance(data, cfgmod.DataConfig) or data.chat_template != "always":
+        return None
+    base = init in ("auto", "base") or not isinstance(init, str) or init.startswith("@")
+    source = (model_cfg.tokenizer or model_cfg.name_or_path) if base else init
+    if source not in has_template:
+        try:
+            tokenizer = load_tokenizer(model_cfg, None if base else source)
+        except Exception:  # an unreadable model source is the model checks' problem, reported on its own
+            return None
+        has_template[source] = bool(getattr(tokenizer, "chat_template", None))
+    if has_template[source]:
+        return None
+    return f"always needs a chat template, and the tokenizer of {source} has none; use auto or never"
 
 
 def plan(prepared: Prepared, sizes: list[dict[str, int]]) -> str:

@@ -102,7 +102,7 @@ def rlhf_register_datasets(register):
     """Register built-in datasets, selectable in a config as ``builtin:NAME``.
 
     :param register: ``register(name, factory)`` with ``factory(kind, n, seed) -> list[dict]``,
-        ``kind`` one of ``"sft"``, ``"reward"``, ``"pairwise"``, ``"prompts"``; the records use the
+        ``kind`` one of ``"sft"``, ``"reward"``, ``"pairwise"``, ``"unpaired"``, ``"prompts"``; the records use the
         same fields as the JSONL formats of :mod:`rlhf_core.data`.
     :return: nothing.
     """

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -28,8 +29,8 @@ class RewardModelReward:
             raise StageError(f"stage {ctx.name!r}: reward_model: path {path!r} resolves to {source}, which is not a "
                              f"trained reward model (no {REWARD_MARKER}); train one with a reward stage first, or "
                              "point path at a reward stage's output directory")
-        if is_main_process():
-            print(f"{ctx.name}: reward = the reward model in {source}")
+        if is_main_process():  # on stderr: `rlhf eval --json` keeps stdout for its JSON
+            print(f"{ctx.name}: reward = the reward model in {source}", file=sys.stderr)
         # its own frozen copy, or (LoRA PPO sharing the policy's base) an adapter + head on the policy
         self.model = ctx.load_scalar_model(source, name="reward", trainable=False)
         self.tokenizer = load_tokenizer(ctx.run_config.model, source)

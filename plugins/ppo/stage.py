@@ -29,7 +29,9 @@ from rlhf_core.config import (
     rule_problems,
 )
 from rlhf_core.distributed import masked_mean
-from rlhf_core.data import TokenStats, data_inputs, dataset_components, encode_prompt, load_split, render_prompt
+from rlhf_core.data import (
+    Rendering, TokenStats, data_inputs, dataset_components, encode_prompt, load_split, render_prompt,
+)
 from rlhf_core.interfaces import (
     AdvantageInputs, CheckedReward, ComponentError, RewardSum, PolicyLossInputs, StageError, StageInput, StageResult, checked_advantages,
     checked_rollout, describe, reward_fields,
@@ -173,7 +175,7 @@ class PPOConfig:
     their last tokens, counted and printed like the other stages' truncation."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    """Prompt records (``{prompt}`` or ``{messages}``)."""
+    """Prompt records: ``{prompt}`` (a string or messages) or ``{messages}``."""
     init: str = "auto"
     """Policy and frozen reference: ``auto`` (the latest policy stage, else the base model), ``base``, ``@STAGE`` or a
     path. With ``model.lora`` the reference is the policy with its adapters disabled."""
@@ -341,8 +343,10 @@ class PPOStage:
                                            read_fields(config, ctx.registry))
         eval_recs = eval_recs[: config.eval_prompts]
         stats = TokenStats()
-        prompts = fit_prompts(tokenizer, [render_prompt(tokenizer, r.fields) for r in train_recs], config.prompt_budget(), stats)
-        eval_prompts = fit_prompts(tokenizer, [render_prompt(tokenizer, r.fields) for r in eval_recs],
+        rendering = Rendering(config.data.chat_template, ctx.name, source)
+        prompts = fit_prompts(tokenizer, [render_prompt(tokenizer, r.fields, rendering, r.source) for r in train_recs],
+                              config.prompt_budget(), stats)
+        eval_prompts = fit_prompts(tokenizer, [render_prompt(tokenizer, r.fields, rendering, r.source) for r in eval_recs],
                                    config.prompt_budget(), TokenStats())
         rows, eval_rows = [r.fields for r in train_recs], [r.fields for r in eval_recs]
         print(f"ppo data: {stats.total} prompts, {stats.truncated} cut to their last {config.prompt_budget()} tokens; "

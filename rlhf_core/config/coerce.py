@@ -41,6 +41,9 @@ def coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         classes = [a for a in args if dataclasses.is_dataclass(a)]
         if isinstance(value, dict) and len(classes) == 1:  # e.g. LoraConfig | None: report its own field problems
             return coerce(classes[0], value, path, problems)
+        lists = [a for a in args if typing.get_origin(a) is list]
+        if isinstance(value, list) and len(lists) == 1:  # e.g. a reward list: report each item's own problems
+            return coerce(lists[0], value, path, problems)
         for arg in args:
             if arg is type(None):
                 continue

@@ -158,7 +158,13 @@ class DataConfig:
     limit: int | None = None
     """Use at most this many training examples (null: all)."""
     fields: dict[str, str] = field(default_factory=dict)
-    """Our field names mapped to the source's columns, e.g. ``{prompt: question, response: answer, score: rating}``."""
+    """Our field names mapped to the source's columns, e.g. ``{prompt: question, response: answer, score: rating}``
+    (also the fields a reward reads, ``{answer: solution}``); applied before the record's format is read."""
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """The tokenizer's chat template: ``auto`` = for conversational records (message lists), plain strings as written
+    (one notice when the tokenizer has a template); ``always`` = plain strings too, each prompt as one user message
+    (an error for a tokenizer without a template); ``never`` = no template (messages become ``role: content``
+    lines)."""
     split: str = "train"
     """Split of a 🤗 ``DatasetDict`` directory or ``hf:NAME`` dataset used for ``train``."""
     eval_split: str = "test"
@@ -170,10 +176,10 @@ class DataConfig:
                                    "builtin_size": AT_LEAST_1, "limit": AT_LEAST_1})
         if not self.train:
             out.append("train: must name a data file or builtin:NAME")
-        known = ("prompt", "response", "score", "chosen", "rejected", "messages")
         for ours, theirs in self.fields.items():
-            if ours not in known or not isinstance(theirs, str) or not theirs:
-                out.append(f"fields.{ours}: maps one of {', '.join(known)} to a column name, got {ours}: {theirs!r}")
+            if not ours or not isinstance(theirs, str) or not theirs:
+                out.append(f"fields.{ours}: maps a field (prompt, response, completion, score, label, chosen, rejected, "
+                           f"messages, or one a reward reads) to a column name, got {ours}: {theirs!r}")
         mpl = self.max_prompt_length
         if mpl is not None and self.max_length >= 2 and not 1 <= mpl < self.max_length:
             out.append(f"max_prompt_length: must be at least 1 and below max_length ({self.max_length}) so that a "

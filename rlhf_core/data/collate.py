@@ -53,3 +53,32 @@ def collate_scored(items: list[dict], pad_id: int, keys: tuple[str, ...] = ("res
     if "score" in items[0]:
         out["score"] = torch.tensor([it["score"] for it in items], dtype=torch.float32)
     return out
+
+
+def prompt_length(labels: list[int]) -> int:
+    """How many leading tokens of a tokenised item are its prompt (labels ``-100``)."""
+    return next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+
+
+def collate_unpaired(items: list[dict], pad_id: int, mismatched: bool = False) -> dict[str, torch.Tensor]:
+    """Unpaired items (:func:`~rlhf_core.data.tokenize.tokenize_unpaired`) as :func:`collate_sft`
+    batches them: ``input_ids``/``attention_mask``/``labels`` ``[B, T]`` right padded (labels -100
+    on prompt and padding), plus ``desirable [B]`` bool.
+
+    With ``mismatched``, also ``kl_input_ids``/``kl_attention_mask``/``kl_labels`` ``[B, T']``: row
+    ``i`` is item ``i``'s prompt followed by item ``(i + 1) mod B``'s completion (labels on the
+    completion), KTO's mismatched pairs for its reference point z0, formed within the batch as TRL
+    forms them (a batch of one pairs an item with itself); the completion is cut so that a row is no
+    longer than the longer of the two items."""
+    out = collate_sft([{"input_ids": it["ids"], "labels": it["labels"]} for it in items], pad_id)
+    out["desirable"] = torch.tensor([bool(it["desirable"]) for it in items], dtype=torch.bool)
+    if mismatched:
+        pairs = []
+        for i, item in enumerate(items):
+            other = items[(i + 1) % len(items)]
+            start, other_start = prompt_length(item["labels"]), prompt_length(other["labels"])
+            room = max(len(item["ids"]), len(other["ids"])) - start
+            completion = other["ids"][other_start:][:room]
+            pairs.append({"input_ids": item["ids"][:start] + completion, "labels": [IGNORE_INDEX] * start + completion})
+        out.update({f"kl_{key}": value for key, value in collate_sft(pairs, pad_id).items()})
+    return out

@@ -51,6 +51,8 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
                         record["score"] = float(record["score"])
                     except ValueError:
                         pass  # left as a string: the field check reports it with its line
+                if str(record.get("label", "")).lower() in ("true", "false"):
+                    record["label"] = record["label"].lower() == "true"  # CSV has no booleans
                 yield f"{path}:{reader.line_num}", record
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 ({exc.reason})") from None

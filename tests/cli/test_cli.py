@@ -101,7 +101,7 @@ def test_end_to_end_sft_reward_ppo_learns(tiny_pipeline_yaml, tmp_path):
     result = invoke("eval", str(out / "ppo"), "--prompts", str(prompts), "--reward", "{name: reward_model, path: "
                     f"{out / 'reward'}}}", "--gold", "letters_gold", "--max-new-tokens", "12", "--json")
     assert result.exit_code == 0, result.output
-    numbers = json.loads(result.output)
+    numbers = json.loads(result.stdout)
     assert numbers["prompts"] == len(held[:48])
     assert numbers["gold"] == pytest.approx(summary["stages"]["ppo"]["eval_gold_end"], abs=1e-9)
     assert numbers["reward"] == pytest.approx(summary["stages"]["ppo"]["eval_reward_end"], abs=1e-6)
@@ -211,6 +211,6 @@ def test_dry_run_validates_everything_and_prints_the_plan_without_training(tmp_p
     assert "  samples: 3,840" in ppo and "  generated tokens (at most): 46,080" in ppo  # 60 x 32 x 2, x 12 tokens
     assert not (tmp_path / "runs").exists()
     data = tmp_path / "bad.jsonl"
-    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    data.write_text('{"prompt": "a", "output": "b"}\n')
     bad = CliRunner().invoke(cli, ["run", "--dry-run", "--set", f"stages.sft.data.train={data}"], obj={})
-    assert bad.exit_code == 1 and "map it with data.fields: {response: completion}" in bad.output
+    assert bad.exit_code == 1 and "map it with data.fields: {response: output}" in bad.output

@@ -33,9 +33,9 @@ def write(tmp_path, name, content: bytes | str):
         ('{"messages": [{"role": "user"}]}\n', "prompts", "'messages[0]' must be an object with string 'role'"),
         ('{"prompt": "a", "chosen": "b"}\n', "pairwise", ":1: missing field 'rejected'"),
         # a column other datasets use for the field: the message says which mapping fixes it
-        ('{"prompt": "a", "completion": "b"}\n', "sft",
-         ":1: missing field 'response' (or 'messages'); a sft record needs prompt, response; the record has a "
-         "'completion' field: map it with data.fields: {response: completion}"),
+        ('{"prompt": "a", "answer": "b"}\n', "sft",
+         ":1: missing field 'response' (or 'messages'); a sft record needs prompt and response (or completion), or "
+         "messages; the record has a 'answer' field: map it with data.fields: {response: answer}"),
         ('{"question": "a", "answer": "b", "rating": 1}\n', "reward",
          "the record has a 'question' field: map it with data.fields: {prompt: question}"),
     ],

@@ -149,7 +149,8 @@ def test_each_model_source_and_option_problem_has_its_own_message(tmp_path, regi
     assert check_model_source("a b") == "a b: no such directory, and not a hub id of the form org/name"
     assert check_model_source("builtin:tiny") is None
     assert problems(registry, "stages.sft.data.fields={prompt: ''}") == [
-        "stages[0].data.fields.prompt: maps one of prompt, response, score, chosen, rejected, messages to a column name, got prompt: ''"]
+        "stages[0].data.fields.prompt: maps a field (prompt, response, completion, score, label, chosen, rejected, "
+        "messages, or one a reward reads) to a column name, got prompt: ''"]
     assert problems(registry, "tracking=[{name: tensorboard, log_dir: /abs}]") == [
         "tracking[0]: tensorboard: log_dir must be a path inside the run directory, got '/abs'"]
     assert problems(registry, "checkpoint.keep=0") == ["checkpoint.keep: must be at least 1, got 0"]

@@ -141,15 +141,19 @@ def test_a_weighted_reward_list_parses_round_trips_and_rejects_bad_weights(regis
     assert [(r.name, r.weight) for r in reward] == [("math", 1.0), ("format", 0.2)]
     assert reward[1].options == {"pattern": r"<answer>-?\d+</answer>"}  # weight is not passed to the reward
     assert to_plain(reward) == raw["stages"][1]["reward"]
-    raw["stages"][1]["reward"] = [{"name": "math", "weight": "heavy"}, {"name": "format", "weight": float("nan")},
-                                  {"name": "math", "wieght": 1}]
+    raw["stages"][1]["reward"] = [{"name": "math", "weight": "heavy"}]
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.reward\[0\]\.weight: expected a number, got 'heavy'"):
+        resolve(raw, registry)
+    raw["stages"][1]["reward"] = [{"name": "math"}, {"name": "format"}, {"name": "math", "wieght": 1}]
     with pytest.raises(ConfigError) as err:
         resolve(raw, registry)
     text = str(err.value)
-    assert "stages[1].reward[0].weight: expected a number, got 'heavy'" in text
-    assert "stages[1].reward[1].weight: must be a finite number, got nan" in text
     assert "stages[1].reward[1]: format reward: pattern is required" in text
     assert "stages[1].reward[2].wieght: unknown option for reward 'math'" in text
+    # A weight that parses but is not finite is the stage's own check (it runs once every item parsed).
+    raw["stages"][1]["reward"] = [{"name": "math", "weight": float("nan")}]
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.reward\[0\]\.weight: must be a finite number, got nan"):
+        resolve(raw, registry)
 
 
 # ---------------------------------------------------------------------- preflight
