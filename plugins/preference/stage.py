@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -23,7 +23,8 @@ import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core.config import AT_LEAST_0, ComponentSpec, DataConfig, GenerationConfig, TrainConfig, rule_problems
 from rlhf_core.data import (
-    IGNORE_INDEX, data_inputs, dataset_components, load_split, pad, render_prompt, shift_labels, tokenize_scored,
+    IGNORE_INDEX, Rendering, data_inputs, dataset_components, load_split, pad, prompt_length, render_prompt,
+    shift_labels, tokenize_scored, tokenize_unpaired,
 )
 from rlhf_core.distributed import all_reduce_sum
 from rlhf_core.interfaces import CheckedReward, RewardSum, StageError, StageInput, StageResult, reward_fields
@@ -32,17 +33,18 @@ from rlhf_core.sampling import evaluate_samples
 from rlhf_core.tracking import is_main_process
 from rlhf_core.training import Trainer, make_loader, total_steps, train_plan
 
-from .losses import PreferenceInputs
+from .losses import KTOInputs, PreferenceInputs, kto_reference_point
 
 SIDES = ("chosen", "rejected")
 
 
 @dataclass
-class DPOConfig:
-    """Options of the ``dpo`` stage."""
+class PreferenceConfig:
+    """Options of the ``dpo`` stage (and, with its own data and loss, of ``kto``)."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    """Pairwise records ``{prompt, chosen, rejected}``."""
+    """Pairwise records: ``{prompt, chosen, rejected}`` (strings or messages), or ``{chosen, rejected}`` with an
+    implicit prompt (see Data formats)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5))
     """The optimisation loop."""
     loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("sigmoid"))
@@ -51,7 +53,7 @@ class DPOConfig:
     init: str = "auto"
     """Policy (and reference): ``auto`` (the latest policy stage, else the base model), ``base``, ``@STAGE`` or a path."""
     reference: Literal["auto", "precomputed", "adapters_off"] = "auto"
-    """Where the reference log-probs come from: ``precomputed`` (a frozen copy of ``init`` scores every pair once
+    """Where the reference log-probs come from: ``precomputed`` (a frozen copy of ``init`` scores every example once
     before training, then is freed), ``adapters_off`` (with ``model.lora``: the policy with its adapters disabled,
     every step); ``auto`` = ``adapters_off`` with LoRA, else ``precomputed``. Unused by reference-free losses."""
     fused_linear: bool | Literal["auto"] = "auto"
@@ -70,18 +72,43 @@ class DPOConfig:
         return rule_problems(self, {"eval_prompts": AT_LEAST_0})
 
 
-class DPOStage:
-    """setup (policy, reference log-probs, pairs) -> loop (Trainer) -> save."""
+@dataclass
+class KTOConfig(PreferenceConfig):
+    """Options of the ``kto`` stage: those of ``dpo``, on unpaired data with the ``kto`` loss."""
 
-    config_class = DPOConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    """Unpaired records: ``{prompt, completion, label}`` with ``label`` true (desirable) or false (undesirable),
+    strings or messages (see Data formats)."""
+    loss: ComponentSpec = field(default_factory=lambda: ComponentSpec("kto"))
+    """The KTO loss (component, family ``kto``) and its options ``beta``, ``desirable_weight``,
+    ``undesirable_weight``."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What tells ``dpo`` and ``kto`` apart: the data kind, the loss family, the two sequences each
+    example contributes to a ``[2B, T]`` batch, how examples are built, and the loss terms."""
+
+    data_kind: str
+    family: str
+    sides: tuple[str, str]
+    examples: Callable[..., tuple[list[dict], Any]]
+    terms: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class PreferenceStage:
+    """setup (policy, reference log-probs, examples) -> loop (Trainer) -> save."""
+
+    config_class: type = PreferenceConfig
+    variant: Variant
     produces = "policy"
 
-    def components(self, config: DPOConfig):
-        """The preference loss, the gold judge and builtin datasets to look up."""
-        return [("loss", config.loss, "loss", ("preference",)), ("reward", config.gold, "gold", None),
+    def components(self, config: PreferenceConfig):
+        """The loss, the gold judge and builtin datasets to look up."""
+        return [("loss", config.loss, "loss", (self.variant.family,)), ("reward", config.gold, "gold", None),
                 *dataset_components(config.data, "data")]
 
-    def validate(self, config: DPOConfig, registry, run=None) -> list[str]:
+    def validate(self, config: PreferenceConfig, registry, run=None) -> list[str]:
         """``reference: adapters_off`` needs LoRA; ``fused_linear: true`` needs a plain LM head."""
         problems = fused_linear_problems(config.fused_linear, "")
         if config.reference == "adapters_off" and run is not None and run.model.lora is None:
@@ -89,39 +116,41 @@ class DPOStage:
                             "not set; use precomputed (or auto)")
         return problems
 
-    def inputs(self, config: DPOConfig, registry) -> list[StageInput]:
-        """The pairwise records (with the fields the gold judge reads) and the starting weights."""
-        return [*data_inputs(config.data, "pairwise", extra=gold_fields(config, registry)),
+    def inputs(self, config: PreferenceConfig, registry) -> list[StageInput]:
+        """The records (with the fields the gold judge reads) and the starting weights."""
+        return [*data_inputs(config.data, self.variant.data_kind, extra=gold_fields(config, registry)),
                 StageInput("init", "model", config.init)]
 
-    def plan(self, config: DPOConfig, registry, sizes: dict[str, int]) -> dict[str, Any]:
-        """Pairs, steps and the most tokens they read (``rlhf run --dry-run``)."""
+    def plan(self, config: PreferenceConfig, registry, sizes: dict[str, int]) -> dict[str, Any]:
+        """Examples, steps and the most tokens they read (``rlhf run --dry-run``)."""
         return train_plan(config.train, config.data, sizes, sequences_per_example=2)
 
-    def run(self, ctx, config: DPOConfig) -> StageResult:
-        """Train the policy on preference pairs; returns the saved policy directory."""
-        backend, data = ctx.kernel_backend, config.data
+    def run(self, ctx, config: PreferenceConfig) -> StageResult:
+        """Train the policy on preference data; returns the saved policy directory."""
+        variant, backend, data = self.variant, ctx.kernel_backend, config.data
         source = ctx.init_source(config.init, "policy")
         tokenizer = ctx.tokenizer_for(source)
-        train_recs, eval_recs = load_split(data, "pairwise", ctx.registry, ctx.seed, gold_fields(config, ctx.registry))
-        train_items, stats = tokenize_scored(train_recs, tokenizer, data.max_length, data.max_prompt_length, SIDES)
-        eval_items, _ = tokenize_scored(eval_recs, tokenizer, data.max_length, data.max_prompt_length, SIDES)
+        rendering = Rendering(data.chat_template, ctx.name, source)
+        train_recs, eval_recs = load_split(data, variant.data_kind, ctx.registry, ctx.seed,
+                                           gold_fields(config, ctx.registry))
+        train_items, stats = variant.examples(train_recs, tokenizer, data, rendering)
+        eval_items, _ = variant.examples(eval_recs, tokenizer, data, rendering)
         if not train_items:
-            raise StageError(f"stage {ctx.name!r}: no usable pairs ({stats.describe()})")
-        loss_entry = ctx.registry.lookup("loss", config.loss, "preference")
+            raise StageError(f"stage {ctx.name!r}: no usable examples ({stats.describe()})")
+        loss_entry = ctx.registry.lookup("loss", config.loss, variant.family)
         policy = ctx.load_model(config.init)
         fused = use_fused_linear(config.fused_linear, ctx.name, [policy])
         reference = reference_mode(config, loss_entry, policy)
         if is_main_process():
-            print(f"{ctx.name}: {len(train_items)} pairs ({stats.describe()}), {len(eval_items)} held out; loss "
+            print(f"{ctx.name}: {len(train_items)} examples ({stats.describe()}), {len(eval_items)} held out; loss "
                   f"{config.loss.name}; reference: {REFERENCE_TEXT[reference]}")
         if reference == "precomputed":
             frozen = ctx.load_model(config.init, trainable=False)
             precompute_reference(frozen, [train_items, eval_items], tokenizer.pad_token_id, config.train.batch_size,
-                                 backend, use_fused_linear(config.fused_linear, ctx.name, [frozen]))
+                                 backend, use_fused_linear(config.fused_linear, ctx.name, [frozen]), variant.sides)
             del frozen
             gc.collect()
-        collate = lambda batch: collate_pairs(batch, tokenizer.pad_token_id)  # noqa: E731
+        collate = lambda batch: collate_pairs(batch, tokenizer.pad_token_id, variant.sides)  # noqa: E731
 
         def loss_terms(batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             logps, tokens = pair_logprobs(policy, batch, backend, fused)
@@ -131,31 +160,29 @@ class DPOStage:
             elif reference == "adapters_off":
                 with torch.no_grad(), lora_scope(policy, None):
                     ref = pair_logprobs(policy, batch, backend, fused)[0]
-            inputs = preference_inputs(logps, tokens, ref)
-            per_pair, metrics = loss_entry.obj(inputs, **config.loss.options)
-            return per_pair, {**metrics, "logps_chosen": inputs.chosen_logps.detach(),
-                              "logps_rejected": inputs.rejected_logps.detach()}
+            return variant.terms(loss_entry.obj, config.loss.options, batch, logps, tokens, ref)
 
         def compute_loss(batch):
-            per_pair, metrics = loss_terms(batch)
-            return per_pair.mean(), {k: float(v.float().mean()) if torch.is_tensor(v) else float(v)
-                                     for k, v in metrics.items()}
+            per_example, metrics = loss_terms(batch)
+            return per_example.mean(), {k: float(v.float().nanmean()) if torch.is_tensor(v) else float(v)
+                                        for k, v in metrics.items()}
 
         def evaluate() -> dict[str, float]:
-            sums: dict[str, torch.Tensor] = {}
+            sums: dict[str, torch.Tensor] = {}  # name -> [sum, count] of the per-example values, NaN = not counted
             with torch.no_grad():
                 for batch in make_loader(eval_items, config.train.batch_size, collate, 0, False):
                     batch = {k: v.to(ctx.device) for k, v in batch.items()}
-                    per_pair, metrics = loss_terms(batch)
-                    for name, value in {"loss": per_pair, **metrics}.items():
+                    per_example, metrics = loss_terms(batch)
+                    for name, value in {"loss": per_example, **metrics}.items():
                         if torch.is_tensor(value) and value.dim() == 1:
-                            total = batch["real"] * torch.stack([value.double().sum(), torch.tensor(
-                                float(len(value)), dtype=torch.float64, device=value.device)])
+                            counted = ~torch.isnan(value)
+                            total = batch["real"] * torch.stack([value.double()[counted].sum(),
+                                                                 counted.sum().double()])
                             sums[name] = sums.get(name, 0) + total
             return {name: float(s[0] / s[1].clamp(min=1)) for name, s in
                     ((name, all_reduce_sum(total)) for name, total in sorted(sums.items()))}
 
-        gold = gold_evaluation(ctx, config, tokenizer, eval_recs, policy)
+        gold = gold_evaluation(ctx, config, tokenizer, eval_recs, policy, rendering)
         first = gold() if gold else {}
         loader = make_loader(train_items, config.train.batch_size, collate, ctx.seed)
         steps = total_steps(config.train, len(train_items))
@@ -171,14 +198,76 @@ class DPOStage:
         return StageResult(model_dir, "policy", summary)
 
 
+def pairwise_examples(records, tokenizer, data: DataConfig, rendering: Rendering) -> tuple[list[dict], Any]:
+    """``dpo``'s examples: ``chosen_ids``/``chosen_labels`` and ``rejected_ids``/``rejected_labels``."""
+    return tokenize_scored(records, tokenizer, data.max_length, data.max_prompt_length, SIDES, rendering)
+
+
+def unpaired_examples(records, tokenizer, data: DataConfig, rendering: Rendering) -> tuple[list[dict], Any]:
+    """``kto``'s examples: the completion (``completion_ids``/``completion_labels``), ``desirable``,
+    and a mismatched pair (``mismatched_ids``/``mismatched_labels``): the example's prompt with the
+    next example's completion (in data order, the last with the first; cut to the longer of the
+    two), whose log-ratio estimates KTO's reference point z0. Fixed per example, so its reference
+    log-probs can be precomputed like the completion's."""
+    items, stats = tokenize_unpaired(records, tokenizer, data.max_length, data.max_prompt_length, rendering)
+    out = []
+    for i, item in enumerate(items):
+        other = items[(i + 1) % len(items)]
+        start, other_start = prompt_length(item["labels"]), prompt_length(other["labels"])
+        room = max(len(item["ids"]), len(other["ids"])) - start
+        completion = other["ids"][other_start:][:room]
+        out.append({"completion_ids": item["ids"], "completion_labels": item["labels"], "desirable": item["desirable"],
+                    "mismatched_ids": item["ids"][:start] + completion,
+                    "mismatched_labels": [IGNORE_INDEX] * start + completion})
+    return out, stats
+
+
+def pairwise_terms(loss_fn, options: dict, batch, logps, tokens, ref) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``dpo``: the preference loss per pair and its metrics, plus each side's summed log-probs."""
+    inputs = preference_inputs(logps, tokens, ref)
+    per_pair, metrics = loss_fn(inputs, **options)
+    return per_pair, {**metrics, "logps_chosen": inputs.chosen_logps.detach(),
+                      "logps_rejected": inputs.rejected_logps.detach()}
+
+
+def unpaired_terms(loss_fn, options: dict, batch, logps, tokens, ref) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``kto``: the loss per example with the reference point z0 from the batch's mismatched pairs
+    (global over processes; per micro-batch, as in TRL), and the rewards of desirable and
+    undesirable examples apart (NaN where an example is of the other kind: not counted)."""
+    half = len(logps) // 2
+    kept = half if float(batch["real"]) > 0 else 0  # a stand-in batch (a rank without a share) adds no pair
+    z0 = kto_reference_point(logps[half:half + kept], ref[half:half + kept], all_reduce_sum)
+    desirable = batch["desirable"]
+    per_example, metrics = loss_fn(KTOInputs(logps[:half], ref[:half], desirable, z0), **options)
+    rewards = metrics.pop("rewards")
+    nan = torch.full_like(rewards, math.nan)
+    return per_example, {**metrics, "kl": z0.expand(half), "rewards_desirable": torch.where(desirable, rewards, nan),
+                         "rewards_undesirable": torch.where(desirable, nan, rewards),
+                         "logps": logps[:half].detach()}
+
+
+class DPOStage(PreferenceStage):
+    """``dpo``: pairwise preference optimisation with a ``preference``-family loss."""
+
+    config_class = PreferenceConfig
+    variant = Variant("pairwise", "preference", SIDES, pairwise_examples, pairwise_terms)
+
+
+class KTOStage(PreferenceStage):
+    """``kto``: unpaired desirable / undesirable completions with the ``kto`` loss."""
+
+    config_class = KTOConfig
+    variant = Variant("unpaired", "kto", ("completion", "mismatched"), unpaired_examples, unpaired_terms)
+
+
 REFERENCE_TEXT = {"precomputed": "log-probs of a frozen copy, computed once before training",
                   "adapters_off": "the policy with its LoRA adapters off (no copy)",
                   "none": "none (a reference-free loss)"}
 
 
-def reference_mode(config: DPOConfig, loss_entry, policy) -> str:
+def reference_mode(config: PreferenceConfig, loss_entry, policy) -> str:
     """``none`` for a reference-free loss, else ``precomputed`` or ``adapters_off`` (see
-    :attr:`DPOConfig.reference`)."""
+    :attr:`PreferenceConfig.reference`)."""
     if loss_entry.meta.get("reference_free"):
         return "none"
     if config.reference == "auto":
@@ -186,17 +275,22 @@ def reference_mode(config: DPOConfig, loss_entry, policy) -> str:
     return config.reference
 
 
-def collate_pairs(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """One ``[2B, T]`` batch of the pairs' sequences, chosen rows first then rejected, right padded
-    (``input_ids``, ``attention_mask``, ``labels`` with -100 on prompt and padding), and
-    ``ref_logps [2B]`` (the precomputed reference log-probs, NaN until computed)."""
-    seqs = [it[f"{side}_ids"] for side in SIDES for it in items]
-    return {
+def collate_pairs(items: list[dict], pad_id: int, sides: tuple[str, str] = SIDES) -> dict[str, torch.Tensor]:
+    """One ``[2B, T]`` batch of two sequences per item (``<side>_ids`` / ``<side>_labels``): every
+    item's first side, then every item's second (chosen then rejected; for KTO the completion then
+    its mismatched pair), right padded (``input_ids``, ``attention_mask``, ``labels`` with -100 on
+    prompt and padding); ``ref_logps [2B]`` (the precomputed reference log-probs, NaN until
+    computed); ``desirable [B]`` when the items have it (KTO)."""
+    seqs = [it[f"{side}_ids"] for side in sides for it in items]
+    out = {
         "input_ids": pad(seqs, pad_id), "attention_mask": pad([[1] * len(s) for s in seqs], 0),
-        "labels": pad([it[f"{side}_labels"] for side in SIDES for it in items], IGNORE_INDEX),
-        "ref_logps": torch.tensor([it.get(f"ref_{side}", math.nan) for side in SIDES for it in items],
+        "labels": pad([it[f"{side}_labels"] for side in sides for it in items], IGNORE_INDEX),
+        "ref_logps": torch.tensor([it.get("ref_logps", (math.nan, math.nan))[j] for j in range(2) for it in items],
                                   dtype=torch.float32),
     }
+    if "desirable" in items[0]:
+        out["desirable"] = torch.tensor([it["desirable"] for it in items], dtype=torch.bool)
+    return out
 
 
 def pair_logprobs(model, batch: dict[str, torch.Tensor], backend: str | None,
@@ -227,22 +321,22 @@ def preference_inputs(logps: torch.Tensor, tokens: torch.Tensor, ref: torch.Tens
 
 @torch.no_grad()
 def precompute_reference(reference, item_lists: list[list[dict]], pad_id: int, batch_size: int,
-                         backend: str | None, fused: bool) -> None:
-    """Store ``ref_chosen`` / ``ref_rejected`` (the frozen ``reference``'s summed response log-probs)
-    in every item of ``item_lists``. Every process scores every pair (a sharded reference needs the
-    same forwards on each rank), once, before the first step."""
+                         backend: str | None, fused: bool, sides: tuple[str, str] = SIDES) -> None:
+    """Store ``ref_logps`` (the frozen ``reference``'s summed response log-probs of the item's two
+    sequences, see :func:`collate_pairs`) in every item of ``item_lists``. Every process scores every
+    item (a sharded reference needs the same forwards on each rank), once, before the first step."""
     reference.eval()
     device = next(reference.parameters()).device
     for items in item_lists:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, sides).items()}
             logps = pair_logprobs(reference, batch, backend, fused)[0].cpu().tolist()
             for i, item in enumerate(chunk):
-                item["ref_chosen"], item["ref_rejected"] = logps[i], logps[len(chunk) + i]
+                item["ref_logps"] = (logps[i], logps[len(chunk) + i])
 
 
-def gold_fields(config: DPOConfig, registry) -> dict[str, str]:
+def gold_fields(config: PreferenceConfig, registry) -> dict[str, str]:
     """The data fields the gold judge reads (``{field: "gold 'math'"}``)."""
     if config.gold is None:
         return {}
@@ -250,7 +344,7 @@ def gold_fields(config: DPOConfig, registry) -> dict[str, str]:
                                                                         config.gold.options)}
 
 
-def gold_evaluation(ctx, config: DPOConfig, tokenizer, eval_recs, policy):
+def gold_evaluation(ctx, config: PreferenceConfig, tokenizer, eval_recs, policy, rendering: Rendering):
     """``() -> {"gold": mean score}`` of fresh samples of the held-out prompts under ``gold`` (None
     without a gold judge or held-out pairs): the same function and seed as PPO's evaluation."""
     if config.gold is None or not eval_recs or config.eval_prompts == 0:
@@ -258,7 +352,7 @@ def gold_evaluation(ctx, config: DPOConfig, tokenizer, eval_recs, policy):
     judge = RewardSum([(config.gold.name, 1.0, CheckedReward(ctx.registry.lookup("reward", config.gold), ctx,
                                                               config.gold.options))])
     recs = eval_recs[: config.eval_prompts]
-    prompts, rows = [render_prompt(tokenizer, r.fields) for r in recs], [r.fields for r in recs]
+    prompts, rows = [render_prompt(tokenizer, r.fields, rendering, r.source) for r in recs], [r.fields for r in recs]
     g = config.generation
 
     def evaluate() -> dict[str, float]:
@@ -273,3 +367,4 @@ def gold_evaluation(ctx, config: DPOConfig, tokenizer, eval_recs, policy):
 @hookimpl
 def rlhf_register_stages(register):
     register("dpo", DPOStage)
+    register("kto", KTOStage)

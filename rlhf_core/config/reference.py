@@ -37,16 +37,17 @@ class KeyDoc:
 
 @functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
-    """``field name -> documentation`` from the attribute docstrings in ``cls``'s source (one
-    paragraph, whitespace collapsed); a field without one is absent."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # the class statement's body
+    """``field name -> documentation`` from the attribute docstrings in the source of ``cls`` and
+    of the dataclasses it extends (a subclass's own line wins; one paragraph, whitespace
+    collapsed); a field without one is absent."""
     docs: dict[str, str] = {}
-    for stmt, following in zip(body, body[1:]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)):
-            docs[stmt.target.id] = " ".join(following.value.value.split())
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body  # the class statement's body
+        for stmt, following in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):
+                docs[stmt.target.id] = " ".join(following.value.value.split())
     return docs
 
 

@@ -39,6 +39,10 @@ stages:
     kl: {{adaptive: true, target: 0.5, horizon: 50}}
     eval_every: 4
     eval_prompts: 8
+  - stage: dpo
+    init: "@sft"
+    data: {{train: "builtin:letters", builtin_size: 200, max_length: 16}}
+    train: {{steps: 12, batch_size: 8, lr: 1.0e-3, log_every: 1, eval_every: 5}}
 """
 
 
@@ -52,7 +56,7 @@ def rows(run: Path) -> list[dict]:
 
 
 def assert_identical(a: Path, b: Path) -> None:
-    for stage in ("sft", "reward", "ppo"):
+    for stage in ("sft", "reward", "ppo", "dpo"):
         for file in sorted((a / stage).glob("*.safetensors")):
             x, y = load_file(file), load_file(b / stage / file.name)
             assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), (stage, file.name)
@@ -96,16 +100,17 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage, advantage", [("sft", "batch_mean"), ("reward", "batch_mean"), ("ppo", "batch_mean"),
-                                              ("ppo", "gae"), ("ppo", "gae+lora")])
+                                              ("ppo", "gae"), ("ppo", "gae+lora"), ("dpo", "batch_mean"),
+                                              ("dpo", "gae+lora")])
 def test_kill_and_resume_is_bit_identical(reference, tmp_path, stage, advantage):
     config, uninterrupted = reference[advantage]
     out = tmp_path / "run"
-    limit = 12 if stage == "ppo" else 30
+    limit = 12 if stage in ("ppo", "dpo") else 30
     kill_at(config, out, stage, random.Random(f"{stage}{advantage}").randint(2, limit - 4))
     result = rlhf("run", "--resume", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["stages_completed"] == ["sft", "reward", "ppo"]
+    assert summary["status"] == "finished" and summary["stages_completed"] == ["sft", "reward", "ppo", "dpo"]
     assert_identical(uninterrupted, out)
     assert not (out / "checkpoints" / stage).exists()  # spent once the stage finished
 

@@ -126,3 +126,51 @@ def test_dpo_and_simpo_raise_the_gold_score_over_sft(tmp_path, loss):
     assert dpo["eval_accuracy"] > 0.8  # held-out pairs ranked like the rater ranks them
     assert dpo["train_margin"] > 0
     assert dpo["eval_gold_end"] > dpo["eval_gold_start"], dpo
+
+
+def test_kto_examples_pair_each_completion_with_the_next_ones_as_its_mismatched_pair(registry_module):
+    from rlhf_core.data import Rendering
+    from rlhf_plugins.preference.stage import unpaired_examples
+
+    tokenizer = load_tokenizer(CFG)
+    records = load_records("builtin:letters", "unpaired", registry_module, seed=0, builtin_size=5)
+    items, _ = unpaired_examples(records, tokenizer, DataConfigForTest(), Rendering("auto", "kto", "builtin:tiny"))
+    for i, item in enumerate(items):
+        nxt = items[(i + 1) % len(items)]
+        start = sum(t == -100 for t in item["completion_labels"])
+        nxt_start = sum(t == -100 for t in nxt["completion_labels"])
+        assert item["mismatched_ids"][:start] == item["completion_ids"][:start]  # its own prompt
+        assert item["mismatched_ids"][start:] == nxt["completion_ids"][nxt_start:][: len(item["mismatched_ids"]) - start]
+        assert item["mismatched_labels"][:start] == [-100] * start
+    assert {it["desirable"] for it in items} <= {True, False}
+
+
+class DataConfigForTest:
+    max_length, max_prompt_length = 24, None
+
+
+def test_kto_learns_and_wrong_data_kinds_are_file_line_errors(tmp_path):
+    """kto on the letters task's unpaired data after SFT: desirable completions end with a higher
+    implicit reward than undesirable ones, and the gold score does not fall; dpo given unpaired data
+    and kto given pairwise data are refused before anything trains."""
+    stages = ("stages=[{stage: sft, data: {train: 'builtin:letters', builtin_size: 1200, max_length: 32}, "
+              "train: {steps: 80, batch_size: 32, lr: 3.0e-3, warmup_steps: 10}}, "
+              "{stage: kto, data: {train: 'builtin:letters', builtin_size: 600, max_length: 32}, gold: letters_gold, "
+              "generation: {max_new_tokens: 12}, eval_prompts: 48, train: {steps: 40, batch_size: 16, log_every: 5}}]")
+    result = CliRunner().invoke(cli, ["run", "--out", str(tmp_path / "kto"), "--set", stages], obj={})
+    assert result.exit_code == 0, result.output
+    assert "reference: log-probs of a frozen copy, computed once before training" in result.output
+    kto = json.loads((tmp_path / "kto" / "summary.json").read_text())["stages"]["kto"]
+    assert kto["eval_rewards_desirable"] > kto["eval_rewards_undesirable"], kto
+    assert kto["train_kl"] >= 0.0
+    assert kto["eval_gold_end"] >= kto["eval_gold_start"] - 0.05, kto
+    for stage, kind in (("dpo", "unpaired"), ("kto", "pairwise")):
+        data = tmp_path / f"{kind}.jsonl"
+        row = ({"prompt": "a=", "completion": "aaaa", "label": True} if kind == "unpaired"
+               else {"prompt": "a=", "chosen": "aaaa", "rejected": "abab"})
+        data.write_text(json.dumps(row) + "\n")
+        result = CliRunner().invoke(cli, ["run", "--out", str(tmp_path / f"bad-{stage}"), "--set",
+                                          f"stages=[{{stage: {stage}, init: base, data: {{train: '{data}'}}}}]"], obj={})
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        assert f"{data}:1:" in result.output, result.output
+        assert not (tmp_path / f"bad-{stage}" / stage).exists()
