@@ -45,5 +45,5 @@ python3 -c "import json,sys; d=json.load(open(sys.argv[1])); s=d['stages'].get('
 # 7. verifiable rewards on CUDA: the arith recipe (SFT, then GRPO with math + format; held-out accuracy
 #    must rise), with a judge reward (a causal LM's verdict probability, on the trainer's GPU) at weight 0
 timeout 150 rlhf run examples/configs/grpo_arith.yaml --out "$out/run_arith" --set stages.grpo.iterations=80 \
-  --set "stages.grpo.reward=[{name: math}, {name: format, pattern: '<answer>-?\\d+</answer>', weight: 0.2}, {name: judge, model: base, yes: 'Y', no: 'N', weight: 0.0}]" \
+  --set "stages.grpo.reward=[{name: math}, {name: format, pattern: '<answer>-?\\d+</answer>', weight: 0.2}, {name: judge, model: base, positive: 'Y', negative: 'N', weight: 0.0}]" \
   >"$out/run_arith.log" 2>&1; grep -E "judge|Error" "$out/run_arith.log" | head -3; gold "$out/run_arith/summary.json"

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+import rlhf_core  # noqa: F401  (first: from a source checkout, keeps Hugging Face's `kernels` importable)
+
 from .memory_usage import word_tokenizer
 
 

@@ -3,12 +3,14 @@
 The judge reads a prompt template filled with the prompt, the response and any fields of the
 prompt's record, and the reward is the probability it gives to a verdict token next:
 
-    r = p(yes) / (p(yes) + p(no))      when ``no`` is set (default),
-    r = p(yes)                         when ``no`` is null,
+    r = p(positive) / (p(positive) + p(negative))   when ``negative`` is set (default),
+    r = p(positive)                                  when ``negative`` is null,
 
 where ``p`` is the softmax over the whole vocabulary of the judge's logits at the last position
 of the rendered template. Only that position is scored: the last hidden state meets the LM head's
-rows of the two verdict tokens (or the full vocabulary row when ``no`` is null), never ``[B, T, V]``.
+rows of the two verdict tokens (or the full vocabulary row when ``negative`` is null), never
+``[B, T, V]``. (The verdict options are ``positive`` / ``negative``, not ``yes`` / ``no``: YAML
+reads unquoted ``yes`` and ``no`` as booleans.)
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ from rlhf_core.tracking import is_main_process
 DEFAULT_TEMPLATE = ("Question: {prompt}\nAnswer: {response}\n\n"
                     "Is the answer above correct and helpful? Reply Yes or No.\nVerdict:")
 DEFAULT_MODEL = "base"
-DEFAULT_YES = " Yes"
-DEFAULT_NO = " No"
+DEFAULT_POSITIVE = " Yes"
+DEFAULT_NEGATIVE = " No"
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_LENGTH = 1024
 #: Placeholders every template may use besides the record's own fields.
@@ -68,8 +70,8 @@ class JudgeReward:
     Options: ``model`` (an init source: ``base``, ``@STAGE`` or a directory / hub id; the judge
     is loaded frozen on the run's device and sharded like any frozen model), ``template`` (a
     ``str.format`` template with ``{response}``, optionally ``{prompt}`` and any ``{FIELD}`` of the
-    prompt record: those fields are this reward's :attr:`fields`), ``yes`` / ``no`` (the verdict
-    texts; ``no: null`` scores ``p(yes)`` alone), ``batch_size`` (sequences per forward) and
+    prompt record: those fields are this reward's :attr:`fields`), ``positive`` / ``negative`` (the
+    verdict texts; ``negative: null`` scores ``p(positive)`` alone), ``batch_size`` (sequences per forward) and
     ``max_length`` (template tokens kept; longer ones lose their beginning, BOS kept, so the verdict
     position stays at the end).
 
@@ -85,19 +87,21 @@ class JudgeReward:
     """
 
     def __init__(self, ctx, *, model: str = DEFAULT_MODEL, template: str = DEFAULT_TEMPLATE,
-                 yes: str = DEFAULT_YES, no: str | None = DEFAULT_NO, batch_size: int = DEFAULT_BATCH_SIZE,
+                 positive: str = DEFAULT_POSITIVE, negative: str | None = DEFAULT_NEGATIVE, batch_size: int = DEFAULT_BATCH_SIZE,
                  max_length: int = DEFAULT_MAX_LENGTH):
-        self.check_options(model=model, template=template, yes=yes, no=no, batch_size=batch_size,
+        self.check_options(model=model, template=template, positive=positive, negative=negative, batch_size=batch_size,
                            max_length=max_length)
         source = ctx.init_source(model, "policy")
         self.stage, self.tokenizer = ctx.name, ctx.tokenizer_for(source)
         # fail on the verdicts before the weights load
-        self.verdict_ids = [self._verdict_id(yes, "yes")] + ([self._verdict_id(no, "no")] if no is not None else [])
+        self.verdict_ids = [self._verdict_id(positive, "positive")] + (
+            [self._verdict_id(negative, "negative")] if negative is not None else [])
         if len(self.verdict_ids) == 2 and self.verdict_ids[0] == self.verdict_ids[1]:
-            raise StageError(f"stage {ctx.name!r}: judge: yes {yes!r} and no {no!r} are the same token of the "
-                             f"judge's tokenizer ({source})")
+            raise StageError(f"stage {ctx.name!r}: judge: positive {positive!r} and negative {negative!r} are the same "
+                             f"token of the judge's tokenizer ({source})")
         if is_main_process():
-            verdict = f"p({yes!r}) / (p({yes!r}) + p({no!r}))" if no is not None else f"p({yes!r})"
+            verdict = (f"p({positive!r}) / (p({positive!r}) + p({negative!r}))" if negative is not None
+                       else f"p({positive!r})")
             print(f"{ctx.name}: reward = judge {source}, scoring {verdict}")
         self.model = ctx.load_model(model, trainable=False)
         self.head = linear_head(self.model)[0]  # None: the head is not a plain linear layer, logits are computed
@@ -113,8 +117,8 @@ class JudgeReward:
         return tuple(n for n in template_placeholders(template) if n not in BUILTIN_PLACEHOLDERS)
 
     @staticmethod
-    def check_options(*, model: str = DEFAULT_MODEL, template: str = DEFAULT_TEMPLATE, yes: str = DEFAULT_YES,
-                      no: str | None = DEFAULT_NO, batch_size: int = DEFAULT_BATCH_SIZE,
+    def check_options(*, model: str = DEFAULT_MODEL, template: str = DEFAULT_TEMPLATE, positive: str = DEFAULT_POSITIVE,
+                      negative: str | None = DEFAULT_NEGATIVE, batch_size: int = DEFAULT_BATCH_SIZE,
                       max_length: int = DEFAULT_MAX_LENGTH) -> None:
         """Called before anything trains: the template's placeholders, non-empty distinct verdicts,
         positive sizes, and a local ``model`` directory that exists (hub ids are checked when the
@@ -132,13 +136,13 @@ class JudgeReward:
             problem = check_model_source(model)
             if problem:
                 raise ValueError(f"judge: model {problem}")
-        for name, text in (("yes", yes), ("no", no)):
-            if text is None and name == "no":
+        for name, text in (("positive", positive), ("negative", negative)):
+            if text is None and name == "negative":
                 continue
             if not isinstance(text, str) or not text:
                 raise ValueError(f"judge: {name} must be a non-empty verdict text, got {text!r}")
-        if no is not None and yes == no:
-            raise ValueError(f"judge: yes and no are the same text {yes!r}")
+        if negative is not None and positive == negative:
+            raise ValueError(f"judge: positive and negative are the same text {positive!r}")
         if batch_size < 1:
             raise ValueError(f"judge: batch_size must be at least 1, got {batch_size}")
         if max_length < 1:
@@ -204,7 +208,7 @@ class JudgeReward:
     def verdict_probs(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """From the decoder's last hidden states ``[B, T, H]`` and the LM head's weight ``[V, H]``:
         ``[B]`` verdict probabilities at the last position (left padding puts every row's last
-        token there). With ``no``: ``sigmoid(l_yes - l_no)`` from the two head rows alone, in
+        token there). With ``negative``: ``sigmoid(l_yes - l_no)`` from the two head rows alone, in
         float32; without: ``exp(l_yes - logsumexp(l))`` over the full ``[B, V]`` row."""
         last = hidden[:, -1]
         if len(self.verdict_ids) == 2:

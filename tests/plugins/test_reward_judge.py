@@ -62,19 +62,19 @@ def reference(judge_dir):
     return AutoTokenizer.from_pretrained(judge_dir), LlamaForCausalLM.from_pretrained(judge_dir).eval()
 
 
-def by_hand(reference, text: str, yes: str = " Yes", no: str | None = " No", max_length: int | None = None) -> float:
+def by_hand(reference, text: str, positive: str = " Yes", negative: str | None = " No", max_length: int | None = None) -> float:
     """Softmax over the vocabulary of the full forward's logits at the last position of the
-    unpadded ``[bos] text``, then p(yes) / (p(yes) + p(no)) (or p(yes))."""
+    unpadded ``[bos] text``, then p(positive) / (p(positive) + p(negative)) (or p(positive))."""
     tok, model = reference
     ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
     if max_length is not None and len(ids) > max_length:
         ids = ids[:1] + ids[len(ids) - (max_length - 1):]
     with torch.no_grad():
         probs = torch.softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
-    y = tok.convert_tokens_to_ids(yes)
-    if no is None:
+    y = tok.convert_tokens_to_ids(positive)
+    if negative is None:
         return float(probs[y])
-    n = tok.convert_tokens_to_ids(no)
+    n = tok.convert_tokens_to_ids(negative)
     return float(probs[y] / (probs[y] + probs[n]))
 
 
@@ -111,15 +111,15 @@ def test_batch_size_and_stand_in_chunks_do_not_change_values(judge_dir, tmp_path
 
 
 def test_no_null_scores_p_yes_over_the_whole_vocabulary(judge_dir, reference, tmp_path):
-    reward = JudgeReward(make_ctx(tmp_path, str(judge_dir)), template=TEMPLATE, no=None)
-    want = [by_hand(reference, TEMPLATE.format(prompt=p, response=r), no=None) for p, r in zip(PROMPTS, RESPONSES)]
+    reward = JudgeReward(make_ctx(tmp_path, str(judge_dir)), template=TEMPLATE, negative=None)
+    want = [by_hand(reference, TEMPLATE.format(prompt=p, response=r), negative=None) for p, r in zip(PROMPTS, RESPONSES)]
     assert reward(PROMPTS, RESPONSES).tolist() == pytest.approx(want, abs=1e-6)
 
 
 def test_head_fallback_computes_the_same(judge_dir, tmp_path):
     """A judge whose head is not a plain linear layer is scored from the last position's logits."""
     for no in (" No", None):
-        reward = JudgeReward(make_ctx(tmp_path, str(judge_dir)), template=TEMPLATE, no=no)
+        reward = JudgeReward(make_ctx(tmp_path, str(judge_dir)), template=TEMPLATE, negative=no)
         fused = reward(PROMPTS, RESPONSES)
         reward.head = None
         assert torch.allclose(reward(PROMPTS, RESPONSES), fused, atol=1e-6)
@@ -129,7 +129,7 @@ def test_head_fallback_computes_the_same(judge_dir, tmp_path):
 
 def test_fields_reach_the_template(judge_dir, reference, tmp_path):
     template = "Q: {prompt}\nReference: {answer}\nA: {response}\nSame? Verdict:"
-    assert JudgeReward.fields(template=template, yes="Y") == ("answer",)
+    assert JudgeReward.fields(template=template, positive="Y") == ("answer",)
     assert JudgeReward.fields() == ()
     reward = JudgeReward(make_ctx(tmp_path, str(judge_dir)), template=template)
     answers = ["4", "red", 7, "The sea"]  # any value str.format can write
@@ -153,8 +153,8 @@ def test_long_templates_lose_their_beginning_and_keep_bos(judge_dir, reference, 
 
 def test_model_from_an_earlier_stage_and_single_character_verdicts(judge_dir, reference, tmp_path):
     ctx = make_ctx(tmp_path, "builtin:tiny", {"judge_sft": StageResult(model_dir=judge_dir, kind="policy")})
-    reward = JudgeReward(ctx, model="@judge_sft", template=TEMPLATE, yes="Y", no="N")
-    want = [by_hand(reference, TEMPLATE.format(prompt=p, response=r), yes="Y", no="N")
+    reward = JudgeReward(ctx, model="@judge_sft", template=TEMPLATE, positive="Y", negative="N")
+    want = [by_hand(reference, TEMPLATE.format(prompt=p, response=r), positive="Y", negative="N")
             for p, r in zip(PROMPTS, RESPONSES)]
     assert reward(PROMPTS, RESPONSES).tolist() == pytest.approx(want, abs=1e-5)
 
@@ -181,9 +181,9 @@ def test_a_judge_edited_to_like_an_exclamation_mark_prefers_it(judge_dir, tmp_pa
     ({"template": "{response} {0}"}, "not a field name"),
     ({"template": "{response} {row.answer}"}, "not a field name"),
     ({"template": "{response} {"}, "not a valid str.format"),
-    ({"yes": ""}, "yes must be a non-empty"),
-    ({"no": ""}, "no must be a non-empty"),
-    ({"yes": " No"}, "same text"),
+    ({"positive": ""}, "positive must be a non-empty"),
+    ({"negative": ""}, "negative must be a non-empty"),
+    ({"positive": " No"}, "same text"),
     ({"batch_size": 0}, "batch_size"),
     ({"max_length": 0}, "max_length"),
     ({"model": "auto"}, "latest policy"),
@@ -196,15 +196,15 @@ def test_bad_options_are_value_errors_before_any_model_loads(options, message):
 
 def test_check_options_accepts_the_defaults_and_placeholders_are_parsed():
     JudgeReward.check_options()
-    JudgeReward.check_options(no=None, template="{response}{{literal}} {answer!r:>4}")
+    JudgeReward.check_options(negative=None, template="{response}{{literal}} {answer!r:>4}")
     assert template_placeholders("{a} {response} {a} {prompt}") == ("a", "response", "prompt")
 
 
 def test_multi_token_verdicts_are_refused_naming_the_tokens(judge_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"yes ' Maybe' is 6 tokens"):
-        JudgeReward(make_ctx(tmp_path, str(judge_dir)), yes=" Maybe")
+    with pytest.raises(ValueError, match=r"positive ' Maybe' is 6 tokens"):
+        JudgeReward(make_ctx(tmp_path, str(judge_dir)), positive=" Maybe")
     with pytest.raises(ValueError, match="unknown token"):
-        JudgeReward(make_ctx(tmp_path, str(judge_dir)), no="\u00e9")
+        JudgeReward(make_ctx(tmp_path, str(judge_dir)), negative="\u00e9")
 
 
 def test_registered_as_judge():
