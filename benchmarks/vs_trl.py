@@ -34,6 +34,7 @@ import time
 import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -206,18 +207,24 @@ def shape_tokenizer(vocab: int):
     return tokenizer
 
 
-def save_policy(shape: Shape, directory: Path) -> Path:
-    """Random Llama weights (seed 0) and the tokenizer, saved once for every configuration."""
+def save_llama(shape: Any, tokenizer: Any, directory: Path) -> Path:
+    """Random Llama weights (seed 0) of ``shape`` (``vocab``, ``hidden``, ``intermediate``,
+    ``layers``, ``heads``) and ``tokenizer``, saved once for every configuration of a comparison."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                          num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                          num_key_value_heads=shape.heads, max_position_embeddings=1024, bos_token_id=None,
-                         eos_token_id=shape.vocab, pad_token_id=0, tie_word_embeddings=False)
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory)
-    shape_tokenizer(shape.vocab).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return directory
+
+
+def save_policy(shape: Shape, directory: Path) -> Path:
+    """:func:`save_llama` with :func:`shape_tokenizer` (EOS outside the vocabulary: never sampled)."""
+    return save_llama(shape, shape_tokenizer(shape.vocab), directory)
 
 
 def shape_prompts(shape: Shape, count: int) -> list[str]:
@@ -227,7 +234,7 @@ def shape_prompts(shape: Shape, count: int) -> list[str]:
             for _ in range(count)]
 
 
-def _memory() -> dict[str, int]:
+def process_memory() -> dict[str, int]:
     """This process's resident memory now and its high-water mark, bytes (``/proc/self/status``)."""
     fields = {}
     with open("/proc/self/status") as fh:
@@ -260,7 +267,7 @@ def rlhf_shape_worker(shape: Shape, model_dir: str, setup: dict, warmup: int, st
                          HFGenerator(ctx, policy, tokenizer, loop=setup["loop"]))
     score = RewardSum([("reward", 1.0, lambda p, r, rows: torch.tensor(digit_reward(p, r)))])
     prompts = shape_prompts(shape, shape.prompts)
-    setup_rss = _memory()["rss"]
+    setup_rss = process_memory()["rss"]
     torch.manual_seed(0)
     rows = []
     for _ in range(warmup + steps):
@@ -326,7 +333,7 @@ def trl_shape_worker(shape: Shape, model_dir: str, warmup: int, steps: int) -> d
         data = Dataset.from_list([{"prompt": p} for p in shape_prompts(shape, shape.prompts * (warmup + steps))])
         trainer = GRPOTrainer(model=policy, reward_funcs=counted_reward, args=args, train_dataset=data,
                               processing_class=tokenizer, callbacks=[Stamp()])
-        setup_rss = _memory()["rss"]
+        setup_rss = process_memory()["rss"]
         timings.clear()
         lap[0] = time.perf_counter()
         trainer.train()
@@ -343,7 +350,7 @@ def _summary(rows: list[dict], setup_rss: int, expected_tokens: int) -> dict:
         raise RuntimeError(f"expected {expected_tokens} response tokens per iteration, got {short}")
     return {"seconds_per_iteration": statistics.median(r["seconds"] for r in rows),
             "split": {k: statistics.median(r[k] for r in rows) for k in ("generate", "score", "train")},
-            "iterations": rows, "setup_rss_bytes": setup_rss, "peak_rss_bytes": _memory()["peak"],
+            "iterations": rows, "setup_rss_bytes": setup_rss, "peak_rss_bytes": process_memory()["peak"],
             "versions": {name: sys.modules[name].__version__ for name in ("transformers", "trl")
                          if name in sys.modules}}
 

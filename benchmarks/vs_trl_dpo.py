@@ -27,6 +27,7 @@ import torch
 import rlhf_core  # noqa: F401  (first: from a source checkout, keeps Hugging Face's `kernels` importable)
 
 from .memory_usage import word_tokenizer
+from .vs_trl import process_memory, save_llama
 
 
 @dataclass
@@ -53,17 +54,8 @@ CONFIGS = (TRL, *RLHF)
 
 
 def save_policy(shape: DPOShape, directory: Path) -> Path:
-    """Random Llama weights (seed 0) and the word tokenizer, saved once for every configuration."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.heads, max_position_embeddings=1024, bos_token_id=None,
-                         eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    word_tokenizer(shape.vocab).save_pretrained(directory)
-    return directory
+    """:func:`rlhf_bench.vs_trl.save_llama` with the word tokenizer (EOS ``t1``)."""
+    return save_llama(shape, word_tokenizer(shape.vocab), directory)
 
 
 def pairs(shape: DPOShape, count: int) -> list[dict]:
@@ -75,16 +67,6 @@ def pairs(shape: DPOShape, count: int) -> list[dict]:
 
     body = shape.response_tokens - 1  # + EOS
     return [{"prompt": words(shape.prompt_tokens), "chosen": words(body), "rejected": words(body)} for _ in range(count)]
-
-
-def _memory() -> dict[str, int]:
-    fields = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0]) * 1024
-    return {"rss": fields["VmRSS"], "peak": fields["VmHWM"]}
 
 
 def reset_peak() -> None:
@@ -114,7 +96,7 @@ def rlhf_worker(shape: DPOShape, model_dir: str, fused: bool, warmup: int, steps
     del reference
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.0)
     policy.train()
-    setup_rss = _memory()["rss"]
+    setup_rss = process_memory()["rss"]
     reset_peak()
     rows = []
     for step in range(warmup + steps):
@@ -128,7 +110,7 @@ def rlhf_worker(shape: DPOShape, model_dir: str, fused: bool, warmup: int, steps
         optimizer.zero_grad(set_to_none=True)
         rows.append(time.perf_counter() - t0)
     return {"seconds_per_step": statistics.median(rows[warmup:]), "steps": rows, "setup_rss_bytes": setup_rss,
-            "peak_rss_bytes": _memory()["peak"], "reference_seconds": reference_seconds}
+            "peak_rss_bytes": process_memory()["peak"], "reference_seconds": reference_seconds}
 
 
 def trl_worker(shape: DPOShape, model_dir: str, warmup: int, steps: int) -> dict:
@@ -163,13 +145,13 @@ def trl_worker(shape: DPOShape, model_dir: str, warmup: int, steps: int) -> dict
         data = Dataset.from_list(pairs(shape, shape.pairs * (warmup + steps)))
         trainer = DPOTrainer(model=policy, args=args, train_dataset=data, processing_class=tokenizer,
                              callbacks=[Stamp()])
-        setup_rss = _memory()["rss"]
+        setup_rss = process_memory()["rss"]
         trainer.train()
     import trl
     import transformers
 
     return {"seconds_per_step": statistics.median(rows[warmup:]), "steps": rows, "setup_rss_bytes": setup_rss,
-            "peak_rss_bytes": _memory()["peak"], "versions": {"trl": trl.__version__,
+            "peak_rss_bytes": process_memory()["peak"], "versions": {"trl": trl.__version__,
                                                               "transformers": transformers.__version__}}
 
 

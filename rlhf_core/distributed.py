@@ -166,6 +166,17 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
+def lockstep_chunks(items: Sequence, size: int, device: torch.device | str, stand_in: Any) -> Iterator[tuple[list, bool]]:
+    """``(chunk, real)`` for chunks of ``size`` of this rank's ``items``, as many on every rank as
+    the rank with the most has: a sharded model needs the same number of forwards on each. A rank
+    that ran out gets ``([stand_in], False)``: run it, drop its output."""
+    count = -(-len(items) // size)
+    count = int(all_reduce_max(torch.tensor(count, device=device)))
+    for i in range(count):
+        chunk = list(items[i * size:(i + 1) * size])
+        yield (chunk, True) if chunk else ([stand_in], False)
+
+
 def global_mean(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
     """Average of each number over ranks (for logged metrics: every rank contributes equally)."""
     if world_size() == 1 or not values:

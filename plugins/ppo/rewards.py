@@ -55,17 +55,12 @@ class RewardModelReward:
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """``[B]`` reward-model scores."""
         seqs = [encode_prompt(self.tokenizer, p) + encode_response(self.tokenizer, r) for p, r in zip(prompts, responses)]
-        # A sharded model needs the same number of forwards on every rank: pad with stand-in chunks.
-        n_chunks = -(-len(seqs) // self.batch_size)
-        n_chunks = int(dist_utils.all_reduce_max(torch.tensor(n_chunks, device=self.device)))
         out = [torch.zeros(0)]
-        for i in range(n_chunks):
-            chunk = seqs[i * self.batch_size: (i + 1) * self.batch_size]
-            rows = chunk or [[self.tokenizer.eos_token_id]]  # a one-token stand-in when this rank ran out
+        for rows, real in dist_utils.lockstep_chunks(seqs, self.batch_size, self.device, [self.tokenizer.eos_token_id]):
             ids = pad(rows, self.tokenizer.pad_token_id).to(self.device)
             mask = pad([[1] * len(s) for s in rows], 0).to(self.device)
             scores = self.model(ids, mask, score=True).float().cpu()
-            if chunk:
+            if real:
                 out.append(scores)
         return torch.cat(out)
 

@@ -23,7 +23,7 @@ import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core.config import AT_LEAST_0, ComponentSpec, DataConfig, GenerationConfig, TrainConfig, rule_problems
 from rlhf_core.data import (
-    IGNORE_INDEX, Rendering, data_inputs, dataset_components, load_split, pad, prompt_length, render_prompt,
+    IGNORE_INDEX, Rendering, data_inputs, dataset_components, load_split, mismatched_pair, pad, render_prompt,
     shift_labels, tokenize_scored, tokenize_unpaired,
 )
 from rlhf_core.distributed import all_reduce_sum
@@ -212,13 +212,9 @@ def unpaired_examples(records, tokenizer, data: DataConfig, rendering: Rendering
     items, stats = tokenize_unpaired(records, tokenizer, data.max_length, data.max_prompt_length, rendering)
     out = []
     for i, item in enumerate(items):
-        other = items[(i + 1) % len(items)]
-        start, other_start = prompt_length(item["labels"]), prompt_length(other["labels"])
-        room = max(len(item["ids"]), len(other["ids"])) - start
-        completion = other["ids"][other_start:][:room]
+        pair = mismatched_pair(item, items[(i + 1) % len(items)])
         out.append({"completion_ids": item["ids"], "completion_labels": item["labels"], "desirable": item["desirable"],
-                    "mismatched_ids": item["ids"][:start] + completion,
-                    "mismatched_labels": [IGNORE_INDEX] * start + completion})
+                    "mismatched_ids": pair["input_ids"], "mismatched_labels": pair["labels"]})
     return out, stats
 
 

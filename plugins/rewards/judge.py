@@ -181,15 +181,10 @@ class JudgeReward:
             raise ValueError(f"judge: the template needs field(s) {', '.join(missing)}, which were not passed")
         seqs = [self.render(p, r, {k: v[i] for k, v in fields.items()})
                 for i, (p, r) in enumerate(zip(prompts, responses))]
-        # A sharded model needs the same number of forwards on every rank: pad with stand-in chunks.
-        n_chunks = -(-len(seqs) // self.batch_size)
-        n_chunks = int(dist_utils.all_reduce_max(torch.tensor(n_chunks, device=self.device)))
         out = [torch.zeros(0)]
-        for i in range(n_chunks):
-            chunk = seqs[i * self.batch_size: (i + 1) * self.batch_size]
-            rows = chunk or [[self.tokenizer.eos_token_id]]  # a one-token stand-in when this rank ran out
+        for rows, real in dist_utils.lockstep_chunks(seqs, self.batch_size, self.device, [self.tokenizer.eos_token_id]):
             scores = self.score(rows).cpu()
-            if chunk:
+            if real:
                 out.append(scores)
         return torch.cat(out)
 

@@ -40,11 +40,11 @@ from .tokenize import (  # noqa: F401
     render_prompt, role_lines, tokenize_scored, tokenize_sft, tokenize_unpaired, TokenStats,
 )
 from .collate import (  # noqa: F401
-    append_column, collate_scored, collate_sft, collate_unpaired, last_index, pad, prompt_length, shift_labels,
+    append_column, collate_scored, collate_sft, collate_unpaired, last_index, mismatched_pair, pad, prompt_length, shift_labels,
 )
 
 #: The supported plugin API of this package (see docs/reference/api.md).
 __all__ = ["DataError", "Record", "Turns", "TokenStats", "Rendering", "IGNORE_INDEX", "load_split", "load_records",
            "data_inputs", "dataset_components", "record_turns", "render_prompt", "encode_prompt", "encode_response",
            "encode_turns", "tokenize_sft", "tokenize_scored", "tokenize_unpaired", "collate_sft", "collate_scored",
-           "collate_unpaired", "shift_labels", "pad"]
+           "collate_unpaired", "mismatched_pair", "shift_labels", "pad"]

@@ -73,12 +73,16 @@ def collate_unpaired(items: list[dict], pad_id: int, mismatched: bool = False) -
     out = collate_sft([{"input_ids": it["ids"], "labels": it["labels"]} for it in items], pad_id)
     out["desirable"] = torch.tensor([bool(it["desirable"]) for it in items], dtype=torch.bool)
     if mismatched:
-        pairs = []
-        for i, item in enumerate(items):
-            other = items[(i + 1) % len(items)]
-            start, other_start = prompt_length(item["labels"]), prompt_length(other["labels"])
-            room = max(len(item["ids"]), len(other["ids"])) - start
-            completion = other["ids"][other_start:][:room]
-            pairs.append({"input_ids": item["ids"][:start] + completion, "labels": [IGNORE_INDEX] * start + completion})
+        pairs = [mismatched_pair(item, items[(i + 1) % len(items)]) for i, item in enumerate(items)]
         out.update({f"kl_{key}": value for key, value in collate_sft(pairs, pad_id).items()})
     return out
+
+
+def mismatched_pair(item: dict, other: dict) -> dict[str, list[int]]:
+    """KTO's mismatched pair of two unpaired items: ``item``'s prompt followed by ``other``'s
+    completion, cut so that it is no longer than the longer of the two (``input_ids``, ``labels``
+    with -100 on the prompt)."""
+    start, other_start = prompt_length(item["labels"]), prompt_length(other["labels"])
+    room = max(len(item["ids"]), len(other["ids"])) - start
+    completion = other["ids"][other_start:][:room]
+    return {"input_ids": item["ids"][:start] + completion, "labels": [IGNORE_INDEX] * start + completion}

@@ -19,7 +19,7 @@ def test_all_problems_reported_together_with_choices(registry):
         "stages": [
             {"stage": "sft", "train": {"lr": "fast", "stepz": 3}, "loss": "crossentropy"},
             {"stage": "ppo", "advantage": "rlo", "kl": {"estimator": "k4"}},
-            {"stage": "kto"},
+            {"stage": "grpo"},
         ],
     }
     problems = problems_of(data, registry)
@@ -31,7 +31,7 @@ def test_all_problems_reported_together_with_choices(registry):
     assert "stages[0].loss: unknown loss 'crossentropy'; available: cross_entropy" in text
     assert "stages[1].advantage: unknown advantage estimator 'rlo'; available: batch_mean, ema, gae, group_mean, reinforce_pp, rloo" in text
     assert "stages[1].kl.estimator: expected one of 'k1', 'k2', 'k3', got 'k4'" in text
-    assert "stages[2].stage: unknown stage 'kto'; available: dpo, ppo, reward, sft" in text
+    assert "stages[2].stage: unknown stage 'grpo'; available: dpo, kto, ppo, reward, sft" in text
     # PPO's cross-field checks need the estimator: they say they were skipped instead of vanishing.
     assert "stages[1]: cross-field checks that need advantage, kl were skipped until they are fixed" in text
     assert len(problems) == 9

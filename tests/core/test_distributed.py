@@ -41,6 +41,10 @@ stages:
     init: "@sft"
     data: {{train: "builtin:letters", builtin_size: 100, max_length: 16}}
     train: {{steps: 3, batch_size: 7, lr: 1.0e-4, log_every: 1}}
+  - stage: kto
+    init: "@sft"
+    data: {{train: "builtin:letters", builtin_size: 100, max_length: 16}}
+    train: {{steps: 3, batch_size: 7, lr: 1.0e-4, log_every: 1}}
 """
 
 
@@ -74,9 +78,10 @@ def one_process(tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_two_processes_train_the_same_weights_as_one(one_process, tmp_path, strategy):
-    """Global batch 8 (grad_accum 2), 7 (uneven shares), pairwise 6 and DPO pairs 7 (its reference
-    precomputed by a sharded frozen copy on every rank): the same final weights (SFT and DPO through
-    the fused-linear kernels on the sharded or replicated LM head on both sides).
+    """Global batch 8 (grad_accum 2), 7 (uneven shares), pairwise 6, DPO pairs 7 and KTO examples 7
+    (their reference precomputed by a sharded frozen copy on every rank; KTO's reference point a
+    mean over both ranks' mismatched pairs): the same final weights (SFT, DPO and KTO through the
+    fused-linear kernels on the sharded or replicated LM head on both sides).
 
     Floating-point noise (another summation order, other padded widths per share) is ~1e-7 in the
     gradients; Adam's first steps turn the noise on near-zero gradient entries into up to lr-sized
@@ -86,18 +91,18 @@ def test_two_processes_train_the_same_weights_as_one(one_process, tmp_path, stra
     result = rlhf("run", str(cfg), "--out", str(tmp_path / "run"), "--nproc", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fused_linear off" not in result.stdout  # SFT's loss from the sharded LM head, inside the forward
-    for stage in ("sft", "reward", "pairs", "dpo"):
+    for stage in ("sft", "reward", "pairs", "dpo", "kto"):
         assert max_diff(one_process / stage, tmp_path / "run" / stage) <= 1e-5, stage
     one = [json.loads(x) for x in (one_process / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # Logged numbers are global too (one line per step, written by rank 0 only).
     assert [(r["stage"], r["step"]) for r in one] == [(r["stage"], r["step"]) for r in two]
     for a, b in zip(one, two):
-        for key in ("loss", "eval_loss", "eval_mse", "eval_accuracy", "margin", "eval_margin"):
+        for key in ("loss", "eval_loss", "eval_mse", "eval_accuracy", "margin", "eval_margin", "kl"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["stage"], key)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["stages_completed"] == ["sft", "reward", "pairs", "dpo"]
+    assert summary["status"] == "finished" and summary["stages_completed"] == ["sft", "reward", "pairs", "dpo", "kto"]
 
 
 def test_checkpoints_load_across_world_sizes(one_process, tmp_path):
