@@ -393,7 +393,7 @@ def eval_command(ctx: click.Context, model_dir, path, reward, gold, limit, chat_
     """Mean reward (and gold score) of one sample per prompt: the numbers PPO's evaluation reports
     (the same function, the same seed gives the same samples)."""
     from .config import ComponentSpec, ConfigError, ModelConfig, RunConfig, check_options, coerce
-    from .interfaces import CheckedReward, RewardSum, StageContext, reward_fields
+    from .interfaces import StageContext, build_rewards, reward_fields
     from .sampling import evaluate_samples
 
     try:
@@ -421,8 +421,7 @@ def eval_command(ctx: click.Context, model_dir, path, reward, gold, limit, chat_
                  for field in reward_fields(entries[name], spec.options)}
         prompts, rows = _prompts((), path, registry, tokenizer, seed, limit, _rendering(chat_template, "rlhf eval", model_dir),
                                  extra, fields)
-        judges = {name: RewardSum([(spec.name, 1.0, CheckedReward(entries[name], stage_ctx, spec.options))])
-                  for name, spec in specs.items()}
+        judges = {name: build_rewards(stage_ctx, spec) for name, spec in specs.items()}
         result = evaluate_samples(model, tokenizer, prompts, judges, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, device=dev, seed=seed, rows=rows)
     except (USER_ERRORS + (yaml.YAMLError,)) as exc:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # annotations only: these modules import this one
 
 #: The supported plugin API of this module (see docs/reference/api.md).
 __all__ = ["Stage", "StageContext", "StageResult", "StageInput", "StageError", "ComponentError", "TokenLoss",
-           "ScoreLoss", "PairwiseLoss", "PolicyLoss", "PolicyLossInputs", "FusedPolicyLoss", "Reward", "CheckedReward", "RewardSum", "reward_fields", "AdvantageInputs", "AdvantageEstimator",
+           "ScoreLoss", "PairwiseLoss", "PolicyLoss", "PolicyLossInputs", "FusedPolicyLoss", "Reward", "CheckedReward", "RewardSum", "reward_fields", "reward_specs", "fields_read_by", "build_rewards", "AdvantageInputs", "AdvantageEstimator",
            "TrackerBackend", "Generator", "checked_rewards", "checked_advantages", "checked_rollout"]
 
 class StageError(UserError, ValueError):
@@ -453,6 +453,43 @@ def describe(entry: Any) -> str:
     """``reward 'length' (plugin 'ppo-rewards')`` for a registry entry, for error messages."""
     human = {"advantage": "advantage estimator"}.get(entry.kind, entry.kind)
     return f"{human} {entry.name!r} (plugin {entry.plugin!r})"
+
+
+def reward_specs(reward: Any, path: str = "reward") -> list[tuple[str, Any]]:
+    """``(config path, spec)`` of each configured reward of a stage option: none for ``null``,
+    ``path`` for one component, ``path[i]`` for each of a weighted list."""
+    if reward is None:
+        return []
+    if isinstance(reward, list):
+        return [(f"{path}[{i}]", spec) for i, spec in enumerate(reward)]
+    return [(path, reward)]
+
+
+def fields_read_by(registry: Any, specs: list[tuple[str, Any]]) -> dict[str, str]:
+    """The data fields the rewards ``specs`` (``(config path, spec)``, see :func:`reward_specs`)
+    read, each with who reads it first (``{"answer": "reward 'math' (plugin 'rewards-verifiable')"}``):
+    the ``extra`` of a stage's data inputs and :func:`~rlhf_core.data.load_split`."""
+    out: dict[str, str] = {}
+    for path, spec in specs:
+        entry = registry.lookup("reward", spec)
+        for name in reward_fields(entry, spec.options):
+            out.setdefault(name, f"{path} {spec.name!r} (plugin {entry.plugin!r})")
+    return out
+
+
+def build_rewards(ctx: Any, reward: Any) -> RewardSum | None:
+    """A stage's reward option (one component, a weighted list, or ``None``) as one
+    :class:`RewardSum` (None for ``None``): each term built once with its options and checked on
+    every call, named for logging by its component name (``_2``, ``_3`` ... for repeats)."""
+    terms: list[tuple[str, float, Any]] = []
+    for _, spec in reward_specs(reward):
+        name, n = spec.name, 1
+        while name in {t[0] for t in terms}:
+            n += 1
+            name = f"{spec.name}_{n}"
+        terms.append((name, getattr(spec, "weight", 1.0),
+                      CheckedReward(ctx.registry.lookup("reward", spec), ctx, spec.options)))
+    return RewardSum(terms) if terms else None
 
 
 def checked_rewards(entry: Any, reward: Any, prompts: list[str], responses: list[str],

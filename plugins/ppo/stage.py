@@ -33,8 +33,8 @@ from rlhf_core.data import (
     Rendering, TokenStats, data_inputs, dataset_components, encode_prompt, load_split, render_prompt,
 )
 from rlhf_core.interfaces import (
-    AdvantageInputs, CheckedReward, ComponentError, RewardSum, PolicyLossInputs, StageError, StageInput, StageResult, checked_advantages,
-    checked_rollout, describe, reward_fields,
+    AdvantageInputs, ComponentError, RewardSum, PolicyLossInputs, StageError, StageInput, StageResult, checked_advantages,
+    build_rewards, checked_rollout, describe, fields_read_by, reward_specs,
 )
 from rlhf_core.sampling import concat_rollouts, evaluate_samples, generate
 from rlhf_core.models import (
@@ -494,8 +494,7 @@ class PPOStage:
         one) the critic."""
         out = [*data_inputs(config.data, "prompts", extra=read_fields(config, registry)),
                StageInput("init", "model", config.init)]
-        judges = reward_specs(config.reward) + ([("gold", config.gold)] if config.gold is not None else [])
-        for path, spec in judges:  # what a reward itself reads (a trained reward model, a judge model)
+        for path, spec in reward_specs(config.reward) + reward_specs(config.gold, "gold"):  # what a reward itself reads (a trained reward model, a judge model)
             reads = getattr(registry.lookup("reward", spec).obj, "inputs", None)
             out += [dataclasses.replace(item, path=f"{path}.{item.path}") for item in (reads(**spec.options) if reads else [])]
         if config.distill is not None:
@@ -1039,48 +1038,9 @@ def experience_stats(exp: Experience, beta: float) -> dict[str, float]:
     }
 
 
-def reward_specs(reward: ComponentSpec | list[WeightedComponent] | None) -> list[tuple[str, ComponentSpec]]:
-    """``(config path, spec)`` of each configured reward: ``reward`` for one, ``reward[i]`` in a list."""
-    if reward is None:
-        return []
-    if isinstance(reward, list):
-        return [(f"reward[{i}]", spec) for i, spec in enumerate(reward)]
-    return [("reward", reward)]
-
-
-def reward_terms_names(specs: list[ComponentSpec]) -> list[str]:
-    """A unique logging name per reward term: its component name, ``_2``, ``_3`` ... for repeats."""
-    names: list[str] = []
-    for spec in specs:
-        name, n = spec.name, 1
-        while name in names:
-            n += 1
-            name = f"{spec.name}_{n}"
-        names.append(name)
-    return names
-
-
-def build_rewards(ctx, reward: ComponentSpec | list[WeightedComponent] | None) -> RewardSum | None:
-    """The configured reward(s) as one :class:`RewardSum` (None for ``null``): each built once with
-    its options and checked on every call."""
-    specs = [spec for _, spec in reward_specs(reward)]
-    if not specs:
-        return None
-    names = reward_terms_names(specs)
-    return RewardSum([(name, getattr(spec, "weight", 1.0), CheckedReward(ctx.registry.lookup("reward", spec), ctx,
-                                                                          spec.options))
-                      for name, spec in zip(names, specs)])
-
-
 def read_fields(config: PPOConfig, registry) -> dict[str, str]:
-    """The data fields the rewards and the gold judge read: ``{field: "reward 'math'"}``."""
-    out: dict[str, str] = {}
-    judges = reward_specs(config.reward) + ([("gold", config.gold)] if config.gold is not None else [])
-    for path, spec in judges:
-        entry = registry.lookup("reward", spec)
-        for name in reward_fields(entry, spec.options):
-            out.setdefault(name, f"{path} {spec.name!r} (plugin {entry.plugin!r})")
-    return out
+    """The data fields the rewards and the gold judge read: ``{field: "reward 'math' (plugin ...)"}``."""
+    return fields_read_by(registry, reward_specs(config.reward) + reward_specs(config.gold, "gold"))
 
 
 class Rollouts:

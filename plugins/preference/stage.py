@@ -27,7 +27,7 @@ from rlhf_core.data import (
     shift_labels, tokenize_scored, tokenize_unpaired,
 )
 from rlhf_core.distributed import all_reduce_sum
-from rlhf_core.interfaces import CheckedReward, RewardSum, StageError, StageInput, StageResult, reward_fields
+from rlhf_core.interfaces import StageError, StageInput, StageResult, build_rewards, fields_read_by, reward_specs
 from rlhf_core.models import fused_linear_problems, is_lora, lora_scope, root_call, save_causal_lm, use_fused_linear
 from rlhf_core.sampling import evaluate_samples
 from rlhf_core.tracking import is_main_process
@@ -333,11 +333,8 @@ def precompute_reference(reference, item_lists: list[list[dict]], pad_id: int, b
 
 
 def gold_fields(config: PreferenceConfig, registry) -> dict[str, str]:
-    """The data fields the gold judge reads (``{field: "gold 'math'"}``)."""
-    if config.gold is None:
-        return {}
-    return {name: f"gold {config.gold.name!r}" for name in reward_fields(registry.lookup("reward", config.gold),
-                                                                        config.gold.options)}
+    """The data fields the gold judge reads (``{field: "gold 'math' (plugin ...)"}``)."""
+    return fields_read_by(registry, reward_specs(config.gold, "gold"))
 
 
 def gold_evaluation(ctx, config: PreferenceConfig, tokenizer, eval_recs, policy, rendering: Rendering):
@@ -345,8 +342,7 @@ def gold_evaluation(ctx, config: PreferenceConfig, tokenizer, eval_recs, policy,
     without a gold judge or held-out pairs): the same function and seed as PPO's evaluation."""
     if config.gold is None or not eval_recs or config.eval_prompts == 0:
         return None
-    judge = RewardSum([(config.gold.name, 1.0, CheckedReward(ctx.registry.lookup("reward", config.gold), ctx,
-                                                              config.gold.options))])
+    judge = build_rewards(ctx, config.gold)
     recs = eval_recs[: config.eval_prompts]
     prompts, rows = [render_prompt(tokenizer, r.fields, rendering, r.source) for r in recs], [r.fields for r in recs]
     g = config.generation

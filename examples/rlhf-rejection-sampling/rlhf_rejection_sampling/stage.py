@@ -24,7 +24,7 @@ from rlhf_core.config import (
 from rlhf_core.data import (
     IGNORE_INDEX, collate_sft, data_inputs, dataset_components, encode_prompt, load_split, render_prompt, shift_labels,
 )
-from rlhf_core.interfaces import CheckedReward, RewardSum, StageError, StageInput, StageResult, reward_fields
+from rlhf_core.interfaces import StageError, StageInput, StageResult, build_rewards, fields_read_by, reward_specs
 from rlhf_core.models import save_causal_lm
 from rlhf_core.sampling import evaluate_samples, generate
 from rlhf_core.training import Trainer, make_loader
@@ -80,13 +80,13 @@ class RejectionSamplingStage:
     def run(self, ctx, config: RejectionSamplingConfig) -> StageResult:
         tokenizer, policy = ctx.load_policy(config.init)
         train_recs, eval_recs = load_split(config.data, "prompts", ctx.registry, ctx.seed, fields_read(config, ctx.registry))
-        reward = judge(ctx, config.reward)
+        reward = build_rewards(ctx, config.reward)
         g = config.generation
         held = eval_recs[: config.eval_prompts]
 
         def gold() -> float:
             out = evaluate_samples(policy, tokenizer, [render_prompt(tokenizer, r.fields) for r in held],
-                                   {"gold": judge(ctx, config.gold)}, max_new_tokens=g.max_new_tokens,
+                                   {"gold": build_rewards(ctx, config.gold)}, max_new_tokens=g.max_new_tokens,
                                    temperature=g.temperature, top_p=g.top_p, device=ctx.device, seed=ctx.seed,
                                    rows=[r.fields for r in held])
             return out["gold"]
@@ -147,16 +147,7 @@ class RejectionSamplingStage:
 
 def fields_read(config: RejectionSamplingConfig, registry) -> dict[str, str]:
     """The data fields the reward and the gold judge read."""
-    out = {}
-    for path, spec in (("reward", config.reward), ("gold", config.gold)):
-        if spec is not None:
-            out.update({name: f"{path} {spec.name!r}" for name in reward_fields(registry.lookup("reward", spec), spec.options)})
-    return out
-
-
-def judge(ctx, spec: ComponentSpec) -> RewardSum:
-    """A registered reward as a :class:`RewardSum` of one term."""
-    return RewardSum([(spec.name, 1.0, CheckedReward(ctx.registry.lookup("reward", spec), ctx, spec.options))])
+    return fields_read_by(registry, reward_specs(config.reward) + reward_specs(config.gold, "gold"))
 
 
 @hookimpl
