@@ -18,7 +18,8 @@ from rlhf_core.distributed import all_gather_objects, unwrap
 from rlhf_core.data import Rendering, collate_scored, data_inputs, dataset_components, load_split, tokenize_scored
 from rlhf_core.interfaces import StageError, StageInput, StageResult
 from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm
-from rlhf_core.training import Trainer, make_loader, total_steps, train_plan
+from rlhf_core.packing import packing_problems
+from rlhf_core.training import Trainer, budget_problems, make_loader, total_steps, train_plan
 
 
 def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -78,6 +79,12 @@ class RewardStage:
     def components(self, config: RewardConfig):
         """The loss and builtin datasets this stage will look up."""
         return [("loss", config.loss, "loss", ("score", "pairwise")), *dataset_components(config.data, "data")]
+
+    def validate(self, config: RewardConfig, registry) -> list[str]:
+        """A token budget holds an example (two sequences for a pairwise loss); packing is available."""
+        pairwise = registry.lookup("loss", config.loss, ("score", "pairwise")).meta["family"] == "pairwise"
+        return [*budget_problems(config.train, config.data, 2 if pairwise else 1),
+                *(packing_problems() if config.data.packing else [])]
 
     def inputs(self, config: RewardConfig, registry) -> list[StageInput]:
         """Scored (or, for a pairwise loss, pairwise) records and the backbone's weights."""
@@ -148,9 +155,10 @@ class RewardStage:
                 return {"accuracy": float((p > t).float().mean())}
             return {"mse": float(F.mse_loss(p, t)), "corr": pearson(p, t)}
 
-        loader = make_loader(train_items, config.train.batch_size, collate, ctx.seed)
-        steps = total_steps(config.train, len(train_items))
-        trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}")
+        loader = make_loader(train_items, config.train.batch_size, collate, ctx.seed,
+                             max_tokens=config.train.max_tokens_per_batch)
+        steps = total_steps(config.train, loader)
+        trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}", packing=dl.packing)
         summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps, checkpointer=ctx.checkpointer)
         summary.update(steps=float(steps), **stats.summary())
         model_dir = unwrap(model).save_pretrained(ctx.stage_dir, tokenizer) if config.train.save else None

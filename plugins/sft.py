@@ -17,7 +17,8 @@ from rlhf_core.distributed import all_reduce_sum, masked_mean
 from rlhf_core.data import Rendering, collate_sft, data_inputs, dataset_components, load_split, shift_labels, tokenize_sft
 from rlhf_core.interfaces import StageError, StageInput, StageResult
 from rlhf_core.models import fused_linear_problems, root_call, save_causal_lm, use_fused_linear
-from rlhf_core.training import Trainer, make_loader, total_steps, train_plan
+from rlhf_core.packing import packing_problems
+from rlhf_core.training import Trainer, budget_problems, make_loader, total_steps, train_plan
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, backend: str | None = None,
@@ -68,13 +69,21 @@ def fused_blocker(config: SFTConfig) -> str:
     return ""
 
 
-def sft_loss_terms(model, batch, loss_fn, options: dict, backend: str | None, fused_linear: bool):
-    """``(loss, metrics)`` of one batch: logits path through the registered loss, or the fused path."""
+def sft_loss_terms(model, batch, loss_fn, options: dict, backend: str | None, fused_linear: bool,
+                   targets_only: bool = False):
+    """``(loss, metrics)`` of one batch: logits path through the registered loss, or the fused path
+    (with ``targets_only``, over the positions that have a target only: a packed forward leaves
+    zeros on padding, and the LM head need not see them)."""
     labels = shift_labels(batch["labels"])
     if fused_linear:  # inside the model's forward: a sharded LM head is gathered there (root_call)
-        loss = root_call(model, lambda hidden, weight: rlhf_kernels.linear_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]), weight.to(hidden.dtype), labels.reshape(-1), backend=backend),
-            batch["input_ids"], batch["attention_mask"])
+        def fused_loss(hidden, weight):
+            hidden, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+            if targets_only:
+                keep = (targets != -100).nonzero().squeeze(1)
+                hidden, targets = hidden.index_select(0, keep), targets.index_select(0, keep)
+            return rlhf_kernels.linear_cross_entropy(hidden, weight.to(hidden.dtype), targets, backend=backend)
+
+        loss = root_call(model, fused_loss, batch["input_ids"], batch["attention_mask"])
         return loss, {"tokens_per_batch": float((labels != -100).sum())}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return loss_fn(logits, labels, backend=backend, **options)
@@ -91,8 +100,9 @@ class SFTStage:
         return [("loss", config.loss, "loss", ("token",)), *dataset_components(config.data, "data")]
 
     def validate(self, config: SFTConfig, registry) -> list[str]:
-        """``fused_linear: true`` computes plain token-mean cross-entropy only."""
-        return fused_linear_problems(config.fused_linear, fused_blocker(config))
+        """``fused_linear: true`` computes plain token-mean cross-entropy only; a token budget holds an example."""
+        return [*fused_linear_problems(config.fused_linear, fused_blocker(config)),
+                *budget_problems(config.train, config.data), *(packing_problems() if config.data.packing else [])]
 
     def inputs(self, config: SFTConfig, registry) -> list[StageInput]:
         """The sft records and the starting weights."""
@@ -122,7 +132,7 @@ class SFTStage:
         fused = use_fused_linear(config.fused_linear, ctx.name, [model], fused_blocker(config))
 
         def compute_loss(batch):
-            return sft_loss_terms(model, batch, loss_entry.obj, config.loss.options, backend, fused)
+            return sft_loss_terms(model, batch, loss_entry.obj, config.loss.options, backend, fused, dl.packing)
 
         def count(batch):
             # What the loss averages over: response tokens (token_mean) or sequences that have one.
@@ -140,9 +150,10 @@ class SFTStage:
             total, tokens = all_reduce_sum(sums).tolist()
             return {"loss": total / max(tokens, 1.0)}
 
-        loader = make_loader(train_items, config.train.batch_size, lambda b: collate_sft(b, tokenizer.pad_token_id), ctx.seed)
-        steps = total_steps(config.train, len(train_items))
-        trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}")
+        loader = make_loader(train_items, config.train.batch_size, lambda b: collate_sft(b, tokenizer.pad_token_id), ctx.seed,
+                             max_tokens=config.train.max_tokens_per_batch)
+        steps = total_steps(config.train, loader)
+        trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}", packing=dl.packing)
         summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps, count, ctx.checkpointer)
         summary.update(steps=float(steps), **stats.summary())
         model_dir = save_causal_lm(model, tokenizer, ctx.stage_dir) if config.train.save else None

@@ -20,11 +20,13 @@ from . import distributed as dist_utils
 from .checkpoint import honour_stop_requests
 from .data import held_out_count
 from .errors import UserError
-from .tracking import progress
+from .packing import padding_free, packing_line
+from .tracking import is_main_process, progress
 
 
 #: The supported plugin API of this module (see docs/reference/api.md).
-__all__ = ["Trainer", "TrainingError", "Batches", "make_loader", "total_steps", "autocast_context"]
+__all__ = ["Trainer", "TrainingError", "Batches", "make_loader", "total_steps", "autocast_context", "example_tokens",
+           "budget_problems"]
 
 def seed_everything(seed: int) -> None:
     """Seed Python, torch (CPU and CUDA)."""
@@ -37,20 +39,30 @@ def seed_everything(seed: int) -> None:
 
 
 class Batches:
-    """Global batches of ``batch_size`` items in a seeded order, each rank collating its share.
+    """Global batches in a seeded order, each rank collating its share.
 
     Epoch ``e`` visits the items in the order ``randperm(n)`` drawn from a generator seeded with
-    ``seed + e`` (or in order without ``shuffle``), so the batch at any position of the stream is a
+    ``seed + e`` (or in order without ``shuffle``) and cuts it into batches of ``batch_size`` items,
+    or, with ``max_tokens``, into runs of consecutive items whose tokens (:func:`example_tokens`)
+    fit the budget (an item alone when it is over it). The batch at any position of the stream is a
     pure function of the position: a resumed run continues with exactly the batch it would have
-    seen. A rank whose share of a (last, short) batch is empty collates one stand-in item and marks
-    the batch ``real = 0``, so that it still takes part in every collective but adds nothing."""
+    seen. A rank takes a contiguous share (balanced by items, or with ``max_tokens`` by tokens); a
+    rank whose share of a (last, short) batch is empty collates one stand-in item and marks the
+    batch ``real = 0``, so that it still takes part in every collective but adds nothing."""
 
-    def __init__(self, items: list, batch_size: int, collate: Callable, seed: int, shuffle: bool = True):
+    def __init__(self, items: list, batch_size: int, collate: Callable, seed: int, shuffle: bool = True,
+                 max_tokens: int | None = None):
         self.items, self.batch_size, self.collate, self.seed, self.shuffle = items, batch_size, collate, seed, shuffle
+        self.max_tokens = max_tokens
+        self.tokens = [example_tokens(item) for item in items] if max_tokens is not None else None
         self._orders: dict[int, list[int]] = {}
+        self._starts: dict[int, list[int]] = {}  # epoch -> offsets where its token-budget batches start, and n
 
     def __len__(self) -> int:
-        return math.ceil(len(self.items) / self.batch_size)
+        """Batches per epoch (with ``max_tokens``: in epoch 0; later epochs differ by a few)."""
+        if self.max_tokens is None:
+            return math.ceil(len(self.items) / self.batch_size)
+        return len(self._batch_starts(0)) - 1
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -60,11 +72,35 @@ class Batches:
                 self._orders = {epoch: list(range(len(self.items)))}
         return self._orders[epoch]
 
+    def _batch_starts(self, epoch: int) -> list[int]:
+        if epoch not in self._starts:
+            starts, used = [0], 0
+            for offset, i in enumerate(self._order(epoch)):
+                if used and used + self.tokens[i] > self.max_tokens:
+                    starts.append(offset)
+                    used = 0
+                used += self.tokens[i]
+            self._starts[epoch] = starts + [len(self.items)]
+        return self._starts[epoch]
+
+    def _span(self, position: int) -> tuple[int, int, int]:
+        """``(epoch, start, stop)``: where global batch ``position`` lies in its epoch's order."""
+        if self.max_tokens is None:
+            epoch, index = divmod(position, len(self))
+            return epoch, index * self.batch_size, (index + 1) * self.batch_size
+        epoch = 0
+        while position >= len(self._batch_starts(epoch)) - 1:
+            position -= len(self._batch_starts(epoch)) - 1
+            epoch += 1
+        starts = self._batch_starts(epoch)
+        return epoch, starts[position], starts[position + 1]
+
     def batch(self, position: int) -> dict[str, torch.Tensor]:
         """The collated share of global batch number ``position`` of the endless stream."""
-        epoch, index = divmod(position, len(self))
-        order = self._order(epoch)[index * self.batch_size: (index + 1) * self.batch_size]
-        return _collate_share([self.items[i] for i in order], self.collate)
+        epoch, start, stop = self._span(position)
+        order = self._order(epoch)[start:stop]
+        tokens = [self.tokens[i] for i in order] if self.tokens is not None else None
+        return _collate_share([self.items[i] for i in order], self.collate, tokens)
 
     def stream(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Endless batches from position ``start``, reshuffled every epoch."""
@@ -78,13 +114,35 @@ class Batches:
         return (self.batch(i) for i in range(len(self)))
 
 
-def make_loader(items: list, batch_size: int, collate: Callable, seed: int, shuffle: bool = True) -> Batches:
+def example_tokens(item: dict) -> int:
+    """The tokens of a tokenised example: every sequence it holds (its ``*ids`` lists)."""
+    return sum(len(v) for k, v in item.items() if k.endswith("ids") and isinstance(v, list))
+
+
+def make_loader(items: list, batch_size: int, collate: Callable, seed: int, shuffle: bool = True,
+                max_tokens: int | None = None) -> Batches:
     """:class:`Batches` over in-memory items (every rank draws the same global batches)."""
-    return Batches(items, batch_size, collate, seed, shuffle)
+    return Batches(items, batch_size, collate, seed, shuffle, max_tokens)
 
 
-def _collate_share(batch: list, collate: Callable) -> dict[str, torch.Tensor]:
-    share = dist_utils.shard(batch)
+def token_share(tokens: list[int]) -> tuple[int, int]:
+    """``(start, stop)``: this rank's contiguous share of a batch of items with ``tokens`` each,
+    balanced by tokens (an item goes to the rank where its first token falls)."""
+    w, r, total = dist_utils.world_size(), dist_utils.rank(), sum(tokens)
+    owners, before = [], 0
+    for n in tokens:
+        owners.append(min(w - 1, before * w // max(total, 1)))
+        before += n
+    mine = [i for i, owner in enumerate(owners) if owner == r]
+    return (mine[0], mine[-1] + 1) if mine else (0, 0)
+
+
+def _collate_share(batch: list, collate: Callable, tokens: list[int] | None = None) -> dict[str, torch.Tensor]:
+    if tokens is None:
+        share = dist_utils.shard(batch)
+    else:
+        start, stop = token_share(tokens)
+        share = batch[start:stop]
     out = collate(share or batch[:1])
     out["real"] = torch.tensor(1.0 if share else 0.0)
     return out
@@ -133,35 +191,54 @@ def autocast_context(mode: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
 
-def total_steps(train_cfg: Any, n_items: int) -> int:
-    """Optimizer steps: ``steps`` if set, else ``epochs`` over the data."""
+def total_steps(train_cfg: Any, data: int | Batches) -> int:
+    """Optimizer steps: ``steps`` if set, else ``epochs`` over the data (``n`` items in batches of
+    ``batch_size``, or a loader's batches per epoch, e.g. token-budget ones)."""
     if train_cfg.steps is not None:
         return max(1, train_cfg.steps)
-    per_epoch = math.ceil(n_items / (train_cfg.batch_size * train_cfg.grad_accum))
+    batches = len(data) if isinstance(data, Batches) else math.ceil(data / train_cfg.batch_size)
+    per_epoch = math.ceil(batches / train_cfg.grad_accum)
     return max(1, math.ceil(per_epoch * train_cfg.epochs))
 
 
 def train_plan(train_cfg: Any, data_cfg: Any, sizes: dict[str, int], sequences_per_example: int = 1) -> dict[str, Any]:
     """A ``Trainer`` stage's ``plan`` (``rlhf run --dry-run``): training examples (what ``data.train``
     leaves after the held-out share), optimizer steps and the most tokens the steps can read
-    (``max_length`` per sequence; ``sequences_per_example`` is 2 for pairs)."""
+    (``max_length`` per sequence; ``sequences_per_example`` is 2 for pairs). With token-budget
+    batches and no ``steps``, the steps depend on the examples' lengths: the plan says so."""
     n = sizes.get("data.train", 0)
     if data_cfg.eval is None:
         n -= held_out_count(n, data_cfg.eval_fraction)
     if data_cfg.limit is not None:
         n = min(n, data_cfg.limit)
+    budget = train_cfg.max_tokens_per_batch
+    if budget is not None and train_cfg.steps is None:
+        return {"training examples": n, "optimizer steps": f"{train_cfg.epochs:g} epoch(s) of {budget}-token batches "
+                f"(counted once tokenised)", "tokens (at most)": math.ceil(train_cfg.epochs * n * sequences_per_example
+                                                                           * data_cfg.max_length)}
     steps = total_steps(train_cfg, n)
-    examples = steps * train_cfg.batch_size * train_cfg.grad_accum
-    return {"training examples": n, "optimizer steps": steps,
-            "tokens (at most)": examples * sequences_per_example * data_cfg.max_length}
+    tokens = (steps * train_cfg.grad_accum * budget if budget is not None
+              else steps * train_cfg.batch_size * train_cfg.grad_accum * sequences_per_example * data_cfg.max_length)
+    return {"training examples": n, "optimizer steps": steps, "tokens (at most)": tokens}
+
+
+def budget_problems(train_cfg: Any, data_cfg: Any, sequences_per_example: int = 1) -> list[str]:
+    """``train.max_tokens_per_batch`` must hold the longest example a stage can have."""
+    budget, longest = train_cfg.max_tokens_per_batch, sequences_per_example * data_cfg.max_length
+    if budget is not None and budget < longest:
+        what = "data.max_length" if sequences_per_example == 1 else f"{sequences_per_example} x data.max_length"
+        return [f"train.max_tokens_per_batch: must be at least {what} ({longest}), the most tokens one example can "
+                f"have, so that every example fits a batch; got {budget}"]
+    return []
 
 
 class Trainer:
     """Runs ``steps`` optimizer steps of ``compute_loss(batch) -> (loss, metrics)`` over a loader."""
 
     def __init__(self, model: torch.nn.Module, train_cfg: Any, device: torch.device, tracker: Any, desc: str,
-                 params: Iterable[torch.nn.Parameter] | None = None):
+                 params: Iterable[torch.nn.Parameter] | None = None, packing: bool = False):
         self.model, self.cfg, self.device, self.tracker, self.desc = model, train_cfg, device, tracker, desc
+        self.packing = packing  # every forward of compute_loss and evaluate on packed rows (rlhf_core.packing)
         trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
                                            betas=tuple(train_cfg.betas))
@@ -178,8 +255,13 @@ class Trainer:
         weights it in the step's global mean.
 
         With a ``checkpointer`` the loop starts from its newest checkpoint (model, optimizer,
-        scheduler, scaler, RNGs, data position, logging window) and saves one whenever it is due."""
+        scheduler, scaler, RNGs, data position, logging window) and saves one whenever it is due.
+
+        With ``packing`` the training and evaluation forwards run on packed rows, and the logs and
+        the summary report ``packing_efficiency`` (real tokens over row capacity)."""
         cfg = self.cfg
+        if self.packing and is_main_process():
+            print(f"{self.desc}: {packing_line(self.model)}")
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, steps))
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
         scaler = torch.amp.GradScaler(self.device.type, enabled=resolve_precision(cfg.mixed_precision, self.device) == "fp16")
@@ -217,7 +299,7 @@ class Trainer:
             # Each micro-batch's mean weighs by its share of the step's count over every rank.
             weights = dist_utils.loss_weights(counts, self.device)
             for batch, n, weight in zip(micro, counts, weights):
-                with autocast_context(cfg.mixed_precision, self.device):
+                with autocast_context(cfg.mixed_precision, self.device), self._packed() as packed:
                     loss, metrics = compute_loss(batch)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"stage {self.desc!r}: the loss became {loss.item()} at step {step}; "
@@ -229,6 +311,10 @@ class Trainer:
                     window.setdefault(key, [0.0, 0.0])
                     window[key][0] += float(value) * n
                     window[key][1] += n
+                if packed is not None:  # real tokens over row capacity, over the window
+                    window.setdefault("packing_efficiency", [0.0, 0.0])
+                    window["packing_efficiency"][0] += packed.real * float(batch["real"])
+                    window["packing_efficiency"][1] += packed.slots * float(batch["real"])
             scaler.unscale_(self.optimizer)
             grad_norm = dist_utils.clip_grad_norm(self.params, cfg.max_grad_norm)
             # With fp16 loss scaling an inf gradient is expected now and then (the scaler skips that
@@ -260,9 +346,13 @@ class Trainer:
                 started = time.perf_counter()
         return last
 
+    def _packed(self):
+        """A ``padding_free`` block over the model with packing (yields its stats), else nothing (None)."""
+        return padding_free(self.model) if self.packing else contextlib.nullcontext()
+
     def _eval(self, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
         self.model.eval()
-        with torch.no_grad(), autocast_context(self.cfg.mixed_precision, self.device):
+        with torch.no_grad(), autocast_context(self.cfg.mixed_precision, self.device), self._packed():
             result = evaluate()
         self.model.train()
         return result

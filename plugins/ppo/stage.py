@@ -41,6 +41,7 @@ from rlhf_core.models import (
     POLICY_ADAPTER, SharedBackbone, fused_linear_problems, is_lora, load_causal_lm, lora_scope, save_causal_lm,
     use_fused_linear,
 )
+from rlhf_core.packing import PackingStats, packing_line, packing_problems, padding_free
 from rlhf_core.tracking import is_main_process, progress
 from rlhf_core.training import TrainingError, autocast_context
 
@@ -351,6 +352,8 @@ class PPOStage:
         rows, eval_rows = [r.fields for r in train_recs], [r.fields for r in eval_recs]
         print(f"ppo data: {stats.total} prompts, {stats.truncated} cut to their last {config.prompt_budget()} tokens; "
               f"{len(eval_prompts)} held out")
+        if config.data.packing and is_main_process():
+            print(f"{ctx.name}: {packing_line(models.policy)} (scoring and update forwards)")
         rng = random.Random(ctx.seed)  # the same global prompt batches on every rank
 
         def evaluate() -> dict[str, float]:
@@ -422,10 +425,15 @@ class PPOStage:
                 samples = sample_informative(models, draw, tokenizer, reward_fn, config, device, generator)
             else:
                 samples = sample(models, *draw(), tokenizer, reward_fn, config, device, generator)
-            exp = score_experience(models, samples, estimator, config, ctx.kernel_backend)
+            packing = PackingStats()
+            with packed_forwards(models, config.data.packing, packing):
+                exp = score_experience(models, samples, estimator, config, ctx.kernel_backend)
             t1 = time.perf_counter()
             generator.sleep()  # an engine with its own memory gives it back while the trainer works
-            metrics = update(models, exp, loss_entry, config, ctx.kernel_backend)
+            with packed_forwards(models, config.data.packing, packing):
+                metrics = update(models, exp, loss_entry, config, ctx.kernel_backend)
+            if config.data.packing:
+                metrics["packing_efficiency"] = packing_efficiency(packing, device)
             generator.update_weights(models.policy)
             t2 = time.perf_counter()
             metrics.update(experience_stats(exp, models.kl.value))
@@ -455,7 +463,7 @@ class PPOStage:
 
     def validate(self, config: PPOConfig, registry, run=None) -> list[str]:
         """Cross-field problems found before any model loads (``key: message`` each)."""
-        problems = []
+        problems = packing_problems() if config.data.packing else []
         if config.shared_backbone is True and run is not None:
             if run.model.lora is None:
                 problems.append("shared_backbone: true needs LoRA (model.lora): the shared base is the frozen one")
@@ -729,6 +737,23 @@ def score_experience(models: PPOModels, samples: Samples, estimator, config: PPO
             stats.update({name: masked_mean(v, mask, global_=True) for name, v in metrics.items()})
     return Experience(roll, rewards, old_logp, ref_logp, entropy, kl_tokens, advantages, values, returns,
                       samples.time_generate, {k: float(v) for k, v in stats.items()}, loss_mask)
+
+
+def packed_forwards(models: PPOModels, packing: bool, stats: PackingStats):
+    """A ``padding_free`` block over every model PPO scores or trains with (``data.packing``; else
+    nothing): the policy (and with it a critic or reward adapter on its base), the reference, a
+    critic of its own and the teacher. Sampling stays outside: decoding is never packed."""
+    if not packing:
+        return contextlib.nullcontext()
+    critic = models.critic if isinstance(models.critic, torch.nn.Module) else None
+    return padding_free(models.policy, models.reference, critic, models.teacher, stats=stats)
+
+
+def packing_efficiency(stats: PackingStats, device: torch.device) -> float:
+    """Real tokens over packed row capacity of this iteration's forwards, over every rank."""
+    real, slots = dist_utils.all_reduce_sum(torch.tensor([stats.real, stats.slots], dtype=torch.float64,
+                                                          device=device)).tolist()
+    return real / slots if slots else 1.0
 
 
 def tied_reason(k: int) -> str:

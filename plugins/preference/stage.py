@@ -12,6 +12,7 @@ second model stays in memory), or, with LoRA, they are the policy's own with its
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from rlhf_core.interfaces import StageError, StageInput, StageResult, build_rewa
 from rlhf_core.models import fused_linear_problems, is_lora, lora_scope, root_call, save_causal_lm, use_fused_linear
 from rlhf_core.sampling import evaluate_samples
 from rlhf_core.tracking import is_main_process
-from rlhf_core.training import Trainer, make_loader, total_steps, train_plan
+from rlhf_core.packing import packing_problems, padding_free
+from rlhf_core.training import Trainer, budget_problems, make_loader, total_steps, train_plan
 
 from .losses import KTOInputs, PreferenceInputs, kto_reference_point
 
@@ -110,7 +112,8 @@ class PreferenceStage:
 
     def validate(self, config: PreferenceConfig, registry, run=None) -> list[str]:
         """``reference: adapters_off`` needs LoRA; ``fused_linear: true`` needs a plain LM head."""
-        problems = fused_linear_problems(config.fused_linear, "")
+        problems = [*fused_linear_problems(config.fused_linear, ""), *budget_problems(config.train, config.data, 2),
+                    *(packing_problems() if config.data.packing else [])]
         if config.reference == "adapters_off" and run is not None and run.model.lora is None:
             problems.append("reference: adapters_off is the policy with its LoRA adapters disabled, and model.lora is "
                             "not set; use precomputed (or auto)")
@@ -146,8 +149,9 @@ class PreferenceStage:
                   f"{config.loss.name}; reference: {REFERENCE_TEXT[reference]}")
         if reference == "precomputed":
             frozen = ctx.load_model(config.init, trainable=False)
-            precompute_reference(frozen, [train_items, eval_items], tokenizer.pad_token_id, config.train.batch_size,
-                                 backend, use_fused_linear(config.fused_linear, ctx.name, [frozen]), variant.sides)
+            with padding_free(frozen) if data.packing else contextlib.nullcontext():
+                precompute_reference(frozen, [train_items, eval_items], tokenizer.pad_token_id, config.train.batch_size,
+                                     backend, use_fused_linear(config.fused_linear, ctx.name, [frozen]), variant.sides)
             del frozen
             gc.collect()
         collate = lambda batch: collate_pairs(batch, tokenizer.pad_token_id, variant.sides)  # noqa: E731
@@ -184,9 +188,10 @@ class PreferenceStage:
 
         gold = gold_evaluation(ctx, config, tokenizer, eval_recs, policy, rendering)
         first = gold() if gold else {}
-        loader = make_loader(train_items, config.train.batch_size, collate, ctx.seed)
-        steps = total_steps(config.train, len(train_items))
-        trainer = Trainer(policy, config.train, ctx.device, ctx.tracker, desc=ctx.name)
+        loader = make_loader(train_items, config.train.batch_size, collate, ctx.seed,
+                             max_tokens=config.train.max_tokens_per_batch)
+        steps = total_steps(config.train, loader)
+        trainer = Trainer(policy, config.train, ctx.device, ctx.tracker, desc=ctx.name, packing=data.packing)
         summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps,
                               lambda batch: float(batch["real"]) * len(batch["ref_logps"]) / 2, ctx.checkpointer)
         summary.update(steps=float(steps), **stats.summary())
