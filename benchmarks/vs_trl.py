@@ -207,14 +207,14 @@ def shape_tokenizer(vocab: int):
     return tokenizer
 
 
-def save_llama(shape: Any, tokenizer: Any, directory: Path) -> Path:
+def save_llama(shape: Any, tokenizer: Any, directory: Path, max_positions: int = 1024) -> Path:
     """Random Llama weights (seed 0) of ``shape`` (``vocab``, ``hidden``, ``intermediate``,
     ``layers``, ``heads``) and ``tokenizer``, saved once for every configuration of a comparison."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                          num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.heads, max_position_embeddings=1024, bos_token_id=None,
+                         num_key_value_heads=shape.heads, max_position_embeddings=max_positions, bos_token_id=None,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory)

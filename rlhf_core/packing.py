@@ -186,12 +186,16 @@ class _Packer:
         self.stats: PackingStats | None = None
         self.plans: list[PackPlan] = []
         decoder.register_forward_pre_hook(self.before, with_kwargs=True)
-        decoder.register_forward_hook(self.after, with_kwargs=True)
+        # First of the forward hooks, even of those installed earlier (root_call's, which keeps the
+        # decoder's output): whatever reads the output reads it in the padded layout.
+        decoder.register_forward_hook(self.after, with_kwargs=True, prepend=True)
 
     def before(self, module, args, kwargs):
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        # Decoding with a cache is never packed (transformers hands the cache over as past_key_values or,
+        # in newer releases, as cache).
         if (self.stats is None or args or ids is None or mask is None or mask.dim() != 2
-                or kwargs.get("past_key_values") is not None):  # decoding with a cache is never packed
+                or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None):
             self.plans.append(None)
             return None
         plan = PackPlan.from_mask(mask)

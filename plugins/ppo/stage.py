@@ -393,7 +393,8 @@ class PPOStage:
         final = evaluate() if eval_prompts else {}
         if final:
             ctx.tracker.log(config.iterations, {f"eval_{k}": v for k, v in final.items()})
-        summary = {k: last[k] for k in ("reward_mean", "kl", "kl_coef", "clip_frac", "response_length") if k in last}
+        summary = {k: last[k] for k in ("reward_mean", "kl", "kl_coef", "clip_frac", "response_length",
+                                         "packing_efficiency") if k in last}
         summary["kl_max"] = max(history["kl"]) if history["kl"] else 0.0
         summary["reward_tied_iterations"] = float(sum(history["reward_tied"]))
         if history["reward_tied"] and all(history["reward_tied"]) and is_main_process():
