@@ -16,10 +16,11 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=160)
     parser.add_argument("--vocab", type=int, default=384)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2, help="Rounds over the configurations; the fastest counts.")
     parser.add_argument("--config", action="append", choices=CONFIGS, help=f"Default: {', '.join(CONFIGS)}.")
     args = parser.parse_args()
     result = run(PackingShape(vocab=args.vocab, examples=args.examples, batch_size=args.batch_size),
-                 args.config or CONFIGS)
+                 args.config or CONFIGS, args.repeats)
     print("wrote", ", ".join(str(p) for p in save(result, {"machine": machine()}, args.out)))
 
 

@@ -102,10 +102,12 @@ def bench_algorithms(algorithms, seeds, iterations, samples_per_iteration, eval_
 @click.option("--vocab", default=384, show_default=True, type=click.IntRange(min=16))
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
               help="Examples per padded (and per packed) step.")
+@click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Rounds over the configurations; the fastest epoch of each counts.")
 @click.option("--config", "configs", multiple=True, type=click.Choice(["rlhf padded", "rlhf packed",
               "rlhf packed+budget", "trl padded", "trl packed"]), help="Default: all (the trl ones need `pip install trl`).")
 @click.option("--out", default="bench_out", show_default=True, type=click.Path(file_okay=False))
-def bench_packing(examples, vocab, batch_size, configs, out) -> None:
+def bench_packing(examples, vocab, batch_size, repeats, configs, out) -> None:
     """SFT on long-tailed lengths (log-normal, median 64, p99 1024, cap 2048): padded vs packed vs
     packed with token-budget batches, and TRL's SFTTrainer padded and packed; tokens/s, peak memory
     and ratios, each configuration in its own process; table, JSON and PNG."""
@@ -113,7 +115,7 @@ def bench_packing(examples, vocab, batch_size, configs, out) -> None:
     from .measure import machine
 
     shape = bench_packing_.PackingShape(vocab=vocab, examples=examples, batch_size=batch_size)
-    result = bench_packing_.run(shape, configs or bench_packing_.CONFIGS, echo=click.echo)
+    result = bench_packing_.run(shape, configs or bench_packing_.CONFIGS, repeats, echo=click.echo)
     written = bench_packing_.save(result, {"machine": machine()}, out)
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
 

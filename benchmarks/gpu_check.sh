@@ -4,8 +4,9 @@
 # checks added since: the pipeline on CUDA with LoRA, fused-linear, a GAE critic and reward model on
 # the policy's shared base (the offline default run's gold score must still rise), the same with the
 # `loop: rlhf` decode loop, where vLLM is installed with `generator: vllm` (sleep mode on CUDA), and
-# DAPO's recipe on-policy (the one-pass fused update, dynamic sampling), and the verifiable-rewards recipe
-# with a judge reward on the GPU.
+# DAPO's recipe on-policy (the one-pass fused update, dynamic sampling), the verifiable-rewards recipe
+# with a judge reward on the GPU, and packing (its tests on the machine's transformers, a packed run, the
+# SFT benchmark padded vs packed).
 # No network on that machine: the project is installed without dependencies. Logs and JSON/PNG go to
 # $OUT (or ./gpu_out). Budget: under 10 minutes in all.
 set -uo pipefail
@@ -47,3 +48,10 @@ python3 -c "import json,sys; d=json.load(open(sys.argv[1])); s=d['stages'].get('
 timeout 150 rlhf run examples/configs/grpo_arith.yaml --out "$out/run_arith" --set stages.grpo.iterations=80 \
   --set "stages.grpo.reward=[{name: math}, {name: format, pattern: '<answer>-?\\d+</answer>', weight: 0.2}, {name: judge, model: base, positive: 'Y', negative: 'N', weight: 0.0}]" \
   >"$out/run_arith.log" 2>&1; grep -E "judge|Error" "$out/run_arith.log" | head -3; gold "$out/run_arith/summary.json"
+# 8. packing: the packed-equals-padded and no-cross-attention tests on this machine's transformers,
+#    then the default run with data.packing in every stage (gold must still rise), then the SFT benchmark
+timeout 90 python3 -m pytest -q -x tests/core/test_packing.py 2>&1 | tail -3 | tee "$out/packing_tests.log"
+timeout 90 rlhf run --out "$out/run_packed" --set stages.sft.data.packing=true --set stages.reward.data.packing=true \
+  --set stages.ppo.data.packing=true >"$out/run_packed.log" 2>&1; grep -E "packing|Error" "$out/run_packed.log" | head -4
+gold "$out/run_packed/summary.json"
+timeout 120 rlhf bench packing --config "rlhf padded" --config "rlhf packed" --repeats 1 --out "$out" 2>&1 | tail -4

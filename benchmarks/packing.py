@@ -15,6 +15,9 @@ vocabulary 384 by default (``--vocab``). Configurations:
 - ``trl packed``: ``SFTTrainer`` with ``packing=True`` (best-fit decreasing into ``max_length``-token
   rows, padding-free position ids), one row a step.
 
+Both sides keep every activation (TRL's configs turn gradient checkpointing on by default; it is
+off here, as in rlhf, so that both do the same arithmetic).
+
 Tokens per second count real tokens (prompt and completion, no pads) over the whole epoch, from
 the first step's start to the last step's end; the peak is the resident memory's high-water mark
 during training (``VmHWM`` reset after set-up).
@@ -164,7 +167,7 @@ def trl_worker(shape: PackingShape, model_dir: str, packing: bool) -> dict:
                          gradient_accumulation_steps=1, max_length=shape.max_length, packing=packing,
                          learning_rate=1e-4, max_grad_norm=1.0, num_train_epochs=1, logging_steps=10**6,
                          save_strategy="no", report_to=[], use_cpu=True, bf16=False, dataloader_num_workers=0,
-                         seed=0, disable_tqdm=True)
+                         seed=0, disable_tqdm=True, gradient_checkpointing=False)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records(shape)),
                              processing_class=tokenizer, callbacks=[Stamp()])
         out = trainer.train()
@@ -184,36 +187,47 @@ def _worker(spec: dict) -> dict:
     return rlhf_worker(shape, model_dir, config != "rlhf padded", config == "rlhf packed+budget")
 
 
-def run(shape: PackingShape = PackingShape(), configs=CONFIGS, echo=print) -> dict:
-    """Each configuration in a fresh process (``python -m rlhf_bench.packing SPEC``); one row each
-    with tokens per second and its ratio to ``rlhf padded`` and to ``trl packed``."""
-    echo(shape.describe() + f"; fp32 on CPU, {torch.get_num_threads()} threads; one epoch each")
-    echo(f"{'configuration':<20} {'steps':>5} {'seconds':>8} {'tokens/s':>9} {'peak GiB':>9} {'vs padded':>10} "
-         f"{'vs trl packed':>14}")
+def run(shape: PackingShape = PackingShape(), configs=CONFIGS, repeats: int = 2, echo=print) -> dict:
+    """Each configuration in a fresh process (``python -m rlhf_bench.packing SPEC``), ``repeats``
+    rounds over all of them (the fastest epoch of each counts: a process started right after one that
+    freed gigabytes can run a third slower), then one row each with tokens per second and its ratios
+    to ``rlhf padded`` and to ``trl packed``."""
+    echo(shape.describe() + f"; fp32 on CPU, {torch.get_num_threads()} threads; one epoch each, the fastest of "
+         f"{repeats}")
     results, failed = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(save_llama(shape, word_tokenizer(shape.vocab), Path(tmp) / "model",
                                    max_positions=shape.max_length))
-        for name in configs:
-            spec = {"shape": asdict(shape), "model_dir": model_dir, "config": name}
-            done = subprocess.run([sys.executable, "-m", "rlhf_bench.packing", json.dumps(spec)], capture_output=True,
-                                  text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            if done.returncode != 0:
-                failed[name] = done.stderr[-3000:]
-                echo(f"{name:<20} failed:\n{failed[name]}")
-                continue
-            r = results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-            r["tokens_per_s"] = r["tokens"] / r["seconds"]
-            ratios = []
-            for other in (BASELINE, "trl packed"):
-                base = results.get(other)
-                key = f"over_{other.replace(' ', '_')}"
-                if base is not None and other != name:
-                    r[key] = r["tokens_per_s"] / base["tokens_per_s"]
-                ratios.append(f"{r[key]:.2f}x" if key in r else "-")
-            echo(f"{name:<20} {r['steps']:>5} {r['seconds']:>8.1f} {r['tokens_per_s']:>9.0f} "
-                 f"{r['peak_rss_bytes'] / 2**30:>9.2f} {ratios[0]:>10} {ratios[1]:>14}")
-    return {"shape": asdict(shape), "results": results, "failed": failed}
+        for round_ in range(repeats):
+            for name in configs:
+                if name in failed:
+                    continue
+                echo(f"round {round_ + 1}: {name} ...")
+                spec = {"shape": asdict(shape), "model_dir": model_dir, "config": name}
+                done = subprocess.run([sys.executable, "-m", "rlhf_bench.packing", json.dumps(spec)],
+                                      capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+                if done.returncode != 0:
+                    failed[name] = done.stderr[-3000:]
+                    echo(f"{name} failed:\n{failed[name]}")
+                    continue
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                r["tokens_per_s"] = r["tokens"] / r["seconds"]
+                r["all_seconds"] = results.get(name, {}).get("all_seconds", []) + [r["seconds"]]
+                if name not in results or r["seconds"] < results[name]["seconds"]:
+                    results[name] = r
+                results[name]["all_seconds"] = r["all_seconds"]
+    echo(f"{'configuration':<20} {'steps':>5} {'seconds':>8} {'tokens/s':>9} {'peak GiB':>9} {'vs padded':>10} "
+         f"{'vs trl packed':>14}")
+    for name, r in results.items():
+        ratios = []
+        for other in (BASELINE, "trl packed"):
+            key = f"over_{other.replace(' ', '_')}"
+            if other in results and other != name:
+                r[key] = r["tokens_per_s"] / results[other]["tokens_per_s"]
+            ratios.append(f"{r[key]:.2f}x" if key in r else "-")
+        echo(f"{name:<20} {r['steps']:>5} {r['seconds']:>8.1f} {r['tokens_per_s']:>9.0f} "
+             f"{r['peak_rss_bytes'] / 2**30:>9.2f} {ratios[0]:>10} {ratios[1]:>14}")
+    return {"shape": asdict(shape), "repeats": repeats, "results": results, "failed": failed}
 
 
 def save(result: dict, extra: dict, out: str | Path) -> list[Path]:

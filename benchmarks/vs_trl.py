@@ -5,6 +5,8 @@ reference in the loss (beta 0.04), one epoch over one minibatch, AdamW, fp32 on 
 own ``make_experience`` + ``update`` (on-policy: no separate old-log-prob forward) with the ``hf``
 engine (Hugging Face ``generate``, and its own decode loop ``loop: rlhf``), with and without
 fused-linear, and with the ``vllm`` engine where vLLM is installed. Median seconds per iteration after two warm-up ones.
+Both sides keep every activation: TRL's gradient checkpointing (on by default in its configs) is turned
+off, as rlhf's is off by default, so that both do the same arithmetic.
 Used by ``benchmarks/bench_e2e.py --trl``.
 
 The realistic shape (``--trl --shape realistic``, :func:`run_shapes`): Llama hidden 512, 4 layers, 8
@@ -120,7 +122,7 @@ def trl_step_seconds(steps: int) -> float:
         args = GRPOConfig(output_dir=tmp, per_device_train_batch_size=16, num_generations=4, max_completion_length=32,
                           beta=0.04, num_iterations=1, learning_rate=1e-5, max_steps=steps + 2, logging_steps=10_000,
                           save_strategy="no", report_to=[], use_cpu=True, temperature=1.0, top_p=1.0, top_k=0,
-                          dataloader_num_workers=0, seed=0, bf16=False)
+                          dataloader_num_workers=0, seed=0, bf16=False, gradient_checkpointing=False)
         data = Dataset.from_list([{"prompt": p} for p in PROMPTS] * (4 * (steps + 2)))
         trainer = GRPOTrainer(model=str(Path(tmp) / "model"), reward_funcs=reward, args=args, train_dataset=data,
                               processing_class=tokenizer, callbacks=[Stamp()])
@@ -329,7 +331,7 @@ def trl_shape_worker(shape: Shape, model_dir: str, warmup: int, steps: int) -> d
                           mask_truncated_completions=False, learning_rate=1e-5, weight_decay=0.0, max_grad_norm=1.0,
                           max_steps=warmup + steps, logging_steps=10**6, save_strategy="no", report_to=[],
                           use_cpu=True, bf16=False, temperature=1.0, top_p=1.0, top_k=0, dataloader_num_workers=0,
-                          seed=0, disable_tqdm=True)
+                          seed=0, disable_tqdm=True, gradient_checkpointing=False)
         data = Dataset.from_list([{"prompt": p} for p in shape_prompts(shape, shape.prompts * (warmup + steps))])
         trainer = GRPOTrainer(model=policy, reward_funcs=counted_reward, args=args, train_dataset=data,
                               processing_class=tokenizer, callbacks=[Stamp()])

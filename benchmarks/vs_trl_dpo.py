@@ -4,7 +4,8 @@ run, each configuration in a fresh process: a Llama of hidden 512, 2 layers, 8 h
 8 pairs whose prompt is 64 tokens and whose chosen and rejected responses are 191 tokens plus EOS
 (256 tokens a sequence); the sigmoid (DPO) loss with beta 0.1; the reference log-probs precomputed
 before training on both sides (TRL ``precompute_ref_log_probs=True``; rlhf's default without
-LoRA), so neither keeps a reference model in memory; AdamW at lr 1e-6, grad-norm clip 1; fp32 on
+LoRA), so neither keeps a reference model in memory; no gradient checkpointing on either side (TRL's
+configs turn it on by default; off here, as in rlhf); AdamW at lr 1e-6, grad-norm clip 1; fp32 on
 CPU. Median seconds per optimizer step after warm-up, and the peak resident memory of the steps
 (``VmHWM`` after the set-up and the reference pass, reset through ``/proc/self/clear_refs``).
 
@@ -141,7 +142,7 @@ def trl_worker(shape: DPOShape, model_dir: str, warmup: int, steps: int) -> dict
                          max_length=shape.prompt_tokens + shape.response_tokens, learning_rate=1e-6,
                          weight_decay=0.0, max_grad_norm=1.0, max_steps=warmup + steps, logging_steps=10**6,
                          save_strategy="no", report_to=[], use_cpu=True, bf16=False, dataloader_num_workers=0,
-                         seed=0, disable_tqdm=True, disable_dropout=True)
+                         seed=0, disable_tqdm=True, disable_dropout=True, gradient_checkpointing=False)
         data = Dataset.from_list(pairs(shape, shape.pairs * (warmup + steps)))
         trainer = DPOTrainer(model=policy, args=args, train_dataset=data, processing_class=tokenizer,
                              callbacks=[Stamp()])

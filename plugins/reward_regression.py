@@ -114,7 +114,8 @@ class RewardStage:
         if not train_items:
             raise StageError(f"stage {ctx.name!r}: no usable training examples ({stats.describe()})")
         if is_reward_model_dir(source):
-            model = ScalarHeadModel.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+            model = ScalarHeadModel.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code,
+                                                    attn_implementation=model_cfg.attn_implementation)
         else:
             model = ScalarHeadModel.from_causal_lm(load_causal_lm(model_cfg, source, seed=ctx.seed))
             if not pairwise:  # start at the mean score so the head learns deviations, not the offset

@@ -195,7 +195,8 @@ class StageContext:
                 print(f"{self.name}: {name} keeps its own copy of the weights ({why})")
         model_cfg = self.run_config.model
         if is_reward_model_dir(source):
-            model = ScalarHeadModel.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+            model = ScalarHeadModel.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code,
+                                                    attn_implementation=model_cfg.attn_implementation)
         else:
             model = ScalarHeadModel.from_causal_lm(load_causal_lm(model_cfg, source, seed=self.seed))
         if not trainable:

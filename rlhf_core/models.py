@@ -158,8 +158,23 @@ def torch_dtype(name: str):
     return None if name == "auto" else _DTYPES[name]
 
 
+def set_attention(model: nn.Module, name: str | None) -> nn.Module:
+    """Switch ``model``'s attention kernels to ``name`` (``model.attn_implementation``; None: as loaded)."""
+    if name is not None:
+        try:
+            model.set_attn_implementation(name)
+        except (ImportError, ValueError) as exc:
+            raise UserError(f"model.attn_implementation: {name!r} cannot be used here: {exc}") from None
+    return model
+
+
 def load_causal_lm(model_cfg: Any, path: str | None = None, *, seed: int = 0):
-    """A causal LM from ``path`` (default: the config's model), in the config's dtype, on CPU."""
+    """A causal LM from ``path`` (default: the config's model), in the config's dtype and attention
+    kernels (``model.attn_implementation``), on CPU."""
+    return set_attention(_load_causal_lm(model_cfg, path, seed), getattr(model_cfg, "attn_implementation", None))
+
+
+def _load_causal_lm(model_cfg: Any, path: str | None, seed: int):
     source = path or model_cfg.name_or_path
     if source == BUILTIN_TINY:
         from transformers import LlamaForCausalLM
@@ -171,7 +186,7 @@ def load_causal_lm(model_cfg: Any, path: str | None = None, *, seed: int = 0):
     if is_adapter_dir(source):  # a LoRA stage output: its base, with the adapter merged in
         from peft import PeftModel
 
-        base = load_causal_lm(model_cfg, adapter_base(source), seed=seed)
+        base = _load_causal_lm(model_cfg, adapter_base(source), seed)
         with loading("the LoRA adapter", source):
             with peft_wrapping():
                 return PeftModel.from_pretrained(base, source).merge_and_unload()
@@ -476,8 +491,10 @@ class ScalarHeadModel(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, dtype: Any = None, trust_remote_code: bool = False) -> "ScalarHeadModel":
-        """Load what :meth:`save_pretrained` wrote; a directory without the marker is an error."""
+    def from_pretrained(cls, directory: str | Path, *, dtype: Any = None, trust_remote_code: bool = False,
+                        attn_implementation: str | None = None) -> "ScalarHeadModel":
+        """Load what :meth:`save_pretrained` wrote (attention kernels ``attn_implementation``, None:
+        as saved); a directory without the marker is an error."""
         from transformers import AutoModel
 
         directory = Path(directory)
@@ -486,7 +503,7 @@ class ScalarHeadModel(nn.Module):
                                  "train one with the 'reward' stage or point to its output directory")
         with loading("a reward model", directory):
             backbone = AutoModel.from_pretrained(directory, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
-            model = cls(backbone, backbone.config.hidden_size)
+            model = cls(set_attention(backbone, attn_implementation), backbone.config.hidden_size)
             model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
         return model.to(next(backbone.parameters()).dtype)
 

@@ -22,6 +22,7 @@ is deterministic, and each process packs only its own share of a global batch.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -191,10 +192,14 @@ class _Packer:
         decoder.register_forward_hook(self.after, with_kwargs=True, prepend=True)
 
     def before(self, module, args, kwargs):
+        if self.stats is not None and args:  # some models pass input_ids (and more) by position (GPT-2)
+            kwargs = {**inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments}
+            kwargs.update(kwargs.pop("kwargs", {}))
+            args = ()
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         # Decoding with a cache is never packed (transformers hands the cache over as past_key_values or,
         # in newer releases, as cache).
-        if (self.stats is None or args or ids is None or mask is None or mask.dim() != 2
+        if (self.stats is None or ids is None or mask is None or mask.dim() != 2
                 or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None):
             self.plans.append(None)
             return None

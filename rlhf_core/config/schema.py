@@ -109,6 +109,9 @@ class ModelConfig:
     """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda:N``."""
     trust_remote_code: bool = False
     """Passed to ``from_pretrained``: run the model repository's own Python code."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = None
+    """The attention kernels of every model loaded (null: transformers' default, ``sdpa``); ``flash_attention_2`` (the
+    ``flash-attn`` package, CUDA, bf16/fp16) gives ``data.packing`` variable-length kernels."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward pass of every trained model (less memory, about a third more
     compute)."""

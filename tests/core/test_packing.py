@@ -192,6 +192,30 @@ def test_packed_logits_equal_padded_logits(left):
     assert torch.equal(packed[~real], torch.zeros_like(packed[~real]))
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_other_model_families_pack_too(family):
+    """GPT-2 (absolute positions; its LM head passes input_ids to the decoder by position) and Qwen2
+    (grouped-query attention): packed logits equal padded ones and the forward was really packed."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    if family == "gpt2":
+        lm = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, bos_token_id=1,
+                                        eos_token_id=1))
+    else:
+        lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2))
+    lm.eval()
+    mask = masks([7, 3, 4, 2])
+    ids = random_ids(mask, seed=4)
+    with torch.no_grad():
+        padded = lm(input_ids=ids, attention_mask=mask).logits
+        with padding_free(lm) as stats:
+            packed = lm(input_ids=ids, attention_mask=mask).logits
+    assert (stats.real, stats.slots) == (16, 2 * 7)
+    assert torch.allclose(packed[mask.bool()], padded[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
 def test_packed_gradients_of_a_masked_loss_equal_padded():
     lm = tiny_lm(2)
     mask = masks([7, 3, 5, 2])
@@ -628,3 +652,25 @@ def test_config_rejects_a_zero_or_too_small_token_budget(registry):
     assert len(dpo) == 1 and "2 x data.max_length (64)" in dpo[0] and dpo[0].endswith("got 40")
     resolve({"stages": [{"stage": "sft", "data": {"max_length": 32, "packing": True},
                          "train": {"max_tokens_per_batch": 32}}]}, registry)  # no problem
+
+
+def test_model_attn_implementation_is_applied_and_eager_attention_packs_too(registry):
+    """``model.attn_implementation: eager`` reaches the loaded model (and the stage's line names it);
+    packed equals padded with eager attention's additive masks; an unknown kernel is refused by the
+    schema with the accepted values."""
+    from rlhf_core.config import ModelConfig
+    from rlhf_core.models import load_causal_lm
+
+    lm = load_causal_lm(ModelConfig(attn_implementation="eager")).eval()
+    assert lm.config._attn_implementation == "eager"
+    assert attention_path(lm) == "PyTorch attention (eager) with a block-diagonal causal mask"
+    mask = masks([9, 4, 3, 6])
+    ids = random_ids(mask, seed=6) % lm.config.vocab_size
+    with torch.no_grad():
+        padded = lm(input_ids=ids, attention_mask=mask).logits
+        with padding_free(lm) as stats:
+            packed = lm(input_ids=ids, attention_mask=mask).logits
+    assert stats.slots == 2 * 9
+    assert torch.allclose(packed[mask.bool()], padded[mask.bool()], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="attn_implementation"):
+        resolve({"model": {"attn_implementation": "fastest"}, "stages": [{"stage": "sft"}]}, registry)
