@@ -91,10 +91,94 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
     return (order.gather(-1, index) if order is not None else index).squeeze(1)
 
 
+#: Model types whose decoder layers :class:`LeanDecoder` steps itself (Llama's layer: RMSNorm,
+#: rotary attention with grouped K/V heads, gated MLP, residuals).
+LEAN_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+class LeanDecoder:
+    """One-token decode steps of a Llama-family causal LM that call its own modules (embedding,
+    norms, projections, rotary embedding, MLP, LM head: LoRA adapters and all) without the Hugging
+    Face forward around them: no mask construction, cache objects or output dataclasses per step,
+    and a preallocated K/V buffer per layer written in place instead of a cache grown by
+    concatenation. The numbers are those of the model's own forward (the same modules and rotary
+    function, attention through ``scaled_dot_product_attention`` over the valid positions).
+
+    :meth:`supports` says which models qualify (else the loop steps the model's forward)."""
+
+    def __init__(self, model, prompt_mask: torch.Tensor, length: int):
+        import sys
+
+        self.model, self.inner = model, model.get_decoder()
+        self.layers = list(self.inner.layers)
+        first = self.layers[0].self_attn
+        self.rotate = sys.modules[type(first).__module__].apply_rotary_pos_emb
+        config = model.config
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = first.head_dim
+        batch, width = prompt_mask.shape
+        self.valid = torch.zeros(batch, length, dtype=torch.bool, device=prompt_mask.device)
+        self.valid[:, :width] = prompt_mask.bool()
+        self.width, self.length = width, length
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    @staticmethod
+    def supports(model) -> bool:
+        """A Llama-family model (:data:`LEAN_MODEL_TYPES`) with plain attention (no sliding window,
+        no query/key norms) and the modules the step calls."""
+        config = getattr(model, "config", None)
+        if getattr(config, "model_type", None) not in LEAN_MODEL_TYPES or getattr(config, "sliding_window", None):
+            return False
+        try:
+            layer = model.get_decoder().layers[0]
+        except (AttributeError, IndexError, TypeError):
+            return False
+        attn = layer.self_attn
+        return (all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
+                and not hasattr(attn, "q_norm") and hasattr(model.get_decoder(), "rotary_emb")
+                and hasattr(model, "lm_head"))
+
+    def prefill(self, cache) -> None:
+        """Take the prompt's keys and values from the prefill forward's cache into the buffers."""
+        for index, layer in enumerate(cache.layers):
+            keys, values = layer.keys, layer.values
+            shape = (keys.shape[0], keys.shape[1], self.length, keys.shape[3])
+            self.keys.append(keys.new_zeros(shape))
+            self.values.append(values.new_zeros(shape))
+            self.keys[index][:, :, :self.width] = keys
+            self.values[index][:, :, :self.width] = values
+
+    def step(self, token: torch.Tensor, position: torch.Tensor, column: int) -> torch.Tensor:
+        """Logits ``[B, V]`` after ``token [B]`` at ``position [B, 1]``, written to ``column``."""
+        batch = token.shape[0]
+        self.valid[:, column] = True
+        hidden = self.inner.embed_tokens(token[:, None])
+        cos, sin = self.inner.rotary_emb(hidden, position)
+        mask = self.valid[:, None, None, :column + 1]
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            normed = layer.input_layernorm(hidden)
+            q = attn.q_proj(normed).view(batch, 1, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(normed).view(batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(normed).view(batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self.rotate(q, k, cos, sin)
+            self.keys[index][:, :, column] = k[:, :, 0]
+            self.values[index][:, :, column] = v[:, :, 0]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, self.keys[index][:, :, :column + 1], self.values[index][:, :, :column + 1], attn_mask=mask,
+                scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.model.lm_head(self.inner.norm(hidden))[:, -1]
+
+
 def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, max_new_tokens: int, temperature: float, top_p: float,
             eos: int, pad: int, synced: bool) -> torch.Tensor:
-    """Response tokens ``[B, R]`` (pad after a row's EOS) from left-padded prompts, one forward per
-    step; ``synced``: every rank keeps stepping until every rank's rows have ended (sharded models)."""
+    """Response tokens ``[B, R]`` (pad after a row's EOS) from left-padded prompts: the prompt in
+    one forward, then one step per token, through :class:`LeanDecoder` where the model qualifies
+    (else the model's forward with a growing cache); ``synced``: every rank keeps stepping until
+    every rank's rows have ended (sharded models)."""
     from transformers import DynamicCache
 
     batch, width = ids.shape
@@ -105,6 +189,10 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, max_new_tokens: int
     logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]
     positions = positions[:, -1:]
+    lean = LeanDecoder(model, attn, width + max_new_tokens) if LeanDecoder.supports(model) else None
+    if lean is not None:
+        lean.prefill(cache)
+        del cache
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     tokens = []
     for step in range(max_new_tokens):
@@ -117,6 +205,9 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, max_new_tokens: int
         if step == max_new_tokens - 1 or int(remaining) == 0:
             break
         positions = positions + 1
+        if lean is not None:
+            logits = lean.step(token, positions, width + step)
+            continue
         logits = model(input_ids=token.unsqueeze(1), attention_mask=mask[:, :width + step + 1], position_ids=positions,
                        past_key_values=cache, use_cache=True).logits[:, -1]
     return torch.stack(tokens, dim=1)

@@ -285,3 +285,50 @@ def test_vllm_engine_refuses_a_head_size_its_cpu_attention_lacks(tmp_path, monke
     with pytest.raises(StageError, match=r"ppo.generator: vLLM's CPU attention supports head sizes \[32, 64, .*\]; "
                                          r"this model's is 16 \(hidden 64 / 4 heads\); use generator: hf"):
         VLLMGenerator(ctx_stub(tmp_path), load_causal_lm(CFG, seed=0), load_tokenizer(CFG))
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2", "llama-lora"])
+def test_the_lean_decode_steps_give_the_models_own_logits(family):
+    """LeanDecoder's one-token steps (the model's modules without its forward, K/V written into
+    preallocated buffers) give the logits of the model's own forward over the whole sequence, on
+    left-padded prompts of different lengths: grouped K/V heads, attention biases (Qwen2), LoRA
+    adapters (peft)."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from rlhf_core.sampling import LeanDecoder, position_ids
+
+    torch.manual_seed(0)
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=90, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=90, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2))
+    if family == "llama-lora":
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        model = model.base_model.model  # the causal LM with LoRA layers in place (what the loop steps)
+    model.eval()
+    assert LeanDecoder.supports(model)
+    lengths, width, new = [5, 2, 7], 7, 6
+    attn = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+    ids = torch.randint(3, 90, (3, width)) * attn
+    tokens = torch.randint(3, 90, (3, new))
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), past_key_values=cache, use_cache=True)
+        lean = LeanDecoder(model, attn, width + new)
+        lean.prefill(cache)
+        positions = position_ids(attn)[:, -1:]
+        stepped = []
+        for t in range(new):
+            positions = positions + 1
+            stepped.append(lean.step(tokens[:, t], positions, width + t))
+        full_ids, full_mask = torch.cat([ids, tokens], 1), torch.cat([attn, torch.ones_like(tokens)], 1)
+        want = model(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids(full_mask)).logits
+    got = torch.stack(stepped, 1)
+    assert torch.allclose(got, want[:, width:], atol=1e-5, rtol=1e-4), (got - want[:, width:]).abs().max()
+    assert not LeanDecoder.supports(torch.nn.Linear(2, 2))
