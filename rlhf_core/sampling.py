@@ -79,16 +79,45 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
     """One token per row ``[B]`` from ``softmax(logits [B, V] / temperature)``, restricted to the
     nucleus (the fewest most likely tokens whose probability reaches ``top_p``, renormalised), by
     inverse-CDF sampling: one uniform per row against the float64 cumulative sum, so a token of
-    probability 0 is never drawn. Draws from torch's global RNG on the logits' device."""
+    probability 0 is never drawn. Draws from torch's global RNG on the logits' device.
+
+    Over a large vocabulary the cumulative sum is taken in two levels, which is the same inverse
+    CDF: float64 sums of blocks of :data:`CDF_BLOCK` tokens locate the uniform's block, and the
+    cumulative sum inside that block locates the token (no ``[B, V]`` float64 copy or scan)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     order = None
     if top_p < 1.0:
         probs, order = probs.sort(dim=-1, descending=True)
         probs = probs * ((probs.cumsum(dim=-1) - probs) < top_p)  # the mass before a token is below top_p
-    cdf = probs.double().cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
-    index = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
+    if probs.shape[-1] >= 4 * CDF_BLOCK:
+        index = _inverse_cdf_blocked(probs)
+    else:
+        cdf = probs.double().cumsum(dim=-1)
+        u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+        index = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
     return (order.gather(-1, index) if order is not None else index).squeeze(1)
+
+
+#: Tokens per block of :func:`sample_tokens`'s two-level cumulative sum.
+CDF_BLOCK = 256
+
+
+def _inverse_cdf_blocked(probs: torch.Tensor) -> torch.Tensor:
+    """``[B, 1]`` token indices: :func:`sample_tokens`'s inverse CDF through block sums."""
+    rows, vocab = probs.shape
+    blocks = -(-vocab // CDF_BLOCK)
+    padded = torch.nn.functional.pad(probs, (0, blocks * CDF_BLOCK - vocab)).view(rows, blocks, CDF_BLOCK)
+    block_cdf = padded.sum(-1, dtype=torch.float64).cumsum(-1)  # [B, blocks]
+    u = torch.rand(rows, 1, dtype=torch.float64, device=probs.device) * block_cdf[:, -1:]
+    block = torch.searchsorted(block_cdf, u, right=True).clamp_(max=blocks - 1)  # [B, 1]
+    before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), torch.zeros_like(u))
+    inside = padded.gather(1, block[:, :, None].expand(rows, 1, CDF_BLOCK)).squeeze(1)  # [B, CDF_BLOCK]
+    cdf = inside.double().cumsum(-1)
+    offset = torch.searchsorted(cdf, u - before, right=True)
+    # The block's float64 sum and its running sum may differ in the last bit: never step past the
+    # block's last token of nonzero probability.
+    last = (CDF_BLOCK - 1 - (inside > 0).flip(-1).long().argmax(-1, keepdim=True))
+    return (block * CDF_BLOCK + torch.minimum(offset, last)).clamp_(max=vocab - 1)
 
 
 #: Model types whose decoder layers :class:`LeanDecoder` steps itself (Llama's layer: RMSNorm,

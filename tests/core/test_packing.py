@@ -212,7 +212,7 @@ def test_other_model_families_pack_too(family):
         padded = lm(input_ids=ids, attention_mask=mask).logits
         with padding_free(lm) as stats:
             packed = lm(input_ids=ids, attention_mask=mask).logits
-    assert (stats.real, stats.slots) == (16, 2 * 7)
+    assert (stats.real, stats.slots) == (16, 3 * 7)  # rows [7], [4, 3], [2]
     assert torch.allclose(packed[mask.bool()], padded[mask.bool()], atol=1e-5, rtol=1e-5)
 
 
@@ -670,7 +670,7 @@ def test_model_attn_implementation_is_applied_and_eager_attention_packs_too(regi
         padded = lm(input_ids=ids, attention_mask=mask).logits
         with padding_free(lm) as stats:
             packed = lm(input_ids=ids, attention_mask=mask).logits
-    assert stats.slots == 2 * 9
+    assert stats.slots == 3 * 9  # rows [9], [6, 3], [4]
     assert torch.allclose(packed[mask.bool()], padded[mask.bool()], atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="attn_implementation"):
         resolve({"model": {"attn_implementation": "fastest"}, "stages": [{"stage": "sft"}]}, registry)

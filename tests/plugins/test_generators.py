@@ -62,6 +62,45 @@ def test_sample_tokens_draws_from_the_tempered_nucleus():
     assert torch.allclose(counts[[0, 1, 5]], kept, atol=4 * (0.25 / n) ** 0.5)
 
 
+def test_sample_tokens_over_a_large_vocabulary_is_the_same_inverse_cdf():
+    """Two-level inverse CDF (block sums, then the cumulative sum inside the block) over 3000 tokens:
+    frequencies match softmax(logits / T) within 4 sigma on tokens spread over many blocks (those at
+    block edges included), a zero-probability token is never drawn (also at a block's edges and in
+    a block of zeros), the nucleus is respected; and the same uniform gives the same token as the
+    one-level cumulative sum."""
+    from rlhf_core import sampling
+    from rlhf_core.sampling import CDF_BLOCK, sample_tokens
+
+    torch.manual_seed(0)
+    vocab, n = 3000, 100_000
+    logits = torch.full((vocab,), -30.0)
+    heavy = [0, CDF_BLOCK - 1, CDF_BLOCK, 2 * CDF_BLOCK + 7, 1500, vocab - 1]
+    logits[heavy] = torch.tensor([1.0, 0.5, 0.0, 1.5, -0.5, 0.2])
+    zero = [1, CDF_BLOCK + 1, CDF_BLOCK - 2, vocab - 2] + list(range(4 * CDF_BLOCK, 5 * CDF_BLOCK))
+    logits[zero] = float("-inf")
+    for temperature in (1.0, 0.7):
+        p = torch.softmax(logits / temperature, -1).double()
+        counts = torch.bincount(sample_tokens(logits.repeat(n, 1), temperature), minlength=vocab).double() / n
+        assert torch.all((counts[heavy] - p[heavy]).abs() <= 4 * (p[heavy] * (1 - p[heavy]) / n).sqrt())
+        assert counts[zero].sum() == 0
+        rest = torch.ones(vocab, dtype=torch.bool)
+        rest[heavy] = False
+        assert abs(float(counts[rest].sum() - p[rest].sum())) <= 4 * (float(p[rest].sum()) / n) ** 0.5
+    kept = sample_tokens(logits.repeat(20_000, 1), 1.0, 0.5)  # the nucleus: the two most likely tokens
+    assert set(kept.tolist()) <= {2 * CDF_BLOCK + 7, 0}
+    # The same uniforms, one level and two: the same tokens.
+    batch = torch.randn(64, vocab) * 3
+    torch.manual_seed(5)
+    two = sample_tokens(batch)
+    torch.manual_seed(5)
+    probs = torch.softmax(batch, -1)
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(64, 1, dtype=torch.float64) * cdf[:, -1:]
+    one = torch.searchsorted(cdf, u, right=True).squeeze(1)
+    assert (two == one).float().mean() >= 0.98  # equal but where u falls within rounding of a boundary
+    assert sampling.CDF_BLOCK * 4 <= vocab
+
+
 def test_the_rlhf_decode_loop_follows_the_model_like_generate(tmp_path):
     """loop: rlhf, near-greedy (temperature 1e-4), on left-padded prompts of different lengths:
     the same tokens as Hugging Face greedy decoding, so the cache, positions and mask are right;
