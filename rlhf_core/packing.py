@@ -175,7 +175,18 @@ def attention_path(model: nn.Module) -> str:
 
 
 def packing_line(model: nn.Module) -> str:
-    """The line a stage prints when it packs: the layout and the attention path."""
+    """Prepare ``model`` for packed forwards and say how they attend (the stage's first line): on
+    CUDA with the ``flash-attn`` package installed and half-precision weights, decoders still on
+    PyTorch's ``sdpa`` switch to ``flash_attention_2`` (variable-length kernels); elsewhere the
+    block-diagonal mask of the model's own attention."""
+    import importlib.util
+
+    for decoder in decoders(model):
+        weight = next(decoder.parameters(), None)
+        if (weight is not None and weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
+                and getattr(decoder.config, "_attn_implementation", None) == "sdpa"
+                and importlib.util.find_spec("flash_attn") is not None):
+            decoder.set_attn_implementation("flash_attention_2")
     return ("data.packing: each micro-batch's sequences share rows (best-fit decreasing, rows as long as its longest "
             f"sequence); attention: {attention_path(model)}")
 
