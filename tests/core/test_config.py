@@ -71,6 +71,11 @@ def test_builtin_dataset_names_checked(registry):
     assert problems == ["stages[0].data.train: unknown dataset 'letterz'; available: arith, letters"]
 
 
+def test_an_empty_reward_list_is_refused_with_what_to_write(registry):
+    assert problems_of({"stages": [{"stage": "ppo", "reward": []}]}, registry) == [
+        "stages[0].reward: an empty list; name at least one reward, or null for none"]
+
+
 def test_duplicate_stage_names_and_empty_stages(registry):
     assert problems_of({"stages": []}, registry)[0].startswith("stages: expected a non-empty list")
     problems = problems_of({"stages": [{"stage": "sft"}, {"stage": "sft"}]}, registry)

@@ -64,3 +64,16 @@ def test_bad_options_are_reported_before_anything_trains(installed, tmp_path):
                   "stages=[{stage: rejection_sampling, reward: length, samples_per_prompt: 0}]")
     assert result.returncode == 1
     assert "stages[0].samples_per_prompt: must be at least 1, got 0" in result.stderr
+
+
+def test_a_round_where_no_response_reaches_min_reward_stops_with_its_message(installed, tmp_path):
+    """A threshold no sample can reach: the stage ends with a message naming the round and the
+    threshold, and the run is not marked finished."""
+    result = rlhf(installed, "run", "--out", str(tmp_path / "r"), "--set",
+                  "stages=[{stage: rejection_sampling, data: {train: 'builtin:letters', builtin_size: 40}, "
+                  "reward: letters_gold, min_reward: 1000.0, rounds: 1, prompts_per_round: 4, samples_per_prompt: 2, "
+                  "generation: {max_new_tokens: 4}, train: {steps: 1, batch_size: 4}, eval_prompts: 2}]")
+    assert result.returncode == 1
+    assert ("stage 'rejection_sampling': round 1 of 1: no response reached min_reward 1000.0; lower min_reward or "
+            "raise samples_per_prompt") in result.stderr
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] != "finished"

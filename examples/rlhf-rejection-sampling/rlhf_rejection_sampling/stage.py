@@ -98,8 +98,8 @@ class RejectionSamplingStage:
             picks = torch.randint(len(train_recs), (config.prompts_per_round,), generator=rng).tolist()
             items, best = self.best_of_k(ctx, config, policy, tokenizer, reward, [train_recs[i] for i in picks])
             if not items:
-                raise StageError(f"stage {ctx.name!r}: round {round_}: no response reached min_reward "
-                                 f"{config.min_reward}")
+                raise StageError(f"stage {ctx.name!r}: round {round_ + 1} of {config.rounds}: no response reached "
+                                 f"min_reward {config.min_reward}; lower min_reward or raise samples_per_prompt")
             ctx.tracker.log(round_ * config.train.steps, {"kept": float(len(items)), "best_reward": best})
 
             def compute_loss(batch):
@@ -112,7 +112,7 @@ class RejectionSamplingStage:
 
             loader = make_loader(items, config.train.batch_size, lambda b: collate_sft(b, tokenizer.pad_token_id),
                                  ctx.seed + round_)
-            trainer = Trainer(policy, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name} round {round_}")
+            trainer = Trainer(policy, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name} round {round_ + 1}")
             summary = trainer.fit(loader, compute_loss, None, config.train.steps, count)
             summary.update(kept=float(len(items)), best_reward=best)
         if first is not None:
