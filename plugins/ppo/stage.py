@@ -196,6 +196,10 @@ class PPOConfig:
     ``token_sum_norm`` (Dr. GRPO); normalisers are global."""
     micro_batch_size: int | None = None
     """Rows per forward/backward inside a minibatch (gradient accumulation); null = ``minibatch_size``."""
+    max_tokens_per_micro_batch: int | None = None
+    """Token-budget micro-batches in the update: each process cuts its minibatch rows into consecutive runs whose real
+    tokens (prompt + response) fit this budget (a row over it alone), instead of ``micro_batch_size`` rows; the
+    gradient does not depend on the split. With ``data.packing``, a micro-batch then costs about its budget."""
     gold: ComponentSpec | None = None
     """A reward used only to evaluate (component); gives ``gold_score_sft`` / ``gold_score_ppo``."""
     iterations: int = 100
@@ -265,7 +269,8 @@ class PPOConfig:
                        f"({self.generation.max_new_tokens}), got {self.overlong.cache}")
         return out + rule_problems(self, {
             "iterations": AT_LEAST_1, "prompts_per_batch": AT_LEAST_1, "samples_per_prompt": AT_LEAST_1,
-            "ppo_epochs": AT_LEAST_1, "minibatch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1, "lr": POSITIVE, "critic_lr": POSITIVE,
+            "ppo_epochs": AT_LEAST_1, "minibatch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1,
+            "max_tokens_per_micro_batch": AT_LEAST_1, "lr": POSITIVE, "critic_lr": POSITIVE,
             "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE, "entropy_coef": NON_NEGATIVE,
             "vf_clip": POSITIVE, "eval_every": AT_LEAST_0, "eval_prompts": AT_LEAST_0,
         })
@@ -832,9 +837,11 @@ def update(models: PPOModels, exp: Experience, loss_entry, config: PPOConfig, ba
     local_micro = max(1, (config.micro_batch_size or config.minibatch_size) // world)
     stats: dict[str, list[float]] = {}
     models.policy.train()
+    tokens = exp.rollout.attention_mask.sum(1).tolist()  # real tokens per row, for token-budget micro-batches
     for _ in range(config.ppo_epochs):
         for idx in torch.randperm(len(mask), device=mask.device).split(local_minibatch):
-            micros = idx.split(local_micro)
+            micros = (token_runs(idx, tokens, config.max_tokens_per_micro_batch)
+                      if config.max_tokens_per_micro_batch is not None else idx.split(local_micro))
             normaliser = float(dist_utils.all_reduce_sum(
                 local_normaliser(config.loss_agg, mask[idx], config.generation.max_new_tokens)))
             models.optimizer.zero_grad(set_to_none=True)
@@ -868,6 +875,19 @@ def update(models: PPOModels, exp: Experience, loss_entry, config: PPOConfig, ba
         exp.kl_tokens = (KL_ESTIMATORS[config.kl.estimator](exp.old_logprobs, exp.ref_logprobs) * response
                          if exp.ref_logprobs is not None else torch.zeros_like(response))
     return dist_utils.global_mean({key: sum(v) / len(v) for key, v in stats.items()}, mask.device)
+
+
+def token_runs(rows: torch.Tensor, tokens: list[int], budget: int) -> list[torch.Tensor]:
+    """``rows`` cut into consecutive runs whose ``tokens`` fit ``budget`` (a row over it alone)."""
+    runs, start, used = [], 0, 0
+    order = rows.tolist()
+    for i, row in enumerate(order):
+        if used and used + tokens[row] > budget:
+            runs.append(rows[start:i])
+            start, used = i, 0
+        used += tokens[row]
+    runs.append(rows[start:])
+    return runs
 
 
 def critic_update(models: PPOModels, exp: Experience, micros: list[torch.Tensor], config: PPOConfig) -> float:

@@ -259,6 +259,34 @@ def test_a_loss_written_for_the_logits_contract_is_refused_with_the_new_one(regi
         resolve(load_raw(None, ["stages.ppo.loss=old_style"]), registry)
 
 
+@pytest.mark.parametrize("budget", [40, 25, 1])
+def test_token_budget_micro_batches_give_the_same_gradient(registry, rollout, budget):
+    """max_tokens_per_micro_batch cuts each minibatch into runs of rows within the token budget (a row
+    over it alone: budget 1 is one row per micro-batch): the gradient and the stats of the whole
+    minibatch, for a token-mean and a sequence-mean aggregation; the runs are maximal and in order."""
+    from rlhf_plugins.ppo.stage import token_runs
+
+    loss = ComponentSpec("ppo_clip", {"clip_eps_low": 0.2, "clip_eps_high": 0.28})
+    tokens = rollout[2].rollout.attention_mask.sum(1).tolist()
+    rows = torch.tensor([3, 0, 7, 1, 5, 2, 6, 4])
+    runs = token_runs(rows, tokens, budget)
+    assert torch.equal(torch.cat(runs), rows)
+    for run, after in zip(runs, runs[1:]):
+        assert sum(tokens[r] for r in run.tolist()) <= budget or len(run) == 1
+        assert sum(tokens[r] for r in run.tolist()) + tokens[int(after[0])] > budget  # maximal
+    for agg in ("token_mean", "seq_mean_token_mean"):
+        whole, whole_stats = gradient(registry, rollout, loss, False, None, agg)
+        policy, reference, exp, config = rollout
+        policy = copy.deepcopy(policy)
+        m = PPOModels(policy, reference, torch.optim.SGD(policy.parameters(), lr=0.0),
+                      KLController(0.05, False, 6.0, 100))
+        cfg = dataclasses.replace(config, loss=loss, loss_agg=agg, max_tokens_per_micro_batch=budget, entropy_coef=0.01)
+        stats = update(m, copy.deepcopy(exp), registry.lookup("loss", loss, "policy"), cfg, "cpp")
+        split = torch.cat([p.grad.reshape(-1) for p in policy.parameters()])
+        assert float((split - whole).norm() / whole.norm()) <= 1e-6, (agg, budget)
+        assert stats["policy_loss"] == pytest.approx(whole_stats["policy_loss"], rel=1e-5, abs=1e-7)
+
+
 def test_the_critic_step_does_not_depend_on_the_micro_batch_split(registry):
     """micro_batch_size applies to the critic's forward too, with the same gradient."""
     from rlhf_core.models import ScalarHeadModel
