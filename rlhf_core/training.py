@@ -26,7 +26,7 @@ from .tracking import is_main_process, progress
 
 #: The supported plugin API of this module (see docs/reference/api.md).
 __all__ = ["Trainer", "TrainingError", "Batches", "make_loader", "total_steps", "autocast_context", "example_tokens",
-           "budget_problems"]
+           "budget_problems", "budget_runs"]
 
 def seed_everything(seed: int) -> None:
     """Seed Python, torch (CPU and CUDA)."""
@@ -74,13 +74,7 @@ class Batches:
 
     def _batch_starts(self, epoch: int) -> list[int]:
         if epoch not in self._starts:
-            starts, used = [0], 0
-            for offset, i in enumerate(self._order(epoch)):
-                if used and used + self.tokens[i] > self.max_tokens:
-                    starts.append(offset)
-                    used = 0
-                used += self.tokens[i]
-            self._starts[epoch] = starts + [len(self.items)]
+            self._starts[epoch] = budget_runs([self.tokens[i] for i in self._order(epoch)], self.max_tokens)
         return self._starts[epoch]
 
     def _span(self, position: int) -> tuple[int, int, int]:
@@ -112,6 +106,18 @@ class Batches:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """One epoch (evaluation)."""
         return (self.batch(i) for i in range(len(self)))
+
+
+def budget_runs(tokens: list[int], budget: int) -> list[int]:
+    """Where the maximal runs of consecutive items whose ``tokens`` fit ``budget`` start (an item
+    over the budget is a run alone), followed by ``len(tokens)``: runs are ``[starts[k], starts[k + 1])``."""
+    starts, used = [0], 0
+    for offset, n in enumerate(tokens):
+        if used and used + n > budget:
+            starts.append(offset)
+            used = 0
+        used += n
+    return starts + [len(tokens)]
 
 
 def example_tokens(item: dict) -> int:

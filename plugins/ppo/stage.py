@@ -43,7 +43,7 @@ from rlhf_core.models import (
 )
 from rlhf_core.packing import PackingStats, packing_line, packing_problems, padding_free
 from rlhf_core.tracking import is_main_process, progress
-from rlhf_core.training import TrainingError, autocast_context
+from rlhf_core.training import TrainingError, autocast_context, budget_runs
 
 from .advantages import whiten
 from .loss import (
@@ -878,16 +878,9 @@ def update(models: PPOModels, exp: Experience, loss_entry, config: PPOConfig, ba
 
 
 def token_runs(rows: torch.Tensor, tokens: list[int], budget: int) -> list[torch.Tensor]:
-    """``rows`` cut into consecutive runs whose ``tokens`` fit ``budget`` (a row over it alone)."""
-    runs, start, used = [], 0, 0
-    order = rows.tolist()
-    for i, row in enumerate(order):
-        if used and used + tokens[row] > budget:
-            runs.append(rows[start:i])
-            start, used = i, 0
-        used += tokens[row]
-    runs.append(rows[start:])
-    return runs
+    """``rows`` cut into maximal consecutive runs whose ``tokens`` fit ``budget`` (a row over it alone)."""
+    starts = budget_runs([tokens[row] for row in rows.tolist()], budget)
+    return [rows[a:b] for a, b in zip(starts, starts[1:])]
 
 
 def critic_update(models: PPOModels, exp: Experience, micros: list[torch.Tensor], config: PPOConfig) -> float:
