@@ -135,7 +135,7 @@ class LeanDecoder:
 
     :meth:`supports` says which models qualify (else the loop steps the model's forward)."""
 
-    def __init__(self, model, prompt_mask: torch.Tensor, length: int):
+    def __init__(self, model, mask: torch.Tensor):
         import sys
 
         self.model, self.inner = model, model.get_decoder()
@@ -145,10 +145,7 @@ class LeanDecoder:
         config = model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = first.head_dim
-        batch, width = prompt_mask.shape
-        self.valid = torch.zeros(batch, length, dtype=torch.bool, device=prompt_mask.device)
-        self.valid[:, :width] = prompt_mask.bool()
-        self.width, self.length = width, length
+        self.valid = mask.bool()  # [B, prompt + new tokens]: the prompt's mask, then every response column
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
@@ -170,18 +167,18 @@ class LeanDecoder:
 
     def prefill(self, cache) -> None:
         """Take the prompt's keys and values from the prefill forward's cache into the buffers."""
+        length = self.valid.shape[1]
         for index, layer in enumerate(cache.layers):
             keys, values = layer.keys, layer.values
-            shape = (keys.shape[0], keys.shape[1], self.length, keys.shape[3])
+            shape = (keys.shape[0], keys.shape[1], length, keys.shape[3])
             self.keys.append(keys.new_zeros(shape))
             self.values.append(values.new_zeros(shape))
-            self.keys[index][:, :, :self.width] = keys
-            self.values[index][:, :, :self.width] = values
+            self.keys[index][:, :, :keys.shape[2]] = keys
+            self.values[index][:, :, :values.shape[2]] = values
 
     def step(self, token: torch.Tensor, position: torch.Tensor, column: int) -> torch.Tensor:
         """Logits ``[B, V]`` after ``token [B]`` at ``position [B, 1]``, written to ``column``."""
         batch = token.shape[0]
-        self.valid[:, column] = True
         hidden = self.inner.embed_tokens(token[:, None])
         cos, sin = self.inner.rotary_emb(hidden, position)
         mask = self.valid[:, None, None, :column + 1]
@@ -218,7 +215,7 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, max_new_tokens: int
     logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]
     positions = positions[:, -1:]
-    lean = LeanDecoder(model, attn, width + max_new_tokens) if LeanDecoder.supports(model) else None
+    lean = LeanDecoder(model, mask) if LeanDecoder.supports(model) else None
     if lean is not None:
         lean.prefill(cache)
         del cache

@@ -359,7 +359,7 @@ def test_the_lean_decode_steps_give_the_models_own_logits(family):
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), past_key_values=cache, use_cache=True)
-        lean = LeanDecoder(model, attn, width + new)
+        lean = LeanDecoder(model, torch.cat([attn, torch.ones_like(tokens)], 1))
         lean.prefill(cache)
         positions = position_ids(attn)[:, -1:]
         stepped = []
