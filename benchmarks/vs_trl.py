@@ -236,6 +236,16 @@ def shape_prompts(shape: Shape, count: int) -> list[str]:
             for _ in range(count)]
 
 
+def fresh_process(module: str, spec: dict) -> tuple[dict | None, str]:
+    """``python -m <module> SPEC`` (a benchmark's worker, one configuration) in a fresh process:
+    ``(its result, "")`` from the last line it prints, or ``(None, the end of its stderr)``."""
+    done = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    if done.returncode != 0:
+        return None, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), ""
+
+
 def process_memory() -> dict[str, int]:
     """This process's resident memory now and its high-water mark, bytes (``/proc/self/status``)."""
     fields = {}
@@ -382,13 +392,12 @@ def run_shapes(shapes: list[Shape], configs=DEFAULT_CONFIGS, warmup: int = 1, st
             for name in sorted(configs, key=lambda n: n != TRL):
                 spec = {"shape": asdict(shape), "model_dir": model_dir, "config": name, "warmup": warmup,
                         "steps": steps}
-                done = subprocess.run([sys.executable, "-m", "rlhf_bench.vs_trl", json.dumps(spec)],
-                                      capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-                if done.returncode != 0:
-                    failed[name] = done.stderr[-3000:]
-                    echo(f"{name:<28} failed:\n{failed[name]}")
+                r, error = fresh_process("rlhf_bench.vs_trl", spec)
+                if r is None:
+                    failed[name] = error
+                    echo(f"{name:<28} failed:\n{error}")
                     continue
-                r = results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+                results[name] = r
                 trl = results.get(TRL)
                 ratios = f"{'-':>11} {'-':>9}"
                 if trl is not None:

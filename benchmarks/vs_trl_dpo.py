@@ -14,9 +14,7 @@ CPU. Median seconds per optimizer step after warm-up, and the peak resident memo
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,7 @@ import torch
 import rlhf_core  # noqa: F401  (first: from a source checkout, keeps Hugging Face's `kernels` importable)
 
 from .memory_usage import word_tokenizer
-from .vs_trl import process_memory, save_llama
+from .vs_trl import fresh_process, process_memory, save_llama
 
 
 @dataclass
@@ -174,13 +172,12 @@ def run(shape: DPOShape = DPOShape(), configs=CONFIGS, warmup: int = 1, steps: i
         model_dir = str(save_policy(shape, Path(tmp) / "policy"))
         for name in sorted(configs, key=lambda n: n != TRL):
             spec = {"shape": asdict(shape), "model_dir": model_dir, "config": name, "warmup": warmup, "steps": steps}
-            done = subprocess.run([sys.executable, "-m", "rlhf_bench.vs_trl_dpo", json.dumps(spec)],
-                                  capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            if done.returncode != 0:
-                failed[name] = done.stderr[-3000:]
-                echo(f"{name:<20} failed:\n{failed[name]}")
+            r, error = fresh_process("rlhf_bench.vs_trl_dpo", spec)
+            if r is None:
+                failed[name] = error
+                echo(f"{name:<20} failed:\n{error}")
                 continue
-            r = results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[name] = r
             trl = results.get(TRL)
             ratios = f"{'-':>11} {'-':>9}"
             if trl is not None and name != TRL:
