@@ -672,5 +672,36 @@ def test_model_attn_implementation_is_applied_and_eager_attention_packs_too(regi
             packed = lm(input_ids=ids, attention_mask=mask).logits
     assert stats.slots == 3 * 9  # rows [9], [6, 3], [4]
     assert torch.allclose(packed[mask.bool()], padded[mask.bool()], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ConfigError, match="attn_implementation"):
+    with pytest.raises(ConfigError) as info:
         resolve({"model": {"attn_implementation": "fastest"}, "stages": [{"stage": "sft"}]}, registry)
+    assert info.value.problems == ["model.attn_implementation: expected one of 'sdpa', 'eager', 'flash_attention_2', "
+                                   "'flash_attention_3', 'flex_attention' or null, got 'fastest'"]
+
+
+def test_attention_kernels_that_cannot_run_here_are_a_clear_error():
+    """flash_attention_2 without the flash-attn package: the setting and why, not a traceback."""
+    import importlib.util
+
+    from rlhf_core.config import ModelConfig
+    from rlhf_core.models import load_causal_lm
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(UserError, match=r"^model\.attn_implementation: 'flash_attention_2' cannot be used here: .*"
+                                        r"FlashAttention2"):
+        load_causal_lm(ModelConfig(attn_implementation="flash_attention_2"))
+
+
+def test_a_transformers_without_packed_sequence_masks_is_refused_with_what_to_do(monkeypatch, registry):
+    import transformers.masking_utils
+
+    monkeypatch.delattr(transformers.masking_utils, "find_packed_sequence_indices")
+    import transformers
+
+    expected = (f"data.packing needs transformers' packed-sequence attention masks (transformers >= 4.56); this is "
+                f"transformers {transformers.__version__}: upgrade it or set data.packing: false")
+    assert resolve_problems({"stage": "sft", "data": {"packing": True}}, registry) == [f"stages[0].{expected}"]
+    with pytest.raises(UserError) as info:
+        with padding_free(tiny_lm()):
+            pass
+    assert str(info.value) == expected

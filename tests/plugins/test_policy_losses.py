@@ -242,6 +242,7 @@ def test_a_third_party_loss_runs_fused_without_naming_anything(registry, rollout
     ("stages.ppo.loss={name: gspo, variant: tokens}", "stages[2].loss: gspo: variant must be 'sequence' or 'token'"),
     ("stages.ppo.loss={name: ppo_clip, dual_clip: 0.5}", "stages[2].loss: ppo_clip: dual_clip must be > 1"),
     ("stages.ppo.micro_batch_size=0", "stages[2].micro_batch_size: must be"),
+    ("stages.ppo.max_tokens_per_micro_batch=0", "stages[2].max_tokens_per_micro_batch: must be at least 1, got 0"),
     ("stages.ppo.kl={coef: 0, adaptive: true}", "stages[2].kl.adaptive: an adaptive KL coefficient"),
 ])
 def test_bad_policy_loss_options_are_config_errors(registry, override, message):
