@@ -17,7 +17,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from rlhf_core.engine import make_run_dir, prepare, run_pipeline
+from rlhf_core.runtime.pipeline import prepare, run_pipeline
+from rlhf_core.runtime.run_dir import make_run_dir
 from rlhf_bench.measure import machine
 from rlhf_bench.vs_trl import DEFAULT_CONFIGS, RLHF_CONFIGS, SHAPES, TRL, run, run_shapes
 from rlhf_kernels import available_backends

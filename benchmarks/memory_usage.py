@@ -106,10 +106,10 @@ def run_one(args: dict) -> dict:
 
     from rlhf_core.config import ComponentSpec
     from rlhf_core.data import collate_sft
-    from rlhf_core.interfaces import RewardSum
+    from rlhf_core import RewardSum
     from rlhf_core.distributed import peak_rss_mb
     from rlhf_plugins.ppo.advantages import GAE, BatchMeanBaseline
-    from rlhf_core.plugins import build_registry, get_plugin_manager
+    from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
     from rlhf_plugins.ppo.loss import KLController
 
     ppo_clip = build_registry(get_plugin_manager(entry_points=False)).lookup("loss", ComponentSpec("ppo_clip"), "policy")

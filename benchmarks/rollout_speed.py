@@ -51,10 +51,10 @@ def measure(which: str, engine: str, *, prompts: int, samples: int, new_tokens: 
     """Tokens/s of one timed generate (after a warm-up), then one PPO iteration's split."""
     from rlhf_core.config import ComponentSpec
     from rlhf_core.data import encode_prompt
-    from rlhf_core.interfaces import RewardSum
+    from rlhf_core import RewardSum
     from rlhf_plugins.ppo.advantages import GroupMeanBaseline
     from rlhf_plugins.ppo.generators import HFGenerator
-    from rlhf_core.plugins import build_registry, get_plugin_manager
+    from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
     from rlhf_plugins.ppo.loss import KLController
 
     ppo_clip = build_registry(get_plugin_manager(entry_points=False)).lookup("loss", ComponentSpec("ppo_clip"), "policy")

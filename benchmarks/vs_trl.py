@@ -41,8 +41,8 @@ from typing import Any
 import torch
 
 from rlhf_core.config import ComponentSpec
-from rlhf_core.interfaces import RewardSum
-from rlhf_core.plugins import build_registry, get_plugin_manager
+from rlhf_core import RewardSum
+from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
 from rlhf_plugins.ppo.advantages import GroupMeanBaseline
 from rlhf_plugins.ppo.generators import HFGenerator
 from rlhf_plugins.ppo.loss import KLController

@@ -17,7 +17,7 @@ from mkdocs.structure.files import File, Files
 from rlhf_core.cli import cli
 from rlhf_core.config import StageSpec
 from rlhf_core.config.reference import KeyDoc, component_rows, config_keys, field_docs, run_keys
-from rlhf_core.plugins import build_registry, get_plugin_manager
+from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
 
 #: Component kinds in the order the components page lists them, with a sentence on how each is chosen.
 KINDS = {

@@ -1,1 +1,1 @@
-"""Built-in plugins: ordinary pluggy plugins registered by ``rlhf_core.plugins.BUILTINS``."""
+"""Built-in plugins: ordinary pluggy plugins registered by ``rlhf_core.plugin_system.manager.BUILTINS``."""

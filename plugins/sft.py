@@ -1,4 +1,4 @@
-"""Stage ``sft`` and loss ``cross_entropy``: the seed's step 1.
+"""Stage ``sft`` and loss ``cross_entropy``: step 1 of the three-step instruction-tuning recipe.
 
 theta* = argmin_theta 1/N sum_i L(f_theta(x_i), y_i), with L the token cross-entropy of the
 reference response y_i given the prompt x_i (prompt tokens are masked out of the loss).
@@ -11,14 +11,12 @@ from typing import Any, Literal
 import torch
 
 import rlhf_kernels
-from rlhf_core import hookimpl
-from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
-from rlhf_core.distributed import all_reduce_sum, masked_mean
-from rlhf_core.data import Rendering, collate_sft, data_inputs, dataset_components, load_split, shift_labels, tokenize_sft
-from rlhf_core.interfaces import StageError, StageInput, StageResult
-from rlhf_core.models import fused_linear_problems, root_call, save_causal_lm, use_fused_linear
-from rlhf_core.packing import packing_problems
-from rlhf_core.training import Trainer, budget_problems, make_loader, total_steps, train_plan
+from rlhf_core import (
+    ComponentSpec, DataConfig, FusedTokenLoss, Rendering, Stage, StageError, StageInput, StageResult, TrainConfig,
+    Trainer, Uses, all_reduce_sum, budget_problems, collate_sft, evaluate_batches, fused_linear_problems, hookimpl,
+    make_loader, masked_mean, packing_problems, save_causal_lm, shift_labels, tokenize_sft, total_steps, train_plan,
+    use_fused_linear, with_last_hidden,
+)
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, *, backend: str | None = None,
@@ -61,52 +59,73 @@ class SFTConfig:
     head, else off with a notice; ``true`` makes that an error."""
 
 
-def fused_blocker(config: SFTConfig) -> str:
-    """Why the configured loss cannot take the fused path ("" when it can)."""
-    if config.loss.name != "cross_entropy" or config.loss.options.get("aggregation", "token_mean") != "token_mean":
-        options = f" {config.loss.options}" if config.loss.options else ""
-        return f"computes token-mean cross_entropy only; the loss is {config.loss.name!r}{options}"
-    return ""
+def cross_entropy_on_linear(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                            backend: str | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`cross_entropy_loss` with ``aggregation: token_mean`` from the last hidden states
+    ``[N, H]`` and the LM head ``[V, H]`` (``rlhf_kernels.linear_cross_entropy``): no ``[N, V]`` logits."""
+    loss = rlhf_kernels.linear_cross_entropy(hidden, weight, labels, backend=backend)
+    return loss, {"tokens_per_batch": float((labels != -100).sum())}
 
 
-def sft_loss_terms(model, batch, loss_fn, options: dict, backend: str | None, fused_linear: bool,
+#: The fused-linear form of ``cross_entropy``: the token mean only.
+CROSS_ENTROPY_FUSED = FusedTokenLoss(options=lambda o: {} if o["aggregation"] == "token_mean" else None,
+                                     on_linear=cross_entropy_on_linear)
+
+
+def fused_form(entry, options: dict[str, Any]) -> tuple[FusedTokenLoss | None, dict | None, str]:
+    """``(fused form, its keyword arguments, why not)`` of a registered token loss with these options:
+    the form the loss registered (``fused=``) when it applies to them, else ``(None, None, reason)``."""
+    fused = entry.meta.get("fused")
+    kwargs = fused.options(entry.with_defaults(options)) if fused is not None else None
+    if kwargs is None:
+        shown = f" {options}" if options else ""
+        return None, None, f"the loss {entry.name!r}{shown} has no fused-linear form for these options"
+    return fused, kwargs, ""
+
+
+def sft_loss_terms(model, batch, entry, options: dict, backend: str | None, fused_linear: bool,
                    targets_only: bool = False):
-    """``(loss, metrics)`` of one batch: logits path through the registered loss, or the fused path
-    (with ``targets_only``, over the positions that have a target only: a packed forward leaves
-    zeros on padding, and the LM head need not see them)."""
+    """``(loss, metrics)`` of one batch under the registered token loss ``entry``: on the logits, or
+    (``fused_linear``) its fused form on the last hidden states and the LM head, computed inside the
+    model's forward so that a sharded head is gathered there (with ``targets_only``, over the
+    positions that have a target only: a packed forward leaves zeros on padding, and the LM head
+    need not see them)."""
     labels = shift_labels(batch["labels"])
-    if fused_linear:  # inside the model's forward: a sharded LM head is gathered there (root_call)
+    if fused_linear:
+        fused, kwargs, _ = fused_form(entry, options)
+
         def fused_loss(hidden, weight):
             hidden, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
             if targets_only:
                 keep = (targets != -100).nonzero().squeeze(1)
                 hidden, targets = hidden.index_select(0, keep), targets.index_select(0, keep)
-            return rlhf_kernels.linear_cross_entropy(hidden, weight.to(hidden.dtype), targets, backend=backend)
+            return fused.on_linear(hidden, weight.to(hidden.dtype), targets, backend=backend, **kwargs)
 
-        loss = root_call(model, fused_loss, batch["input_ids"], batch["attention_mask"])
-        return loss, {"tokens_per_batch": float((labels != -100).sum())}
+        return with_last_hidden(model, fused_loss, batch["input_ids"], batch["attention_mask"])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return loss_fn(logits, labels, backend=backend, **options)
+    return entry.obj(logits, labels, backend=backend, **options)
 
 
-class SFTStage:
+class SFTStage(Stage):
     """Supervised fine-tuning: setup (data, model) -> loop (Trainer) -> save (save_pretrained)."""
 
     config_class = SFTConfig
     produces = "policy"
+    records = "sft"
 
-    def components(self, config: SFTConfig):
-        """The loss and builtin datasets this stage will look up."""
-        return [("loss", config.loss, "loss", ("token",)), *dataset_components(config.data, "data")]
+    def uses(self, config: SFTConfig) -> list[Uses]:
+        """The token loss."""
+        return [Uses("loss", config.loss, "loss", ("token",))]
 
-    def validate(self, config: SFTConfig, registry) -> list[str]:
-        """``fused_linear: true`` computes plain token-mean cross-entropy only; a token budget holds an example."""
-        return [*fused_linear_problems(config.fused_linear, fused_blocker(config)),
-                *budget_problems(config.train, config.data), *(packing_problems() if config.data.packing else [])]
+    def validate(self, config: SFTConfig, registry, run) -> list[str]:
+        """``fused_linear: true`` needs a loss with a fused form; a token budget holds an example."""
+        blocker = fused_form(registry.lookup("loss", config.loss, "token"), config.loss.options)[2]
+        return [*fused_linear_problems(config.fused_linear, blocker), *budget_problems(config.train, config.data),
+                *(packing_problems() if config.data.packing else [])]
 
     def inputs(self, config: SFTConfig, registry) -> list[StageInput]:
-        """The sft records and the starting weights."""
-        return [*data_inputs(config.data, "sft"), StageInput("init", "model", config.init)]
+        """The starting weights."""
+        return [StageInput("init", "model", config.init)]
 
     def plan(self, config: SFTConfig, registry, sizes: dict[str, int]) -> dict[str, Any]:
         """Examples, steps and the most tokens they read (``rlhf run --dry-run``)."""
@@ -114,25 +133,26 @@ class SFTStage:
 
     def run(self, ctx, config: SFTConfig) -> StageResult:
         """Train the policy on (prompt, response) pairs; returns the saved policy directory."""
-        backend = ctx.kernel_backend
+        backend, data_cfg = ctx.kernel_backend, config.data
         source = ctx.init_source(config.init, "policy")
         tokenizer = ctx.tokenizer_for(source)
-        train_recs, eval_recs = load_split(config.data, "sft", ctx.registry, ctx.seed)
-        dl = config.data
-        rendering = Rendering(dl.chat_template, ctx.name, source)
-        train_items, stats = tokenize_sft(train_recs, tokenizer, dl.max_length, dl.max_prompt_length, rendering)
-        eval_items, _ = tokenize_sft(eval_recs, tokenizer, dl.max_length, dl.max_prompt_length, rendering)
+        train_recs, eval_recs = self.load_data(ctx, config)
+        rendering = Rendering(data_cfg.chat_template, ctx.name, source)
+        train_items, stats = tokenize_sft(train_recs, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length,
+                                          rendering)
+        eval_items, _ = tokenize_sft(eval_recs, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length, rendering)
         print(f"sft data: {stats.describe()}; {len(eval_items)} held out")
         if not train_items:
             raise StageError(f"stage {ctx.name!r}: no usable training examples ({stats.describe()})")
         model = ctx.load_model(config.init)
         loss_entry = ctx.registry.lookup("loss", config.loss, "token")
-        per_sequence = config.loss.options.get("aggregation") == "sequence_mean"
-
-        fused = use_fused_linear(config.fused_linear, ctx.name, [model], fused_blocker(config))
+        options = config.loss.options
+        per_sequence = loss_entry.with_defaults(options).get("aggregation") == "sequence_mean"
+        fused = use_fused_linear(config.fused_linear, ctx.name, [model], fused_form(loss_entry, options)[2])
+        collate = lambda b: collate_sft(b, tokenizer.pad_token_id)  # noqa: E731
 
         def compute_loss(batch):
-            return sft_loss_terms(model, batch, loss_entry.obj, config.loss.options, backend, fused, dl.packing)
+            return sft_loss_terms(model, batch, loss_entry, options, backend, fused, data_cfg.packing)
 
         def count(batch):
             # What the loss averages over: response tokens (token_mean) or sequences that have one.
@@ -140,20 +160,19 @@ class SFTStage:
             return float(valid.any(dim=1).sum() if per_sequence else valid.sum())
 
         def evaluate():
-            sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # [nll sum, token count]
-            for batch in make_loader(eval_items, config.train.batch_size, lambda b: collate_sft(b, tokenizer.pad_token_id), 0, False):
-                batch = {k: v.to(ctx.device) for k, v in batch.items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                labels = shift_labels(batch["labels"])
-                nll = rlhf_kernels.cross_entropy(logits, labels, reduction="sum", backend=backend)
-                sums += batch["real"] * torch.stack([nll.double(), (labels != -100).sum().double()])
-            total, tokens = all_reduce_sum(sums).tolist()
-            return {"loss": total / max(tokens, 1.0)}
+            # The training loss (the configured one, fused when training is) over every held-out example.
+            scored = evaluate_batches(eval_items, config.train.batch_size, collate, ctx.device,
+                                      lambda batch: (compute_loss(batch)[0].double() * count(batch), count(batch)))
+            sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # [loss * count, count]
+            for weighted, n in scored:
+                sums += torch.stack([weighted, torch.tensor(n, dtype=torch.float64, device=ctx.device)])
+            total, n = all_reduce_sum(sums).tolist()
+            return {"loss": total / max(n, 1.0)}
 
-        loader = make_loader(train_items, config.train.batch_size, lambda b: collate_sft(b, tokenizer.pad_token_id), ctx.seed,
+        loader = make_loader(train_items, config.train.batch_size, collate, ctx.seed,
                              max_tokens=config.train.max_tokens_per_batch)
         steps = total_steps(config.train, loader)
-        trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}", packing=dl.packing)
+        trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}", packing=data_cfg.packing)
         summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps, count, ctx.checkpointer)
         summary.update(steps=float(steps), **stats.summary())
         model_dir = save_causal_lm(model, tokenizer, ctx.stage_dir) if config.train.save else None
@@ -167,4 +186,4 @@ def rlhf_register_stages(register):
 
 @hookimpl
 def rlhf_register_losses(register):
-    register("cross_entropy", cross_entropy_loss, family="token")
+    register("cross_entropy", cross_entropy_loss, family="token", fused=CROSS_ENTROPY_FUSED)

@@ -46,7 +46,7 @@ class TensorBoardTracker:
         return SummaryWriter(log_dir=str(path), flush_secs=self.flush_secs, purge_step=purge_step)
 
     @staticmethod
-    def check_options(*, log_dir: str = "tensorboard", flush_secs: int = 10) -> None:
+    def check_options(*, log_dir: str, flush_secs: int) -> None:
         """The package must be installed; ``log_dir`` stays inside the run directory."""
         _require("tensorboard", "tensorboard", "tensorboard")
         if Path(log_dir).is_absolute() or ".." in Path(log_dir).parts:
@@ -125,8 +125,8 @@ class WandbTracker:
         )
 
     @staticmethod
-    def check_options(*, project: str = "rlhf", entity: str | None = None, mode: str | None = None,
-                      tags: list[str] | None = None, group: str | None = None) -> None:
+    def check_options(*, project: str, entity: str | None, mode: str | None,
+                      tags: list[str] | None, group: str | None) -> None:
         """The package must be installed; ``mode`` is one W&B accepts."""
         _require("wandb", "wandb", "wandb")
         if mode not in (None, "online", "offline", "disabled", "shared"):
@@ -196,8 +196,8 @@ class MlflowTracker:
                                                         "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```")])
 
     @staticmethod
-    def check_options(*, tracking_uri: str | None = None, experiment: str = "rlhf",
-                      tags: dict[str, str] | None = None) -> None:
+    def check_options(*, tracking_uri: str | None, experiment: str,
+                      tags: dict[str, str] | None) -> None:
         """The package (and, for the default local store, SQLAlchemy) must be installed."""
         _require("mlflow", "mlflow", "mlflow")
         if not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
@@ -246,7 +246,7 @@ class TrackioTracker:
                                     resume="allow", auto_log_cpu=False, auto_log_gpu=False)
 
     @staticmethod
-    def check_options(*, project: str = "rlhf", space_id: str | None = None) -> None:
+    def check_options(*, project: str, space_id: str | None) -> None:
         """The package must be installed; ``project`` is a non-empty name."""
         _require("trackio", "trackio", "trackio")
         if not project:

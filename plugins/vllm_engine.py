@@ -25,7 +25,7 @@ import torch
 
 from rlhf_core import hookimpl
 from rlhf_core import distributed as dist_utils
-from rlhf_core.interfaces import StageError
+from rlhf_core import StageError
 from rlhf_core.models import is_lora, merge_lora_state, plain_model
 from rlhf_core.sampling import Rollout, make_rollout, pad_prompts
 
@@ -79,8 +79,8 @@ class VLLMGenerator:
         self.update_weights(policy)
 
     @staticmethod
-    def check_options(*, gpu_memory_utilization: float = 0.3, kv_cache_gb: int = 1, max_model_len: int | None = None,
-                      enforce_eager: bool = True, sleep_mode: bool = True) -> None:
+    def check_options(*, gpu_memory_utilization: float, kv_cache_gb: int, max_model_len: int | None,
+                      enforce_eager: bool, sleep_mode: bool) -> None:
         """vLLM must be installed; the memory options must make sense."""
         why = vllm_unavailable()
         if why:

@@ -18,18 +18,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UserError
+from .errors import DiskFullError
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 #: The hidden temp names this module writes: ``.<name>.tmp-<pid>`` and ``.<name>.old-<pid>``.
 _ORPHAN = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")
-
-
-class DiskFullError(UserError, OSError):
-    """The filesystem ran out of space (or quota) while rlhf wrote a file; the message names the
-    path, the space it needed and what is free. The previous version of what was being written is
-    kept (every write here is atomic)."""
 
 
 def _mb(size: float) -> str:

@@ -51,24 +51,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from . import distributed as dist_utils
 from .atomic import _fsync_dir, atomic_write_text, disk_full, state_bytes
-from .errors import UserError
+from .errors import CheckpointError, Interrupted
 
 #: The supported plugin API of this module (see docs/reference/api.md).
 __all__ = ["Checkpointer", "CheckpointError", "Interrupted"]
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _UNFINISHED = re.compile(r"^step-\d+\.tmp$")
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint cannot be used as asked (e.g. written by another number of processes)."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """The run was stopped by SIGINT (Ctrl-C) or SIGTERM (what schedulers send before preemption)."""
-
-    def __init__(self, signame: str = "SIGINT"):
-        super().__init__(signame)
-        self.signame = signame
 
 
 # Set by the signal handler when a checkpoint is due before stopping (checkpoint.on_signal).
@@ -146,12 +135,12 @@ class Checkpointer:
         damaged = []
         for step, path in reversed(found):
             if path not in self._verified:  # hashed once per checkpoint, by rank 0 (one shared directory)
-                self._verified[path] = dist_utils.broadcast_object(verify(path) if dist_utils.rank() == 0 else None)
+                self._verified[path] = dist_utils.broadcast_object(verify(path) if dist_utils.is_main_process() else None)
             problem = self._verified[path]
             if problem is None:
                 if damaged and path not in self._noticed:
                     self._noticed.add(path)
-                    if dist_utils.rank() == 0:
+                    if dist_utils.is_main_process():
                         print(f"rlhf: warning: {'; '.join(damaged)}; resuming from the previous complete "
                               f"checkpoint {path}", file=sys.stderr)
                 return step, path
@@ -197,7 +186,7 @@ class Checkpointer:
         state = _tensor_state(models, optimizers)
         failure = None
         try:
-            if dist_utils.rank() == 0:
+            if dist_utils.is_main_process():
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
             dist_utils.barrier()
@@ -213,7 +202,7 @@ class Checkpointer:
         if float(dist_utils.all_reduce_max(torch.tensor(1.0 if failure is not None else 0.0))) > 0:
             full = disk_full(failure, tmp, state_bytes(state)) if failure is not None else None  # before freeing
             dist_utils.barrier()
-            if dist_utils.rank() == 0:
+            if dist_utils.is_main_process():
                 shutil.rmtree(tmp, ignore_errors=True)
             if full is not None:
                 raise full from None
@@ -221,7 +210,7 @@ class Checkpointer:
                 raise failure
             raise CheckpointError(f"checkpoint {final}: another process failed to write its part; the previous "
                                   "checkpoints are kept")
-        if dist_utils.rank() == 0:
+        if dist_utils.is_main_process():
             files = {}
             for file in sorted(tmp.iterdir()):
                 with open(file, "rb+") as fh:

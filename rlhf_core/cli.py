@@ -10,18 +10,24 @@ from pathlib import Path
 import click
 import yaml
 
-from . import __version__
 from . import distributed as dist_utils
-from .config import to_plain
+from .config import ComponentSpec, ModelConfig, RunConfig, check_options, coerce, to_plain
+from .contracts import build_rewards, reward_fields
 from .data import CHAT_TEMPLATE_MODES, Rendering, encode_prompt, load_records, render_prompt
 from .doctor import checks, table
-from .engine import (RunDir, check_resumable, plan, preflight, prepare, read_summary, refuse_changes, run_pipeline,
-                     signals_interrupt)
-from .errors import UserError
-from .models import ModelLoadError, resolve_device
-from .plugins import add_modules, build_registry, disabled_from_env, get_plugin_manager, locate_modules, registered_by
-from .registry import RegistryError
-from .tracking import write_summary
+from .errors import ConfigError, ModelLoadError, RegistryError, UserError
+from .models import check_model_source, is_reward_model_dir, load_causal_lm, load_tokenizer
+from .plugin_system.manager import (
+    add_modules, build_registry, disabled_from_env, get_plugin_manager, locate_modules, registered_by,
+)
+from .runtime.context import StageContext
+from .runtime.pipeline import plan, preflight, prepare, run_pipeline
+from .runtime.resume import check_resumable, refuse_changes
+from .runtime.run_dir import RunDir, read_summary
+from .runtime.signals import signals_interrupt
+from .runtime.tracking import write_summary
+from .sampling import evaluate_samples, generate
+from .version import __version__
 
 #: Errors a user can fix; shown as one message, not a traceback (RLHF_DEBUG=1 shows the traceback).
 USER_ERRORS = (UserError,)
@@ -127,7 +133,7 @@ def run(ctx: click.Context, config: str | None, overrides: tuple[str, ...], out:
 #: rank, 0: the launcher (and a scheduler reading its exit codes) then names the rank that caused the
 #: failure, not the ones it took down. With a launcher per node, 1: a node whose ranks all exited 0
 #: would count as finished, and its launcher would wait minutes for the lost node at its exit barrier.
-_BYSTANDER_EXIT = 0 if os.environ.get("LOCAL_WORLD_SIZE", "1") == os.environ.get("WORLD_SIZE", "1") else 1
+_BYSTANDER_EXIT = 0 if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == dist_utils.planned_world_size() else 1
 
 
 def _exit_rank(message: str, code: int) -> None:
@@ -154,7 +160,7 @@ def _dry_run(ctx: click.Context, config, overrides) -> None:
 
 
 def _run(ctx: click.Context, config, overrides, out, overwrite, print_config, resume=None) -> None:
-    main_rank = os.environ.get("RANK", "0") == "0"
+    main_rank = dist_utils.is_main_process()
     echo = click.echo if main_rank else (lambda *a, **k: None)
     try:
         if resume is not None:
@@ -173,7 +179,7 @@ def _run(ctx: click.Context, config, overrides, out, overwrite, print_config, re
             click.echo(yaml.safe_dump(to_plain(prepared.config), sort_keys=False), nl=False)
             return
         if dist_utils.launched_distributed():
-            dist_utils.init(resolve_device(prepared.config.model.device).type)
+            dist_utils.init(dist_utils.resolve_device(prepared.config.model.device).type)
             if not main_rank:
                 sys.stdout = open(os.devnull, "w")  # one progress log per job: rank 0's
         with signals_interrupt():
@@ -354,8 +360,6 @@ def generate_command(ctx: click.Context, model_dir, texts, path, n, limit, chat_
     """Sample responses from a trained policy (any sft or ppo stage output, or a model directory)."""
     import torch
 
-    from .sampling import generate
-
     try:
         registry = build_registry(_plugin_manager(ctx, local_plugins))
         tokenizer, model, dev = load_policy(model_dir, device)
@@ -392,10 +396,6 @@ def eval_command(ctx: click.Context, model_dir, path, reward, gold, limit, chat_
                  max_new_tokens, seed, device, as_json, local_plugins) -> None:
     """Mean reward (and gold score) of one sample per prompt: the numbers PPO's evaluation reports
     (the same function, the same seed gives the same samples)."""
-    from .config import ComponentSpec, ConfigError, ModelConfig, RunConfig, check_options, coerce
-    from .interfaces import StageContext, build_rewards, reward_fields
-    from .sampling import evaluate_samples
-
     try:
         registry = build_registry(_plugin_manager(ctx, local_plugins))
         problems: list[str] = []
@@ -443,16 +443,13 @@ def load_policy(model_dir: str, device: str):
     """``(tokenizer, causal LM in eval mode, device)`` for a policy directory (or builtin:tiny)."""
     from transformers.utils import logging as hf_logging
 
-    from .config import ModelConfig
-    from .models import check_model_source, is_reward_model_dir, load_causal_lm, load_tokenizer
-
     hf_logging.disable_progress_bar()
     problem = check_model_source(model_dir)
     if problem:
         raise ModelLoadError(problem)
     if is_reward_model_dir(model_dir):
         raise ModelLoadError(f"{model_dir} is a reward model; sample from a policy (an sft or ppo stage output)")
-    dev = resolve_device(device)
+    dev = dist_utils.resolve_device(device)
     cfg = ModelConfig(name_or_path=model_dir, device=device)
     return load_tokenizer(cfg), load_causal_lm(cfg).to(dev).eval(), dev
 

@@ -20,10 +20,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import ModelLoadError
+
 
 #: The supported plugin API of this module (see docs/reference/api.md).
 __all__ = ["masked_mean", "all_reduce_sum", "all_reduce_max", "all_gather_objects", "shard", "world_size",
-           "rank", "barrier", "unwrap"]
+           "rank", "is_main_process", "barrier", "unwrap", "resolve_device"]
+
 
 def world_size() -> int:
     """Number of processes (1 without a process group)."""
@@ -31,8 +34,16 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    """This process's rank (0 without a process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank: the process group's, before it is joined the launcher's ``RANK``
+    (0 in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (the one that writes files, bars and logs), and always in a single process."""
+    return rank() == 0
 
 
 def launched_distributed() -> bool:
@@ -330,7 +341,7 @@ def full_state_dict(model: nn.Module, *, everywhere: bool = False) -> dict[str, 
     if world_size() == 1 or not any(_is_dtensor(p) for p in model.parameters()):
         if everywhere:
             return {k: v.detach() for k, v in model.state_dict().items()}
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if rank() == 0 else None
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if is_main_process() else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
@@ -374,3 +385,16 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """``clip_grad_norm_`` (0 = no clipping) returning a plain tensor for sharded parameters too."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     return norm.full_tensor() if _is_dtensor(norm) else norm
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; otherwise ``torch.device(spec)`` (checked)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"model.device: {exc}; accepted: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device is {spec!r} but CUDA is not available; use 'auto' or 'cpu'")
+    return device

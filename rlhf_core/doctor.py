@@ -11,7 +11,7 @@ import torch
 import rlhf_kernels
 from rlhf_kernels import cpp as cpp_kernels
 
-from . import __version__
+from .version import __version__
 
 
 @dataclass

@@ -198,7 +198,7 @@ class _Packer:
         self.stats: PackingStats | None = None
         self.plans: list[PackPlan] = []
         decoder.register_forward_pre_hook(self.before, with_kwargs=True)
-        # First of the forward hooks, even of those installed earlier (root_call's, which keeps the
+        # First of the forward hooks, even of those installed earlier (with_last_hidden's, which keeps the
         # decoder's output): whatever reads the output reads it in the padded layout.
         decoder.register_forward_hook(self.after, with_kwargs=True, prepend=True)
 

@@ -6,13 +6,13 @@ derived from the attention mask so that later forward passes see the positions `
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import distributed as dist_utils
 from .data import IGNORE_INDEX, encode_prompt, pad
+from .types import Rollout
 
 
 #: The supported plugin API of this module (see docs/reference/api.md).
@@ -21,26 +21,6 @@ __all__ = ["Rollout", "make_rollout", "concat_rollouts", "pad_prompts", "generat
 
 #: ``generate(..., loop=)``: Hugging Face ``generate``, or rlhf's own decode loop (see :func:`generate`).
 LOOPS = ("generate", "rlhf")
-
-@dataclass
-class Rollout:
-    """One batch of sampled sequences.
-
-    ``sequences [B, P+R]`` (left-padded prompt, then response, pad after EOS), ``attention_mask``
-    ``[B, P+R]``, ``prompt_len`` = P, ``labels [B, R]`` (response ids, -100 after EOS),
-    ``mask [B, R]`` (1 on response tokens up to and including EOS), ``responses`` (decoded text),
-    ``logprobs [B, R]``: the sampling engine's own log-probs of the response tokens (0 off the
-    mask), when it reports them (None for ``hf``).
-    """
-
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    prompt_len: int
-    labels: torch.Tensor
-    mask: torch.Tensor
-    responses: list[str]
-    logprobs: torch.Tensor | None = None
-
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counting only real tokens (left padding gets position 0)."""
@@ -299,7 +279,7 @@ def evaluate_samples(policy, tokenizer, prompts: list[str], judges: dict[str, An
                      temperature: float, top_p: float, device: torch.device, seed: int,
                      rows: list[dict[str, Any]] | None = None) -> dict[str, float]:
     """Mean score of fresh samples under each judge (``name ->`` a
-    :class:`~rlhf_core.interfaces.RewardSum`, scoring ``(prompts, responses, rows)``), one sample
+    :class:`~rlhf_core.contracts.RewardSum`, scoring ``(prompts, responses, rows)``), one sample
     per prompt, drawn with the RNG seeded with ``seed`` (``seed + rank``) inside a forked RNG, so
     that two policies are compared on the same random stream and the caller's RNG is untouched.
     ``rows``: each prompt's data record (the fields rewards read), aligned with ``prompts``. With

@@ -19,14 +19,16 @@ import torch
 from . import distributed as dist_utils
 from .checkpoint import honour_stop_requests
 from .data import held_out_count
-from .errors import UserError
+from .errors import TrainingError
 from .packing import padding_free, packing_line
-from .tracking import is_main_process, progress
+from .distributed import is_main_process
+from .runtime.tracking import progress
 
 
 #: The supported plugin API of this module (see docs/reference/api.md).
-__all__ = ["Trainer", "TrainingError", "Batches", "make_loader", "total_steps", "autocast_context", "example_tokens",
-           "budget_problems", "budget_runs"]
+__all__ = ["Trainer", "OptimizerStep", "TrainingError", "Batches", "make_loader", "evaluate_batches", "total_steps", "autocast_context",
+           "example_tokens", "budget_problems", "budget_runs", "train_plan"]
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python, torch (CPU and CUDA)."""
@@ -48,7 +50,7 @@ class Batches:
     pure function of the position: a resumed run continues with exactly the batch it would have
     seen. A rank takes a contiguous share (balanced by items, or with ``max_tokens`` by tokens); a
     rank whose share of a (last, short) batch is empty collates one stand-in item and marks the
-    batch ``real = 0``, so that it still takes part in every collective but adds nothing."""
+    batch ``is_real = 0``, so that it still takes part in every collective but adds nothing."""
 
     def __init__(self, items: list, batch_size: int, collate: Callable, seed: int, shuffle: bool = True,
                  max_tokens: int | None = None):
@@ -131,6 +133,21 @@ def make_loader(items: list, batch_size: int, collate: Callable, seed: int, shuf
     return Batches(items, batch_size, collate, seed, shuffle, max_tokens)
 
 
+def evaluate_batches(items: list, batch_size: int, collate: Callable, device: torch.device,
+                     score: Callable[[dict], Any]) -> list[Any]:
+    """The one evaluation loop over held-out ``items``: ``score(batch)`` on this rank's share of each
+    batch of ``batch_size`` (in order, on ``device``), returning the results of the batches that hold
+    rows. Every rank runs the same number of forwards (a sharded model needs them all): a rank whose
+    share of a short last batch is empty scores a stand-in row whose result is dropped here."""
+    results = []
+    for batch in make_loader(items, batch_size, collate, 0, shuffle=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        result = score(batch)
+        if float(batch["is_real"]) > 0:
+            results.append(result)
+    return results
+
+
 def token_share(tokens: list[int]) -> tuple[int, int]:
     """``(start, stop)``: this rank's contiguous share of a batch of items with ``tokens`` each,
     balanced by tokens (an item goes to the rank where its first token falls)."""
@@ -150,7 +167,7 @@ def _collate_share(batch: list, collate: Callable, tokens: list[int] | None = No
         start, stop = token_share(tokens)
         share = batch[start:stop]
     out = collate(share or batch[:1])
-    out["real"] = torch.tensor(1.0 if share else 0.0)
+    out["is_real"] = torch.tensor(1.0 if share else 0.0)
     return out
 
 
@@ -176,10 +193,6 @@ def _weighted_means(window: dict[str, list[float]], device: torch.device) -> dic
     keys = sorted(window)
     sums = dist_utils.all_reduce_sum(torch.tensor([window[k] for k in keys], dtype=torch.float64, device=device))
     return {k: float(total / count) if count > 0 else float("nan") for k, (total, count) in zip(keys, sums.tolist())}
-
-
-class TrainingError(UserError, RuntimeError):
-    """Training cannot continue (e.g. the loss became NaN); the message says what to change."""
 
 
 def resolve_precision(mode: str, device: torch.device) -> str:
@@ -238,6 +251,71 @@ def budget_problems(train_cfg: Any, data_cfg: Any, sequences_per_example: int = 
     return []
 
 
+class OptimizerStep:
+    """The one optimizer step of every stage (the :class:`Trainer`'s and PPO's): AdamW over the
+    ``params`` that require grad, linear warm-up then the schedule over ``total_steps``
+    (:func:`lr_lambda`), fp16 loss scaling, gradient-norm clipping and the non-finite checks, from
+    an :class:`~rlhf_core.config.OptimConfig` ``cfg``.
+
+    Per step: :meth:`zero_grad`, then :meth:`backward` for each micro-batch's (weighted) loss after
+    :meth:`check_loss`, then :meth:`step`. Errors name ``who`` (``stage 'sft'``) and ``model`` (``policy``, ``critic``; "" for
+    the one model of a stage), and advise on the config keys under ``prefix`` (``train.``, ``optim.``)."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], cfg: Any, device: torch.device, total_steps: int, *,
+                 who: str, prefix: str = "train.", model: str = "", hint: str = "check the data"):
+        self.params = [p for p in params if p.requires_grad]
+        self.cfg, self.who, self.prefix, self.hint = cfg, who, prefix, hint
+        self.model = f"{model} " if model else ""
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps))
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=resolve_precision(cfg.mixed_precision, device) == "fp16")
+
+    def check_loss(self, loss: torch.Tensor, where: str = "") -> None:
+        """A non-finite loss stops training with advice (``where``: `` at step 12``)."""
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{self.who}: the {self.model}loss became {float(loss.detach())}{where}; lower "
+                                f"{self.prefix}lr, set {self.prefix}mixed_precision: no, or {self.hint}")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of ``loss`` (scaled under fp16)."""
+        self.scaler.scale(loss).backward()
+
+    def step(self, where: str = "") -> torch.Tensor:
+        """Clip, check, update the weights, advance the schedule, clear the gradients; returns the
+        gradient norm before clipping. With fp16 loss scaling an inf gradient is expected now and then
+        (the scaler skips that step and lowers the scale); anywhere else it would silently poison the
+        weights, so it is an error."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = dist_utils.clip_grad_norm(self.params, self.cfg.max_grad_norm)
+        if not self.scaler.is_enabled() and not torch.isfinite(grad_norm):
+            raise TrainingError(f"{self.who}: the {self.model}gradient norm became {float(grad_norm)}{where}; lower "
+                                f"{self.prefix}lr, set {self.prefix}max_grad_norm > 0, or {self.hint}")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return grad_norm
+
+    def zero_grad(self) -> None:
+        """Clear the gradients before a step's first backward (they stay readable after :meth:`step`)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step."""
+        return self.scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's and the loss scaler's state (the optimizer's is checkpointed with the model)."""
+        return {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
 class Trainer:
     """Runs ``steps`` optimizer steps of ``compute_loss(batch) -> (loss, metrics)`` over a loader."""
 
@@ -245,10 +323,7 @@ class Trainer:
                  params: Iterable[torch.nn.Parameter] | None = None, packing: bool = False):
         self.model, self.cfg, self.device, self.tracker, self.desc = model, train_cfg, device, tracker, desc
         self.packing = packing  # every forward of compute_loss and evaluate on packed rows (rlhf_core.packing)
-        trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                                           betas=tuple(train_cfg.betas))
-        self.params = trainable
+        self.params = list(params if params is not None else model.parameters())
 
     def fit(self, loader: Batches, compute_loss: Callable[[dict], tuple[torch.Tensor, dict]],
             evaluate: Callable[[], dict[str, float]] | None, steps: int,
@@ -257,7 +332,7 @@ class Trainer:
         ``compute_loss`` returned) merged with the final eval metrics (``eval_<name>``).
 
         ``compute_loss(batch)`` returns a mean over ``count(batch)`` units (valid tokens for a
-        token-mean loss, rows for a per-example loss; default: rows of ``real`` batches), which
+        token-mean loss, rows for a per-example loss; default: rows of ``is_real`` batches), which
         weights it in the step's global mean.
 
         With a ``checkpointer`` the loop starts from its newest checkpoint (model, optimizer,
@@ -268,24 +343,20 @@ class Trainer:
         cfg = self.cfg
         if self.packing and is_main_process():
             print(f"{self.desc}: {packing_line(self.model)}")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, steps))
-        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
-        scaler = torch.amp.GradScaler(self.device.type, enabled=resolve_precision(cfg.mixed_precision, self.device) == "fp16")
+        optim = OptimizerStep(self.params, cfg, self.device, steps, who=f"stage {self.desc!r}")
         window: dict[str, list[float]] = {}  # metric -> [sum of value * count, sum of count]
         last: dict[str, float] = {}
         start = 0
-        saved = checkpointer.restore({"model": self.model}, {"model": self.optimizer}) if checkpointer else None
+        saved = checkpointer.restore({"model": self.model}, {"model": optim.optimizer}) if checkpointer else None
         if saved is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-            scaler.load_state_dict(saved["scaler"])
+            optim.load_state_dict(saved)
             start, window, last = saved["step"], saved["window"], saved["last"]
         batches = loader.stream(start * cfg.grad_accum)
         bar = progress(start, steps, self.desc)
         self.model.train()
-        count = count or (lambda batch: float(batch["real"]) * len(next(iter(batch.values()))))
+        count = count or (lambda batch: float(batch["is_real"]) * len(next(iter(batch.values()))))
         with honour_stop_requests(checkpointer):
-            last = self._loop(bar, batches, compute_loss, evaluate, steps, count, scheduler, scaler, window, last,
-                              checkpointer)
+            last = self._loop(bar, batches, compute_loss, evaluate, steps, count, optim, window, last, checkpointer)
         bar.close()
         # Every training metric of the last logging window (the loss's own ones included), not the schedule.
         final = {f"train_{k}": v for k, v in last.items() if k not in ("lr", "grad_norm", "tokens_per_s")}
@@ -295,48 +366,37 @@ class Trainer:
             final.update({f"eval_{k}": v for k, v in result.items()})
         return final
 
-    def _loop(self, bar, batches, compute_loss, evaluate, steps, count, scheduler, scaler, window, last,
+    def _loop(self, bar, batches, compute_loss, evaluate, steps, count, optim: OptimizerStep, window, last,
               checkpointer) -> dict[str, float]:
         cfg = self.cfg
         tokens, started = 0, time.perf_counter()
         for step in bar:
+            optim.zero_grad()
             micro = [{k: v.to(self.device) for k, v in next(batches).items()} for _ in range(cfg.grad_accum)]
-            counts = [count(b) * float(b["real"]) for b in micro]
+            counts = [count(b) * float(b["is_real"]) for b in micro]
             # Each micro-batch's mean weighs by its share of the step's count over every rank.
             weights = dist_utils.loss_weights(counts, self.device)
             for batch, n, weight in zip(micro, counts, weights):
                 with autocast_context(cfg.mixed_precision, self.device), self._packed() as packed:
                     loss, metrics = compute_loss(batch)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"stage {self.desc!r}: the loss became {loss.item()} at step {step}; "
-                                        "lower train.lr, set train.mixed_precision: no, or check the data")
-                scaler.scale(loss * weight).backward()
+                optim.check_loss(loss, f" at step {step}")
+                optim.backward(loss * weight)
                 # Every mask in the batch counts its real tokens (attention_mask, response_mask, chosen_mask, ...).
-                tokens += float(batch["real"]) * sum(int(v.sum()) for k, v in batch.items() if k.endswith("_mask"))
+                tokens += float(batch["is_real"]) * sum(int(v.sum()) for k, v in batch.items() if k.endswith("_mask"))
                 for key, value in {"loss": loss.item(), **metrics}.items():  # weighted like the loss
                     window.setdefault(key, [0.0, 0.0])
                     window[key][0] += float(value) * n
                     window[key][1] += n
                 if packed is not None:  # real tokens over row capacity, over the window
                     window.setdefault("packing_efficiency", [0.0, 0.0])
-                    window["packing_efficiency"][0] += packed.real * float(batch["real"])
-                    window["packing_efficiency"][1] += packed.slots * float(batch["real"])
-            scaler.unscale_(self.optimizer)
-            grad_norm = dist_utils.clip_grad_norm(self.params, cfg.max_grad_norm)
-            # With fp16 loss scaling an inf gradient is expected now and then (the scaler skips that
-            # step and lowers the scale); anywhere else it would silently poison the weights.
-            if not scaler.is_enabled() and not torch.isfinite(grad_norm):
-                raise TrainingError(f"stage {self.desc!r}: the gradient norm became {float(grad_norm)} at step {step}; "
-                                    "lower train.lr, set train.max_grad_norm > 0, or check the data")
-            scaler.step(self.optimizer)
-            scaler.update()
-            scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+                    window["packing_efficiency"][0] += packed.real * float(batch["is_real"])
+                    window["packing_efficiency"][1] += packed.slots * float(batch["is_real"])
+            grad_norm = optim.step(f" at step {step}")
             if step % cfg.log_every == 0 or step == steps:
                 elapsed = time.perf_counter() - started
                 last = _weighted_means(window, self.device)
                 all_tokens = float(dist_utils.all_reduce_sum(torch.tensor(float(tokens), dtype=torch.float64, device=self.device)))
-                last.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), tokens_per_s=all_tokens / max(elapsed, 1e-9))
+                last.update(lr=optim.lr, grad_norm=float(grad_norm), tokens_per_s=all_tokens / max(elapsed, 1e-9))
                 self.tracker.log(step, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
                 window = {}
@@ -345,8 +405,8 @@ class Trainer:
                 self.tracker.log(step, {f"eval_{k}": v for k, v in self._eval(evaluate).items()})
                 started = time.perf_counter()  # evaluation time is not training throughput
             if checkpointer is not None and checkpointer.due(step, steps):
-                checkpointer.save(step, {"model": self.model}, {"model": self.optimizer}, {
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "window": window, "last": last,
+                checkpointer.save(step, {"model": self.model}, {"model": optim.optimizer}, {
+                    **optim.state_dict(), "window": window, "last": last,
                 })
                 checkpointer.after_save()
                 started = time.perf_counter()

@@ -7,7 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # noqa: E402  (must precede any 
 
 import pytest
 
-from rlhf_core.plugins import build_registry, get_plugin_manager
+from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ stages:
     iterations: {iterations}
     prompts_per_batch: 32
     minibatch_size: 32
-    lr: 5.0e-4
+    optim: {lr: 5.0e-4}
     generation: {{max_new_tokens: 12}}
     kl: {{coef: 0.02}}
     eval_every: 10

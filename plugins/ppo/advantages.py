@@ -27,7 +27,7 @@ import torch
 from rlhf_core import hookimpl
 from rlhf_core.data import last_index
 from rlhf_core.distributed import masked_mean
-from rlhf_core.interfaces import AdvantageInputs
+from rlhf_core import AdvantageInputs
 
 
 def broadcast(per_sequence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ class HFGenerator:
         self.policy, self.tokenizer, self.device, self.loop = policy, tokenizer, ctx.device, loop
 
     @staticmethod
-    def check_options(*, loop: str = "generate") -> None:
+    def check_options(*, loop: str) -> None:
         """``loop`` is one of :data:`rlhf_core.sampling.LOOPS`."""
         if loop not in LOOPS:
             raise ValueError(f"hf: loop must be one of {', '.join(LOOPS)}, got {loop!r}")

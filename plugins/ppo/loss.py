@@ -13,7 +13,7 @@ import rlhf_kernels
 from rlhf_core import hookimpl
 from rlhf_core.data import last_index
 from rlhf_core.distributed import masked_mean
-from rlhf_core.interfaces import FusedPolicyLoss, PolicyLossInputs
+from rlhf_core import FusedPolicyLoss, PolicyLossInputs
 
 
 def _ratio_stats(log_ratio: torch.Tensor, ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
@@ -59,8 +59,8 @@ def _check_clip_range(name: str, low: float, high: float) -> None:
                          f"clip_eps_low={low}, clip_eps_high={high}")
 
 
-def _check_ppo_clip(*, clip_eps: float = 0.2, clip_eps_low: float | None = None, clip_eps_high: float | None = None,
-                    dual_clip: float | None = None) -> None:
+def _check_ppo_clip(*, clip_eps: float, clip_eps_low: float | None, clip_eps_high: float | None,
+                    dual_clip: float | None) -> None:
     if not 0 < clip_eps < 1:
         raise ValueError(f"ppo_clip: clip_eps must be in (0, 1), got {clip_eps}")
     _check_clip_range("ppo_clip", clip_eps if clip_eps_low is None else clip_eps_low,
@@ -109,7 +109,7 @@ def gspo(inputs: PolicyLossInputs, *, clip_eps_low: float = 3e-4, clip_eps_high:
     return terms, {"clip_frac": (clipped > unclipped).float(), "seq_ratio_mean": ratio.detach()}
 
 
-def _check_gspo(*, clip_eps_low: float = 3e-4, clip_eps_high: float = 4e-4, variant: str = "sequence") -> None:
+def _check_gspo(*, clip_eps_low: float, clip_eps_high: float, variant: str) -> None:
     _check_clip_range("gspo", clip_eps_low, clip_eps_high)
     if variant not in ("sequence", "token"):
         raise ValueError(f"gspo: variant must be 'sequence' or 'token', got {variant!r}")
@@ -131,7 +131,7 @@ def cispo(inputs: PolicyLossInputs, *, clip_eps_low: float = 1.0, clip_eps_high:
     return terms, {"clip_frac": capped, **_ratio_stats(log_ratio, ratio, inputs.mask)}
 
 
-def _check_cispo(*, clip_eps_low: float = 1.0, clip_eps_high: float = 0.28) -> None:
+def _check_cispo(*, clip_eps_low: float, clip_eps_high: float) -> None:
     if not (0 < clip_eps_low <= 1 and clip_eps_high > 0 and math.isfinite(clip_eps_high)):
         raise ValueError(f"cispo: needs 0 < clip_eps_low <= 1 and 0 < clip_eps_high, got clip_eps_low={clip_eps_low}, "
                          f"clip_eps_high={clip_eps_high}")

@@ -10,9 +10,9 @@ import torch
 from rlhf_core import distributed as dist_utils
 from rlhf_core import hookimpl
 from rlhf_core.data import encode_prompt, encode_response, pad
-from rlhf_core.interfaces import StageError, StageInput
+from rlhf_core import StageError, StageInput
 from rlhf_core.models import REWARD_MARKER, is_reward_model_dir, load_tokenizer
-from rlhf_core.tracking import is_main_process
+from rlhf_core import is_main_process
 
 
 class RewardModelReward:
@@ -37,7 +37,7 @@ class RewardModelReward:
         self.device, self.batch_size = ctx.device, batch_size
 
     @staticmethod
-    def check_options(*, path: str = "auto", batch_size: int = 64) -> None:
+    def check_options(*, path: str, batch_size: int) -> None:
         """Called before anything trains: a directory ``path`` must hold a saved reward model."""
         if batch_size < 1:
             raise ValueError(f"reward_model: batch_size must be at least 1, got {batch_size}")
@@ -73,7 +73,7 @@ class LengthReward:
         self.target, self.scale = target, scale
 
     @staticmethod
-    def check_options(*, target: int = 64, scale: float = 1.0) -> None:
+    def check_options(*, target: int, scale: float) -> None:
         """``target`` > 0 characters, a finite ``scale``."""
         if target <= 0:
             raise ValueError(f"length reward: target must be > 0, got {target}")

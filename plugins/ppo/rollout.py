@@ -12,8 +12,8 @@ import torch
 
 import rlhf_kernels
 from rlhf_core.data import IGNORE_INDEX, append_column
-from rlhf_core.models import root_call
-from rlhf_core.sampling import Rollout, position_ids
+from rlhf_core import with_last_hidden
+from rlhf_core import Rollout, position_ids
 
 
 @dataclass
@@ -44,8 +44,12 @@ class Experience:
 
     ``rollout``: the sampled sequences (see :class:`Rollout`); ``rewards [B]``: the reward component's
     scores; ``old_logprobs [B, R]`` and ``ref_logprobs [B, R]``: log-probs of the response tokens
-    under the policy that sampled them and under the frozen reference; ``entropy [B, R]``;
-    ``kl_tokens [B, R]``: per-token KL estimate to the reference (0 off the mask);
+    under the policy that sampled them and under the frozen reference (None without a reference);
+    ``entropy [B, R]``: the sampling policy's; on-policy (one epoch over one minibatch) the old
+    log-probs and the entropy are the update's own and both are None here
+    (:class:`~rlhf_plugins.ppo.run.PolicyUpdate` holds them); ``kl_tokens [B, R]``: the per-token KL
+    estimate to the reference that the reward was shaped with (0 off the mask, and everywhere when
+    the KL is in the loss or there is no reference);
     ``advantages [B, R]`` (0 off the mask); ``values [B, R]`` and ``returns [B, R]``: the critic's
     values and value targets (None without a critic); ``time_generate``: seconds spent sampling;
     ``stats``: batch statistics logged with the iteration (already means over every rank), e.g.
@@ -58,9 +62,9 @@ class Experience:
 
     rollout: Rollout
     rewards: torch.Tensor
-    old_logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    entropy: torch.Tensor
+    old_logprobs: torch.Tensor | None
+    ref_logprobs: torch.Tensor | None
+    entropy: torch.Tensor | None
     kl_tokens: torch.Tensor
     advantages: torch.Tensor
     values: torch.Tensor | None
@@ -77,25 +81,20 @@ class Experience:
 def response_logits(model, rollout_sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """Logits ``[B, R + 1, V]`` of the last prompt position and every response position: column t
     predicts response token t; the last column predicts past the response and is never a target.
-    Only these positions are computed, and the tensor is used unsliced (see :func:`widen`)."""
+    Only these positions are computed, and the tensor is used unsliced (per-token tensors get a column more: ``append_column``)."""
     n_response = rollout_sequences.shape[1] - prompt_len
     out = model(input_ids=rollout_sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                 logits_to_keep=n_response + 1)
     return out.logits
 
 
-def widen(t: torch.Tensor, value: float | int) -> torch.Tensor:
-    """A per-response-token ``[B, R]`` tensor aligned with :func:`response_logits` (``[B, R + 1]``)."""
-    return append_column(t, value)
-
-
 def response_hidden(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, then):
     """``then(hidden [B, R + 1, H], head weight [V, H])`` for the fused-linear path: the last hidden
     states at the positions of :func:`response_logits` and the LM head they are multiplied with
-    (cast to the hidden dtype), computed inside the model's forward (:func:`root_call`, so a
+    (cast to the hidden dtype), computed inside the model's forward (:func:`with_last_hidden`, so a
     sharded head is gathered, and its gradient reduced), without the ``[B, R + 1, V]`` logits.
     Returns what ``then`` returns."""
-    return root_call(model, lambda hidden, weight: then(hidden[:, prompt_len - 1:], weight.to(hidden.dtype)),
+    return with_last_hidden(model, lambda hidden, weight: then(hidden[:, prompt_len - 1:], weight.to(hidden.dtype)),
                      sequences, attention_mask, position_ids(attention_mask))
 
 
@@ -120,7 +119,7 @@ def score_tokens(model, rollout: Rollout, backend: str | None, with_entropy: boo
     """``(logprobs [B, R], entropy [B, R] or None)`` of the response tokens under ``model``; with
     ``fused``, from the last hidden states and the LM head without building the logits."""
     args = (model, rollout.sequences, rollout.attention_mask, rollout.prompt_len)
-    labels = widen(rollout.labels, IGNORE_INDEX)
+    labels = append_column(rollout.labels, IGNORE_INDEX)
     if fused:
         logp, entropy = response_hidden(*args, lambda out, head: token_scores(out, head, labels, backend, with_entropy))
     else:

@@ -21,19 +21,13 @@ from typing import Any, Callable, Literal
 import torch
 
 import rlhf_kernels
-from rlhf_core import hookimpl
-from rlhf_core.config import AT_LEAST_0, ComponentSpec, DataConfig, GenerationConfig, TrainConfig, rule_problems
-from rlhf_core.data import (
-    IGNORE_INDEX, Rendering, data_inputs, dataset_components, load_split, mismatched_pair, pad, render_prompt,
-    shift_labels, tokenize_scored, tokenize_unpaired,
+from rlhf_core import (
+    AT_LEAST_0, IGNORE_INDEX, ComponentSpec, DataConfig, GenerationConfig, Rendering, Stage, StageError, StageInput,
+    StageResult, TrainConfig, Trainer, Uses, all_gather_objects, all_reduce_sum, budget_problems, build_rewards, evaluate_batches,
+    evaluate_samples, fused_linear_problems, hookimpl, is_lora, is_main_process, lora_scope, make_loader,
+    mismatched_pair, packing_problems, pad, padding_free, render_prompt, rule_problems, save_causal_lm, shift_labels,
+    tokenize_scored, tokenize_unpaired, total_steps, train_plan, use_fused_linear, with_last_hidden,
 )
-from rlhf_core.distributed import all_reduce_sum
-from rlhf_core.interfaces import StageError, StageInput, StageResult, build_rewards, fields_read_by, reward_specs
-from rlhf_core.models import fused_linear_problems, is_lora, lora_scope, root_call, save_causal_lm, use_fused_linear
-from rlhf_core.sampling import evaluate_samples
-from rlhf_core.tracking import is_main_process
-from rlhf_core.packing import packing_problems, padding_free
-from rlhf_core.training import Trainer, budget_problems, make_loader, total_steps, train_plan
 
 from .losses import KTOInputs, PreferenceInputs, kto_reference_point
 
@@ -98,31 +92,33 @@ class Variant:
     terms: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-class PreferenceStage:
+class PreferenceStage(Stage):
     """setup (policy, reference log-probs, examples) -> loop (Trainer) -> save."""
 
     config_class: type = PreferenceConfig
     variant: Variant
     produces = "policy"
 
-    def components(self, config: PreferenceConfig):
-        """The loss, the gold judge and builtin datasets to look up."""
-        return [("loss", config.loss, "loss", (self.variant.family,)), ("reward", config.gold, "gold", None),
-                *dataset_components(config.data, "data")]
+    def uses(self, config: PreferenceConfig) -> list[Uses]:
+        """The preference loss and the gold judge."""
+        return [Uses("loss", config.loss, "loss", (self.variant.family,)), Uses("reward", config.gold, "gold")]
 
-    def validate(self, config: PreferenceConfig, registry, run=None) -> list[str]:
+    def record_kind(self, config: PreferenceConfig, registry) -> str:
+        """Pairs (``dpo``) or unpaired completions (``kto``)."""
+        return self.variant.data_kind
+
+    def validate(self, config: PreferenceConfig, registry, run) -> list[str]:
         """``reference: adapters_off`` needs LoRA; ``fused_linear: true`` needs a plain LM head."""
         problems = [*fused_linear_problems(config.fused_linear, ""), *budget_problems(config.train, config.data, 2),
                     *(packing_problems() if config.data.packing else [])]
-        if config.reference == "adapters_off" and run is not None and run.model.lora is None:
+        if config.reference == "adapters_off" and run.model.lora is None:
             problems.append("reference: adapters_off is the policy with its LoRA adapters disabled, and model.lora is "
                             "not set; use precomputed (or auto)")
         return problems
 
     def inputs(self, config: PreferenceConfig, registry) -> list[StageInput]:
-        """The records (with the fields the gold judge reads) and the starting weights."""
-        return [*data_inputs(config.data, self.variant.data_kind, extra=gold_fields(config, registry)),
-                StageInput("init", "model", config.init)]
+        """The starting weights."""
+        return [StageInput("init", "model", config.init)]
 
     def plan(self, config: PreferenceConfig, registry, sizes: dict[str, int]) -> dict[str, Any]:
         """Examples, steps and the most tokens they read (``rlhf run --dry-run``)."""
@@ -134,8 +130,7 @@ class PreferenceStage:
         source = ctx.init_source(config.init, "policy")
         tokenizer = ctx.tokenizer_for(source)
         rendering = Rendering(data.chat_template, ctx.name, source)
-        train_recs, eval_recs = load_split(data, variant.data_kind, ctx.registry, ctx.seed,
-                                           gold_fields(config, ctx.registry))
+        train_recs, eval_recs = self.load_data(ctx, config)
         train_items, stats = variant.examples(train_recs, tokenizer, data, rendering)
         eval_items, _ = variant.examples(eval_recs, tokenizer, data, rendering)
         if not train_items:
@@ -171,20 +166,21 @@ class PreferenceStage:
             return per_example.mean(), {k: float(v.float().nanmean()) if torch.is_tensor(v) else float(v)
                                         for k, v in metrics.items()}
 
+        def per_example_sums(batch) -> dict[str, torch.Tensor]:
+            # name -> [sum, count] of the per-example values (NaN = not counted)
+            per_example, metrics = loss_terms(batch)
+            return {name: torch.stack([value.double()[~torch.isnan(value)].sum(), (~torch.isnan(value)).sum().double()])
+                    for name, value in {"loss": per_example, **metrics}.items() if torch.is_tensor(value) and value.dim() == 1}
+
         def evaluate() -> dict[str, float]:
-            sums: dict[str, torch.Tensor] = {}  # name -> [sum, count] of the per-example values, NaN = not counted
-            with torch.no_grad():
-                for batch in make_loader(eval_items, config.train.batch_size, collate, 0, False):
-                    batch = {k: v.to(ctx.device) for k, v in batch.items()}
-                    per_example, metrics = loss_terms(batch)
-                    for name, value in {"loss": per_example, **metrics}.items():
-                        if torch.is_tensor(value) and value.dim() == 1:
-                            counted = ~torch.isnan(value)
-                            total = batch["real"] * torch.stack([value.double()[counted].sum(),
-                                                                 counted.sum().double()])
-                            sums[name] = sums.get(name, 0) + total
+            scored = evaluate_batches(eval_items, config.train.batch_size, collate, ctx.device, per_example_sums)
+            # every rank reduces the same names, also one whose share of the held-out set is empty
+            names = sorted({name for ranks in all_gather_objects([list(sums) for sums in scored])
+                            for batch in ranks for name in batch})
+            local = {name: sum((sums[name] for sums in scored if name in sums),
+                               torch.zeros(2, dtype=torch.float64, device=ctx.device)) for name in names}
             return {name: float(s[0] / s[1].clamp(min=1)) for name, s in
-                    ((name, all_reduce_sum(total)) for name, total in sorted(sums.items()))}
+                    ((name, all_reduce_sum(total)) for name, total in local.items())}
 
         gold = gold_evaluation(ctx, config, tokenizer, eval_recs, policy, rendering)
         first = gold() if gold else {}
@@ -193,7 +189,7 @@ class PreferenceStage:
         steps = total_steps(config.train, loader)
         trainer = Trainer(policy, config.train, ctx.device, ctx.tracker, desc=ctx.name, packing=data.packing)
         summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps,
-                              lambda batch: float(batch["real"]) * len(batch["ref_logps"]) / 2, ctx.checkpointer)
+                              lambda batch: float(batch["is_real"]) * len(batch["ref_logps"]) / 2, ctx.checkpointer)
         summary.update(steps=float(steps), **stats.summary())
         if gold:
             last = gold()
@@ -236,7 +232,7 @@ def unpaired_terms(loss_fn, options: dict, batch, logps, tokens, ref) -> tuple[t
     (global over processes; per micro-batch, as in TRL), and the rewards of desirable and
     undesirable examples apart (NaN where an example is of the other kind: not counted)."""
     half = len(logps) // 2
-    kept = half if float(batch["real"]) > 0 else 0  # a stand-in batch (a rank without a share) adds no pair
+    kept = half if float(batch["is_real"]) > 0 else 0  # a stand-in batch (a rank without a share) adds no pair
     z0 = kto_reference_point(logps[half:half + kept], ref[half:half + kept], all_reduce_sum)
     desirable = batch["desirable"]
     per_example, metrics = loss_fn(KTOInputs(logps[:half], ref[:half], desirable, z0), **options)
@@ -299,11 +295,11 @@ def pair_logprobs(model, batch: dict[str, torch.Tensor], backend: str | None,
     """``(logps [2B], tokens [2B])``: each sequence's summed log-probability of its response tokens
     (float32) and how many there are, from one forward. With ``fused`` the log-probs come from the
     last hidden states and the LM head through ``linear_token_logprobs`` inside the model's own
-    forward (:func:`rlhf_core.models.root_call`): no ``[2B, T, V]`` logits."""
+    forward (:func:`rlhf_core.models.with_last_hidden`): no ``[2B, T, V]`` logits."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     targets = shift_labels(batch["labels"])  # [2B, T]
     if fused:
-        per_token = root_call(model, lambda hidden, weight: rlhf_kernels.linear_token_logprobs(
+        per_token = with_last_hidden(model, lambda hidden, weight: rlhf_kernels.linear_token_logprobs(
             hidden.reshape(-1, hidden.shape[-1]), weight.to(hidden.dtype), targets.reshape(-1),
             backend=backend).view(targets.shape), ids, mask)
     else:
@@ -335,11 +331,6 @@ def precompute_reference(reference, item_lists: list[list[dict]], pad_id: int, b
             logps = pair_logprobs(reference, batch, backend, fused)[0].cpu().tolist()
             for i, item in enumerate(chunk):
                 item["ref_logps"] = (logps[i], logps[len(chunk) + i])
-
-
-def gold_fields(config: PreferenceConfig, registry) -> dict[str, str]:
-    """The data fields the gold judge reads (``{field: "gold 'math' (plugin ...)"}``)."""
-    return fields_read_by(registry, reward_specs(config.gold, "gold"))
 
 
 def gold_evaluation(ctx, config: PreferenceConfig, tokenizer, eval_recs, policy, rendering: Rendering):

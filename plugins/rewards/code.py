@@ -64,8 +64,8 @@ class CodeReward:
         self.max_workers = max_workers
 
     @staticmethod
-    def check_options(*, timeout: float = 10.0, cpu_seconds: int = 5, memory_mb: int = 512,
-                      max_processes: int = 16, file_size_mb: int = 16, max_workers: int = 4) -> None:
+    def check_options(*, timeout: float, cpu_seconds: int, memory_mb: int,
+                      max_processes: int, file_size_mb: int, max_workers: int) -> None:
         """Every limit as :class:`rlhf_core.sandbox.SandboxLimits` accepts it; ``max_workers`` an
         integer >= 1."""
         try:

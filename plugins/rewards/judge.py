@@ -24,9 +24,9 @@ import torch
 from rlhf_core import distributed as dist_utils
 from rlhf_core import hookimpl
 from rlhf_core.data import encode_prompt, pad
-from rlhf_core.interfaces import StageError
-from rlhf_core.models import check_model_source, linear_head, plain_model, root_call
-from rlhf_core.tracking import is_main_process
+from rlhf_core import StageError
+from rlhf_core.models import check_model_source, linear_head, plain_model, with_last_hidden
+from rlhf_core import is_main_process
 
 DEFAULT_TEMPLATE = ("Question: {prompt}\nAnswer: {response}\n\n"
                     "Is the answer above correct and helpful? Reply Yes or No.\nVerdict:")
@@ -117,9 +117,9 @@ class JudgeReward:
         return tuple(n for n in template_placeholders(template) if n not in BUILTIN_PLACEHOLDERS)
 
     @staticmethod
-    def check_options(*, model: str = DEFAULT_MODEL, template: str = DEFAULT_TEMPLATE, positive: str = DEFAULT_POSITIVE,
-                      negative: str | None = DEFAULT_NEGATIVE, batch_size: int = DEFAULT_BATCH_SIZE,
-                      max_length: int = DEFAULT_MAX_LENGTH) -> None:
+    def check_options(*, model: str, template: str, positive: str,
+                      negative: str | None, batch_size: int,
+                      max_length: int) -> None:
         """Called before anything trains: the template's placeholders, non-empty distinct verdicts,
         positive sizes, and a local ``model`` directory that exists (hub ids are checked when the
         judge loads)."""
@@ -194,7 +194,7 @@ class JudgeReward:
         mask = pad([[1] * len(s) for s in rows], 0, left=True).to(self.device)
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
         if self.head is not None:
-            return root_call(self.model, self.verdict_probs, ids, mask, position_ids)
+            return with_last_hidden(self.model, self.verdict_probs, ids, mask, position_ids)
         # a head that is not a plain linear layer (soft-capped, scaled logits): the last position's logits
         keep = {"logits_to_keep": 1} if self.keep_last else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **keep)

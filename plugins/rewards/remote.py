@@ -114,9 +114,9 @@ class RemoteReward:
         return tuple(fields or ())
 
     @staticmethod
-    def check_options(*, url: str = "", fields: list[str] | None = None, batch_size: int = 32, timeout: float = 30.0,
-                      retries: int = 3, backoff: float = 0.5, max_concurrency: int = 4,
-                      headers: dict[str, str] | None = None, key: str = "rewards") -> None:
+    def check_options(*, url: str, fields: list[str] | None, batch_size: int, timeout: float,
+                      retries: int, backoff: float, max_concurrency: int,
+                      headers: dict[str, str] | None, key: str) -> None:
         """Called before anything trains: an http(s) ``url``, distinct field names, positive sizes
         and times, and every ``${ENV_VAR}`` of ``headers`` set."""
         if not url:

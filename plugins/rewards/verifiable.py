@@ -188,8 +188,8 @@ class MathReward:
             print_missing_math_verify_notice()
 
     @staticmethod
-    def check_options(*, extract: str = "auto", tag: str = "answer", correct: float = 1.0, wrong: float = 0.0,
-                      timeout: int = 2) -> None:
+    def check_options(*, extract: str, tag: str, correct: float, wrong: float,
+                      timeout: int) -> None:
         """A known ``extract`` mode, a tag name, finite rewards, ``timeout`` a whole number of seconds >= 1."""
         check_extract("math", extract, EXTRACT_MODES, tag)
         check_rewards("math", correct, wrong)
@@ -243,8 +243,8 @@ class ExactMatchReward:
         self.extract, self.tag, self.normalize, self.correct, self.wrong = extract, tag, normalize, correct, wrong
 
     @staticmethod
-    def check_options(*, extract: str = "none", tag: str = "answer", normalize: bool = True, correct: float = 1.0,
-                      wrong: float = 0.0) -> None:
+    def check_options(*, extract: str, tag: str, normalize: bool, correct: float,
+                      wrong: float) -> None:
         """A known ``extract`` mode (or ``none``), a tag name, finite rewards."""
         check_extract("exact_match", extract, ("none",) + EXTRACT_MODES, tag)
         check_rewards("exact_match", correct, wrong)
@@ -275,7 +275,7 @@ class FormatReward:
         self.mode, self.correct, self.wrong = mode, correct, wrong
 
     @staticmethod
-    def check_options(*, pattern: str = "", mode: str = "fullmatch", correct: float = 1.0, wrong: float = 0.0) -> None:
+    def check_options(*, pattern: str, mode: str, correct: float, wrong: float) -> None:
         """A non-empty ``pattern`` that compiles, a known ``mode``, finite rewards."""
         if not pattern:
             raise ValueError(r"format reward: pattern is required, a regular expression such as "

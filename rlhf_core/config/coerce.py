@@ -124,11 +124,12 @@ def mentions(problem: str, names: set[str]) -> bool:
 
 def _breaks(new: list[str]) -> bool:
     """Whether new problems leave a field without a usable value (an unknown key does not)."""
-    return any(": unknown key; accepted:" not in p for p in new)
+    return any(": unknown key;" not in p for p in new)
 
 
 def coerce_dataclass(cls: type, value: Any, path: str, problems: list[str], broken: set[str] | None = None) -> Any:
-    """Build dataclass ``cls`` from a mapping: unknown keys are errors that list the known ones.
+    """Build dataclass ``cls`` from a mapping: unknown keys are errors that list the known ones (or,
+    for a key listed in the class's ``renamed`` mapping, the key it became).
 
     A field whose value cannot be used is left at its default and added to ``broken``; the
     dataclass's own ``problems()`` (value and cross-field checks) still run, and only what they say
@@ -145,7 +146,11 @@ def coerce_dataclass(cls: type, value: Any, path: str, problems: list[str], brok
     for key, raw in value.items():
         sub = f"{path}.{key}" if path else str(key)
         if key not in fields:
-            problems.append(f"{sub}: unknown key; accepted: {', '.join(sorted(fields))}")
+            moved = getattr(cls, "renamed", {}).get(key)
+            if moved is not None:  # a key an earlier release had: say where it went
+                problems.append(f"{sub}: unknown key; it moved to {moved} (see the changelog)")
+            else:
+                problems.append(f"{sub}: unknown key; accepted: {', '.join(sorted(fields))}")
             continue
         if isinstance(raw, dict) and "name" not in raw and _default_component(fields[key]) is not None:
             # Options set on a component the config left at its default: ``loss.clip_eps=0.1``.

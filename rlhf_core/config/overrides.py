@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from .schema import ConfigError
+from ..errors import ConfigError
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

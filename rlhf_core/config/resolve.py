@@ -7,7 +7,8 @@ import typing
 from typing import Any
 
 from .coerce import coerce, coerce_dataclass, mentions
-from .schema import ComponentSpec, ConfigError, RunConfig, StageSpec
+from ..errors import ConfigError
+from .schema import ComponentSpec, RunConfig, StageSpec
 
 
 def check_options(entry: Any, spec: ComponentSpec, path: str, problems: list[str]) -> None:
@@ -28,15 +29,17 @@ def check_options(entry: Any, spec: ComponentSpec, path: str, problems: list[str
             spec.options[key] = coerce(hints[key], value, f"{path}.{key}", problems)
     if len(problems) > before:
         return
-    # Values: the component's own ``check_options(**options)``; an advantage estimator (built from
-    # its options alone) is simply constructed. Either raises ValueError with a readable message.
+    # Values: the component's own ``check_options(**options)``, called with every option (the unset
+    # ones at the defaults its signature declares, so it repeats none); an advantage estimator (built
+    # from its options alone) is simply constructed. Either raises ValueError with a readable message.
     check = getattr(entry.obj, "check_options", None)
+    options = entry.with_defaults(spec.options)
     if check is None and entry.kind == "advantage":
-        check = entry.obj
+        check, options = entry.obj, spec.options
     if check is None:
         return
     try:
-        check(**spec.options)
+        check(**options)
     except (ValueError, TypeError) as exc:
         problems.append(f"{path}: {exc}")
     except Exception as exc:  # a plugin's validator that crashed: still one line, naming the plugin
@@ -47,10 +50,8 @@ def check_options(entry: Any, spec: ComponentSpec, path: str, problems: list[str
 def _cross_field(stage: Any, stage_cfg: Any, registry: Any, run: RunConfig, broken: set[str], path: str) -> list[str]:
     """The stage's ``validate`` problems, in the same pass as the schema's. Checks that involve a
     broken field (or component) are left out and one line says which were skipped."""
-    # validate(config, registry), or validate(config, registry, run) to see the run's other sections
-    extra = {"run": run} if "run" in inspect.signature(stage.validate).parameters else {}
     try:
-        said = stage.validate(stage_cfg, registry, **extra)
+        said = stage.validate(stage_cfg, registry, run)
     except Exception:
         if not broken:
             raise
@@ -114,20 +115,19 @@ def resolve(data: dict, registry: Any, source: str = "config") -> RunConfig:
             if not broken:
                 raise
             components = []  # a half-parsed config; its problems are already listed
-        for kind, spec, sub, families in components:
-            if spec is None:
+        for use in components:
+            if use.spec is None:
                 continue
             before = len(problems)
             try:
-                comp = registry.lookup(kind, spec, families)
+                comp = registry.lookup(use.kind, use.spec, use.families)
             except ValueError as exc:
-                problems.append(f"{path}.{sub}: {exc}")
+                problems.append(f"{path}.{use.path}: {exc}")
             else:
-                check_options(comp, spec, f"{path}.{sub}", problems)
+                check_options(comp, use.spec, f"{path}.{use.path}", problems)
             if len(problems) > before:
-                broken.add(sub.split(".")[0])
-        if hasattr(stage, "validate"):
-            problems.extend(_cross_field(stage, stage_cfg, registry, config, broken, path))
+                broken.add(use.path.split(".")[0])
+        problems.extend(_cross_field(stage, stage_cfg, registry, config, broken, path))
         config.stages.append(StageSpec(raw["stage"], name, stage_cfg, plugin))
     if problems:
         raise ConfigError(problems, source)

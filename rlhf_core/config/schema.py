@@ -7,15 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from ..errors import UserError
+from ..distributed import planned_world_size
 
-
-class ConfigError(UserError, ValueError):
-    """One or more config problems; ``problems`` lists them as ``path: message``."""
-
-    def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = problems
-        super().__init__(f"{source} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 @dataclass
@@ -196,8 +189,38 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The optimisation loop shared by the stages (AdamW, warm-up, schedule, clipping)."""
+class OptimConfig:
+    """One optimizer step as every stage takes it (:class:`rlhf_core.training.OptimizerStep`): AdamW,
+    warm-up and a learning-rate schedule, gradient clipping, mixed precision."""
+
+    lr: float = 1e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas: two numbers in [0, 1)."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up before ``schedule``."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """After warm-up: cosine to 10% of ``lr``, linear to 0, or constant."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping; 0 = off."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast: ``auto`` = bf16 on CUDA devices that support it, none on CPU."""
+
+    def problems(self) -> list[str]:
+        """Value checks: a positive finite lr, betas in [0, 1)."""
+        out = rule_problems(self, {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_steps": AT_LEAST_0,
+                                   "max_grad_norm": NON_NEGATIVE})
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            out.append(f"betas: must be two numbers in [0, 1), got {self.betas!r}")
+        return out
+
+
+@dataclass
+class TrainConfig(OptimConfig):
+    """The optimisation loop shared by the stages: the optimizer step (:class:`OptimConfig`: AdamW,
+    warm-up, schedule, clipping, precision) and the loop around it (steps, batches, logging)."""
 
     steps: int | None = None
     """Optimizer steps; overrides ``epochs`` when set."""
@@ -211,38 +234,19 @@ class TrainConfig:
     tokens one example can have (``data.max_length``; twice that for pairs). Null = off."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    lr: float = 1e-4
-    """AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """AdamW betas: two numbers in [0, 1)."""
-    warmup_steps: int = 0
-    """Steps of linear warm-up before ``schedule``."""
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """After warm-up: cosine to 10% of ``lr``, linear to 0, or constant."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clipping; 0 = off."""
     eval_every: int = 0
     """Steps between held-out evaluations; 0 = only at the end."""
     log_every: int = 10
     """Steps between lines in ``metrics.jsonl``."""
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    """Autocast: ``auto`` = bf16 on CUDA devices that support it, none on CPU."""
     save: bool = True
     """Save the trained model in the stage's output directory."""
 
     def problems(self) -> list[str]:
-        """Value checks: counts at least 1, a positive finite lr, betas in [0, 1)."""
-        out = rule_problems(self, {
+        """Value checks: counts at least 1, and the optimizer's (:meth:`OptimConfig.problems`)."""
+        return rule_problems(self, {
             "steps": AT_LEAST_1, "epochs": POSITIVE, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1,
-            "max_tokens_per_batch": AT_LEAST_1,
-            "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_steps": AT_LEAST_0, "max_grad_norm": NON_NEGATIVE,
-            "eval_every": AT_LEAST_0, "log_every": AT_LEAST_1,
-        })
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            out.append(f"betas: must be two numbers in [0, 1), got {self.betas!r}")
-        return out
+            "max_tokens_per_batch": AT_LEAST_1, "eval_every": AT_LEAST_0, "log_every": AT_LEAST_1,
+        }) + super().problems()
 
 
 @dataclass
@@ -262,9 +266,7 @@ class DistributedConfig:
 
     def problems(self) -> list[str]:
         """Several processes need a strategy that keeps their replicas in step."""
-        import os
-
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = planned_world_size()
         if world > 1 and self.strategy == "none":
             return [f"strategy: 'none' would train {world} unsynchronised copies; use auto, fsdp or ddp"]
         if self.cpu_offload and self.strategy == "ddp":

@@ -29,14 +29,15 @@ The package: ``records``, ``formats``, ``loading``, ``tokenize``, ``collate`` (o
 so ``from rlhf_core.data import X`` is the way to import it."""
 from __future__ import annotations
 
+from ..errors import DataError  # noqa: F401
 from .records import (  # noqa: F401
-    DataError, DataNotes, IGNORE_INDEX, KINDS, KNOWN_ROLES, map_fields, Record, RESPONSE_KEYS, record_turns,
+    DataNotes, IGNORE_INDEX, KINDS, KNOWN_ROLES, map_fields, Record, RESPONSE_KEYS, record_turns,
     split_common_prefix, Turns, validate_record,
 )
 from .formats import check_data_path, is_saved_dataset, read_records  # noqa: F401
 from .loading import data_inputs, dataset_components, held_out_count, load_records, load_split, split_records  # noqa: F401
 from .tokenize import (  # noqa: F401
-    as_conversation, CHAT_TEMPLATE_MODES, encode_prompt, encode_response, encode_turns, fit_length, Rendering,
+    as_conversation, CHAT_TEMPLATE_MODES, encode_prompt, encode_response, encode_turns, fit_length, fit_prompt, Rendering,
     render_prompt, role_lines, tokenize_scored, tokenize_sft, tokenize_unpaired, TokenStats,
 )
 from .collate import (  # noqa: F401
@@ -46,5 +47,5 @@ from .collate import (  # noqa: F401
 #: The supported plugin API of this package (see docs/reference/api.md).
 __all__ = ["DataError", "Record", "Turns", "TokenStats", "Rendering", "IGNORE_INDEX", "load_split", "load_records",
            "data_inputs", "dataset_components", "record_turns", "render_prompt", "encode_prompt", "encode_response",
-           "encode_turns", "tokenize_sft", "tokenize_scored", "tokenize_unpaired", "collate_sft", "collate_scored",
+           "encode_turns", "fit_length", "fit_prompt", "tokenize_sft", "tokenize_scored", "tokenize_unpaired", "collate_sft", "collate_scored",
            "collate_unpaired", "mismatched_pair", "shift_labels", "pad"]

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from .records import DataError, DataNotes, Record, map_fields, validate_record
+from ..errors import DataError
+from .records import DataNotes, Record, map_fields, validate_record
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from ..config.schema import ComponentSpec
+from ..types import StageInput
 from .formats import read_records
 from .records import DataNotes, Record, validate_record
 
@@ -52,11 +54,9 @@ def load_split(data_cfg: Any, kind: str, registry: Any, seed: int,
     return train, held
 
 
-def data_inputs(data_cfg: Any, kind: str, path: str = "data", extra: dict[str, str] | None = None) -> list[Any]:
-    """The :class:`~rlhf_core.interfaces.StageInput` of a stage's ``train`` (and ``eval``) data;
+def data_inputs(data_cfg: Any, kind: str, path: str = "data", extra: dict[str, str] | None = None) -> list[StageInput]:
+    """The :class:`~rlhf_core.types.StageInput` of a stage's ``train`` (and ``eval``) data;
     ``extra`` as in :func:`load_records`."""
-    from ..interfaces import StageInput
-
     return [StageInput(f"{path}.{key}", "data", getattr(data_cfg, key), kind, data_cfg.builtin_size, data_cfg.fields,
                        data_cfg.split if key == "train" else data_cfg.eval_split, extra or None)
             for key in ("train", "eval") if getattr(data_cfg, key)]
@@ -64,8 +64,6 @@ def data_inputs(data_cfg: Any, kind: str, path: str = "data", extra: dict[str, s
 
 def dataset_components(data_cfg: Any, path: str) -> list[tuple[str, Any, str, None]]:
     """The ``builtin:`` datasets a :class:`DataConfig` names, for up-front validation."""
-    from ..config import ComponentSpec
-
     out = []
     for key in ("train", "eval"):
         value = getattr(data_cfg, key)

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import UserError
+from ..errors import DataError
 
 IGNORE_INDEX = -100
 KINDS = ("sft", "reward", "pairwise", "unpaired", "prompts")
@@ -46,10 +46,6 @@ NEEDS = {
     "pairwise": "prompt, chosen and rejected, or chosen and rejected that hold the prompt",
     "prompts": "prompt (text or messages), or messages",
 }
-
-
-class DataError(UserError, ValueError):
-    """Malformed input data; the message names the file, line and field."""
 
 
 @dataclass

@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from .records import IGNORE_INDEX, RESPONSE_KEYS, DataError, Record, Turns, record_turns
+from ..errors import DataError
+from .records import IGNORE_INDEX, RESPONSE_KEYS, Record, Turns, record_turns
 
 #: The values of ``data.chat_template`` and ``--chat-template``.
 CHAT_TEMPLATE_MODES = ("auto", "always", "never")
@@ -186,6 +187,18 @@ def fit_length(prompt: list[int], response: list[int], max_length: int, max_prom
     if len(prompt) > keep:
         prompt = prompt[len(prompt) - keep:]
     return prompt, response[: max(0, max_length - len(prompt))], True
+
+
+def fit_prompt(tokenizer: Any, text: str, budget: int) -> tuple[list[int], bool]:
+    """``(ids, truncated)``: :func:`encode_prompt` of ``text`` within ``budget`` tokens; a longer
+    prompt keeps its BOS (when it starts with one) and its last tokens (:func:`fit_length`)."""
+    ids = encode_prompt(tokenizer, text)
+    if len(ids) <= budget:
+        return ids, False
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    head = ids[:1] if bos_id is not None and ids[0] == bos_id else []
+    kept, _, _ = fit_length(ids[len(head):], [], budget - len(head), budget - len(head))
+    return head + kept, True
 
 
 def _tokenized(records: list[Record], kind: str, tokenizer: Any, max_length: int, max_prompt_length: int | None,

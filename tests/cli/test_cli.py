@@ -92,7 +92,7 @@ def test_end_to_end_sft_reward_ppo_learns(tiny_pipeline_yaml, tmp_path):
     # `rlhf eval` reports the number PPO's final evaluation reported (same prompts, same seed).
     from rlhf_core.config import DataConfig
     from rlhf_core.data import load_split
-    from rlhf_core.plugins import build_registry, get_plugin_manager
+    from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
 
     registry = build_registry(get_plugin_manager(entry_points=False))
     _, held = load_split(DataConfig(train="builtin:letters", builtin_size=300), "prompts", registry, seed=0)

@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 from rlhf_core import distributed as dist_utils
 from rlhf_core.config import ComponentSpec, ModelConfig
-from rlhf_core.interfaces import AdvantageInputs
+from rlhf_core import AdvantageInputs
 from rlhf_core.models import load_causal_lm
-from rlhf_core.plugins import build_registry, get_plugin_manager
+from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
 from rlhf_core.sampling import Rollout, concat_rollouts
 from rlhf_plugins.ppo.advantages import GroupMeanBaseline, ReinforcePP
 from rlhf_plugins.ppo.loss import KLController

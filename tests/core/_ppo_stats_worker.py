@@ -9,7 +9,7 @@ import sys
 import torch
 
 from rlhf_core import distributed as dist_utils
-from rlhf_core.interfaces import AdvantageInputs
+from rlhf_core import AdvantageInputs
 from rlhf_plugins.ppo.advantages import BatchMeanBaseline, EMABaseline, whiten
 from rlhf_plugins.ppo.loss import KLController
 from rlhf_core.sampling import Rollout

@@ -12,7 +12,7 @@ import torch
 import rlhf_kernels
 from rlhf_core import distributed as dist_utils
 from rlhf_core.config import DistributedConfig, LoraConfig, ModelConfig
-from rlhf_core.models import SharedBackbone, apply_lora, load_causal_lm, root_call
+from rlhf_core.models import SharedBackbone, apply_lora, load_causal_lm, with_last_hidden
 
 if __name__ == "__main__":
     dist_utils.init("cpu")
@@ -35,7 +35,7 @@ if __name__ == "__main__":
     for _ in range(2):
         policy.train()
         # the policy's token log-probs through the fused-linear kernel, inside the sharded forward
-        logp = root_call(policy, lambda hidden, weight: rlhf_kernels.linear_token_logprobs(
+        logp = with_last_hidden(policy, lambda hidden, weight: rlhf_kernels.linear_token_logprobs(
             hidden[:, :-1].reshape(-1, hidden.shape[-1]), weight, ids[rows, 1:].reshape(-1)).view(len(rows), -1),
             ids[rows], mask[rows])
         loss = -(logp * mask[rows, 1:]).sum() / tokens * dist_utils.world_size()

@@ -34,17 +34,19 @@ def test_all_problems_reported_together_with_choices(registry):
     assert "stages[2].stage: unknown stage 'grpo'; available: dpo, kto, ppo, reward, sft" in text
     # PPO's cross-field checks need the estimator: they say they were skipped instead of vanishing.
     assert "stages[1]: cross-field checks that need advantage, kl were skipped until they are fixed" in text
-    assert len(problems) == 9
+    # sft's (fused_linear asks the loss for its fused form) likewise.
+    assert "stages[0]: cross-field checks that need loss, train were skipped until they are fixed" in text
+    assert len(problems) == 10
 
 
 def test_schema_and_cross_field_problems_are_reported_in_one_pass(registry):
     """An unknown key or a bad value elsewhere does not hide a stage's cross-field problems."""
     problems = problems_of({"stages": [{"stage": "ppo", "bogus": 1, "advantage": "rloo", "samples_per_prompt": 1,
-                                        "lr": -1.0, "generation": {"max_new_tokens": "many"}}]}, registry)
+                                        "optim": {"lr": -1.0}, "generation": {"max_new_tokens": "many"}}]}, registry)
     assert problems == [
         "stages[0].bogus: unknown key; accepted: " + problems[0].split("accepted: ")[1],
+        "stages[0].optim.lr: must be a finite number > 0, got -1.0",
         "stages[0].generation.max_new_tokens: expected an integer, got 'many'",
-        "stages[0].lr: must be a finite number > 0, got -1.0",
         "stages[0].samples_per_prompt: advantage estimator 'rloo' compares samples of the same prompt and needs "
         "samples_per_prompt >= 2, got 1",
     ]
@@ -56,7 +58,17 @@ def test_schema_and_cross_field_problems_are_reported_in_one_pass(registry):
 
 def test_wrong_loss_family_names_the_family(registry):
     problems = problems_of({"stages": [{"stage": "sft", "loss": "mse"}]}, registry)
-    assert problems == ["stages[0].loss: loss 'mse' is a 'score' loss, but this stage needs 'token'; available: cross_entropy"]
+    assert problems == ["stages[0].loss: loss 'mse' is a 'score' loss, but this stage needs 'token'; available: cross_entropy",
+                        "stages[0]: cross-field checks that need loss were skipped until it is fixed"]
+
+
+def test_a_key_of_an_earlier_release_names_the_key_it_became(registry):
+    """PPO's optimizer options moved into its optim: block (one optimizer step for every stage)."""
+    problems = problems_of({"stages": [{"stage": "ppo", "lr": 1e-4, "critic_lr": 1e-4, "mixed_precision": "no"}]},
+                           registry)
+    assert problems == ["stages[0].lr: unknown key; it moved to optim.lr (see the changelog)",
+                        "stages[0].critic_lr: unknown key; it moved to critic_optim.lr (see the changelog)",
+                        "stages[0].mixed_precision: unknown key; it moved to optim.mixed_precision (see the changelog)"]
 
 
 def test_component_options_checked(registry):

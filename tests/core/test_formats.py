@@ -18,7 +18,7 @@ from rlhf_core.data import (
 )
 from rlhf_core.data.records import split_common_prefix, validate_record
 from rlhf_core.models import load_causal_lm, load_tokenizer
-from rlhf_core.plugins import build_registry, get_plugin_manager
+from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
 from rlhf_plugins.letters import make_records
 
 #: A ChatML-like template (Qwen's shape): each turn closes with <|im_end|> and a newline.

@@ -182,7 +182,7 @@ def test_lora_targets_that_match_nothing_and_adapters_without_a_base_are_clear_e
 
 
 def test_fused_linear_true_is_accepted_with_several_processes_but_not_with_another_loss(registry, monkeypatch):
-    """fused_linear runs inside the sharded forward (root_call), so several processes are fine;
+    """fused_linear runs inside the sharded forward (with_last_hidden), so several processes are fine;
     a loss the fused path does not compute is still refused before anything loads."""
     from rlhf_core.config import ConfigError, load_raw, resolve
 

@@ -256,7 +256,7 @@ def test_sft_loss_terms_packed_equal_padded(fused):
         loss.backward()
         return float(loss.detach()), metrics, grads(lm)
 
-    with padding_free(lm) as stats:  # packed first: see test_root_call_sees_unpacked_hidden_states_whatever_ran_first
+    with padding_free(lm) as stats:  # packed first: see test_with_last_hidden_sees_unpacked_hidden_states_whatever_ran_first
         loss_packed, m_packed, g_packed = run(targets_only=True)
     loss_padded, m_padded, g_padded = run(targets_only=False)
     assert stats.real == 29 and stats.slots == 4 * 9  # rows [0], [4, 3] ... packed, not 5 x 9
@@ -265,17 +265,17 @@ def test_sft_loss_terms_packed_equal_padded(fused):
     assert_grads_close(g_packed, g_padded)
 
 
-def test_root_call_sees_unpacked_hidden_states_whatever_ran_first():
-    from rlhf_core.models import root_call
+def test_with_last_hidden_sees_unpacked_hidden_states_whatever_ran_first():
+    from rlhf_core.models import with_last_hidden
 
     lm = tiny_lm(11).eval()
     mask = masks([4, 5, 4])  # 3 rows of 5 when packed, the longest (sequence 1) in row 0
     ids = random_ids(mask, seed=13)
     grab = lambda hidden, weight: hidden.detach().clone()  # noqa: E731
     with torch.no_grad():
-        padded = root_call(lm, grab, ids, mask)  # a root_call before any padding_free block
+        padded = with_last_hidden(lm, grab, ids, mask)  # a with_last_hidden before any padding_free block
         with padding_free(lm):
-            packed = root_call(lm, grab, ids, mask)
+            packed = with_last_hidden(lm, grab, ids, mask)
     real = mask.bool()
     assert torch.allclose(packed[real], padded[real], atol=1e-5, rtol=1e-5)
 
@@ -327,7 +327,7 @@ def test_pair_logprobs_and_dpo_gradients_packed_equal_padded(fused):
         loss.mean().backward()
         return logps.detach(), tokens, grads(lm)
 
-    with padding_free(lm) as stats:  # packed first (see test_root_call_sees_unpacked_hidden_states_whatever_ran_first)
+    with padding_free(lm) as stats:  # packed first (see test_with_last_hidden_sees_unpacked_hidden_states_whatever_ran_first)
         lp_packed, t_packed, g_packed = run()
     lp_padded, t_padded, g_padded = run()
     assert stats.real == 46 and stats.slots == 7 * 8
@@ -525,7 +525,7 @@ def test_token_budget_batches_are_maximal_consecutive_runs():
     assert len(loader) == 5
     assert indices(loader) == expected
     assert indices(loader.batch(p) for p in range(10)) == expected * 2  # the next epoch, in order again
-    assert all(float(b["real"]) == 1.0 for b in loader)
+    assert all(float(b["is_real"]) == 1.0 for b in loader)
     cfg = TrainConfig(epochs=2, grad_accum=2, batch_size=100)
     assert total_steps(cfg, loader) == 6  # 2 epochs x ceil(5 / 2), not from 8 items in batches of 100
     assert total_steps(cfg, 8) == 2
@@ -613,7 +613,7 @@ def test_a_rank_with_no_share_collates_a_stand_in_marked_not_real(monkeypatch):
     for r in range(3):
         with_ranks(monkeypatch, 3, r)
         batch = loader.batch(0)
-        got.append((batch["i"].tolist(), float(batch["real"])))
+        got.append((batch["i"].tolist(), float(batch["is_real"])))
     # item 1's first token is token 10 of 11: 10 * 3 // 11 = 2, so rank 1 has nothing
     assert got == [([0], 1.0), ([0], 0.0), ([1], 1.0)]
 

@@ -7,11 +7,11 @@ import types
 
 import pytest
 
-from rlhf_core import hookimpl
-from rlhf_core import plugins as plugmod
-from rlhf_core.plugins import PluginLoadError, build_registry, get_plugin_manager
+from rlhf_core import Stage, hookimpl
+from rlhf_core.plugin_system import manager as plugmod
+from rlhf_core.plugin_system.manager import PluginLoadError, build_registry, get_plugin_manager
 from rlhf_core.config import ConfigError, resolve
-from rlhf_core.registry import RegistryError
+from rlhf_core.plugin_system.registry import RegistryError
 
 
 class FakeDist:
@@ -202,7 +202,7 @@ def test_local_plugins_by_file_next_to_the_config_and_by_flag(tmp_path, monkeypa
 
     from rlhf_core.cli import cli
     from rlhf_core.config import to_plain
-    from rlhf_core.engine import prepare
+    from rlhf_core.runtime.pipeline import prepare
 
     project = tmp_path / "project"
     (project / "more").mkdir(parents=True)
@@ -244,7 +244,7 @@ def test_every_hook_documented_and_tested():
     and a test that names it."""
     from pathlib import Path
 
-    from rlhf_core import hookspecs
+    from rlhf_core.plugin_system import hookspecs
 
     root = Path(__file__).parents[2]
     guide = (root / "docs" / "plugins.md").read_text()
@@ -292,7 +292,7 @@ def test_each_registration_hook_registers_under_its_kind(monkeypatch):
     """rlhf_register_stages, rlhf_register_losses, rlhf_register_rewards, rlhf_register_advantages and
     rlhf_register_datasets each land in their own registry table, tagged with the plugin."""
 
-    class MyStage:
+    class MyStage(Stage):
         config_class = dict
 
     def plugin():
@@ -385,7 +385,8 @@ def test_plugin_api_is_declared_documented_and_listed_in_the_docs():
     from pathlib import Path
 
     section = (Path(__file__).parents[2] / "docs" / "reference" / "api.md").read_text()
-    for name in ("config", "data", "interfaces", "training", "models", "sampling", "distributed", "checkpoint"):
+    for name in ("types", "contracts", "errors", "config", "data", "training", "packing", "models", "sampling",
+                 "distributed", "checkpoint"):
         module = importlib.import_module(f"rlhf_core.{name}")
         assert f"`rlhf_core.{name}`" in section and f"\n::: rlhf_core.{name}\n" in section, name  # listed and rendered
         for attr in module.__all__:
@@ -396,7 +397,7 @@ def test_plugin_api_is_declared_documented_and_listed_in_the_docs():
 
 def test_built_in_components_satisfy_the_published_protocols(registry):
     """The Protocols in rlhf_core.interfaces are the contract the built-ins are held to."""
-    from rlhf_core.interfaces import AdvantageEstimator, Stage
+    from rlhf_core import AdvantageEstimator, Stage
 
     for entry in registry.entries("stage"):
         assert isinstance(entry.obj(), Stage), entry.name

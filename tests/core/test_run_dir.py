@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from rlhf_core.atomic import atomic_dir, atomic_write_text, dumps_strict
 from rlhf_core.cli import cli
-from rlhf_core.engine import RunDir
+from rlhf_core.runtime.run_dir import RunDir
 
 TINY_SFT = ["--set", "stages=[{stage: sft, data: {train: 'builtin:letters', builtin_size: 64, max_length: 16}, "
                      "train: {steps: 2, batch_size: 8, log_every: 1}}]"]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import io
 
-from rlhf_core import tracking
-from rlhf_core.tracking import LineProgress, progress
+from rlhf_core.runtime import tracking
+from rlhf_core.runtime.tracking import LineProgress, progress
 
 
 def test_a_log_gets_plain_progress_lines_not_carriage_returns(monkeypatch):

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from rlhf_core.cli import cli
 from rlhf_core.config import ComponentSpec, StageSpec, resolve
 from rlhf_core.config.reference import component_rows, config_keys, field_docs, run_keys
-from rlhf_core.registry import KINDS
+from rlhf_core.plugin_system.registry import KINDS
 
 ROOT = Path(__file__).parents[2]
 DOCS = ROOT / "docs"

@@ -55,7 +55,7 @@ stages:
     iterations: 25
     prompts_per_batch: 32
     minibatch_size: 32
-    lr: 5.0e-4
+    optim: {lr: 5.0e-4}
     generation: {max_new_tokens: 12}
 """)
     result = rlhf(installed, "run", str(config), "--out", str(tmp_path / "run"))

@@ -318,7 +318,7 @@ def test_an_engine_failing_to_take_new_weights_is_named(tmp_path, engine_plugin,
 def test_vllm_engine_refuses_a_head_size_its_cpu_attention_lacks(tmp_path, monkeypatch):
     """Checked before vLLM is even imported: the builtin tiny model's heads are 16 wide."""
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # what the engine sets; restored afterwards
-    from rlhf_core.interfaces import StageError
+    from rlhf_core import StageError
     from rlhf_plugins.vllm_engine import VLLMGenerator
 
     with pytest.raises(StageError, match=r"ppo.generator: vLLM's CPU attention supports head sizes \[32, 64, .*\]; "

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from rlhf_plugins.reward_regression import bradley_terry_loss, huber_loss, mse_loss, pearson
+from rlhf_plugins.reward import bradley_terry_loss, huber_loss, mse_loss, pearson
 from rlhf_core.data import shift_labels
 from rlhf_plugins.sft import cross_entropy_loss
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlhf_core.config import ComponentSpec, ConfigError, ModelConfig, load_raw, resolve
-from rlhf_core.interfaces import PolicyLossInputs, RewardSum
+from rlhf_core import PolicyLossInputs, RewardSum
 from rlhf_core.models import load_causal_lm, load_tokenizer
 from rlhf_plugins.ppo.advantages import GroupMeanBaseline
 from rlhf_plugins.ppo.loss import KLController, aggregate, cispo, gspo, kl_k2, local_normaliser, ppo_clip, reinforce

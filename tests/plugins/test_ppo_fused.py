@@ -9,7 +9,7 @@ import torch
 
 from rlhf_core.config import ComponentSpec, ModelConfig
 from rlhf_core.data import encode_prompt
-from rlhf_core.interfaces import RewardSum
+from rlhf_core import RewardSum
 from rlhf_core.models import load_causal_lm, load_tokenizer
 from rlhf_plugins.ppo.advantages import BatchMeanBaseline
 from rlhf_plugins.ppo.loss import KLController
@@ -76,7 +76,7 @@ def test_fused_linear_auto_explains_when_it_is_off(capsys):
     biased.lm_head = torch.nn.Linear(64, biased.config.vocab_size, bias=True)
     assert use_fused_linear("auto", "ppo", [policy, biased]) is False
     assert "ppo: fused_linear off (the LM head of LlamaForCausalLM is not a plain bias-free linear layer)" in capsys.readouterr().out
-    from rlhf_core.interfaces import StageError
+    from rlhf_core import StageError
 
     with pytest.raises(StageError, match="ppo.fused_linear: the LM head of LlamaForCausalLM is not a plain"):
         use_fused_linear(True, "ppo", [biased])

@@ -9,11 +9,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import rlhf_kernels
-from rlhf_core.interfaces import AdvantageInputs
+from rlhf_core import AdvantageInputs
 from rlhf_plugins.ppo.advantages import (GAE, BatchMeanBaseline, EMABaseline, GroupMeanBaseline, ReinforcePP, RLOOBaseline,
                                          whiten)
 from rlhf_core.distributed import masked_mean
-from rlhf_core.interfaces import PolicyLossInputs
+from rlhf_core import PolicyLossInputs
 from rlhf_plugins.ppo.loss import (KLController, aggregate, clipped_value_loss, kl_k1, kl_k3, ppo_clip,
                                    ppo_clip_logits_objective)
 

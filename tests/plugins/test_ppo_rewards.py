@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 from rlhf_core.cli import cli
 from rlhf_core.config import ConfigError, WeightedComponent, load_raw, resolve, to_plain
-from rlhf_core.engine import prepare, preflight
-from rlhf_core.interfaces import CheckedReward, ComponentError, RewardSum, reward_fields
+from rlhf_core.runtime.pipeline import prepare, preflight
+from rlhf_core import CheckedReward, ComponentError, RewardSum, reward_fields
 from rlhf_plugins.arith import make_records, tagged
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"

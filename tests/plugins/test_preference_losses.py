@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlhf_core.registry import RegistryError
+from rlhf_core.plugin_system.registry import RegistryError
 from rlhf_plugins.preference.losses import (
     KTOInputs, PreferenceInputs, dpo_loss, hinge_loss, ipo_loss, kto_loss, kto_reference_point, orpo_loss,
     robust_dpo_loss, simpo_loss,

@@ -30,7 +30,7 @@ def pairs(registry_module):
 
 @pytest.fixture(scope="module")
 def registry_module():
-    from rlhf_core.plugins import build_registry, get_plugin_manager
+    from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
 
     return build_registry(get_plugin_manager(entry_points=False))
 

@@ -12,7 +12,7 @@ import torch
 
 from rlhf_core import distributed as dist_utils
 from rlhf_core.config import ModelConfig, RunConfig
-from rlhf_core.interfaces import StageContext, StageResult
+from rlhf_core import StageContext, StageResult
 from rlhf_plugins.rewards.judge import JudgeReward, rlhf_register_rewards, template_placeholders
 
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]

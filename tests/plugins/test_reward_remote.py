@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from rlhf_core.config import ComponentSpec, check_options
-from rlhf_core.interfaces import CheckedReward, ComponentError, checked_rewards
-from rlhf_core.registry import Entry
+from rlhf_core import CheckedReward, ComponentError, checked_rewards
+from rlhf_core.plugin_system.registry import Entry
 from rlhf_plugins.rewards import remote
 from rlhf_plugins.rewards.remote import RemoteReward, RemoteRewardError
 

@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from rlhf_core.registry import Entry
+from rlhf_core.plugin_system.registry import Entry
 from rlhf_plugins.rewards import verifiable
 from rlhf_plugins.rewards.verifiable import ExactMatchReward, FormatReward, MathReward
 

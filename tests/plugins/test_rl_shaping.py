@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from rlhf_core.cli import cli
 from rlhf_core.config import ComponentSpec, ConfigError, ModelConfig, load_raw, resolve
 from rlhf_core.data import encode_prompt
-from rlhf_core.interfaces import RewardSum, StageContext
+from rlhf_core import RewardSum, StageContext
 from rlhf_core.models import load_causal_lm, load_tokenizer
 from rlhf_core.sampling import concat_rollouts, generate
 from rlhf_plugins.ppo.advantages import GroupMeanBaseline

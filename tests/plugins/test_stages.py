@@ -77,7 +77,7 @@ def test_length_reward_and_reward_model_path(tmp_path):
     rows, out = run(tmp_path, "len", *SHORT, "stages.ppo.reward={name: length, target: 8}")
     assert all(r["reward_mean"] <= 0 for r in rows if r["stage"] == "ppo" and "reward_mean" in r)
     with pytest.raises(ConfigError, match="stages\\[2\\].reward.targett: unknown option for reward 'length'; accepted: scale, target"):
-        from rlhf_core.plugins import build_registry, get_plugin_manager
+        from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
 
         resolve(load_raw(None, ["stages.ppo.reward={name: length, targett: 8}"]), build_registry(get_plugin_manager(entry_points=False)))
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 import torch
 
 import rlhf_kernels
-from rlhf_core import hookimpl
-from rlhf_core.distributed import masked_mean
-from rlhf_core.interfaces import AdvantageInputs, PolicyLossInputs
+from rlhf_core import AdvantageInputs, PolicyLossInputs, hookimpl, masked_mean
 
 
 def label_smoothed_ce(logits, labels, *, backend=None, smoothing: float = 0.1):

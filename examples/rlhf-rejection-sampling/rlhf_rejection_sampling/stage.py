@@ -5,9 +5,9 @@ Each round: sample ``samples_per_prompt`` responses per prompt from the current 
 with a registered reward (any of rlhf's or a plugin's, reading the prompt records' fields), keep
 the best response of each prompt (when it beats ``min_reward``), and fine-tune on the kept pairs
 with token cross-entropy. The kept responses are trained on as the exact token ids the policy
-sampled: never decoded and encoded again. Everything it uses is rlhf's public API: config
-dataclasses, data loading, ``generate``, rewards (``CheckedReward``/``RewardSum``), ``Trainer``,
-``save_causal_lm``.
+sampled: never decoded and encoded again. Everything it uses is imported from ``rlhf_core`` (the
+plugin API): the ``Stage`` base class, config dataclasses, ``generate``, rewards (``build_rewards``),
+``Trainer``, ``save_causal_lm``.
 """
 from __future__ import annotations
 
@@ -17,17 +17,11 @@ from dataclasses import dataclass, field
 import torch
 
 import rlhf_kernels
-from rlhf_core import hookimpl
-from rlhf_core.config import (
-    AT_LEAST_1, ComponentSpec, DataConfig, GenerationConfig, TrainConfig, rule_problems,
+from rlhf_core import (
+    AT_LEAST_1, IGNORE_INDEX, ComponentSpec, DataConfig, GenerationConfig, Stage, StageError, StageInput, StageResult,
+    TrainConfig, Trainer, Uses, build_rewards, collate_sft, encode_prompt, evaluate_samples, generate, hookimpl,
+    make_loader, render_prompt, rule_problems, save_causal_lm, shift_labels,
 )
-from rlhf_core.data import (
-    IGNORE_INDEX, collate_sft, data_inputs, dataset_components, encode_prompt, load_split, render_prompt, shift_labels,
-)
-from rlhf_core.interfaces import StageError, StageInput, StageResult, build_rewards, fields_read_by, reward_specs
-from rlhf_core.models import save_causal_lm
-from rlhf_core.sampling import evaluate_samples, generate
-from rlhf_core.training import Trainer, make_loader
 
 
 @dataclass
@@ -63,31 +57,30 @@ class RejectionSamplingConfig:
                                     "samples_per_prompt": AT_LEAST_1, "eval_prompts": AT_LEAST_1})
 
 
-class RejectionSamplingStage:
+class RejectionSamplingStage(Stage):
     """setup (policy, reward, prompts) -> rounds of (sample K -> keep the best -> fine-tune) -> save."""
 
     config_class = RejectionSamplingConfig
     produces = "policy"
+    records = "prompts"  # what config.data holds; the fields the rewards read are checked with it
 
-    def components(self, config: RejectionSamplingConfig):
-        return [("reward", config.reward, "reward", None), ("reward", config.gold, "gold", None),
-                *dataset_components(config.data, "data")]
+    def uses(self, config: RejectionSamplingConfig) -> list[Uses]:
+        return [Uses("reward", config.reward, "reward"), Uses("reward", config.gold, "gold")]
 
     def inputs(self, config: RejectionSamplingConfig, registry) -> list[StageInput]:
-        return [*data_inputs(config.data, "prompts", extra=fields_read(config, registry)),
-                StageInput("init", "model", config.init)]
+        return [StageInput("init", "model", config.init)]
 
     def run(self, ctx, config: RejectionSamplingConfig) -> StageResult:
         tokenizer, policy = ctx.load_policy(config.init)
-        train_recs, eval_recs = load_split(config.data, "prompts", ctx.registry, ctx.seed, fields_read(config, ctx.registry))
+        train_recs, eval_recs = self.load_data(ctx, config)
         reward = build_rewards(ctx, config.reward)
-        g = config.generation
+        gen = config.generation
         held = eval_recs[: config.eval_prompts]
 
         def gold() -> float:
             out = evaluate_samples(policy, tokenizer, [render_prompt(tokenizer, r.fields) for r in held],
-                                   {"gold": build_rewards(ctx, config.gold)}, max_new_tokens=g.max_new_tokens,
-                                   temperature=g.temperature, top_p=g.top_p, device=ctx.device, seed=ctx.seed,
+                                   {"gold": build_rewards(ctx, config.gold)}, max_new_tokens=gen.max_new_tokens,
+                                   temperature=gen.temperature, top_p=gen.top_p, device=ctx.device, seed=ctx.seed,
                                    rows=[r.fields for r in held])
             return out["gold"]
 
@@ -125,11 +118,11 @@ class RejectionSamplingStage:
     def best_of_k(ctx, config, policy, tokenizer, reward, records) -> tuple[list[dict], float]:
         """Fine-tuning items from the best of K samples per record, and their mean reward. An item
         is the prompt's ids followed by the sampled response ids exactly as generated."""
-        k, g = config.samples_per_prompt, config.generation
+        k, gen = config.samples_per_prompt, config.generation
         prompt_ids = [encode_prompt(tokenizer, render_prompt(tokenizer, r.fields)) for r in records]
         policy.eval()
-        roll = generate(policy, tokenizer, [p for p in prompt_ids for _ in range(k)], max_new_tokens=g.max_new_tokens,
-                        temperature=g.temperature, top_p=g.top_p, device=ctx.device)
+        roll = generate(policy, tokenizer, [p for p in prompt_ids for _ in range(k)], max_new_tokens=gen.max_new_tokens,
+                        temperature=gen.temperature, top_p=gen.top_p, device=ctx.device)
         rows = [r.fields for r in records for _ in range(k)]
         prompts = [render_prompt(tokenizer, r) for r in rows]
         scores = reward.score(prompts, roll.responses, rows)[0].view(len(records), k)
@@ -143,11 +136,6 @@ class RejectionSamplingStage:
             kept.append(value)
         policy.train()
         return items, sum(kept) / max(len(kept), 1)
-
-
-def fields_read(config: RejectionSamplingConfig, registry) -> dict[str, str]:
-    """The data fields the reward and the gold judge read."""
-    return fields_read_by(registry, reward_specs(config.reward) + reward_specs(config.gold, "gold"))
 
 
 @hookimpl

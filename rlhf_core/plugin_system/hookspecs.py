@@ -18,7 +18,7 @@ def rlhf_register_stages(register):
     """Register pipeline stages.
 
     :param register: ``register(name, stage_class)``. ``stage_class`` follows
-        :class:`rlhf_core.interfaces.Stage`: a ``config_class`` dataclass for its options (an
+        :class:`rlhf_core.contracts.Stage`: a ``config_class`` dataclass for its options (an
         optional ``problems()`` method checks values), ``components(config)``, optional
         ``validate(config, registry)`` and ``inputs(config, registry)`` (data and models the host
         checks before the first stage trains), and ``run(ctx, config) -> StageResult``. The name is
@@ -32,13 +32,13 @@ def rlhf_register_losses(register):
     """Register losses.
 
     :param register: ``register(name, fn, *, family)`` where ``family`` says which stages can use
-        it and therefore its call signature (see :mod:`rlhf_core.interfaces`): ``"token"``
+        it and therefore its call signature (see :mod:`rlhf_core.contracts`): ``"token"``
         (``fn(logits [B,T,V], labels [B,T], *, backend, **options)``), ``"score"``
         (``fn(pred [B], target [B], **options)``), ``"pairwise"`` (``fn(chosen [B], rejected [B],
         **options)``) or ``"policy"`` (``fn(inputs: PolicyLossInputs, **options)`` on per-token
         log-probs, returning ``(per-token terms [B, T], metrics)`` that the host aggregates with
         ``loss_agg``; registered with optional ``needs=(...)`` and ``fused=`` — see
-        :class:`rlhf_core.interfaces.PolicyLoss`). The other families return ``(scalar loss, dict of
+        :class:`rlhf_core.contracts.PolicyLoss`). The other families return ``(scalar loss, dict of
         float metrics)``. Keyword-only
         parameters with defaults are its options, settable from the config; a
         ``fn.check_options(**options)`` attribute that raises ``ValueError`` validates their values
@@ -52,7 +52,7 @@ def rlhf_register_rewards(register):
     """Register rewards used by the PPO stage (and ``rlhf eval``).
 
     :param register: ``register(name, reward_class)``; the class follows
-        :class:`rlhf_core.interfaces.Reward` (the contract: construction, the call, the optional
+        :class:`rlhf_core.contracts.Reward` (the contract: construction, the call, the optional
         ``fields`` it reads from the data and ``inputs`` it loads). A static
         ``check_options(**options)`` that raises ``ValueError`` validates option values before
         anything trains (the constructor needs ``ctx``, so the host cannot simply build one).
@@ -65,8 +65,8 @@ def rlhf_register_advantages(register):
     """Register advantage estimators used by the PPO stage.
 
     :param register: ``register(name, estimator_class)``; the class follows
-        :class:`rlhf_core.interfaces.AdvantageEstimator`: built as ``estimator_class(**options)``,
-        then called with :class:`rlhf_core.interfaces.AdvantageInputs` and returning
+        :class:`rlhf_core.contracts.AdvantageEstimator`: built as ``estimator_class(**options)``,
+        then called with :class:`rlhf_core.contracts.AdvantageInputs` and returning
         advantages of exactly ``[B, T]`` (checked). ``needs_values = True`` asks the stage for a
         value model. The host builds one from the config's options before anything trains, so
         ``__init__`` raising ``ValueError`` is how an estimator rejects a bad option.
@@ -80,7 +80,7 @@ def rlhf_register_generators(register):
     Hugging Face ``generate`` on the live policy).
 
     :param register: ``register(name, generator_class)``; the class follows
-        :class:`rlhf_core.interfaces.Generator`: built once per PPO stage as
+        :class:`rlhf_core.contracts.Generator`: built once per PPO stage as
         ``generator_class(ctx, policy, tokenizer, **options)`` (``policy``: the trained model as the
         stage holds it, possibly sharded or with LoRA adapters), then for every rollout batch
         ``generate(prompt_ids, *, max_new_tokens, temperature, top_p) -> Rollout``: one sampled
@@ -113,7 +113,7 @@ def rlhf_register_trackers(register):
     """Register experiment trackers, selected with the config's ``tracking: [NAME, {name: NAME, ...}]``.
 
     :param register: ``register(name, tracker_class)``; the class follows
-        :class:`rlhf_core.interfaces.TrackerBackend`: built on the main process at the start of a
+        :class:`rlhf_core.contracts.TrackerBackend`: built on the main process at the start of a
         run as ``tracker_class(run_dir, config, **options)`` (``config``: the resolved run config
         as plain data, for the tool's hyper-parameters), then ``log(stage, step, metrics)`` for
         every logged row and ``finish(summary)`` once when the run ends (``summary["status"]``:

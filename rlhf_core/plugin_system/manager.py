@@ -18,9 +18,10 @@ from types import ModuleType
 
 import pluggy
 
-from . import __version__, hookspecs
-from .errors import UserError
-from .registry import Registry, RegistryError
+from ..version import __version__
+from . import hookspecs
+from ..errors import PluginLoadError, RegistryError
+from .registry import KINDS, Registry
 
 ENTRY_POINT_GROUP = "rlhf"
 ENV_DISABLE = "RLHF_DISABLE_PLUGINS"
@@ -29,7 +30,7 @@ ENV_STRICT = "RLHF_STRICT_PLUGINS"
 #: Built-in plugins, registered exactly like third-party ones.
 BUILTINS = {
     "sft": "rlhf_plugins.sft",
-    "reward": "rlhf_plugins.reward_regression",
+    "reward": "rlhf_plugins.reward",
     "ppo": "rlhf_plugins.ppo.stage",
     "ppo-losses": "rlhf_plugins.ppo.loss",
     "ppo-advantages": "rlhf_plugins.ppo.advantages",
@@ -47,10 +48,6 @@ BUILTINS = {
     "vllm": "rlhf_plugins.vllm_engine",
     "bench": "rlhf_bench.commands",
 }
-
-
-class PluginLoadError(UserError, RuntimeError):
-    """A plugin failed to import or register (raised in strict mode or for config modules)."""
 
 
 @dataclass
@@ -218,6 +215,4 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
 
 def registered_by(registry: Registry, plugin: str) -> dict[str, list[str]]:
     """What ``plugin`` registered, by kind (for ``rlhf plugins``)."""
-    from .registry import KINDS
-
     return {kind: [e.name for e in registry.entries(kind) if e.plugin == plugin] for kind in KINDS}

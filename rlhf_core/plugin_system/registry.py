@@ -10,16 +10,20 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UserError
+from ..contracts import Stage
+from ..errors import RegistryError
 
 KINDS = ("stage", "loss", "reward", "advantage", "dataset", "tracker", "generator")
 LOSS_FAMILIES = ("token", "score", "pairwise", "policy", "preference", "kto")
 _HUMAN = {"stage": "stage", "loss": "loss", "reward": "reward", "advantage": "advantage estimator", "dataset": "dataset",
           "tracker": "tracker", "generator": "generator"}
 
-
-class RegistryError(UserError, ValueError):
-    """A contested, unknown or malformed component."""
+#: Parameters the host passes itself, by component kind: never options a config can set.
+HOST_PARAMETERS = {"stage": (), "dataset": (), "loss": ("backend",), "reward": ("ctx",), "advantage": (),
+                   "tracker": ("run_dir", "config"), "generator": ("ctx", "policy", "tokenizer")}
+#: Names an option may not have: what the host passes to any kind, and the keys of a component
+#: mapping that are the host's (``{name: ..., plugin: ..., weight: ...}``).
+RESERVED_OPTIONS = frozenset({p for names in HOST_PARAMETERS.values() for p in names} | {"name", "plugin", "weight"})
 
 
 @dataclass
@@ -33,15 +37,32 @@ class Entry:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def options(self) -> dict[str, inspect.Parameter]:
-        """The keyword options a config may set: keyword parameters with defaults (not the
-        host-supplied ``ctx``, ``backend``, ``run_dir`` and ``config``)."""
-        target = self.obj.__init__ if inspect.isclass(self.obj) else self.obj
+        """The options a config may set: the keyword parameters with defaults of the component's
+        function (or its class's ``__init__``), less what the host passes itself
+        (:data:`HOST_PARAMETERS`). Each default is written once, there."""
+        return {p.name: p for p in _keyword_defaults(self.obj) if p.name not in HOST_PARAMETERS.get(self.kind, ())}
+
+    def with_defaults(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` as the component will see them: every option, the unset ones at their defaults."""
+        return {**{name: p.default for name, p in self.options().items()}, **options}
+
+
+def _keyword_defaults(obj: Any) -> list[inspect.Parameter]:
+    """Keyword parameters with defaults of a function, or of a class's ``__init__``."""
+    if inspect.isclass(obj):
+        if obj.__init__ is object.__init__:
+            return []
+        target = obj.__init__
+    elif callable(obj):
+        target = obj
+    else:
+        return []
+    try:
         params = inspect.signature(target).parameters.values()
-        return {
-            p.name: p for p in params
-            if p.default is not inspect.Parameter.empty and p.name not in ("backend", "self", "ctx", "run_dir", "config")
-            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        }
+    except (TypeError, ValueError):
+        return []
+    return [p for p in params if p.default is not inspect.Parameter.empty
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 class Registry:
@@ -60,6 +81,17 @@ class Registry:
                 f"plugin {plugin!r} registered loss {name!r} with family {meta.get('family')!r}; "
                 f"accepted: {', '.join(LOSS_FAMILIES)}"
             )
+        if kind == "stage" and not (inspect.isclass(obj) and issubclass(obj, Stage)):
+            raise RegistryError(f"plugin {plugin!r} registered stage {name!r} as {obj!r}; a stage is a subclass of "
+                                "rlhf_core.Stage (see its docstring and the README's 'Writing a stage')")
+        if kind not in ("stage", "dataset"):
+            reserved = sorted(p.name for p in _keyword_defaults(obj)
+                              if p.name in RESERVED_OPTIONS and p.name not in HOST_PARAMETERS[kind])
+            if reserved:
+                raise RegistryError(
+                    f"plugin {plugin!r} registered {_HUMAN[kind]} {name!r} with an option named "
+                    f"{', '.join(repr(r) for r in reserved)}, a name the host reserves ({', '.join(sorted(RESERVED_OPTIONS))}): "
+                    "a config could never set it; rename the option")
         entries = self._tables[kind].setdefault(name, [])
         if any(e.plugin == plugin for e in entries):
             raise RegistryError(f"plugin {plugin!r} registered {_HUMAN[kind]} {name!r} twice")

@@ -1,51 +1,35 @@
-"""Runs a pipeline of stages and owns the run directory.
-
-Run directory layout: ``config.yaml`` (resolved), ``metrics.jsonl`` (one stage-tagged line per
-logged step), ``<stage>/`` (the stage's checkpoint: ``save_pretrained`` output), ``plots/<stage>.png``,
-``summary.json`` (``status``, ``stages_completed``, final metrics per stage plus headline numbers)
-and ``.lock`` (held by the run that owns the directory).
-
-Before anything trains, :func:`preflight` checks every stage's data and model sources; the run
-directory is then locked, cleared when ``--overwrite`` was given, and every file in it is written
-atomically, so a reader sees the previous or the complete new version of each file.
-"""
+"""Runs a pipeline of stages: prepare (config, plugins, validation), preflight (every stage's data
+and model sources read and checked before the first one trains), plan (``--dry-run``) and the
+run itself, which records in ``summary.json`` how it ended (see :mod:`.run_dir` for the layout)."""
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import functools
 import os
 import shutil
-import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
+from transformers.utils import logging as hf_logging
 
-from . import checkpoint as ckptmod
-from . import config as cfgmod
-from .checkpoint import Interrupted
-from . import distributed as dist_utils
-from .atomic import atomic_write_text, remove_orphans
-from .data import DataError, DataNotes, load_records
-from .errors import UserError
-from .interfaces import StageContext, StageResult
-from .models import check_model_source, load_tokenizer, resolve_device
-from .plugins import add_modules, build_registry, get_plugin_manager, locate_modules
-from .registry import Registry
-from .tracking import Tracker, format_table, is_main_process, write_summary
-from .training import seed_everything
-
-#: Files whose presence marks a directory as an rlhf run directory (and so safe to --overwrite).
-RUN_MARKERS = ("config.yaml", "summary.json", "metrics.jsonl", ".lock")
-
-
-class RunDirError(UserError, RuntimeError):
-    """The output directory cannot be used."""
-
+from .. import checkpoint as ckptmod
+from .. import config as cfgmod
+from .. import distributed as dist_utils
+from ..atomic import atomic_write_text
+from ..data import DataNotes, load_records
+from ..errors import ConfigError, DataError
+from ..models import check_model_source, load_tokenizer
+from ..plugin_system.manager import add_modules, build_registry, get_plugin_manager, locate_modules
+from ..plugin_system.registry import Registry
+from ..training import seed_everything
+from ..types import StageResult
+from . import signals
+from .context import StageContext
+from .run_dir import read_summary, remove_leftovers
+from .tracking import Tracker, format_table, write_summary
 
 @dataclass
 class Prepared:
@@ -66,7 +50,7 @@ def prepare(config_path: str | None, overrides: list[str] = (), disabled: set[st
     source = config_path or "embedded default config"
     modules = raw.get("plugins") or []
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-        raise cfgmod.ConfigError([f"plugins: expected a list of module names or .py file paths, got {modules!r}"],
+        raise ConfigError([f"plugins: expected a list of module names or .py file paths, got {modules!r}"],
                                  source)
     if modules:  # files are recorded by absolute path, so that --resume finds them from the run's config.yaml
         raw["plugins"] = modules = locate_modules(modules, Path(config_path).resolve().parent if config_path else None)
@@ -94,7 +78,7 @@ def preflight(prepared: Prepared, echo=print) -> list[dict[str, int]]:
     for i, spec in enumerate(config.stages):
         stage = registry.get("stage", spec.stage, plugin=spec.plugin).obj()
         sizes.append({})
-        for item in stage.inputs(spec.config, registry) if hasattr(stage, "inputs") else []:
+        for item in stage.data_inputs(spec.config, registry) + stage.inputs(spec.config, registry):
             path = f"stages[{i}].{item.path}"
             if item.kind in ("model", "reward_model"):
                 problem = (_check_init(item.value, list(earlier)) if item.kind == "model"
@@ -114,12 +98,12 @@ def preflight(prepared: Prepared, echo=print) -> list[dict[str, int]]:
         problem = _chat_template_problem(config.model, spec.config, has_template)
         if problem:
             problems.append(f"stages[{i}].data.chat_template: {problem}")
-        earlier[spec.name] = getattr(stage, "produces", None)
-    if config.distributed.cpu_offload and resolve_device(config.model.device).type != "cuda":
+        earlier[spec.name] = stage.produces
+    if config.distributed.cpu_offload and dist_utils.resolve_device(config.model.device).type != "cuda":
         problems.append("distributed.cpu_offload: moves sharded parameters from GPU to CPU memory; this run is on "
                         "the CPU already, so leave it off")
     if problems:
-        raise cfgmod.ConfigError(problems, prepared.source)
+        raise ConfigError(problems, prepared.source)
     return sizes
 
 
@@ -150,15 +134,15 @@ def plan(prepared: Prepared, sizes: list[dict[str, int]]) -> str:
     config, registry = prepared.config, prepared.registry
     lines = [f"plan for {prepared.source} (nothing was trained, no run directory was touched)",
              f"model: {config.model.name_or_path}" + (" with LoRA" if config.model.lora else "")
-             + f", dtype {config.model.dtype}, device {resolve_device(config.model.device)}"]
+             + f", dtype {config.model.dtype}, device {dist_utils.resolve_device(config.model.device)}"]
     for i, (spec, stage_sizes) in enumerate(zip(config.stages, sizes)):
         entry = registry.get("stage", spec.stage, plugin=spec.plugin)
         stage = entry.obj()
         lines.append(f"stage {i} {spec.name!r} ({spec.stage}, plugin {entry.plugin})")
-        for item in stage.inputs(spec.config, registry) if hasattr(stage, "inputs") else []:
+        for item in stage.data_inputs(spec.config, registry) + stage.inputs(spec.config, registry):
             count = f" ({stage_sizes[item.path]} records)" if item.path in stage_sizes else ""
             lines.append(f"  {item.path}: {item.value}{count}")
-        for label, value in (stage.plan(spec.config, registry, stage_sizes) if hasattr(stage, "plan") else {}).items():
+        for label, value in stage.plan(spec.config, registry, stage_sizes).items():
             lines.append(f"  {label}: {value:,}" if isinstance(value, int) else f"  {label}: {value}")
     return "\n".join(lines)
 
@@ -192,221 +176,6 @@ def _check_reward_model(value: str, earlier: dict[str, str | None]) -> str | Non
     return None
 
 
-class RunDir:
-    """An output directory owned by this process: created, locked (``.lock`` holds our pid) and,
-    with ``overwrite``, emptied of the previous run. :meth:`close` releases the lock."""
-
-    def __init__(self, out: str | None, overwrite: bool, resume: bool = False):
-        self._lock = None
-        if dist_utils.rank() == 0:
-            try:
-                self.path = Path(out) if resume else self._create(out, overwrite)
-                self._lock = self._acquire()
-                if overwrite:
-                    self._clear()
-            except RunDirError as exc:
-                dist_utils.broadcast_object(("error", str(exc)))
-                raise
-            dist_utils.broadcast_object(("ok", str(self.path)))  # every rank uses rank 0's directory
-        else:
-            status, value = dist_utils.broadcast_object(None)
-            if status == "error":
-                raise RunDirError(value)
-            self.path = Path(value)
-
-    @staticmethod
-    def _create(out: str | None, overwrite: bool) -> Path:
-        if out is None:
-            # Seconds plus a random suffix: two runs started in the same second never share a directory.
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            for _ in range(100):
-                path = Path("runs") / f"{stamp}-{os.urandom(2).hex()}"
-                try:
-                    path.mkdir(parents=True)
-                    return path
-                except FileExistsError:
-                    continue
-                except OSError as exc:
-                    raise RunDirError(f"cannot create run directory {path}: {exc.strerror}") from None
-            raise RunDirError("could not find a free run directory name under runs/")
-        path = Path(out)
-        if path.exists() and not path.is_dir():
-            raise RunDirError(f"--out {path}: is a file, not a directory")
-        if path.is_dir() and any(path.iterdir()):
-            if not overwrite:
-                raise RunDirError(f"output directory {path} exists and is not empty; choose another --out or pass --overwrite")
-            if not any((path / m).exists() for m in RUN_MARKERS):
-                raise RunDirError(f"--overwrite: {path} does not look like an rlhf run directory (none of "
-                                  f"{', '.join(RUN_MARKERS)}); refusing to delete its contents")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RunDirError(f"cannot create run directory {path}: {exc.strerror}") from None
-        return path
-
-    def _acquire(self):
-        try:
-            handle = (self.path / ".lock").open("a+", encoding="utf-8")
-        except OSError as exc:
-            raise RunDirError(f"run directory {self.path} is not writable: {exc.strerror}") from None
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise RunDirError(f"run directory {self.path} is in use by another rlhf run (pid {holder}); "
-                              "wait for it, stop it, or choose another --out") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        return handle
-
-    def _clear(self) -> None:
-        """Remove everything of the previous run (after validation passed and the lock is ours)."""
-        for child in self.path.iterdir():
-            if child.name == ".lock":
-                continue
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-
-    def close(self) -> None:
-        """Release the lock (the file stays; a later run takes it over)."""
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
-
-    def __enter__(self) -> "RunDir":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-#: Config keys a resumed run may change: they affect logging and checkpointing, not results.
-RESUME_HARMLESS = ("checkpoint.every", "checkpoint.keep", "checkpoint.on_signal", "stages[*].train.log_every")
-
-
-def check_resumable(run_dir: Path) -> str | None:
-    """Raise :class:`RunDirError` when ``run_dir`` holds nothing to resume; return a message (and
-    nothing to do) when its run already finished; None when it can be resumed."""
-    if not run_dir.is_dir():
-        raise RunDirError(f"--resume {run_dir}: no such directory")
-    if not (run_dir / "config.yaml").is_file():
-        raise RunDirError(f"--resume {run_dir}: nothing to resume (no config.yaml: not an rlhf run directory, or the "
-                          "run stopped before it started)")
-    if read_summary(run_dir).get("status") == "finished":
-        return f"run {run_dir} already finished; nothing to resume (summary.json status: finished)"
-    import json
-
-    for meta in sorted((run_dir / "checkpoints").glob("*/step-*/meta.json")):
-        try:
-            written = json.loads(meta.read_text()).get("world_size")
-        except (OSError, ValueError):
-            continue  # a damaged checkpoint: the checkpointer passes over it with a notice
-        if written is not None and written != dist_utils.planned_world_size():
-            raise RunDirError(f"--resume {run_dir}: its checkpoints were written by {written} processes; resume with "
-                              f"--nproc {written} (the same world size gives the same weights)")
-    return None
-
-
-def refuse_changes(run_dir: Path, prepared: Prepared) -> None:
-    """A resumed run must compute what the original would have: any difference between the run's
-    own ``config.yaml`` and the resolved config, except :data:`RESUME_HARMLESS`, is an error that
-    lists each change."""
-    import re
-
-    saved = cfgmod.flatten(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
-    now = cfgmod.flatten(cfgmod.to_plain(prepared.config))
-    harmless = [re.compile("^" + re.escape(k).replace(r"\*", r"\d+") + "$") for k in RESUME_HARMLESS]
-    changes = [f"{key}: {saved.get(key, '(unset)')!r} -> {now.get(key, '(unset)')!r}"
-               for key in sorted(set(saved) | set(now))
-               if saved.get(key) != now.get(key) and not any(h.match(key) for h in harmless)]
-    if changes:
-        raise cfgmod.ConfigError(
-            [f"{c} (a resumed run must compute what the original would have; only "
-             f"{', '.join(RESUME_HARMLESS)} may change)" for c in changes], f"--resume {run_dir}")
-
-
-def make_run_dir(out: str | None, overwrite: bool) -> Path:
-    """Create (and with ``overwrite`` empty) a run directory without holding its lock."""
-    with RunDir(out, overwrite) as run_dir:
-        return run_dir.path
-
-
-#: Called by the watchdog before it ends a process that cannot handle a signal itself.
-_on_abort: list[Any] = []
-#: Non-empty while :func:`run_pipeline` records how a failed run ended: a signal (the launcher's
-#: SIGTERM to the ranks a failure left behind, say) must not cut that record short.
-_recording_end: list[bool] = []
-#: Seconds a signalled process may take to stop by itself before the watchdog ends it (longer while
-#: it is writing a checkpoint before stopping).
-ABORT_GRACE_S = 3.0
-CHECKPOINT_GRACE_S = 60.0
-
-
-@contextlib.contextmanager
-def signals_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM (and SIGINT) raise :class:`Interrupted` in the main thread, so a
-    scheduler's preemption is handled exactly like Ctrl-C.
-
-    With several processes, a rank can be blocked inside a collective when the launcher stops the
-    job (because another rank failed): Python runs signal handlers only between bytecodes, so the
-    handler would wait forever. A watchdog thread hears the signal through the wakeup fd and, if the
-    process has not stopped within ``ABORT_GRACE_S``, records the stop (``_on_abort``) and exits."""
-    import threading
-
-    def handler(signum, frame):
-        name = signal.Signals(signum).name
-        if _recording_end:  # the run is stopping already; the watchdog still bounds how long it takes
-            return
-        # A loop that checkpoints on signals gets until its next step boundary (a second signal is final).
-        if ckptmod.is_honoured() and ckptmod.request_stop(name):
-            return
-        raise Interrupted(name)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    watchdog = None
-    if dist_utils.world_size() > 1:
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)
-        old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-
-        def watch() -> None:
-            data = os.read(read_fd, 1)
-            if not data:
-                return
-            # A checkpoint-before-stopping may take a while; a rank stuck in a collective does not, nor
-            # one whose peer has died (NCCL waits on a dead peer instead of failing as gloo does): no
-            # checkpoint, a collective, can complete then.
-            checkpointing = ckptmod.is_honoured() and not dist_utils.ended_ranks()
-            time.sleep(CHECKPOINT_GRACE_S if checkpointing else ABORT_GRACE_S)
-            signame = signal.Signals(data[0]).name
-            for callback in list(_on_abort):
-                with contextlib.suppress(Exception):
-                    callback(signame)
-            reason = dist_utils.failure_elsewhere()
-            why = f"stopped because {reason}" if reason else f"stopped by {signame} while waiting on other ranks"
-            os.write(2, f"Error: [rank {dist_utils.rank()}] {why}\n".encode())
-            os._exit(1)
-
-        watchdog = threading.Thread(target=watch, daemon=True, name="rlhf-signal-watchdog")
-        watchdog.start()
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        if watchdog is not None:
-            signal.set_wakeup_fd(old_fd)
-            os.close(write_fd)  # ends the watchdog's read
-
-
 def _tracker_backends(prepared: Prepared, run_dir: Path) -> dict[str, Any]:
     """The config's ``tracking:`` plugins by name (``NAME (tracking[i])`` for a name used twice), each
     as a function that builds it with the resolved config, for :class:`Tracker` (main process only)."""
@@ -430,8 +199,6 @@ def _finish_trackers(tracker: Tracker, summary: dict[str, Any], run_dir: Path) -
 def _record_outcome(tracker: Tracker, summary: dict[str, Any], run_dir: Path) -> None:
     """Write how the run ended and tell the trackers, without hiding the error that ended it: a
     summary that cannot be written (a full disk) is one warning, and the error still surfaces."""
-    import sys
-
     try:
         write_summary(run_dir, summary)
         _finish_trackers(tracker, summary, run_dir)
@@ -456,33 +223,10 @@ def _reason(exc: BaseException) -> str:
     return line[:300]
 
 
-def remove_leftovers(run_dir: Path, checkpointers: Any, echo=print) -> list[Path]:
-    """Remove what a killed run left half-written: hidden temp files and directories of atomic
-    writes whose writer is gone (``.<name>.tmp-<pid>``) and unfinished checkpoints
-    (``step-<N>.tmp``; the run's lock says no other run is writing them). Says what it removed."""
-    removed = remove_orphans(run_dir)
-    for checkpointer in checkpointers:
-        removed += checkpointer.remove_unfinished()
-    if removed:
-        names = ", ".join(str(p.relative_to(run_dir)) for p in removed)
-        echo(f"rlhf: removed {len(removed)} half-written file(s) left by a killed run: {names}")
-    return removed
-
-
 def checkpointer_for(config: cfgmod.RunConfig, run_dir: Path, stage: str) -> ckptmod.Checkpointer:
     """The stage's checkpoints: ``run_dir/checkpoints/<stage>/``."""
     c = config.checkpoint
     return ckptmod.Checkpointer(run_dir / "checkpoints" / stage, c.every, c.keep, c.on_signal)
-
-
-def read_summary(run_dir: Path) -> dict[str, Any]:
-    """``summary.json`` of a run directory ({} when there is none or it is unreadable)."""
-    import json
-
-    try:
-        return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
 def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = False) -> dict[str, Any]:
@@ -493,22 +237,20 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = F
     With ``resume``, stages the directory's summary lists as completed are skipped (their outputs
     reused), the first unfinished stage continues from its newest complete checkpoint,
     ``metrics.jsonl`` is cut back to that checkpoint, and ``resumed_from`` records the step."""
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     config = prepared.config
     previous = read_summary(run_dir) if resume else {}
     done = [n for n in previous.get("stages_completed", []) if n in previous.get("outputs", {})]
     checkpointers = {spec.name: checkpointer_for(config, run_dir, spec.name) for spec in config.stages}
-    if is_main_process():
+    if dist_utils.is_main_process():
         remove_leftovers(run_dir, checkpointers.values(), echo)
     dist_utils.barrier()  # no rank looks for checkpoints while rank 0 removes half-written ones
     latest = {name: c.latest() for name, c in checkpointers.items() if name not in done}
     resumed_from = {name: found[0] for name, found in latest.items() if found}
-    if is_main_process():
+    if dist_utils.is_main_process():
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfgmod.to_plain(config), sort_keys=False))
-    device = resolve_device(config.model.device)
-    tracker = Tracker(run_dir, _tracker_backends(prepared, run_dir) if is_main_process() else {})
+    device = dist_utils.resolve_device(config.model.device)
+    tracker = Tracker(run_dir, _tracker_backends(prepared, run_dir) if dist_utils.is_main_process() else {})
     if resume:
         tracker.keep_only(lambda row: row.get("stage") in done or row.get("step", 0) <= resumed_from.get(row.get("stage"), -1))
     results: dict[str, StageResult] = {}
@@ -528,7 +270,7 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = F
             summary["interrupted_by"] = signame
         write_summary(run_dir, summary)
 
-    _on_abort.append(on_abort)
+    signals.abort_callbacks.append(on_abort)
     try:
         for spec in config.stages:
             if spec.name in done:  # finished before the interruption: reuse its output and numbers
@@ -560,11 +302,11 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = F
             _record(summary, spec.name, result, results)
             tracker.plot(spec.name)
             write_summary(run_dir, summary)
-            if is_main_process():  # the stage's output is its final state; its checkpoints are spent
+            if dist_utils.is_main_process():  # the stage's output is its final state; its checkpoints are spent
                 shutil.rmtree(checkpointers[spec.name].directory, ignore_errors=True)
         current = None
     except KeyboardInterrupt as exc:
-        _recording_end.append(True)
+        signals.recording_end.append(True)
         elsewhere = dist_utils.failure_elsewhere()  # stopped because another rank failed?
         if elsewhere:
             summary.update(status=f"failed: {elsewhere}", stage_in_progress=current)
@@ -574,15 +316,15 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = F
         _record_outcome(tracker, summary, run_dir)
         raise
     except BaseException as exc:
-        _recording_end.append(True)
+        signals.recording_end.append(True)
         # A collective that broke because another rank died: record that rank's reason, the root cause.
         reason = dist_utils.failure_elsewhere() or _reason(exc)
         summary.update(status=f"failed: {reason}", stage_in_progress=current)
         _record_outcome(tracker, summary, run_dir)
         raise
     finally:
-        _on_abort.remove(on_abort)
-        _recording_end.clear()
+        signals.abort_callbacks.remove(on_abort)
+        signals.recording_end.clear()
     summary["status"] = "finished"
     del summary["pid"]
     write_summary(run_dir, summary)

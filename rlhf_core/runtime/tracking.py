@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from collections import defaultdict
@@ -15,12 +14,8 @@ from typing import Any, Callable, Iterator
 
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_text, disk_full_reported, dumps_strict
-
-
-def is_main_process() -> bool:
-    """True on rank 0 of a distributed launch, and always in a single process."""
-    return int(os.environ.get("RANK", "0")) == 0
+from ..atomic import atomic_write_text, disk_full_reported, dumps_strict
+from ..distributed import is_main_process
 
 
 #: Seconds between two progress lines when stderr is not a terminal (a log file, a pipe, CI).

@@ -1,8 +1,9 @@
-"""Stage ``reward`` and losses ``mse``, ``huber``, ``bradley_terry``: the seed's step 2.
+"""Stage ``reward`` and losses ``mse``, ``huber``, ``bradley_terry``: step 2 of the three-step
+instruction-tuning recipe.
 
 phi* = argmin_phi 1/N sum_i L_reward(R_phi(x_i, y_i), s_i): the reward model's score is regressed
 on the human score s_i. R_phi is a transformer backbone with a scalar head read at the last
-non-pad token (:class:`rlhf_core.models.ScalarHeadModel`).
+non-pad token (:class:`rlhf_core.ScalarHeadModel`).
 """
 from __future__ import annotations
 
@@ -12,14 +13,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rlhf_core import hookimpl
-from rlhf_core.config import ComponentSpec, DataConfig, TrainConfig
-from rlhf_core.distributed import all_gather_objects, unwrap
-from rlhf_core.data import Rendering, collate_scored, data_inputs, dataset_components, load_split, tokenize_scored
-from rlhf_core.interfaces import StageError, StageInput, StageResult
-from rlhf_core.models import ScalarHeadModel, is_reward_model_dir, load_causal_lm
-from rlhf_core.packing import packing_problems
-from rlhf_core.training import Trainer, budget_problems, make_loader, total_steps, train_plan
+from rlhf_core import (
+    ComponentSpec, DataConfig, Rendering, Stage, StageError, StageInput, StageResult, TrainConfig, Trainer, Uses,
+    all_gather_objects, budget_problems, collate_scored, evaluate_batches, hookimpl, is_reward_model_dir,
+    load_scalar_model, make_loader, packing_problems, tokenize_scored, total_steps, train_plan,
+)
+from rlhf_core.distributed import unwrap
 
 
 def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -33,7 +32,7 @@ def huber_loss(pred: torch.Tensor, target: torch.Tensor, *, delta: float = 1.0) 
     return F.huber_loss(pred.float(), target.float(), delta=delta), {}
 
 
-def _check_huber(*, delta: float = 1.0) -> None:
+def _check_huber(*, delta: float) -> None:
     if not delta > 0:
         raise ValueError(f"huber: delta must be > 0, got {delta}")
 
@@ -70,57 +69,55 @@ class RewardConfig:
     """Backbone weights: ``auto`` (the latest policy stage, else base), ``base``, ``@STAGE`` or a path."""
 
 
-class RewardStage:
+class RewardStage(Stage):
     """Reward-model training: setup (data, backbone + head) -> loop -> save (backbone + head)."""
 
     config_class = RewardConfig
     produces = "reward"
 
-    def components(self, config: RewardConfig):
-        """The loss and builtin datasets this stage will look up."""
-        return [("loss", config.loss, "loss", ("score", "pairwise")), *dataset_components(config.data, "data")]
+    def uses(self, config: RewardConfig) -> list[Uses]:
+        """The score or pairwise loss."""
+        return [Uses("loss", config.loss, "loss", ("score", "pairwise"))]
 
-    def validate(self, config: RewardConfig, registry) -> list[str]:
+    def record_kind(self, config: RewardConfig, registry) -> str:
+        """Scored records, or pairs for a pairwise loss."""
+        return "pairwise" if is_pairwise(config, registry) else "reward"
+
+    def validate(self, config: RewardConfig, registry, run) -> list[str]:
         """A token budget holds an example (two sequences for a pairwise loss); packing is available."""
-        pairwise = registry.lookup("loss", config.loss, ("score", "pairwise")).meta["family"] == "pairwise"
-        return [*budget_problems(config.train, config.data, 2 if pairwise else 1),
+        return [*budget_problems(config.train, config.data, 2 if is_pairwise(config, registry) else 1),
                 *(packing_problems() if config.data.packing else [])]
 
     def inputs(self, config: RewardConfig, registry) -> list[StageInput]:
-        """Scored (or, for a pairwise loss, pairwise) records and the backbone's weights."""
-        family = registry.lookup("loss", config.loss, ("score", "pairwise")).meta["family"]
-        kind = "pairwise" if family == "pairwise" else "reward"
-        return [*data_inputs(config.data, kind), StageInput("init", "model", config.init)]
+        """The backbone's weights."""
+        return [StageInput("init", "model", config.init)]
 
     def plan(self, config: RewardConfig, registry, sizes: dict[str, int]) -> dict[str, Any]:
         """Examples, steps and the most tokens they read (``rlhf run --dry-run``; a pair is two sequences)."""
-        pairwise = registry.lookup("loss", config.loss, ("score", "pairwise")).meta["family"] == "pairwise"
-        return train_plan(config.train, config.data, sizes, sequences_per_example=2 if pairwise else 1)
+        return train_plan(config.train, config.data, sizes, sequences_per_example=2 if is_pairwise(config, registry) else 1)
 
     def run(self, ctx, config: RewardConfig) -> StageResult:
         """Train R_phi; report held-out MSE and correlation (or pairwise accuracy)."""
-        model_cfg = ctx.run_config.model
         loss_entry = ctx.registry.lookup("loss", config.loss, ("score", "pairwise"))
-        pairwise = loss_entry.meta["family"] == "pairwise"
+        pairwise = is_pairwise(config, ctx.registry)
         keys = ("chosen", "rejected") if pairwise else ("response",)
         source = ctx.init_source(config.init, "policy")
         tokenizer = ctx.tokenizer_for(source)
-        train_recs, eval_recs = load_split(config.data, "pairwise" if pairwise else "reward", ctx.registry, ctx.seed)
-        dl = config.data
-        rendering = Rendering(dl.chat_template, ctx.name, source)
-        train_items, stats = tokenize_scored(train_recs, tokenizer, dl.max_length, dl.max_prompt_length, keys, rendering)
-        eval_items, _ = tokenize_scored(eval_recs, tokenizer, dl.max_length, dl.max_prompt_length, keys, rendering)
+        train_recs, eval_recs = self.load_data(ctx, config)
+        data_cfg = config.data
+        rendering = Rendering(data_cfg.chat_template, ctx.name, source)
+        train_items, stats = tokenize_scored(train_recs, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length,
+                                             keys, rendering)
+        eval_items, _ = tokenize_scored(eval_recs, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length, keys,
+                                        rendering)
         print(f"reward data: {stats.describe()}; {len(eval_items)} held out")
         if not train_items:
             raise StageError(f"stage {ctx.name!r}: no usable training examples ({stats.describe()})")
-        if is_reward_model_dir(source):
-            model = ScalarHeadModel.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code,
-                                                    attn_implementation=model_cfg.attn_implementation)
-        else:
-            model = ScalarHeadModel.from_causal_lm(load_causal_lm(model_cfg, source, seed=ctx.seed))
-            if not pairwise:  # start at the mean score so the head learns deviations, not the offset
-                with torch.no_grad():
-                    model.head.bias.fill_(sum(it["score"] for it in train_items) / len(train_items))
+        fresh_head = not is_reward_model_dir(source)
+        model = load_scalar_model(ctx.run_config.model, source, seed=ctx.seed)
+        if fresh_head and not pairwise:  # start at the mean score so the head learns deviations, not the offset
+            with torch.no_grad():
+                model.head.bias.fill_(sum(it["score"] for it in train_items) / len(train_items))
         model = ctx.wrap(ctx.adapt(model, source).to(ctx.device))
         collate = lambda b: collate_scored(b, tokenizer.pad_token_id, keys)  # noqa: E731
 
@@ -142,16 +139,14 @@ class RewardStage:
             return loss_entry.obj(first, batch["score"], **config.loss.options)
 
         def evaluate():
-            preds, targets = [], []
-            for batch in make_loader(eval_items, config.train.batch_size, collate, 0, False):
-                batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            def predicted(batch) -> tuple[torch.Tensor, torch.Tensor]:
                 first, second = scores(batch)
-                if batch["real"]:
-                    preds.append(first.float().cpu())
-                    targets.append(second.float().cpu() if pairwise else batch["score"].cpu())
-            gathered = all_gather_objects((preds, targets))
-            p = torch.cat([t for ps, _ in gathered for t in ps])
-            t = torch.cat([t for _, ts in gathered for t in ts])
+                return first.float().cpu(), (second.float().cpu() if pairwise else batch["score"].cpu())
+
+            gathered = all_gather_objects(evaluate_batches(eval_items, config.train.batch_size, collate, ctx.device,
+                                                           predicted))
+            p = torch.cat([pred for scored in gathered for pred, _ in scored])
+            t = torch.cat([target for scored in gathered for _, target in scored])
             if pairwise:
                 return {"accuracy": float((p > t).float().mean())}
             return {"mse": float(F.mse_loss(p, t)), "corr": pearson(p, t)}
@@ -159,11 +154,16 @@ class RewardStage:
         loader = make_loader(train_items, config.train.batch_size, collate, ctx.seed,
                              max_tokens=config.train.max_tokens_per_batch)
         steps = total_steps(config.train, loader)
-        trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}", packing=dl.packing)
+        trainer = Trainer(model, config.train, ctx.device, ctx.tracker, desc=f"{ctx.name}", packing=data_cfg.packing)
         summary = trainer.fit(loader, compute_loss, evaluate if eval_items else None, steps, checkpointer=ctx.checkpointer)
         summary.update(steps=float(steps), **stats.summary())
         model_dir = unwrap(model).save_pretrained(ctx.stage_dir, tokenizer) if config.train.save else None
         return StageResult(model_dir, "reward", summary)
+
+
+def is_pairwise(config: RewardConfig, registry) -> bool:
+    """The configured loss compares chosen with rejected (family ``pairwise``): the data is pairs."""
+    return registry.lookup("loss", config.loss, ("score", "pairwise")).meta["family"] == "pairwise"
 
 
 @hookimpl
