@@ -104,17 +104,15 @@ def run_one(args: dict) -> dict:
     """One set-up in this process: PPO iterations or SFT steps; time of the last, peak RSS."""
     import torch
 
-    from rlhf_core.config import ComponentSpec
-    from rlhf_core.data import collate_sft
-    from rlhf_core import RewardSum
+    from rlhf_core import ComponentSpec, GenerationConfig, RewardSum, collate_sft
     from rlhf_core.distributed import peak_rss_mb
-    from rlhf_plugins.ppo.advantages import GAE, BatchMeanBaseline
     from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
-    from rlhf_plugins.ppo.loss import KLController
+    from rlhf_plugins.ppo.advantages import GAE, BatchMeanBaseline
+    from rlhf_plugins.ppo.config import CriticOptimConfig, PolicyOptimConfig, PPOConfig
+    from rlhf_plugins.ppo.run import PPORun
+    from rlhf_plugins.sft import sft_loss_terms
 
-    ppo_clip = build_registry(get_plugin_manager(entry_points=False)).lookup("loss", ComponentSpec("ppo_clip"), "policy")
-    from rlhf_plugins.ppo.stage import GenerationConfig, PPOConfig, PPOModels, make_experience, update
-    from rlhf_plugins.sft import cross_entropy_loss, sft_loss_terms
+    registry = build_registry(get_plugin_manager(entry_points=False))
 
     torch.manual_seed(0)
     tokenizer = word_tokenizer(args["vocab"])
@@ -122,27 +120,27 @@ def run_one(args: dict) -> dict:
     gen = torch.Generator().manual_seed(1)
     # ppo: the reward model is not compared
     reward = RewardSum([("reward", 1.0, lambda p, r, rows: torch.randn(len(r), generator=gen))])
-    estimator, critic, critic_opt, shared = BatchMeanBaseline(), None, None, None
+    estimator, critic, shared = BatchMeanBaseline(), None, None
     if args["what"] == "ppo+rm+critic":
         judge, critic, shared = scalar_models(args, policy, tokenizer)
         reward = RewardSum([("reward_model", 1.0, lambda p, r, rows: judge(p, r))])
-        critic_opt = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=1e-5)
         estimator = GAE()
     params = shared.parameters_of("default") if shared else [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
     prompts = [" ".join(f"t{i}" for i in torch.randint(3, args["vocab"], (args["prompt"],), generator=gen).tolist())
                for _ in range(args["batch"])]
     times = []
     if args["what"].startswith("ppo"):
         config = PPOConfig(prompts_per_batch=args["batch"], minibatch_size=args["batch"], ppo_epochs=1,
+                           optim=PolicyOptimConfig(lr=1e-5, weight_decay=0.01), critic_optim=CriticOptimConfig(lr=1e-5),
                            generation=GenerationConfig(max_new_tokens=args["response"]), loss=ComponentSpec("ppo_clip"))
-        models = PPOModels(policy, reference, optimizer, KLController(0.05, False, 6.0, 10000), critic, critic_opt,
-                           fused=args["fused"], policy_params=params, shared=shared)
+        run = PPORun.from_parts(registry, config, policy, tokenizer=tokenizer, reference=reference, critic=critic,
+                                rewards=reward, estimator=estimator, shared=shared, fused=args["fused"])
+        samples = [run.prompt(text)[0] for text in prompts]
         for _ in range(2):
             t0 = time.perf_counter()
-            exp = make_experience(models, prompts, [{}] * len(prompts), tokenizer, reward, estimator, config, torch.device("cpu"), None)
+            exp = run.make_experience(samples)
             t1 = time.perf_counter()
-            update(models, exp, ppo_clip, config, None)
+            run.update(exp)
             times.append((time.perf_counter() - t0, exp.time_generate, t1 - t0 - exp.time_generate, time.perf_counter() - t1))
         assert int(exp.rollout.mask.sum()) >= args["batch"] * args["response"] * 0.9, "responses ended early"
     else:
@@ -152,10 +150,12 @@ def run_one(args: dict) -> dict:
             response = torch.randint(3, args["vocab"], (args["response"],), generator=gen).tolist()
             items.append({"input_ids": ids + response, "labels": [-100] * len(ids) + response})
         batch = collate_sft(items, 0)
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        cross_entropy = registry.lookup("loss", ComponentSpec("cross_entropy"), "token")
         policy.train()
         for _ in range(2):
             t0 = time.perf_counter()
-            loss, _ = sft_loss_terms(policy, batch, cross_entropy_loss, {}, None, args["fused"])
+            loss, _ = sft_loss_terms(policy, batch, cross_entropy, {}, None, args["fused"])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -175,7 +175,7 @@ def scalar_models(args: dict, policy, tokenizer):
     import torch
 
     from rlhf_core.config import LoraConfig
-    from rlhf_core.models import ScalarHeadModel, SharedBackbone, apply_lora, load_tokenizer
+    from rlhf_core.models import ScalarHeadModel, SharedBackbone, apply_lora
     from rlhf_plugins.ppo.rewards import RewardModelReward
 
     source = args["reward_dir"]

@@ -49,18 +49,12 @@ def _prompts(tokenizer, n: int, length: int, vocab: int) -> list[str]:
 
 def measure(which: str, engine: str, *, prompts: int, samples: int, new_tokens: int, prompt_len: int) -> dict:
     """Tokens/s of one timed generate (after a warm-up), then one PPO iteration's split."""
-    from rlhf_core.config import ComponentSpec
-    from rlhf_core.data import encode_prompt
-    from rlhf_core import RewardSum
-    from rlhf_plugins.ppo.advantages import GroupMeanBaseline
-    from rlhf_plugins.ppo.generators import HFGenerator
+    from rlhf_core import CheckedGenerator, ComponentSpec, GenerationConfig, encode_prompt
     from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
-    from rlhf_plugins.ppo.loss import KLController
-
-    ppo_clip = build_registry(get_plugin_manager(entry_points=False)).lookup("loss", ComponentSpec("ppo_clip"), "policy")
-    from rlhf_plugins.ppo.stage import (
-        GenerationConfig, KLConfig, PPOConfig, PPOModels, Rollouts, make_experience, update,
-    )
+    from rlhf_plugins.ppo.advantages import GroupMeanBaseline
+    from rlhf_plugins.ppo.config import KLConfig, PolicyOptimConfig, PPOConfig
+    from rlhf_plugins.ppo.generators import HFGenerator
+    from rlhf_plugins.ppo.run import PPORun
 
     with tempfile.TemporaryDirectory() as tmp:
         policy, tokenizer = _models(which, Path(tmp))
@@ -77,7 +71,7 @@ def measure(which: str, engine: str, *, prompts: int, samples: int, new_tokens: 
                 gen = HFGenerator(ctx, policy, tokenizer, loop="rlhf" if engine == "hf-loop" else "generate")
         except Exception as exc:  # e.g. a head size the CPU engine does not support
             return {"model": which, "engine": engine, "unavailable": f"{type(exc).__name__}: {exc}"}
-        generator = Rollouts(entry, gen)
+        generator = CheckedGenerator(entry, gen)
         texts = _prompts(tokenizer, prompts, prompt_len, len(tokenizer))
         ids = [encode_prompt(tokenizer, t) for t in texts for _ in range(samples)]
         settings = dict(max_new_tokens=new_tokens, temperature=1.0, top_p=1.0)
@@ -89,17 +83,19 @@ def measure(which: str, engine: str, *, prompts: int, samples: int, new_tokens: 
         tokens = int(roll.mask.sum())
         config = PPOConfig(prompts_per_batch=prompts, samples_per_prompt=samples, ppo_epochs=1,
                            minibatch_size=prompts * samples, loss=ComponentSpec("ppo_clip"),
+                           optim=PolicyOptimConfig(lr=1e-6, weight_decay=0.01),
                            generation=GenerationConfig(max_new_tokens=new_tokens),
                            kl=KLConfig(coef=0.04, estimator="k3", placement="loss"))
-        models = PPOModels(policy, None, torch.optim.AdamW(policy.parameters(), lr=1e-6),
-                           KLController(0.04, False, 6.0, 10000), fused=True)
-        models.reference = _frozen_copy(policy)
-        reward = RewardSum([("reward", 1.0, lambda p, r, rows: torch.tensor([float(len(x)) for x in r]))])
+        run = PPORun.from_parts(build_registry(get_plugin_manager(entry_points=False)), config, policy,
+                                tokenizer=tokenizer, reference=_frozen_copy(policy), generator=generator, fused=True,
+                                rewards=lambda p, r, rows: torch.tensor([float(len(x)) for x in r]),
+                                estimator=GroupMeanBaseline())
+        batch = [run.prompt(text)[0] for text in texts]
         t1 = time.perf_counter()
-        exp = make_experience(models, texts, [{}] * len(texts), tokenizer, reward, GroupMeanBaseline(), config, ctx.device, None, generator)
+        exp = run.make_experience(batch)
         t2 = time.perf_counter()
-        update(models, exp, ppo_clip, config, None)
-        generator.update_weights(models.policy)
+        run.update(exp)
+        run.generator.update_weights(run.policy)
         t3 = time.perf_counter()
         return {"model": which, "engine": engine, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
                 "iteration_s": t3 - t1, "generate_s": exp.time_generate, "score_s": t2 - t1 - exp.time_generate,

@@ -40,13 +40,11 @@ from typing import Any
 
 import torch
 
-from rlhf_core.config import ComponentSpec
-from rlhf_core import RewardSum
+from rlhf_core import CheckedGenerator, ComponentSpec, GenerationConfig
 from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
 from rlhf_plugins.ppo.advantages import GroupMeanBaseline
-from rlhf_plugins.ppo.generators import HFGenerator
-from rlhf_plugins.ppo.loss import KLController
-from rlhf_plugins.ppo.stage import GenerationConfig, KLConfig, PPOConfig, PPOModels, Rollouts, make_experience, update
+from rlhf_plugins.ppo.config import KLConfig, PolicyOptimConfig, PPOConfig
+from rlhf_plugins.ppo.run import PPORun
 from rlhf_plugins.vllm_engine import VLLMGenerator, vllm_unavailable
 
 from .memory_usage import word_tokenizer
@@ -71,35 +69,32 @@ def reward(prompts, completions, **_) -> list[float]:
 
 
 def rlhf_iteration_seconds(steps: int, fused: bool, engine: str = "hf") -> float:
-    ppo_clip = build_registry(get_plugin_manager(entry_points=False)).lookup("loss", ComponentSpec("ppo_clip"), "policy")
+    registry = build_registry(get_plugin_manager(entry_points=False))
     policy, tokenizer = _model()
     reference, _ = _model()
     reference.eval().requires_grad_(False)
-    config = PPOConfig(prompts_per_batch=4, samples_per_prompt=4, ppo_epochs=1, minibatch_size=16, lr=1e-5,
-                       loss=ComponentSpec("ppo_clip"), generation=GenerationConfig(max_new_tokens=32),
+    loop = "rlhf" if engine == "hf-loop" else "generate"  # the hf engine with its own decode loop (loop: rlhf)
+    config = PPOConfig(prompts_per_batch=4, samples_per_prompt=4, ppo_epochs=1, minibatch_size=16,
+                       optim=PolicyOptimConfig(lr=1e-5, weight_decay=0.01), loss=ComponentSpec("ppo_clip"),
+                       generation=GenerationConfig(max_new_tokens=32), generator=ComponentSpec("hf", {"loop": loop}),
                        kl=KLConfig(coef=0.04, estimator="k3", placement="loss"))
-    models = PPOModels(policy, reference, torch.optim.AdamW(policy.parameters(), lr=1e-5),
-                       KLController(0.04, False, 6.0, 10000), fused=fused)
-    score = RewardSum([("reward", 1.0, lambda p, r, rows: torch.tensor(reward(p, r)))])
     generator = None
-    if engine == "hf-loop":  # the hf engine with its own decode loop (loop: rlhf)
-        ctx = types.SimpleNamespace(device=torch.device("cpu"), seed=0, name="ppo")
-        generator = Rollouts(types.SimpleNamespace(kind="generator", name="hf", plugin="bench"),
-                             HFGenerator(ctx, policy, tokenizer, loop="rlhf"))
     if engine == "vllm":
         with tempfile.TemporaryDirectory() as tmp:
             ctx = types.SimpleNamespace(device=torch.device("cpu"), seed=0, stage_dir=Path(tmp), name="ppo")
-            generator = Rollouts(types.SimpleNamespace(kind="generator", name="vllm", plugin="bench"),
-                                 VLLMGenerator(ctx, policy, tokenizer))
+            generator = CheckedGenerator(types.SimpleNamespace(kind="generator", name="vllm", plugin="bench"),
+                                         VLLMGenerator(ctx, policy, tokenizer))
+    run = PPORun.from_parts(registry, config, policy, tokenizer=tokenizer, reference=reference, generator=generator,
+                            rewards=lambda p, r, rows: torch.tensor(reward(p, r)), estimator=GroupMeanBaseline(),
+                            fused=fused)
+    prompts = [run.prompt(text)[0] for text in PROMPTS]
     times = []
     torch.manual_seed(0)
     for _ in range(steps + 2):
         t0 = time.perf_counter()
-        exp = make_experience(models, PROMPTS, [{}] * len(PROMPTS), tokenizer, score, GroupMeanBaseline(), config, torch.device("cpu"), None,
-                              generator)
-        update(models, exp, ppo_clip, config, None)
-        if generator is not None:
-            generator.update_weights(models.policy)
+        exp = run.make_experience(prompts)
+        run.update(exp)
+        run.generator.update_weights(run.policy)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[2:])
 
@@ -262,33 +257,31 @@ def rlhf_shape_worker(shape: Shape, model_dir: str, setup: dict, warmup: int, st
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     options = {"clip_eps_low": 0.2, "clip_eps_high": 0.28} if setup["clip"] == "dapo" else {"clip_eps": 0.2}
+    registry = build_registry(get_plugin_manager(entry_points=False))
     loss = ComponentSpec("ppo_clip", options)
-    loss_entry = build_registry(get_plugin_manager(entry_points=False)).lookup("loss", loss, "policy")
-    loss_entry.obj.check_options(**options)
+    entry = registry.lookup("loss", loss, "policy")
+    entry.obj.check_options(**entry.with_defaults(options))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     policy = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     batch = shape.prompts * shape.samples
     config = PPOConfig(prompts_per_batch=shape.prompts, samples_per_prompt=shape.samples, ppo_epochs=1,
-                       minibatch_size=batch, lr=1e-5, max_grad_norm=1.0, loss=loss, loss_agg="token_mean",
-                       advantage=ComponentSpec("group_mean", {"scale": "std"}), mixed_precision="no",
+                       minibatch_size=batch, optim=PolicyOptimConfig(lr=1e-5, max_grad_norm=1.0, mixed_precision="no"),
+                       loss=loss, loss_agg="token_mean", advantage=ComponentSpec("group_mean", {"scale": "std"}),
+                       generator=ComponentSpec("hf", {"loop": setup["loop"]}),
                        generation=GenerationConfig(max_new_tokens=shape.new_tokens), kl=KLConfig(coef=0.0))
-    models = PPOModels(policy, None, torch.optim.AdamW(policy.parameters(), lr=1e-5, weight_decay=0.0),
-                       KLController(0.0, False, 6.0, 10000), fused=setup["fused"], reference_free=True)
-    ctx = types.SimpleNamespace(device=torch.device("cpu"), seed=0, name="ppo")
-    generator = Rollouts(types.SimpleNamespace(kind="generator", name="hf", plugin="bench"),
-                         HFGenerator(ctx, policy, tokenizer, loop=setup["loop"]))
-    score = RewardSum([("reward", 1.0, lambda p, r, rows: torch.tensor(digit_reward(p, r)))])
-    prompts = shape_prompts(shape, shape.prompts)
+    run = PPORun.from_parts(registry, config, policy, tokenizer=tokenizer, fused=setup["fused"],
+                            rewards=lambda p, r, rows: torch.tensor(digit_reward(p, r)),
+                            estimator=GroupMeanBaseline(scale="std"))
+    prompts = [run.prompt(text)[0] for text in shape_prompts(shape, shape.prompts)]
     setup_rss = process_memory()["rss"]
     torch.manual_seed(0)
     rows = []
     for _ in range(warmup + steps):
         t0 = time.perf_counter()
-        exp = make_experience(models, prompts, [{}] * len(prompts), tokenizer, score, GroupMeanBaseline(scale="std"), config,
-                              torch.device("cpu"), None, generator)
+        exp = run.make_experience(prompts)
         t1 = time.perf_counter()
-        update(models, exp, loss_entry, config, None)
-        generator.update_weights(models.policy)
+        run.update(exp)
+        run.generator.update_weights(run.policy)
         t2 = time.perf_counter()
         rows.append({"seconds": t2 - t0, "generate": exp.time_generate, "score": t1 - t0 - exp.time_generate,
                      "train": t2 - t1, "tokens": int(exp.rollout.mask.sum())})

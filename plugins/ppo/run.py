@@ -21,13 +21,15 @@ import contextlib
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 import rlhf_kernels
 from rlhf_core import (
-    AdvantageInputs, CheckedEstimator, CheckedGenerator, OptimizerStep, append_column, PackingStats, PolicyLossInputs, Record,
+    AdvantageInputs, CheckedEstimator, CheckedGenerator, ModelConfig, OptimizerStep, RunConfig, StageContext,
+    append_column, load_tokenizer, PackingStats, PolicyLossInputs, Record,
     Rendering, RewardSum, SharedBackbone, StageError, autocast_context, build_rewards, concat_rollouts,
     evaluate_samples, fit_prompt, is_lora, is_main_process, load_causal_lm, lora_scope, masked_mean, padding_free,
     progress, render_prompt, use_fused_linear,
@@ -173,18 +175,55 @@ class PPORun:
                    critic_optim=critic_optim, teacher=teacher, teacher_is_base=teacher_is_base, shared=shared,
                    gold=gold, fused=fused)
 
+    @classmethod
+    def from_parts(cls, registry, config: PPOConfig, policy, *, tokenizer=None, reference=None, critic=None,
+                   rewards: RewardSum | None = None, estimator: Any = None, generator: CheckedGenerator | None = None,
+                   shared: SharedBackbone | None = None, fused: bool = False, backend: str | None = None, device: torch.device = torch.device("cpu"),
+                   seed: int = 0, name: str = "ppo") -> "PPORun":
+        """A run on models built elsewhere (a notebook, a benchmark, a test), in one process:
+        ``policy`` (trainable, on ``device``), an optional frozen ``reference`` and ``critic``,
+        ``rewards`` (a :class:`~rlhf_core.RewardSum`, or a function ``(prompts, responses, rows) ->
+        [B]``), an ``estimator`` instance (default: ``config.advantage``'s), a ``generator`` (default:
+        ``config.generator`` built on the policy), the ``shared`` backbone the critic or a reward model
+        are adapters on (sealed); optimizers, KL controller and policy loss as ``config`` says. Nothing
+        is sharded, wrapped or checked up front as :meth:`build` does."""
+        tokenizer = tokenizer or load_tokenizer(ModelConfig())
+        if rewards is not None and not isinstance(rewards, RewardSum):
+            rewards = RewardSum([("reward", 1.0, rewards)])
+        if generator is None:
+            ctx = StageContext(name=name, stage_dir=Path("."), run_config=RunConfig(), registry=registry, tracker=None,
+                               device=device, seed=seed, results={})
+            entry = registry.lookup("generator", config.generator)
+            generator = CheckedGenerator(entry, entry.obj(ctx, policy, tokenizer, **config.generator.options))
+        if estimator is None:
+            entry = registry.lookup("advantage", config.advantage)
+            estimator = entry.obj(**config.advantage.options)
+        else:
+            entry = next(e for e in registry.entries("advantage") if e.obj is type(estimator))
+        steps, who = config.optimizer_steps(), f"stage {name!r}"
+        params = shared.parameters_of(POLICY_ADAPTER) if shared is not None else policy.parameters()
+        policy_optim = OptimizerStep(params, config.optim, device, steps, who=who, prefix="optim.", model="policy")
+        critic_optim = (OptimizerStep(critic.parameters(), config.critic_optim, device, steps, who=who,
+                                      prefix="critic_optim.", model="value") if critic is not None else None)
+        kl = KLController(config.kl.coef, config.kl.adaptive, config.kl.target, config.kl.horizon)
+        return cls(config, name, policy, policy_optim, tokenizer, generator, rewards, CheckedEstimator(entry, estimator),
+                   registry.lookup("loss", config.loss, "policy"), kl, device, backend, seed, reference=reference,
+                   critic=critic, critic_optim=critic_optim, shared=shared, fused=fused)
+
+    def prompt(self, text: str, row: dict[str, Any] | None = None, source: str = "prompt") -> tuple[Prompt, bool]:
+        """``(prompt, truncated)``: rendered prompt ``text`` as PPO samples it, within the prompt budget
+        (a longer one keeps its BOS and last tokens; the rewards then read those tokens' text), with
+        its data record ``row``."""
+        ids, truncated = fit_prompt(self.tokenizer, text, self.config.prompt_budget())
+        if truncated:
+            text = self.tokenizer.decode(ids[1:] if ids[:1] == [self.tokenizer.bos_token_id] else ids,
+                                         skip_special_tokens=False)
+        return Prompt(ids, text, row if row is not None else {}), truncated
+
     def prompts(self, records: list[Record], rendering: Rendering) -> tuple[list[Prompt], int]:
-        """The records as :class:`Prompt` s within the prompt budget, and how many were cut."""
-        out, cut = [], 0
-        for record in records:
-            text = render_prompt(self.tokenizer, record.fields, rendering, record.source)
-            ids, truncated = fit_prompt(self.tokenizer, text, self.config.prompt_budget())
-            if truncated:
-                cut += 1
-                text = self.tokenizer.decode(ids[1:] if ids[:1] == [self.tokenizer.bos_token_id] else ids,
-                                             skip_special_tokens=False)
-            out.append(Prompt(ids, text, record.fields))
-        return out, cut
+        """The records as :class:`Prompt` s (see :meth:`prompt`), and how many were cut."""
+        out = [self.prompt(render_prompt(self.tokenizer, r.fields, rendering, r.source), r.fields) for r in records]
+        return [p for p, _ in out], sum(cut for _, cut in out)
 
     # ------------------------------------------------------------------ the loop
 

@@ -8,20 +8,23 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the ppo_parts helper, also under torchrun
+from ppo_parts import ppo_run  # noqa: E402
+
 from rlhf_core import distributed as dist_utils
-from rlhf_core.config import ComponentSpec, ModelConfig
+from rlhf_core.config import ComponentSpec, GenerationConfig, ModelConfig
 from rlhf_core import AdvantageInputs
 from rlhf_core.models import load_causal_lm
 from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
 from rlhf_core.sampling import Rollout, concat_rollouts
 from rlhf_plugins.ppo.advantages import GroupMeanBaseline, ReinforcePP
-from rlhf_plugins.ppo.loss import KLController
+from rlhf_plugins.ppo.config import KLConfig, PolicyOptimConfig, PPOConfig
 from rlhf_plugins.ppo.rollout import Experience, score_tokens
-from rlhf_plugins.ppo.stage import GenerationConfig, KLConfig, PPOConfig, PPOModels, update
 
 MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
 LOSSES = (ComponentSpec("ppo_clip", {"clip_eps_low": 0.2, "clip_eps_high": 0.28}), ComponentSpec("gspo", {"variant": "token"}),
@@ -62,13 +65,11 @@ def gradients(rows: list[int]) -> dict[str, torch.Tensor]:
         for mode in MODES:
             model = copy.deepcopy(policy)
             config = PPOConfig(prompts_per_batch=4, samples_per_prompt=2, ppo_epochs=1, minibatch_size=8,
-                               micro_batch_size=2, max_grad_norm=0.0, loss=loss, loss_agg=mode, kl=KLConfig(coef=0.0),
-                               generation=GenerationConfig(max_new_tokens=6))
-            models = PPOModels(model, None, torch.optim.SGD(model.parameters(), lr=0.0), KLController(0.0, False, 6.0, 100),
-                               reference_free=True)
+                               micro_batch_size=2, optim=PolicyOptimConfig(max_grad_norm=0.0), loss=loss, loss_agg=mode,
+                               kl=KLConfig(coef=0.0), generation=GenerationConfig(max_new_tokens=6))
             exp = Experience(mine, rewards[index], old[index], None, torch.zeros_like(mask), torch.zeros_like(mask),
                              out["adv_reinforce_pp"], None, None)
-            update(models, exp, registry.lookup("loss", loss, "policy"), config, "reference")
+            ppo_run(registry, config, model, backend="reference").update(exp)
             grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
             out[f"{loss.name}-{mode}"] = dist_utils.all_reduce_sum(grad) / dist_utils.world_size()  # DDP's average
     return out
@@ -79,7 +80,7 @@ if __name__ == "__main__":
     rows = dist_utils.shard(list(range(8)))
     mine = gradients(rows)
     gathered = dist_utils.all_gather_objects({k: v.tolist() for k, v in mine.items() if k.startswith("adv_")})
-    if dist_utils.rank() == 0:
+    if dist_utils.is_main_process():
         out = {k: v.contiguous() for k, v in mine.items() if not k.startswith("adv_")}
         for key in ("adv_reinforce_pp", "adv_group_std"):
             out[key] = torch.tensor([row for part in gathered for row in part[key]])

@@ -5,16 +5,23 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the ppo_parts helper, also under torchrun
+from ppo_parts import ppo_run  # noqa: E402
+
 from rlhf_core import distributed as dist_utils
-from rlhf_core import AdvantageInputs
+from rlhf_core import AdvantageInputs, ModelConfig
 from rlhf_plugins.ppo.advantages import BatchMeanBaseline, EMABaseline, whiten
 from rlhf_plugins.ppo.loss import KLController
 from rlhf_core.sampling import Rollout
+from rlhf_core.models import load_causal_lm
+from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
+from rlhf_plugins.ppo.config import KLConfig, PPOConfig
 from rlhf_plugins.ppo.rollout import Experience
-from rlhf_plugins.ppo.stage import experience_stats
+from rlhf_plugins.ppo.run import PolicyUpdate
 
 
 def fixed_batch():
@@ -40,7 +47,9 @@ def statistics(mask, rewards, kl, entropy, rows):
     white = whiten(batch_mean, m)
     roll = Rollout(torch.zeros(len(r), 1), torch.zeros(len(r), 1), 1, torch.zeros_like(m), m, [""] * len(r))
     exp = Experience(roll, r, torch.zeros_like(m), torch.zeros_like(m), e, k, white, None, None)
-    stats = experience_stats(exp, beta=0.1)
+    run = ppo_run(build_registry(get_plugin_manager(entry_points=False)), PPOConfig(kl=KLConfig(coef=0.1)),
+                  load_causal_lm(ModelConfig(), seed=0))
+    stats = run.stats(exp, PolicyUpdate({}))
     kl_ctl = KLController(0.1, True, 0.5, 100)
     kl_ctl.update(stats["kl"], 8)
     return {"batch_mean": batch_mean.tolist(), "ema_baseline": ema.baseline, "ema_second": ema_second.tolist(),
@@ -53,7 +62,7 @@ if __name__ == "__main__":
     rows = dist_utils.shard(list(range(8)))
     mine = statistics(mask, rewards, kl, entropy, rows)
     gathered = dist_utils.all_gather_objects((rows, mine))
-    if dist_utils.rank() == 0:
+    if dist_utils.is_main_process():
         with open(sys.argv[1], "w") as fh:
             json.dump(gathered, fh)
     dist_utils.shutdown()

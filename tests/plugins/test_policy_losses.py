@@ -13,11 +13,14 @@ import torch
 
 from rlhf_core.config import ComponentSpec, ConfigError, ModelConfig, load_raw, resolve
 from rlhf_core import PolicyLossInputs, RewardSum
-from rlhf_core.models import load_causal_lm, load_tokenizer
+from rlhf_core.models import load_causal_lm
+from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
 from rlhf_plugins.ppo.advantages import GroupMeanBaseline
-from rlhf_plugins.ppo.loss import KLController, aggregate, cispo, gspo, kl_k2, local_normaliser, ppo_clip, reinforce
-from rlhf_plugins.ppo import stage as stage_module
-from rlhf_plugins.ppo.stage import GenerationConfig, KLConfig, PPOConfig, PPOModels, make_experience, update
+from rlhf_plugins.ppo.loss import aggregate, cispo, gspo, kl_k2, local_normaliser, ppo_clip, reinforce
+from ppo_parts import ppo_run, prompts
+from rlhf_plugins.ppo import run as run_module
+from rlhf_plugins.ppo.config import KLConfig, PolicyOptimConfig, PPOConfig
+from rlhf_core import GenerationConfig
 
 # Two responses of 3 and 1 tokens (position 3 of row 0 and 1..3 of row 1 are padding); the ratios
 # r = exp(logp - old) = 1.5, 0.7, 1.1 | 0.5 fall on both sides of a 0.2 clip.
@@ -150,13 +153,13 @@ def rollout():
     torch.manual_seed(0)
     policy = load_causal_lm(CFG, seed=0)
     reference = load_causal_lm(CFG, seed=1).eval().requires_grad_(False)
-    config = PPOConfig(prompts_per_batch=4, samples_per_prompt=2, ppo_epochs=1, minibatch_size=8, max_grad_norm=0.0,
-                       generation=GenerationConfig(max_new_tokens=32),
+    config = PPOConfig(prompts_per_batch=4, samples_per_prompt=2, ppo_epochs=1, minibatch_size=8,
+                       optim=PolicyOptimConfig(max_grad_norm=0.0), generation=GenerationConfig(max_new_tokens=32),
                        kl=KLConfig(coef=0.05, estimator="k3", placement="reward"))
-    m = PPOModels(policy, reference, torch.optim.SGD(policy.parameters(), lr=0.0), KLController(0.05, False, 6.0, 100))
+    registry = build_registry(get_plugin_manager(entry_points=False))
+    run = ppo_run(registry, config, policy, reference=reference, rewards=REWARD, estimator=GroupMeanBaseline())
     torch.manual_seed(1)
-    exp = make_experience(m, ["abc", "hello there", "x", "aaaa b"], [{}] * 4, load_tokenizer(CFG), REWARD, GroupMeanBaseline(),
-                          config, torch.device("cpu"), "cpp")
+    exp = run.make_experience(prompts(run, ["abc", "hello there", "x", "aaaa b"]))
     # Responses of different lengths, as EOS would end them (the untrained policy rarely samples EOS):
     # the aggregation modes weigh them differently.
     roll, prompt_len = exp.rollout, exp.rollout.prompt_len
@@ -171,15 +174,12 @@ def rollout():
     return policy, reference, exp, config
 
 
-def gradient(registry, rollout, loss: ComponentSpec, fused: bool, micro: int | None, agg: str, entry=None):
+def gradient(registry, rollout, loss: ComponentSpec, fused: bool, micro: int | None, agg: str, **options):
     """The policy's gradient after one update (lr 0: the weights stay, the gradient is kept)."""
     policy, reference, exp, config = rollout
     policy = copy.deepcopy(policy)
-    m = PPOModels(policy, reference, torch.optim.SGD(policy.parameters(), lr=0.0), KLController(0.05, False, 6.0, 100),
-                  fused=fused)
-    cfg = dataclasses.replace(config, loss=loss, loss_agg=agg, micro_batch_size=micro, entropy_coef=0.01)
-    entry = entry or registry.lookup("loss", loss, "policy")
-    stats = update(m, copy.deepcopy(exp), entry, cfg, "cpp")
+    cfg = dataclasses.replace(config, loss=loss, loss_agg=agg, micro_batch_size=micro, entropy_coef=0.01, **options)
+    stats = ppo_run(registry, cfg, policy, reference=reference, fused=fused).update(copy.deepcopy(exp)).metrics
     return torch.cat([p.grad.reshape(-1) for p in policy.parameters()]), stats
 
 
@@ -265,7 +265,7 @@ def test_token_budget_micro_batches_give_the_same_gradient(registry, rollout, bu
     """max_tokens_per_micro_batch cuts each minibatch into runs of rows within the token budget (a row
     over it alone: budget 1 is one row per micro-batch): the gradient and the stats of the whole
     minibatch, for a token-mean and a sequence-mean aggregation; the runs are maximal and in order."""
-    from rlhf_plugins.ppo.stage import token_runs
+    from rlhf_plugins.ppo.run import token_runs
 
     loss = ComponentSpec("ppo_clip", {"clip_eps_low": 0.2, "clip_eps_high": 0.28})
     tokens = rollout[2].rollout.attention_mask.sum(1).tolist()
@@ -277,13 +277,7 @@ def test_token_budget_micro_batches_give_the_same_gradient(registry, rollout, bu
         assert sum(tokens[r] for r in run.tolist()) + tokens[int(after[0])] > budget  # maximal
     for agg in ("token_mean", "seq_mean_token_mean"):
         whole, whole_stats = gradient(registry, rollout, loss, False, None, agg)
-        policy, reference, exp, config = rollout
-        policy = copy.deepcopy(policy)
-        m = PPOModels(policy, reference, torch.optim.SGD(policy.parameters(), lr=0.0),
-                      KLController(0.05, False, 6.0, 100))
-        cfg = dataclasses.replace(config, loss=loss, loss_agg=agg, max_tokens_per_micro_batch=budget, entropy_coef=0.01)
-        stats = update(m, copy.deepcopy(exp), registry.lookup("loss", loss, "policy"), cfg, "cpp")
-        split = torch.cat([p.grad.reshape(-1) for p in policy.parameters()])
+        split, stats = gradient(registry, rollout, loss, False, None, agg, max_tokens_per_micro_batch=budget)
         assert float((split - whole).norm() / whole.norm()) <= 1e-6, (agg, budget)
         assert stats["policy_loss"] == pytest.approx(whole_stats["policy_loss"], rel=1e-5, abs=1e-7)
 
@@ -296,19 +290,18 @@ def test_the_critic_step_does_not_depend_on_the_micro_batch_split(registry):
     torch.manual_seed(0)
     policy = load_causal_lm(CFG, seed=0)
     critic = ScalarHeadModel.from_causal_lm(load_causal_lm(CFG, seed=2))
-    config = PPOConfig(prompts_per_batch=4, samples_per_prompt=2, ppo_epochs=1, minibatch_size=8, max_grad_norm=0.0,
-                       generation=GenerationConfig(max_new_tokens=12), kl=KLConfig(coef=0.0))
-    m = PPOModels(policy, None, torch.optim.SGD(policy.parameters(), lr=0.0), KLController(0.0, False, 6.0, 100),
-                  critic=critic, critic_optimizer=torch.optim.SGD(critic.parameters(), lr=0.0), reference_free=True)
+    config = PPOConfig(prompts_per_batch=4, samples_per_prompt=2, ppo_epochs=1, minibatch_size=8,
+                       optim=PolicyOptimConfig(max_grad_norm=0.0), generation=GenerationConfig(max_new_tokens=12),
+                       kl=KLConfig(coef=0.0))
+    run = ppo_run(registry, config, policy, critic=critic, rewards=REWARD, estimator=GAE())
     torch.manual_seed(1)
-    exp = make_experience(m, ["abc", "hello there", "x", "aaaa b"], [{}] * 4, load_tokenizer(CFG), REWARD, GAE(), config,
-                          torch.device("cpu"), "cpp")
+    exp = run.make_experience(prompts(run, ["abc", "hello there", "x", "aaaa b"]))
     grads, losses, forwards = [], [], []
     hook = critic.register_forward_hook(lambda *_: forwards.append(1))
     for micro in (None, 2):
         forwards.clear()
-        stats = update(m, copy.deepcopy(exp), registry.lookup("loss", ComponentSpec("ppo_clip"), "policy"),
-                       dataclasses.replace(config, micro_batch_size=micro), "cpp")
+        run.config = dataclasses.replace(config, micro_batch_size=micro)
+        stats = run.update(copy.deepcopy(exp)).metrics
         grads.append(torch.cat([p.grad.reshape(-1) for p in critic.parameters() if p.grad is not None]))
         losses.append(stats["value_loss"])
         assert len(forwards) == (1 if micro is None else 4)  # 8 rows: one forward, or four of 2 rows
@@ -341,17 +334,16 @@ def test_on_policy_fused_update_equals_the_logits_path_in_one_pass(registry, rol
     results = []
     for fused in (False, True):
         model = copy.deepcopy(policy)
-        m = PPOModels(model, None, torch.optim.SGD(model.parameters(), lr=0.0), KLController(0.0, False, 6.0, 100),
-                      fused=fused, reference_free=True)
-        on_policy_exp = copy.deepcopy(exp)
-        on_policy_exp.old_logprobs, on_policy_exp.entropy, on_policy_exp.ref_logprobs = None, None, None
+        run = ppo_run(registry, cfg, model, fused=fused)
+        on_policy_exp = dataclasses.replace(copy.deepcopy(exp), old_logprobs=None, entropy=None, ref_logprobs=None)
         scoring_passes = []
-        real = stage_module.token_scores
-        monkeypatch.setattr(stage_module, "token_scores", lambda *a, **k: scoring_passes.append(1) or real(*a, **k))
-        update(m, on_policy_exp, registry.lookup("loss", loss, "policy"), cfg, "cpp")
+        real = run_module.token_scores
+        monkeypatch.setattr(run_module, "token_scores", lambda *a, **k: scoring_passes.append(1) or real(*a, **k))
+        update = run.update(on_policy_exp)
         assert len(scoring_passes) == (0 if fused else 1)  # fused: no scoring pass of its own
+        assert on_policy_exp.old_logprobs is None  # the Experience is not rewritten: the update holds them
         grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-        results.append((grad, on_policy_exp.old_logprobs, on_policy_exp.entropy))
+        results.append((grad, update.old_logprobs, update.entropy))
     (g_logits, old_logits, ent_logits), (g_fused, old_fused, ent_fused) = results
     assert g_logits.abs().sum() > 0 and ent_fused.abs().sum() > 0
     torch.testing.assert_close(g_fused, g_logits, rtol=1e-4, atol=1e-6)

@@ -7,14 +7,13 @@ import copy
 import pytest
 import torch
 
-from rlhf_core.config import ComponentSpec, ModelConfig
-from rlhf_core.data import encode_prompt
+from ppo_parts import ppo_run, prompts
 from rlhf_core import RewardSum
-from rlhf_core.models import load_causal_lm, load_tokenizer
-from rlhf_plugins.ppo.advantages import BatchMeanBaseline
-from rlhf_plugins.ppo.loss import KLController
-from rlhf_core.models import use_fused_linear
-from rlhf_plugins.ppo.stage import KLConfig, PPOConfig, PPOModels, make_experience, update
+from rlhf_core.config import ModelConfig
+from rlhf_core.data import encode_prompt
+from rlhf_core.models import load_causal_lm, load_tokenizer, use_fused_linear
+from rlhf_plugins.ppo import run as run_module
+from rlhf_plugins.ppo.config import KLConfig, PPOConfig
 
 CFG = ModelConfig()
 
@@ -26,10 +25,8 @@ def score(prompts, responses, rows):
 REWARD = RewardSum([("reward", 1.0, score)])
 
 
-def models(fused: bool, policy, reference) -> PPOModels:
-    policy = copy.deepcopy(policy)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    return PPOModels(policy, reference, optimizer, KLController(0.05, False, 6.0, 100), fused=fused)
+def make_run(registry, config, fused: bool, policy, reference):
+    return ppo_run(registry, config, copy.deepcopy(policy), reference=reference, rewards=REWARD, fused=fused, lr=1e-3)
 
 
 @pytest.fixture(autouse=True)
@@ -45,18 +42,17 @@ def test_fused_ppo_equals_logits_path(registry, placement, entropy_coef):
     torch.manual_seed(0)
     policy = load_causal_lm(CFG, seed=0)
     reference = load_causal_lm(CFG, seed=1).eval().requires_grad_(False)
-    tokenizer = load_tokenizer(CFG)
     config = PPOConfig(samples_per_prompt=2, ppo_epochs=2, minibatch_size=4, entropy_coef=entropy_coef,
                        kl=KLConfig(coef=0.05, estimator="k3", placement=placement))
-    prompts = ["abc", "hello there", "x", "aaaa b"]
+    texts = ["abc", "hello there", "x", "aaaa b"]
     results = {}
     for fused in (False, True):
-        m = models(fused, policy, reference)
+        run = make_run(registry, config, fused, policy, reference)
         torch.manual_seed(1)  # the same samples for both paths
-        exp = make_experience(m, prompts, [{}] * len(prompts), tokenizer, REWARD, BatchMeanBaseline(), config, torch.device("cpu"), "cpp")
+        exp = run.make_experience(prompts(run, texts))
         torch.manual_seed(2)  # the same minibatch order
-        stats = update(m, exp, registry.lookup("loss", ComponentSpec("ppo_clip"), "policy"), config, "cpp")
-        results[fused] = (exp, stats, m.policy)
+        stats = run.update(exp).metrics
+        results[fused] = (exp, stats, run.policy)
     (exp_a, stats_a, pol_a), (exp_b, stats_b, pol_b) = results[False], results[True]
     assert torch.equal(exp_a.rollout.sequences, exp_b.rollout.sequences)
     for name in ("old_logprobs", "ref_logprobs", "entropy", "kl_tokens", "advantages"):
@@ -117,33 +113,36 @@ def test_on_policy_update_skips_the_old_forward_and_changes_nothing(registry, fu
     """One epoch, one minibatch, KL in the loss: the old log-probs come from the update's own
     forward (no scoring forward of the policy); weights, stats and the experience's old log-probs,
     entropy and KL equal those of the path with the extra forward."""
-    import rlhf_plugins.ppo.stage as stage
-
     torch.manual_seed(0)
     policy = load_causal_lm(CFG, seed=0)
     reference = load_causal_lm(CFG, seed=1).eval().requires_grad_(False)
-    tokenizer = load_tokenizer(CFG)
     config = PPOConfig(prompts_per_batch=4, samples_per_prompt=2, ppo_epochs=1, minibatch_size=8, entropy_coef=0.01,
                        kl=KLConfig(coef=0.05, estimator="k3", placement="loss"))
-    assert stage.on_policy(config)
-    prompts = ["abc", "hello there", "x", "aaaa b"]
+    assert run_module.on_policy(config)
+    texts = ["abc", "hello there", "x", "aaaa b"]
     results = {}
-    real = stage.score_tokens
+    real = run_module.score_tokens
     for skip in (True, False):
-        monkeypatch.setattr(stage, "on_policy", lambda c, _skip=skip: _skip)
+        monkeypatch.setattr(run_module, "on_policy", lambda c, _skip=skip: _skip)
         calls = []
-        monkeypatch.setattr(stage, "score_tokens", lambda *a, _calls=calls, **k: _calls.append(a[0]) or real(*a, **k))
-        m = models(fused, policy, reference)
+        monkeypatch.setattr(run_module, "score_tokens", lambda *a, _calls=calls, **k: _calls.append(a[0]) or real(*a, **k))
+        run = make_run(registry, config, fused, policy, reference)
         torch.manual_seed(1)
-        exp = make_experience(m, prompts, [{}] * len(prompts), tokenizer, REWARD, BatchMeanBaseline(), config, torch.device("cpu"), "cpp")
-        assert (exp.old_logprobs is None) == skip
-        assert sum(c is m.policy for c in calls) == (0 if skip else 1)  # the policy's scoring forward is skipped
+        exp = run.make_experience(prompts(run, texts))
+        assert (exp.old_logprobs is None) == skip and (exp.entropy is None) == skip
+        assert sum(c is run.policy for c in calls) == (0 if skip else 1)  # the policy's scoring forward is skipped
         torch.manual_seed(2)
-        stats = update(m, exp, registry.lookup("loss", ComponentSpec("ppo_clip"), "policy"), config, "cpp")
-        results[skip] = (exp, stats, m.policy)
-    (exp_a, stats_a, pol_a), (exp_b, stats_b, pol_b) = results[True], results[False]
-    for name in ("old_logprobs", "entropy", "kl_tokens", "advantages"):
-        torch.testing.assert_close(getattr(exp_a, name), getattr(exp_b, name), atol=2e-5, rtol=1e-5, msg=name)
+        update = run.update(exp)
+        # the old policy's log-probs and entropy: the update's own (on-policy), else the Experience's
+        old = update.old_logprobs if skip else exp.old_logprobs
+        entropy = update.entropy if skip else exp.entropy
+        stats = {**update.metrics, **run.stats(exp, update)}
+        results[skip] = (old, entropy, exp.advantages, stats, run.policy)
+    (old_a, ent_a, adv_a, stats_a, pol_a), (old_b, ent_b, adv_b, stats_b, pol_b) = results[True], results[False]
+    torch.testing.assert_close(old_a, old_b, atol=2e-5, rtol=1e-5, msg="old_logprobs")
+    torch.testing.assert_close(ent_a, ent_b, atol=2e-5, rtol=1e-5, msg="entropy")
+    torch.testing.assert_close(adv_a, adv_b, atol=2e-5, rtol=1e-5, msg="advantages")
+    assert stats_a["kl"] > 0 and stats_a["entropy"] > 0  # the KL and entropy it logs are measured, not zeros
     for key in stats_b:
         assert stats_a[key] == pytest.approx(stats_b[key], rel=1e-4, abs=1e-5), key
     for (name, a), b in zip(pol_a.named_parameters(), pol_b.parameters()):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
@@ -20,11 +19,12 @@ from rlhf_core import RewardSum, StageContext
 from rlhf_core.models import load_causal_lm, load_tokenizer
 from rlhf_core.sampling import concat_rollouts, generate
 from rlhf_plugins.ppo.advantages import GroupMeanBaseline
-from rlhf_plugins.ppo.loss import (KLController, distill_rewards, local_normaliser, overlong_penalty, rollout_correction,
+from ppo_parts import ppo_run, prompts
+from rlhf_core import GenerationConfig
+from rlhf_plugins.ppo.config import DynamicSamplingConfig, KLConfig, OverlongConfig, PolicyOptimConfig, PPOConfig
+from rlhf_plugins.ppo.loss import (distill_rewards, local_normaliser, overlong_penalty, rollout_correction,
                                    shape_rewards, truncated_responses)
 from rlhf_plugins.ppo.rollout import score_tokens
-from rlhf_plugins.ppo.stage import (DynamicSamplingConfig, GenerationConfig, KLConfig, OverlongConfig, PPOConfig,
-                                    PPOModels, sample, sample_informative, score_experience, update)
 
 CFG = ModelConfig()
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
@@ -109,42 +109,36 @@ def test_joined_rollouts_score_like_their_parts(tiny):
         assert joined.mask[row].sum() == n and joined.logprobs[row, :n].tolist() == [-1.0 - part] * n
 
 
-def ppo_models(policy, coef=0.0):
-    return PPOModels(policy, None, torch.optim.SGD(policy.parameters(), lr=0.0), KLController(coef, False, 6.0, 100),
-                     reference_free=coef == 0)
-
-
-def test_dynamic_sampling_keeps_informative_groups_and_fills_when_rounds_run_out(tiny):
+def test_dynamic_sampling_keeps_informative_groups_and_fills_when_rounds_run_out(tiny, registry):
     policy, tok = tiny
     # Prompts starting with "t" always get reward 1 (a tied group); the others a reward by length.
     def score(prompts, responses, rows):
         return torch.tensor([1.0 if p.startswith("t") else float(len(r)) for p, r in zip(prompts, responses)])
 
     reward = RewardSum([("reward", 1.0, score)])
-    draws = iter([(p, [{}, {}]) for p in (["t1", "a"], ["t2", "t3"], ["b", "t4"], ["t5", "t6"])])
     config = PPOConfig(prompts_per_batch=2, samples_per_prompt=3, generation=GenerationConfig(max_new_tokens=6),
-                       dynamic_sampling=DynamicSamplingConfig(max_rounds=4))
+                       dynamic_sampling=DynamicSamplingConfig(max_rounds=4), kl=KLConfig(coef=0.0))
+    run = ppo_run(registry, config, policy, rewards=reward, tokenizer=tok)
+    draws = iter([prompts(run, p) for p in (["t1", "a"], ["t2", "t3"], ["b", "t4"], ["t5", "t6"])])
     torch.manual_seed(1)
-    got = sample_informative(ppo_models(policy), lambda: next(draws), tok, reward, config, torch.device("cpu"))
+    got = run.sample_informative(lambda: next(draws))
     # Round 1 keeps "a" (t1 tied), round 2 none, round 3 keeps "b": done in 3 rounds, 4 tied groups dropped.
     assert got.stats == {"ds_rounds": 3.0, "ds_dropped_groups": 4.0, "ds_filled_groups": 0.0}
     assert got.group_ids.tolist() == [0, 0, 0, 1, 1, 1] and len(got.rollout.responses) == 6
     assert got.rewards.tolist() == [float(len(r)) for r in got.rollout.responses]
-    assert next(draws)[0] == ["t5", "t6"]  # the fourth round never ran
+    assert [p.text for p in next(draws)] == ["t5", "t6"]  # the fourth round never ran
     # With one round allowed, a tied group fills the batch, and says so.
-    draws = iter([(["t1", "a"], [{}, {}])])
+    draws = iter([prompts(run, ["t1", "a"])])
+    run.config = dataclasses.replace(config, dynamic_sampling=DynamicSamplingConfig(max_rounds=1))
     torch.manual_seed(1)
-    one = sample_informative(ppo_models(policy), lambda: next(draws), tok, reward,
-                             dataclasses.replace(config, dynamic_sampling=DynamicSamplingConfig(max_rounds=1)),
-                             torch.device("cpu"))
+    one = run.sample_informative(lambda: next(draws))
     assert one.stats == {"ds_rounds": 1.0, "ds_dropped_groups": 0.0, "ds_filled_groups": 1.0}
     assert one.rewards[3:].tolist() == [1.0, 1.0, 1.0]  # "a" first, then the tied "t1"
 
 
 def gradient_of(policy, exp, config, registry, fused):
     policy = copy.deepcopy(policy)
-    m = dataclasses.replace(ppo_models(policy), fused=fused)
-    update(m, copy.deepcopy(exp), registry.lookup("loss", config.loss, "policy"), config, "cpp")
+    ppo_run(registry, config, policy, fused=fused).update(copy.deepcopy(exp))
     return torch.cat([p.grad.reshape(-1) for p in policy.parameters()])
 
 
@@ -156,13 +150,14 @@ def test_tokens_out_of_the_loss_weigh_nothing(tiny, registry, fused, loss, agg):
     truncated responses (whose advantages are set apart), whatever the loss's path (ppo_clip's
     one-sweep fused form takes the masked labels)."""
     policy, tok = tiny
-    config = PPOConfig(prompts_per_batch=3, samples_per_prompt=2, ppo_epochs=1, minibatch_size=6, max_grad_norm=0.0,
-                       loss=loss, loss_agg=agg, generation=GenerationConfig(max_new_tokens=4), kl=KLConfig(coef=0.0),
+    config = PPOConfig(prompts_per_batch=3, samples_per_prompt=2, ppo_epochs=1, minibatch_size=6,
+                       optim=PolicyOptimConfig(max_grad_norm=0.0), loss=loss, loss_agg=agg, generation=GenerationConfig(max_new_tokens=4), kl=KLConfig(coef=0.0),
                        overlong=OverlongConfig(mask_truncated=True))
     torch.manual_seed(2)
     reward = RewardSum([("reward", 1.0, lambda prompts, responses, rows: torch.tensor(
         [float(r.count("a")) + 0.1 * i for i, r in enumerate(responses)]))])
-    samples = sample(ppo_models(policy), ["a=", "b=", "cc="], [{}] * 3, tok, reward, config, torch.device("cpu"))
+    run = ppo_run(registry, config, policy, rewards=reward, estimator=GroupMeanBaseline(), tokenizer=tok)
+    samples = run.sample(prompts(run, ["a=", "b=", "cc="]))
     # Make rows 1 and 4 end with EOS (the untrained policy rarely samples it): the others are truncated.
     roll = samples.rollout
     for row in (1, 4):
@@ -172,7 +167,7 @@ def test_tokens_out_of_the_loss_weigh_nothing(tiny, registry, fused, loss, agg):
         roll.attention_mask[row, roll.prompt_len + 3:] = 0
     samples.truncated = truncated_responses(roll.labels, roll.mask, tok.eos_token_id)
     assert samples.truncated.tolist() == [True, False, True, True, False, True]
-    exp = score_experience(ppo_models(policy), samples, GroupMeanBaseline(), config, "cpp")
+    exp = run.score(samples)
     assert exp.stats["truncated_frac"] == pytest.approx(4 / 6)
     masked = gradient_of(policy, exp, config, registry, fused)
     # The same update on rows 1 and 4 alone (their advantages as computed on the whole batch).
@@ -234,7 +229,7 @@ def test_distillation_alone_without_a_reference_pulls_the_student_to_its_teacher
     stages = ("stages=[{stage: sft, data: {train: 'builtin:letters', builtin_size: 1200, max_length: 32}, "
               "train: {steps: 60, batch_size: 32, lr: 3.0e-3, warmup_steps: 10}}, "
               "{stage: ppo, init: base, data: {train: 'builtin:letters', builtin_size: 40}, iterations: 12, "
-              "prompts_per_batch: 16, minibatch_size: 16, ppo_epochs: 1, lr: 1.0e-2, generation: {max_new_tokens: 10}, "
+              "prompts_per_batch: 16, minibatch_size: 16, ppo_epochs: 1, optim: {lr: 1.0e-2}, generation: {max_new_tokens: 10}, "
               "eval_every: 0, eval_prompts: 0, reward: null, kl: {coef: 0}, distill: {teacher: '@sft'}, "
               "advantage: {name: reinforce_pp, gamma: 0.0}}]")
     result = CliRunner().invoke(cli, ["run", "--out", str(tmp_path / "run"), "--set", stages], obj={})
