@@ -34,7 +34,7 @@ TASK = RECIPES / "grpo_arith.yaml"
 BUILT_IN = ("grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo", "reinforce_pp", "ppo_gae")
 #: The keys of a recipe's RL stage that define its algorithm (the rest is the task and its budget).
 ALGORITHM_KEYS = ("advantage", "loss", "loss_agg", "kl", "dynamic_sampling", "overlong", "whiten_advantages",
-                  "entropy_coef", "rollout_correction", "critic_lr", "vf_clip")
+                  "entropy_coef", "rollout_correction", "critic_optim", "vf_clip")
 GROUP_SIZE = 8
 
 

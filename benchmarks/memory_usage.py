@@ -7,8 +7,8 @@ a config with random weights; vocabulary 128256 through a word-level tokenizer b
 - ``fused+lora``: LoRA adapters (peft); the reference is the policy with adapters disabled
 - ``fused+lora+gc``: and gradient checkpointing
 
-and, for PPO with a reward model and a GAE critic (``ppo+rm+critic``: all four models of the
-seed's step 3):
+and, for PPO with a reward model and a GAE critic (``ppo+rm+critic``: all four models of
+step 3 of the three-step recipe):
 
 - ``plain``: policy, reference, reward model and critic each a full copy, logits materialised
 - ``fused+lora``: LoRA policy (reference = adapters off), the reward model a frozen copy, the

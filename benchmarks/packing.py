@@ -113,7 +113,8 @@ def rlhf_worker(shape: PackingShape, model_dir: str, packing: bool, budget: bool
     from rlhf_core.data import Record, collate_sft, tokenize_sft
     from rlhf_core.data.collate import shift_labels
     from rlhf_core.training import Trainer, make_loader, total_steps
-    from rlhf_plugins.sft import cross_entropy_loss, sft_loss_terms
+    from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
+    from rlhf_plugins.sft import sft_loss_terms
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -128,8 +129,10 @@ def rlhf_worker(shape: PackingShape, model_dir: str, packing: bool, budget: bool
     stamps = _Stamps()
     trainer = Trainer(model, cfg, torch.device("cpu"), stamps, "sft", packing=packing)
 
+    cross_entropy = build_registry(get_plugin_manager(entry_points=False)).get("loss", "cross_entropy")
+
     def compute_loss(batch):
-        return sft_loss_terms(model, batch, cross_entropy_loss, {}, None, True, packing)
+        return sft_loss_terms(model, batch, cross_entropy, {}, None, True, packing)
 
     def count(batch):
         return float((shift_labels(batch["labels"]) != -100).sum())

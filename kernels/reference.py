@@ -58,10 +58,10 @@ def cross_entropy(
 def ppo_clip_terms(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, valid: torch.Tensor, clip_eps: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The seed's clipped surrogate on per-token log-probs.
+    """The three-step recipe's clipped surrogate on per-token log-probs.
 
     ``r = exp(logp - logp_old)``; per token ``max(-A*r, -A*clip(r, 1-eps, 1+eps))`` (the negation of
-    the seed's ``min(r*A, clip(r)*A)``, so that it is minimised), averaged over valid tokens.
+    the recipe's ``min(r*A, clip(r)*A)``, so that it is minimised), averaged over valid tokens.
     Returns the loss and statistics: ``clip_frac`` (share of valid tokens where the clipped branch
     is taken and the gradient vanishes), ``ratio_mean``, ``ratio_max``, ``approx_kl`` (k3 of old vs new).
     ``old_logprobs`` and ``advantages`` are constants: no gradient flows into them.

@@ -12,7 +12,7 @@ import torch
 
 import rlhf_kernels
 from rlhf_core import (
-    ComponentSpec, DataConfig, FusedTokenLoss, Rendering, Stage, StageError, StageInput, StageResult, TrainConfig,
+    ComponentSpec, DataConfig, FusedTokenLoss, RegistryError, Rendering, Stage, StageError, StageInput, StageResult, TrainConfig,
     Trainer, Uses, all_reduce_sum, budget_problems, collate_sft, evaluate_batches, fused_linear_problems, hookimpl,
     make_loader, masked_mean, packing_problems, save_causal_lm, shift_labels, tokenize_sft, total_steps, train_plan,
     use_fused_linear, with_last_hidden,
@@ -119,7 +119,10 @@ class SFTStage(Stage):
 
     def validate(self, config: SFTConfig, registry, run) -> list[str]:
         """``fused_linear: true`` needs a loss with a fused form; a token budget holds an example."""
-        blocker = fused_form(registry.lookup("loss", config.loss, "token"), config.loss.options)[2]
+        try:
+            blocker = fused_form(registry.lookup("loss", config.loss, "token"), config.loss.options)[2]
+        except RegistryError:  # an unknown loss or one of another family: reported as the loss's own problem
+            blocker = ""
         return [*fused_linear_problems(config.fused_linear, blocker), *budget_problems(config.train, config.data),
                 *(packing_problems() if config.data.packing else [])]
 

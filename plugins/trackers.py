@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from rlhf_core import hookimpl
+from rlhf_core.atomic import atomic_write_text
 from rlhf_core.config import flatten
 
 
@@ -184,8 +185,6 @@ class MlflowTracker:
         all_tags = {"rlhf.run_dir": str(run_dir), "rlhf.stages": ",".join(_stage_names(config)), **(tags or {})}
         run = self.client.create_run(exp_id, run_name=run_dir.name, tags=all_tags)
         self.run_id = run.info.run_id
-        from rlhf_core.atomic import atomic_write_text
-
         atomic_write_text(self.id_file, json.dumps({"tracking_uri": uri, "run_id": self.run_id}) + "\n")
         # MLflow keys allow no brackets: stages[0].train.lr -> stages.0.train.lr
         params = [Param(re.sub(r"\[(\d+)\]", r".\1", k)[:250], v if isinstance(v, str) else json.dumps(v))

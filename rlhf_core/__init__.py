@@ -32,7 +32,8 @@ from .data import (  # noqa: E402
 )
 from .distributed import all_gather_objects, all_reduce_max, all_reduce_sum, is_main_process, masked_mean  # noqa: E402
 from .errors import (  # noqa: E402
-    ComponentError, ConfigError, DataError, Interrupted, ModelLoadError, StageError, TrainingError, UserError,
+    ComponentError, ConfigError, DataError, Interrupted, ModelLoadError, RegistryError, StageError, TrainingError,
+    UserError,
 )
 from .models import (  # noqa: E402
     ScalarHeadModel, SharedBackbone, fused_linear_problems, is_lora, is_reward_model_dir, load_causal_lm, load_scalar_model, load_tokenizer,
@@ -53,7 +54,8 @@ __all__ = [
     # hooks and the stage API
     "hookimpl", "hookspec", "Stage", "StageContext", "StageInput", "StageResult", "Uses", "__version__",
     # errors
-    "UserError", "ConfigError", "StageError", "ComponentError", "DataError", "ModelLoadError", "TrainingError",
+    "UserError", "ConfigError", "StageError", "ComponentError", "DataError", "ModelLoadError", "RegistryError",
+    "TrainingError",
     "Interrupted",
     # component contracts and the host's checks
     "TokenLoss", "FusedTokenLoss", "ScoreLoss", "PairwiseLoss", "PolicyLoss", "PolicyLossInputs", "FusedPolicyLoss", "Reward",

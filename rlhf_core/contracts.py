@@ -382,9 +382,21 @@ def checked_rollout(entry: Any, generate: Any, prompt_ids: list[list[int]], **se
 
 @runtime_checkable
 class Generator(Protocol):
-    """A rollout engine (hook ``rlhf_register_generators``): built once per PPO stage as
-    ``cls(ctx, policy, tokenizer, **options)``; ``generate`` samples one response per prompt row;
-    ``update_weights(policy)`` after every optimizer phase; optional ``sleep()``/``wake()``."""
+    """A rollout engine: built once per PPO stage as ``cls(ctx, policy, tokenizer, **options)``
+    (``policy``: the trained model as the stage holds it, possibly sharded or with LoRA adapters).
+
+    ``generate(prompt_ids, *, max_new_tokens, temperature, top_p) -> Rollout``: one sampled response
+    per row of ``prompt_ids`` (token ids, BOS included; the stage repeats a prompt K times for K
+    samples), stopped at EOS, as a :class:`~rlhf_core.types.Rollout` (left-padded prompts, response
+    mask and labels; ``logprobs [B, R]``: the engine's own log-probs of the sampled tokens, or None;
+    build it with :func:`rlhf_core.sampling.make_rollout`). ``update_weights(policy)`` after every
+    optimizer phase, when the policy's weights have changed (an engine holding its own copy reloads
+    them); optional ``sleep()`` (before the update) and ``wake()`` (before the next ``generate``)
+    let an engine give its memory back while the trainer needs it. Every call runs on every
+    process. A class attribute ``reports_logprobs = False`` says it reports none (losses and
+    corrections that need them are refused up front). A static ``check_options(**options)`` raising
+    ``ValueError`` checks option values before anything trains; the rollout's shapes are checked
+    at run time (:func:`checked_rollout`)."""
 
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
                  top_p: float) -> Any: ...

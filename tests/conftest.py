@@ -37,7 +37,7 @@ stages:
     iterations: {iterations}
     prompts_per_batch: 32
     minibatch_size: 32
-    optim: {lr: 5.0e-4}
+    optim: {{lr: 5.0e-4}}
     generation: {{max_new_tokens: 12}}
     kl: {{coef: 0.02}}
     eval_every: 10

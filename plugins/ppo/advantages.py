@@ -1,7 +1,7 @@
 """Advantage estimators (registered plugins). Each returns advantages ``[B, T]``, 0 off the mask.
 
 Outcome estimators (one scalar reward per sequence, broadcast to its response tokens):
-- ``batch_mean``: the seed's ``A = R - baseline`` with the batch mean as baseline (over every
+- ``batch_mean``: the three-step recipe's ``A = R - baseline`` with the batch mean as baseline (over every
   rank's samples: ``AdvantageInputs.batch_mean``).
 - ``ema``: baseline = exponential moving average of past batch means (``decay``); the first batch
   uses its own mean.
@@ -46,7 +46,7 @@ def group_stats(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Te
 
 
 class BatchMeanBaseline:
-    """``A_i = R_i - mean_j R_j`` over the rollout batch (the seed's reward - baseline)."""
+    """``A_i = R_i - mean_j R_j`` over the rollout batch (the three-step recipe's reward - baseline)."""
 
     needs_values = False
     min_group_size = 1

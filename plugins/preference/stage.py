@@ -341,11 +341,11 @@ def gold_evaluation(ctx, config: PreferenceConfig, tokenizer, eval_recs, policy,
     judge = build_rewards(ctx, config.gold)
     recs = eval_recs[: config.eval_prompts]
     prompts, rows = [render_prompt(tokenizer, r.fields, rendering, r.source) for r in recs], [r.fields for r in recs]
-    g = config.generation
+    gen = config.generation
 
     def evaluate() -> dict[str, float]:
-        out = evaluate_samples(policy, tokenizer, prompts, {"gold": judge}, max_new_tokens=g.max_new_tokens,
-                               temperature=g.temperature, top_p=g.top_p, device=ctx.device, seed=ctx.seed, rows=rows)
+        out = evaluate_samples(policy, tokenizer, prompts, {"gold": judge}, max_new_tokens=gen.max_new_tokens,
+                               temperature=gen.temperature, top_p=gen.top_p, device=ctx.device, seed=ctx.seed, rows=rows)
         policy.train()
         return out
 

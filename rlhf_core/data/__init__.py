@@ -25,16 +25,16 @@ Sequences are ``[bos] prompt response eos`` (with a chat template: its rendering
 puts none after the response); labels are ``-100`` on the prompt (loss on response
 tokens only). Bad input raises :class:`DataError` naming file, line and field.
 
-The package: ``records``, ``formats``, ``loading``, ``tokenize``, ``collate`` (one job each); everything is re-exported here,
+The package: ``validation``, ``readers``, ``loading``, ``tokenize``, ``collate`` (one job each); everything is re-exported here,
 so ``from rlhf_core.data import X`` is the way to import it."""
 from __future__ import annotations
 
 from ..errors import DataError  # noqa: F401
-from .records import (  # noqa: F401
+from .validation import (  # noqa: F401
     DataNotes, IGNORE_INDEX, KINDS, KNOWN_ROLES, map_fields, Record, RESPONSE_KEYS, record_turns,
     split_common_prefix, Turns, validate_record,
 )
-from .formats import check_data_path, is_saved_dataset, read_records  # noqa: F401
+from .readers import check_data_path, is_saved_dataset, read_records  # noqa: F401
 from .loading import data_inputs, dataset_components, held_out_count, load_records, load_split, split_records  # noqa: F401
 from .tokenize import (  # noqa: F401
     as_conversation, CHAT_TEMPLATE_MODES, encode_prompt, encode_response, encode_turns, fit_length, fit_prompt, Rendering,

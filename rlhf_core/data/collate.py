@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .records import IGNORE_INDEX
+from .validation import IGNORE_INDEX
 
 
 def pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:

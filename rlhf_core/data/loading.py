@@ -7,8 +7,8 @@ from typing import Any
 
 from ..config.schema import ComponentSpec
 from ..types import StageInput
-from .formats import read_records
-from .records import DataNotes, Record, validate_record
+from .readers import read_records
+from .validation import DataNotes, Record, validate_record
 
 
 def load_records(spec: str, kind: str, registry: Any, *, seed: int, builtin_size: int,

@@ -2,7 +2,7 @@
 length rules with truncation statistics, and the SFT / scored / unpaired tokenisers (labels
 ``-100`` on the prompt).
 
-A record's prompt and responses (:func:`~rlhf_core.data.records.record_turns`) become text in one
+A record's prompt and responses (:func:`~rlhf_core.data.validation.record_turns`) become text in one
 of three ways, chosen by :class:`Rendering`:
 
 - plain strings: the prompt as written, the response as written followed by EOS;
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from ..errors import DataError
-from .records import IGNORE_INDEX, RESPONSE_KEYS, Record, Turns, record_turns
+from .validation import IGNORE_INDEX, RESPONSE_KEYS, Record, Turns, record_turns
 
 #: The values of ``data.chat_template`` and ``--chat-template``.
 CHAT_TEMPLATE_MODES = ("auto", "always", "never")

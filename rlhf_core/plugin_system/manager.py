@@ -27,6 +27,13 @@ ENTRY_POINT_GROUP = "rlhf"
 ENV_DISABLE = "RLHF_DISABLE_PLUGINS"
 ENV_STRICT = "RLHF_STRICT_PLUGINS"
 
+#: The registration hooks and the component kind each fills, in the order the registry is built.
+REGISTRATION_HOOKS = {
+    "rlhf_register_stages": "stage", "rlhf_register_losses": "loss", "rlhf_register_rewards": "reward",
+    "rlhf_register_advantages": "advantage", "rlhf_register_datasets": "dataset",
+    "rlhf_register_trackers": "tracker", "rlhf_register_generators": "generator",
+}
+
 #: Built-in plugins, registered exactly like third-party ones.
 BUILTINS = {
     "sft": "rlhf_plugins.sft",
@@ -191,12 +198,7 @@ def _load_entry_points(pm: pluggy.PluginManager, blocked: set[str], strict: bool
 def build_registry(pm: pluggy.PluginManager) -> Registry:
     """Ask every plugin, one at a time, to register its components; errors name the plugin."""
     registry = Registry()
-    hooks = [
-        ("rlhf_register_stages", "stage"), ("rlhf_register_losses", "loss"), ("rlhf_register_rewards", "reward"),
-        ("rlhf_register_advantages", "advantage"), ("rlhf_register_datasets", "dataset"),
-        ("rlhf_register_trackers", "tracker"), ("rlhf_register_generators", "generator"),
-    ]
-    for hook_name, kind in hooks:
+    for hook_name, kind in REGISTRATION_HOOKS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():  # registration order
             plugin = impl.plugin_name
 

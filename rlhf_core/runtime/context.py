@@ -14,6 +14,8 @@ from ..errors import StageError
 from ..models import ScalarHeadModel, apply_lora, load_causal_lm, load_scalar_model, load_tokenizer
 from ..types import StageResult
 
+__all__ = ["StageContext"]
+
 if TYPE_CHECKING:  # annotations only
     from ..checkpoint import Checkpointer
     from ..config import RunConfig

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.image
+import numpy
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -83,8 +85,10 @@ def test_end_to_end_sft_reward_ppo_learns(tiny_pipeline_yaml, tmp_path):
     assert summary["gold_score_ppo"] > summary["gold_score_sft"] + 0.15
     # Reward-hacking guard: the KL to the reference stays bounded on the demo configuration.
     assert max(r["kl"] for r in rows if r["stage"] == "ppo" and "kl" in r) < 8.0
-    for stage in ("sft", "reward", "ppo"):
-        assert (out / "plots" / f"{stage}.png").stat().st_size > 10_000
+    for stage in ("sft", "reward", "ppo"):  # a drawn figure: axes, curves, labels in many colours, not a blank
+        image = matplotlib.image.imread(out / "plots" / f"{stage}.png")
+        assert image.ndim == 3 and min(image.shape[:2]) >= 200, image.shape
+        assert len(numpy.unique(image.reshape(-1, image.shape[2]), axis=0)) > 50
     assert (out / "ppo" / "model.safetensors").is_file() and (out / "reward" / "reward_head.safetensors").is_file()
     assert yaml.safe_load((out / "config.yaml").read_text())["stages"][2]["stage"] == "ppo"
     assert "gold_score_ppo" in result.output
@@ -132,9 +136,11 @@ def test_diverging_training_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(cli, ["run", "--out", str(tmp_path / "r"), "--set", "stages.sft.train.lr=1e6",
                                       "--set", "stages.sft.train.steps=30", "--set", "stages.sft.train.max_grad_norm=0"], obj={})
     assert result.exit_code == 1 and "Traceback" not in result.output
-    # Caught at the first non-finite loss or gradient norm, whichever comes first.
-    assert ("stage 'sft': the loss became" in result.output or "stage 'sft': the gradient norm became" in result.output)
-    assert "lower train.lr" in result.output
+    # Seed 0: step 2's update makes the weights huge, and step 3's gradient overflows before any
+    # loss does; the step is refused before it reaches the weights (tests/core/test_training.py
+    # checks each message on its own).
+    assert ("Error: stage 'sft': the gradient norm became nan at step 3; lower train.lr, set train.max_grad_norm > 0, "
+            "or check the data") in result.output
 
 
 def test_bench_is_a_builtin_plugin_command(tmp_path):

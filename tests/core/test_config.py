@@ -34,9 +34,7 @@ def test_all_problems_reported_together_with_choices(registry):
     assert "stages[2].stage: unknown stage 'grpo'; available: dpo, kto, ppo, reward, sft" in text
     # PPO's cross-field checks need the estimator: they say they were skipped instead of vanishing.
     assert "stages[1]: cross-field checks that need advantage, kl were skipped until they are fixed" in text
-    # sft's (fused_linear asks the loss for its fused form) likewise.
-    assert "stages[0]: cross-field checks that need loss, train were skipped until they are fixed" in text
-    assert len(problems) == 10
+    assert len(problems) == 9
 
 
 def test_schema_and_cross_field_problems_are_reported_in_one_pass(registry):
@@ -58,8 +56,7 @@ def test_schema_and_cross_field_problems_are_reported_in_one_pass(registry):
 
 def test_wrong_loss_family_names_the_family(registry):
     problems = problems_of({"stages": [{"stage": "sft", "loss": "mse"}]}, registry)
-    assert problems == ["stages[0].loss: loss 'mse' is a 'score' loss, but this stage needs 'token'; available: cross_entropy",
-                        "stages[0]: cross-field checks that need loss were skipped until it is fixed"]
+    assert problems == ["stages[0].loss: loss 'mse' is a 'score' loss, but this stage needs 'token'; available: cross_entropy"]
 
 
 def test_a_key_of_an_earlier_release_names_the_key_it_became(registry):

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from rlhf_core.config import ModelConfig
-from rlhf_core.models import ModelLoadError, ScalarHeadModel, load_causal_lm, load_tokenizer, resolve_device, save_causal_lm
+from rlhf_core import ModelLoadError
+from rlhf_core.distributed import resolve_device
+from rlhf_core.models import ScalarHeadModel, load_causal_lm, load_tokenizer, save_causal_lm
 
 
 def test_tiny_model_roundtrip_through_from_pretrained(tmp_path):

@@ -18,10 +18,13 @@ from rlhf_core.packing import PackingStats, PackPlan, attention_path, decoders, 
 from rlhf_core.training import Batches, Trainer, budget_problems, example_tokens, token_share, total_steps
 from rlhf_plugins.preference.losses import dpo_loss
 from rlhf_plugins.preference.stage import collate_pairs, pair_logprobs, preference_inputs
-from rlhf_plugins.sft import cross_entropy_loss, sft_loss_terms
+from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
+from rlhf_plugins.sft import sft_loss_terms
 
 VOCAB = 80
 BACKEND = "reference"
+
+CROSS_ENTROPY = build_registry(get_plugin_manager(entry_points=False)).get("loss", "cross_entropy")
 
 
 def tiny_lm(seed: int = 0):
@@ -252,7 +255,7 @@ def test_sft_loss_terms_packed_equal_padded(fused):
 
     def run(targets_only):
         lm.zero_grad()
-        loss, metrics = sft_loss_terms(lm, batch, cross_entropy_loss, {}, BACKEND, fused, targets_only)
+        loss, metrics = sft_loss_terms(lm, batch, CROSS_ENTROPY, {}, BACKEND, fused, targets_only)
         loss.backward()
         return float(loss.detach()), metrics, grads(lm)
 
@@ -477,7 +480,7 @@ def test_trainer_with_packing_logs_packing_efficiency():
     cfg = TrainConfig(steps=1, batch_size=2, grad_accum=2, log_every=1, mixed_precision="no", lr=1e-3)
     loader = Batches(items, 2, lambda b: collate_sft(b, 0), seed=0, shuffle=False)
     trainer = Trainer(lm, cfg, torch.device("cpu"), tracker, "sft", packing=True)
-    summary = trainer.fit(loader, lambda b: sft_loss_terms(lm, b, cross_entropy_loss, {}, BACKEND, False), None, 1)
+    summary = trainer.fit(loader, lambda b: sft_loss_terms(lm, b, CROSS_ENTROPY, {}, BACKEND, False), None, 1)
     # micro-batch [6, 4]: 10 tokens in 2 rows of 6; [3, 1]: 4 tokens in 2 rows of 3 -> 14 / 18 over the step
     assert tracker.rows[0][0] == 1
     assert tracker.rows[0][1]["packing_efficiency"] == pytest.approx(14 / 18)

@@ -46,8 +46,8 @@ stages:
     iterations: 3
     prompts_per_batch: 8
     minibatch_size: 4
-    optim: {lr: 1.0e-5}
-    critic_optim: {lr: 1.0e-5}
+    optim: {{lr: 1.0e-5}}
+    critic_optim: {{lr: 1.0e-5}}
     generation: {{max_new_tokens: 8}}
     eval_prompts: 0
 """

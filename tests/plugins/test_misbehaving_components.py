@@ -123,5 +123,6 @@ def test_advantage_of_wrong_shape_is_an_error_even_when_it_would_broadcast(run_p
 def test_non_finite_policy_loss_stops_ppo_with_advice(run_ppo):
     result, out = run_ppo(loss="nan_policy")
     assert result.exit_code == 1
-    assert "stage 'ppo': the policy loss became nan; lower lr" in result.output
+    assert ("stage 'ppo': the policy loss became nan; lower optim.lr, set optim.mixed_precision: no, or lower kl.coef "
+            "or entropy_coef, or check the reward's scale") in result.output
     assert not (out / "ppo").exists()

@@ -13,12 +13,18 @@ import time
 import pytest
 import torch
 
+from rlhf_core.plugin_system.registry import Entry
 from rlhf_plugins.rewards import code as code_reward
 from rlhf_plugins.rewards.code import CodeReward, extract_code, row_tests
 
 ADD = "def add(a, b):\n    return a + b\n"
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4"]
 FAST = {"timeout": 3.0, "cpu_seconds": 2, "memory_mb": 256, "max_processes": 4, "file_size_mb": 2}
+
+
+def check_options(component, **options):
+    """The host's call: every option, the unset ones at the signature's defaults."""
+    return component.check_options(**Entry("reward", "under-test", component, "test").with_defaults(options))
 
 
 def fenced(body: str, info: str = "python") -> str:
@@ -52,7 +58,7 @@ def test_row_tests_accepts_a_string_or_a_list_and_names_the_bad_row():
 ])
 def test_bad_options_are_rejected_by_name(options, key):
     with pytest.raises(ValueError, match=rf"^code reward: {key} must be"):
-        CodeReward.check_options(**options)
+        check_options(CodeReward, **options)
     with pytest.raises(ValueError, match=key):
         CodeReward(None, **options)
 
@@ -112,6 +118,7 @@ def test_hostile_responses_score_zero_beside_a_good_one(tmp_path):
 TWO_TRAINERS = '''
 import json, sys
 from rlhf_plugins.rewards.code import CodeReward
+from rlhf_core.plugin_system.registry import Entry
 tag = sys.argv[1]
 code = "import time\\nwith open('marker', 'w') as f:\\n    f.write(%r)\\ntime.sleep(0.5)"
 responses = ["```python\\n" + code % f"{tag}{i}" + "\\n```" for i in range(4)]

@@ -14,11 +14,19 @@ from rlhf_core import distributed as dist_utils
 from rlhf_core.config import ModelConfig, RunConfig
 from rlhf_core import StageContext, StageResult
 from rlhf_plugins.rewards.judge import JudgeReward, rlhf_register_rewards, template_placeholders
+from rlhf_core.plugin_system.registry import Entry
 
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 MERGES = [(" ", "Y"), (" Y", "e"), (" Ye", "s"), (" ", "N"), (" N", "o")]
 TEMPLATE = "Q: {prompt}\nA: {response}\nGood? Verdict:"
+
+
+def check_options(component, **options):
+    """The host's call: every option, the unset ones at the signature's defaults."""
+    return component.check_options(**Entry("reward", "under-test", component, "test").with_defaults(options))
+
+
 
 
 def build_tokenizer():
@@ -191,12 +199,12 @@ def test_a_judge_edited_to_like_an_exclamation_mark_prefers_it(judge_dir, tmp_pa
 ])
 def test_bad_options_are_value_errors_before_any_model_loads(options, message):
     with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("(", r"\(")):
-        JudgeReward.check_options(**options)
+        check_options(JudgeReward, **options)
 
 
 def test_check_options_accepts_the_defaults_and_placeholders_are_parsed():
-    JudgeReward.check_options()
-    JudgeReward.check_options(negative=None, template="{response}{{literal}} {answer!r:>4}")
+    check_options(JudgeReward)
+    check_options(JudgeReward, negative=None, template="{response}{{literal}} {answer!r:>4}")
     assert template_placeholders("{a} {response} {a} {prompt}") == ("a", "response", "prompt")
 
 

@@ -27,6 +27,11 @@ from rlhf_plugins.rewards.remote import RemoteReward, RemoteRewardError
 FAST = {"timeout": 0.3, "backoff": 0.01}
 
 
+def remote_check_options(**options):
+    """The host's call: every option, the unset ones at the signature's defaults."""
+    return RemoteReward.check_options(**Entry("reward", "remote", RemoteReward, "test").with_defaults(options))
+
+
 @dataclass
 class Reply:
     """What the test server sends back for one request."""
@@ -292,14 +297,14 @@ def test_bad_options_are_rejected_before_training(options, message, monkeypatch)
     monkeypatch.delenv("RLHF_TEST_UNSET_VAR", raising=False)
     options = {"url": "http://127.0.0.1:8000/score", **options}
     with pytest.raises(ValueError) as info:
-        RemoteReward.check_options(**options)
+        remote_check_options(**options)
     assert message in str(info.value) and str(info.value).startswith("remote reward: ")
     with pytest.raises(ValueError):  # the constructor runs the same checks
         RemoteReward(**options)
 
 
 def test_good_options_pass():
-    RemoteReward.check_options(url="https://judge.example/score", fields=["answer"], batch_size=1, timeout=0.5,
+    remote_check_options(url="https://judge.example/score", fields=["answer"], batch_size=1, timeout=0.5,
                                retries=0, backoff=0, max_concurrency=1, headers={"X-Team": "rl"}, key="score")
 
 

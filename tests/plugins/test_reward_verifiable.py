@@ -235,8 +235,8 @@ def test_format_reward_values():
     (ExactMatchReward, {"wrong": "low"}, "exact_match reward: wrong must be a finite number, got 'low'"),
 ])
 def test_option_errors(cls, options, message):
-    with pytest.raises(ValueError) as raised:
-        cls.check_options(**options)
+    with pytest.raises(ValueError) as raised:  # as the host calls it: every option, unset ones at their defaults
+        cls.check_options(**Entry("reward", "under-test", cls, "test").with_defaults(options))
     assert message in str(raised.value)
     with pytest.raises(ValueError):
         cls(**options)

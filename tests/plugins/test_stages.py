@@ -11,7 +11,11 @@ from rlhf_core.cli import cli
 from rlhf_core.config import ConfigError, ModelConfig, load_raw, resolve
 from rlhf_core.data import collate_sft
 from rlhf_core.models import load_causal_lm
-from rlhf_plugins.sft import cross_entropy_loss, sft_loss_terms
+from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
+from rlhf_plugins.ppo.rewards import LengthReward
+from rlhf_plugins.sft import sft_loss_terms
+
+CROSS_ENTROPY = build_registry(get_plugin_manager(entry_points=False)).get("loss", "cross_entropy")
 
 
 def test_fused_linear_sft_loss_and_grads_equal_the_logits_path():
@@ -23,7 +27,7 @@ def test_fused_linear_sft_loss_and_grads_equal_the_logits_path():
     losses, grads = [], []
     for fused, backend in [(False, "reference"), (True, "reference"), (True, None)]:
         model.zero_grad()
-        loss, metrics = sft_loss_terms(model, batch, cross_entropy_loss, {}, backend, fused)
+        loss, metrics = sft_loss_terms(model, batch, CROSS_ENTROPY, {}, backend, fused)
         loss.backward()
         losses.append(loss.detach())
         grads.append(model.lm_head.weight.grad.clone())
@@ -35,7 +39,7 @@ def test_fused_linear_sft_loss_and_grads_equal_the_logits_path():
 
 def test_fused_linear_needs_plain_cross_entropy(registry):
     data = {"stages": [{"stage": "sft", "fused_linear": True, "loss": {"name": "cross_entropy", "aggregation": "sequence_mean"}}]}
-    with pytest.raises(ConfigError, match="stages\\[0\\].fused_linear: computes token-mean cross_entropy only"):
+    with pytest.raises(ConfigError, match="stages\\[0\\].fused_linear: the loss .cross_entropy. {.aggregation.: .sequence_mean.} has no fused-linear form for these options"):
         resolve(data, registry)
 
 
@@ -46,6 +50,7 @@ def run(tmp_path, name, *overrides):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], out
 
 
+MAX_NEW_TOKENS = 12  # the default config's generation.max_new_tokens
 SHORT = ["stages.sft.train.steps=20", "stages.reward.train.steps=20", "stages.ppo.iterations=4",
          "stages.ppo.eval_every=0", "stages.ppo.eval_prompts=8", "stages.sft.train.log_every=5"]
 
@@ -69,17 +74,34 @@ def test_ppo_kl_in_loss_k3_adaptive_entropy_whitening(tmp_path):
     # KL above the tiny target -> the adaptive coefficient grows from its start of 0.02
     assert ppo[-1]["kl_coef"] > ppo[0]["kl_coef"] == 0.02
     assert abs(ppo[-1]["advantage_mean"]) < 1e-5  # whitened
-    for key in ("time_generate", "time_score", "time_train", "clip_frac", "ratio_mean", "response_length", "reward_std"):
-        assert key in ppo[-1]
+    for row in ppo:  # what every iteration logs, in its range
+        assert row["time_generate"] > 0 and row["time_score"] > 0 and row["time_train"] > 0
+        assert 0 <= row["clip_frac"] <= 1 and abs(row["ratio_mean"] - 1) < 0.5 and row["reward_std"] >= 0
+        assert 1 <= row["response_length"] <= MAX_NEW_TOKENS
 
 
-def test_length_reward_and_reward_model_path(tmp_path):
-    rows, out = run(tmp_path, "len", *SHORT, "stages.ppo.reward={name: length, target: 8}")
-    assert all(r["reward_mean"] <= 0 for r in rows if r["stage"] == "ppo" and "reward_mean" in r)
+def test_the_length_reward_by_hand(registry):
+    # -scale * |len - target| / target: 4 and 12 characters are both 4 from 8 -> -2 * 0.5
+    reward = LengthReward(None, target=8, scale=2.0)
+    assert reward(["p"] * 3, ["abcd", "abcdefgh", "abcdefghijkl"]).tolist() == [-1.0, 0.0, -1.0]
     with pytest.raises(ConfigError, match="stages\\[2\\].reward.targett: unknown option for reward 'length'; accepted: scale, target"):
-        from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
+        resolve(load_raw(None, ["stages.ppo.reward={name: length, targett: 8}"]), registry)
 
-        resolve(load_raw(None, ["stages.ppo.reward={name: length, targett: 8}"]), build_registry(get_plugin_manager(entry_points=False)))
+
+def test_ppo_scores_with_the_reward_model_its_path_names(tmp_path):
+    """``reward_model`` with ``path: '@reward'`` scores with that stage's trained model (the run
+    says which), and a path naming a stage that trains a policy is refused before anything trains."""
+    sets = [x for o in SHORT for x in ("--set", o)]
+    result = CliRunner().invoke(cli, ["run", "--out", str(tmp_path / "rm"), *sets, "--set",
+                                      "stages.ppo.reward={name: reward_model, path: '@reward'}"], obj={})
+    assert result.exit_code == 0, result.output
+    assert f"ppo: reward = the reward model in {tmp_path / 'rm' / 'reward'}" in result.output
+    rows = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    ppo = [r["reward_mean"] for r in rows if r["stage"] == "ppo" and "reward_mean" in r]
+    assert len(set(ppo)) == len(ppo)  # the model's scores of each iteration's own samples
+    result = CliRunner().invoke(cli, ["run", "--out", str(tmp_path / "bad"), *sets, "--set", "stages.ppo.reward={name: reward_model, path: '@sft'}"], obj={})
+    assert result.exit_code == 1 and "== stage" not in result.output
+    assert "stages[2].reward.path: '@sft' names stage 'sft', which trains a policy, not a reward model" in result.output
 
 
 def test_chat_template_is_used_when_the_tokenizer_has_one():

@@ -16,7 +16,7 @@ from rlhf_core.data import (
     IGNORE_INDEX, DataError, Record, Rendering, collate_unpaired, read_records, record_turns, render_prompt,
     tokenize_scored, tokenize_sft, tokenize_unpaired,
 )
-from rlhf_core.data.records import split_common_prefix, validate_record
+from rlhf_core.data.validation import split_common_prefix, validate_record
 from rlhf_core.models import load_causal_lm, load_tokenizer
 from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
 from rlhf_plugins.letters import make_records

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DataError
-from .records import DataNotes, Record, map_fields, validate_record
+from .validation import DataNotes, Record, map_fields, validate_record
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -143,7 +143,7 @@ def read_records(path: str | Path, kind: str, notes: DataNotes | None = None, *,
     """Read and validate every record of ``path`` (a data file, a saved 🤗 dataset directory, or
     ``hf:NAME``) for data ``kind``; errors name file, line, field. ``fields`` maps our field names to
     the source's columns (``{prompt: question}``); ``extra``: fields a component reads (see
-    :func:`~rlhf_core.data.records.validate_record`). Suspicious records are counted in ``notes``
+    :func:`~rlhf_core.data.validation.validate_record`). Suspicious records are counted in ``notes``
     (pairs with chosen == rejected are dropped)."""
     notes = notes if notes is not None else DataNotes()
     if str(path).startswith("hf:"):
