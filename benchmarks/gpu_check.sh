@@ -26,7 +26,7 @@ timeout 200 python3 -c "from rlhf_core.cli import main; main()" bench kernels --
 #    with fused-linear (auto) and a GAE critic + reward model as adapters on the policy's shared base
 timeout 90 rlhf run --out "$out/run_default" >"$out/run_default.log" 2>&1; gold "$out/run_default/summary.json"
 timeout 120 rlhf run --out "$out/run_lora" --set "model.name_or_path=$out/run_default/sft" --set "model.lora={r: 16, alpha: 32}" \
-  --set stages.ppo.advantage=gae --set stages.sft.train.steps=1 --set stages.ppo.lr=3.0e-3 --set stages.reward.train.lr=3.0e-3 \
+  --set stages.ppo.advantage=gae --set stages.sft.train.steps=1 --set stages.ppo.optim.lr=3.0e-3 --set stages.reward.train.lr=3.0e-3 \
   >"$out/run_lora.log" 2>&1; grep -E "copy|fused_linear|Error" "$out/run_lora.log" | head -5; gold "$out/run_lora/summary.json"
 # 4. the same PPO with the hf engine's own decode loop
 timeout 90 rlhf run --out "$out/run_loop" --set "stages.ppo.generator={name: hf, loop: rlhf}" >"$out/run_loop.log" 2>&1
