@@ -126,7 +126,8 @@ class FusedPolicyLoss:
     """A policy loss's faster form, registered with it (``register(name, fn, family="policy",
     fused=FusedPolicyLoss(...))``) so that nothing outside the loss names it.
 
-    ``options(loss_options, loss_agg) -> dict | None``: the keyword arguments of the two kernels
+    ``options(loss_options, loss_agg) -> dict | None`` (every option of the loss, the unset ones at
+    their defaults): the keyword arguments of the two kernels
     below when they compute exactly what ``fn`` aggregated with ``loss_agg`` would, else None (the
     stage then runs ``fn`` on log-probs). ``on_logits(logits [B, T, V], labels, old_logprobs,
     advantages, ref_logprobs, mask, **kwargs)`` and ``on_linear(hidden [N, H], weight [V, H],

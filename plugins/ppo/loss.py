@@ -73,12 +73,13 @@ ppo_clip.check_options = _check_ppo_clip
 
 
 def _ppo_clip_fast_options(options: dict, loss_agg: str) -> dict | None:
-    """Where ``ppo_clip``'s fused form computes what it would: the symmetric clip without dual clip
-    under ``token_mean``; its kernels then take ``clip_eps``."""
-    symmetric = options.get("clip_eps_low") is None and options.get("clip_eps_high") is None
-    if loss_agg != "token_mean" or not symmetric or options.get("dual_clip") is not None:
+    """Where ``ppo_clip``'s fused form computes what it would (``options``: every option, as the host
+    passes them): the symmetric clip without dual clip under ``token_mean``; its kernels then take
+    ``clip_eps``."""
+    symmetric = options["clip_eps_low"] is None and options["clip_eps_high"] is None
+    if loss_agg != "token_mean" or not symmetric or options["dual_clip"] is not None:
         return None
-    return {"clip_eps": options.get("clip_eps", 0.2)}
+    return {"clip_eps": options["clip_eps"]}
 
 
 def gspo(inputs: PolicyLossInputs, *, clip_eps_low: float = 3e-4, clip_eps_high: float = 4e-4,

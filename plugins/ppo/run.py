@@ -617,7 +617,8 @@ class PolicyLossStep:
         self.run, self.exp, self.roll, self.config = run, exp, roll, config
         self.loss_fn, self.options = run.loss.obj, config.loss.options
         self.fast = run.loss.meta.get("fused")
-        self.fast_options = self.fast.options(self.options, config.loss_agg) if self.fast is not None else None
+        self.fast_options = (self.fast.options(run.loss.with_defaults(self.options), config.loss_agg)
+                             if self.fast is not None else None)
         self.on_policy = exp.old_logprobs is None
         old = exp.old_logprobs if not self.on_policy else torch.zeros_like(roll.mask.float())
         self.entropy = torch.zeros_like(roll.mask.float()) if self.on_policy else None  # [B, R]

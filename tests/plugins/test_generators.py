@@ -42,20 +42,19 @@ def test_hf_engine_gives_the_same_rollouts_as_generate(tmp_path):
     assert got.responses == want.responses and got.logprobs is None
 
 
-def test_the_rlhf_decode_loop_follows_the_model_like_generate(tmp_path):
-    """loop: rlhf, near-greedy (temperature 1e-4), on left-padded prompts of different lengths:
-    the same tokens as Hugging Face greedy decoding, so the cache, positions and mask are right;
-    rows end at EOS like generate's."""
+def test_the_hf_engine_with_loop_rlhf_is_the_decode_loop_of_sampling(tmp_path):
+    """``loop: rlhf`` hands sampling to ``rlhf_core.sampling.generate(loop="rlhf")`` (tested against
+    Hugging Face's greedy decoding in tests/core/test_sampling.py): the same seed, the same rollout;
+    an unknown loop is an option error."""
     policy, tokenizer = load_causal_lm(CFG, seed=0).eval(), load_tokenizer(CFG)
     prompts = [encode_prompt(tokenizer, p) for p in ("abc", "hello there, how", "x")]
-    ids, attn = pad_prompts(tokenizer, prompts, torch.device("cpu"))
-    greedy = policy.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=12,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    want = make_rollout(tokenizer, ids, attn, greedy[:, ids.shape[1]:])
+    torch.manual_seed(3)
+    want = generate(policy, tokenizer, prompts, max_new_tokens=10, temperature=1.0, top_p=0.9,
+                    device=torch.device("cpu"), loop="rlhf")
+    torch.manual_seed(3)
     got = HFGenerator(ctx_stub(tmp_path), policy, tokenizer, loop="rlhf").generate(
-        prompts, max_new_tokens=12, temperature=1e-4, top_p=1.0)
-    width = min(got.labels.shape[1], want.labels.shape[1])
-    assert torch.equal(got.mask[:, :width], want.mask[:, :width]) and got.responses == want.responses
+        prompts, max_new_tokens=10, temperature=1.0, top_p=0.9)
+    assert torch.equal(got.sequences, want.sequences) and got.responses == want.responses
     with pytest.raises(ValueError, match="hf: loop must be one of generate, rlhf, got 'fast'"):
         HFGenerator.check_options(loop="fast")
 
