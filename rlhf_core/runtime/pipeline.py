@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers.utils import logging as hf_logging
 
 from .. import checkpoint as ckptmod
 from .. import config as cfgmod
@@ -237,6 +236,8 @@ def run_pipeline(prepared: Prepared, run_dir: Path, echo=print, resume: bool = F
     With ``resume``, stages the directory's summary lists as completed are skipped (their outputs
     reused), the first unfinished stage continues from its newest complete checkpoint,
     ``metrics.jsonl`` is cut back to that checkpoint, and ``resumed_from`` records the step."""
+    from transformers.utils import logging as hf_logging  # transformers loads in ~1 s: not for `rlhf --help`
+
     hf_logging.disable_progress_bar()
     config = prepared.config
     previous = read_summary(run_dir) if resume else {}
