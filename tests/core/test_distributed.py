@@ -146,6 +146,7 @@ def test_ppo_batch_statistics_are_global(tmp_path):
         assert torch.allclose(torch.tensor(value), torch.tensor(single[key]), atol=1e-6), key
 
 
+@pytest.mark.slow  # a learning check (tens of seconds): .ci/run runs it with the slow tests
 def test_two_process_pipeline_learns(tiny_pipeline_yaml, tmp_path):
     """The CI-sized SFT -> reward -> PPO pipeline on 2 processes: PPO beats SFT on the gold judge."""
     result = rlhf("run", tiny_pipeline_yaml(iterations=30), "--out", str(tmp_path / "run"), "--nproc", "2")

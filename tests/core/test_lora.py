@@ -141,6 +141,7 @@ def rlhf(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "rlhf_core.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # a learning check (tens of seconds): .ci/run runs it with the slow tests
 def test_ppo_with_lora_starts_at_zero_kl_and_beats_sft(tiny_pipeline_yaml, tmp_path):
     """Full SFT, then reward model and PPO with LoRA on the SFT model: the reference is the policy
     with adapters off (one copy of the weights), so the first iteration's KL is exactly 0, and the

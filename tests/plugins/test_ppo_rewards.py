@@ -297,6 +297,7 @@ def run_arith_recipe(tmp_path: Path, seed: int, **grpo) -> tuple[float, float]:
     return summary["gold_score_sft"], summary["gold_score_ppo"]
 
 
+@pytest.mark.slow  # a learning check (tens of seconds): .ci/run runs it with the slow tests
 def test_grpo_with_verifiable_rewards_raises_held_out_accuracy_on_arith(tmp_path):
     """A small version of examples/configs/grpo_arith.yaml (seed 1, 60 GRPO iterations instead of
     200): the math and format rewards raise held-out accuracy by at least 10 points."""
