@@ -162,10 +162,13 @@ class SFTStage(Stage):
             valid = shift_labels(batch["labels"]) != -100
             return float(valid.any(dim=1).sum() if per_sequence else valid.sum())
 
+        def weighted_loss(batch) -> tuple[torch.Tensor, float]:
+            n = count(batch)
+            return compute_loss(batch)[0].double() * n, n
+
         def evaluate():
             # The training loss (the configured one, fused when training is) over every held-out example.
-            scored = evaluate_batches(eval_items, config.train.batch_size, collate, ctx.device,
-                                      lambda batch: (compute_loss(batch)[0].double() * count(batch), count(batch)))
+            scored = evaluate_batches(eval_items, config.train.batch_size, collate, ctx.device, weighted_loss)
             sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # [loss * count, count]
             for weighted, n in scored:
                 sums += torch.stack([weighted, torch.tensor(n, dtype=torch.float64, device=ctx.device)])

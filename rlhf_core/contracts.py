@@ -81,8 +81,7 @@ class Stage:
     def components(self, config: Any) -> list[Uses]:
         """:meth:`uses` plus the ``builtin:`` datasets its ``data`` names."""
         data = getattr(config, "data", None)
-        builtin = [Uses(kind, spec, path) for kind, spec, path, _ in dataset_components(data, "data")] if data else []
-        return [*self.uses(config), *builtin]
+        return [*self.uses(config), *(dataset_components(data, "data") if data else [])]
 
     def record_fields(self, config: Any, registry: Any) -> dict[str, str]:
         """The data fields the stage's rewards read, each with who reads it first."""

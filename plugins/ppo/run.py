@@ -136,7 +136,6 @@ class PPORun:
         tokenizer = ctx.tokenizer_for(source)
         estimator_entry = ctx.registry.lookup("advantage", config.advantage)
         estimator = CheckedEstimator(estimator_entry, estimator_entry.obj(**config.advantage.options))
-        loss_entry = ctx.registry.lookup("loss", config.loss, "policy")
         policy = ctx.adapt(load_causal_lm(ctx.run_config.model, source, seed=ctx.seed).to(ctx.device), source)
         # With LoRA the reference is the policy with its adapters disabled: no second copy of the weights.
         # kl.coef 0: no reference at all (nothing loaded, no reference forward).
@@ -153,40 +152,35 @@ class PPORun:
         policy = ctx.wrap(policy)
         if shared is not None and not shared.trainable:
             shared = None  # nothing took the offer: the policy is an ordinary LoRA model
-        steps = config.optimizer_steps()
-        who = f"stage {ctx.name!r}"
-        hint = "check the reward's scale"
-        policy_params = shared.parameters_of(POLICY_ADAPTER) if shared is not None else policy.parameters()
-        policy_optim = OptimizerStep(policy_params, config.optim, ctx.device, steps, who=who, prefix="optim.",
-                                     model="policy", hint=f"lower kl.coef or entropy_coef, or {hint}")
-        critic_optim = (OptimizerStep(critic.parameters(), config.critic_optim, ctx.device, steps, who=who,
-                                      prefix="critic_optim.", model="value", hint=hint) if critic is not None else None)
-        kl = KLController(config.kl.coef, config.kl.adaptive, config.kl.target, config.kl.horizon)
         teacher, teacher_is_base = load_teacher(ctx, config, policy, source)
         fused = use_fused_linear(config.fused_linear, ctx.name, [policy, reference, teacher])
         generator_entry = ctx.registry.lookup("generator", config.generator)
         generator = CheckedGenerator(generator_entry, generator_entry.obj(ctx, policy, tokenizer,
                                                                           **config.generator.options))
+        run = cls.from_parts(ctx.registry, config, policy, tokenizer=tokenizer, reference=reference, critic=critic,
+                             rewards=rewards, gold=gold, estimator=estimator, generator=generator, shared=shared,
+                             teacher=teacher, teacher_is_base=teacher_is_base, fused=fused, backend=ctx.kernel_backend,
+                             device=ctx.device, seed=ctx.seed, name=ctx.name)
         # The sampling stream starts here, whatever random draws building the models took (a reward
         # model or critic of its own or on the policy's base); each rank samples its own responses.
         torch.manual_seed(ctx.seed + dist_utils.rank())
-        return cls(config, ctx.name, policy, policy_optim, tokenizer, generator, rewards, estimator, loss_entry, kl,
-                   ctx.device, ctx.kernel_backend, ctx.seed, reference=reference, critic=critic,
-                   critic_optim=critic_optim, teacher=teacher, teacher_is_base=teacher_is_base, shared=shared,
-                   gold=gold, fused=fused)
+        return run
 
     @classmethod
     def from_parts(cls, registry, config: PPOConfig, policy, *, tokenizer=None, reference=None, critic=None,
-                   rewards: RewardSum | None = None, estimator: Any = None, generator: CheckedGenerator | None = None,
-                   shared: SharedBackbone | None = None, fused: bool = False, backend: str | None = None, device: torch.device = torch.device("cpu"),
-                   seed: int = 0, name: str = "ppo") -> "PPORun":
-        """A run on models built elsewhere (a notebook, a benchmark, a test), in one process:
-        ``policy`` (trainable, on ``device``), an optional frozen ``reference`` and ``critic``,
-        ``rewards`` (a :class:`~rlhf_core.RewardSum`, or a function ``(prompts, responses, rows) ->
-        [B]``), an ``estimator`` instance (default: ``config.advantage``'s), a ``generator`` (default:
-        ``config.generator`` built on the policy), the ``shared`` backbone the critic or a reward model
-        are adapters on (sealed); optimizers, KL controller and policy loss as ``config`` says. Nothing
-        is sharded, wrapped or checked up front as :meth:`build` does."""
+                   rewards: Any = None, gold: RewardSum | None = None, estimator: Any = None,
+                   generator: CheckedGenerator | None = None, shared: SharedBackbone | None = None, teacher=None,
+                   teacher_is_base: bool = False, fused: bool = False, backend: str | None = None,
+                   device: torch.device = torch.device("cpu"), seed: int = 0, name: str = "ppo") -> "PPORun":
+        """The run on these models; :meth:`build` loads, adapts and shards them for a stage and ends
+        here, and a notebook, a benchmark or a test can start here with models built elsewhere (in one
+        process, nothing checked up front): ``policy`` (trainable, on ``device``), an optional frozen
+        ``reference``, ``critic`` and ``teacher``, ``rewards`` and ``gold`` (a
+        :class:`~rlhf_core.RewardSum`; ``rewards`` may be a function ``(prompts, responses, rows) ->
+        [B]``), an ``estimator`` (an instance, checked or not; default: ``config.advantage``'s), a
+        ``generator`` (default: ``config.generator`` built on the policy), the ``shared`` backbone the
+        critic or a reward model are adapters on (sealed). Optimizers, KL controller and policy loss
+        are built as ``config`` says."""
         tokenizer = tokenizer or load_tokenizer(ModelConfig())
         if rewards is not None and not isinstance(rewards, RewardSum):
             rewards = RewardSum([("reward", 1.0, rewards)])
@@ -197,20 +191,23 @@ class PPORun:
             generator = CheckedGenerator(entry, entry.obj(ctx, policy, tokenizer, **config.generator.options))
         if estimator is None:
             entry = registry.lookup("advantage", config.advantage)
-            estimator = entry.obj(**config.advantage.options)
-        else:
-            entry = next(e for e in registry.entries("advantage") if e.obj is type(estimator))
-        steps, who = config.optimizer_steps(), f"stage {name!r}"
+            estimator = CheckedEstimator(entry, entry.obj(**config.advantage.options))
+        elif not isinstance(estimator, CheckedEstimator):
+            estimator = CheckedEstimator(next(e for e in registry.entries("advantage") if e.obj is type(estimator)),
+                                         estimator)
+        steps, who, hint = config.optimizer_steps(), f"stage {name!r}", "check the reward's scale"
         params = shared.parameters_of(POLICY_ADAPTER) if shared is not None else policy.parameters()
-        policy_optim = OptimizerStep(params, config.optim, device, steps, who=who, prefix="optim.", model="policy")
+        policy_optim = OptimizerStep(params, config.optim, device, steps, who=who, prefix="optim.", model="policy",
+                                     hint=f"lower kl.coef or entropy_coef, or {hint}")
         critic_optim = (OptimizerStep(critic.parameters(), config.critic_optim, device, steps, who=who,
-                                      prefix="critic_optim.", model="value") if critic is not None else None)
+                                      prefix="critic_optim.", model="value", hint=hint) if critic is not None else None)
         kl = KLController(config.kl.coef, config.kl.adaptive, config.kl.target, config.kl.horizon)
-        return cls(config, name, policy, policy_optim, tokenizer, generator, rewards, CheckedEstimator(entry, estimator),
+        return cls(config, name, policy, policy_optim, tokenizer, generator, rewards, estimator,
                    registry.lookup("loss", config.loss, "policy"), kl, device, backend, seed, reference=reference,
-                   critic=critic, critic_optim=critic_optim, shared=shared, fused=fused)
+                   critic=critic, critic_optim=critic_optim, teacher=teacher, teacher_is_base=teacher_is_base,
+                   shared=shared, gold=gold, fused=fused)
 
-    def prompt(self, text: str, row: dict[str, Any] | None = None, source: str = "prompt") -> tuple[Prompt, bool]:
+    def prompt(self, text: str, row: dict[str, Any] | None = None) -> tuple[Prompt, bool]:
         """``(prompt, truncated)``: rendered prompt ``text`` as PPO samples it, within the prompt budget
         (a longer one keeps its BOS and last tokens; the rewards then read those tokens' text), with
         its data record ``row``."""

@@ -6,7 +6,7 @@ import random
 from typing import Any
 
 from ..config.schema import ComponentSpec
-from ..types import StageInput
+from ..types import StageInput, Uses
 from .readers import read_records
 from .validation import DataNotes, Record, validate_record
 
@@ -62,11 +62,8 @@ def data_inputs(data_cfg: Any, kind: str, path: str = "data", extra: dict[str, s
             for key in ("train", "eval") if getattr(data_cfg, key)]
 
 
-def dataset_components(data_cfg: Any, path: str) -> list[tuple[str, Any, str, None]]:
-    """The ``builtin:`` datasets a :class:`DataConfig` names, for up-front validation."""
-    out = []
-    for key in ("train", "eval"):
-        value = getattr(data_cfg, key)
-        if isinstance(value, str) and value.startswith("builtin:"):
-            out.append(("dataset", ComponentSpec(value.split(":", 1)[1]), f"{path}.{key}", None))
-    return out
+def dataset_components(data_cfg: Any, path: str) -> list[Uses]:
+    """The ``builtin:`` datasets a :class:`DataConfig` names, as the components a stage uses (looked
+    up before anything trains)."""
+    return [Uses("dataset", ComponentSpec(value.split(":", 1)[1]), f"{path}.{key}")
+            for key in ("train", "eval") if isinstance(value := getattr(data_cfg, key), str) and value.startswith("builtin:")]
