@@ -53,6 +53,43 @@ def make_records(kind: str, n: int, seed: int) -> list[dict]:
     return out
 
 
+#: The share of ``arith_tools`` demonstrations that call the calculator (the rest answer directly).
+TOOL_DEMOS = 0.3
+
+
+def tool_call(expression: str, tags: tuple[str, str] = ("<tool_call>", "</tool_call>")) -> str:
+    """A reply calling the ``calculator`` tool on ``expression`` (the JSON-in-tags form)."""
+    return f'{tags[0]}{{"name":"calculator","arguments":{{"expression":"{expression}"}}}}{tags[1]}'
+
+
+def make_tool_records(kind: str, n: int, seed: int) -> list[dict]:
+    """``arith_tools``: the arithmetic task for multi-turn episodes with the ``calculator`` tool
+    (``ppo.environment: {name: answer, tools: [calculator]}``). ``prompts``: as ``arith``'s.
+    ``sft``: conversations; a share :data:`TOOL_DEMOS` of the questions are demonstrated calling the
+    calculator (one record for the call, one for the answer after the tool's result), the others
+    answered directly like ``arith``'s. The tiny model imitates both; RL learns that calling the
+    tool is what gets the sum right."""
+    if kind == "prompts":
+        return make_records("prompts", n, seed)
+    if kind != "sft":
+        raise ValueError(f"arith_tools dataset: no {kind!r} data; accepted: sft, prompts")
+    rng = random.Random(f"arith-tools-{seed}")
+    out: list[dict] = []
+    while len(out) < n:
+        a, b = rng.randrange(MAX_OPERAND), rng.randrange(MAX_OPERAND)
+        question = [{"role": "user", "content": make_prompt(a, b)}]
+        if rng.random() >= TOOL_DEMOS:
+            out.append({"messages": question + [{"role": "assistant", "content": _demonstration(rng, a + b)}],
+                        "answer": str(a + b)})
+            continue
+        call = {"role": "assistant", "content": tool_call(f"{a}+{b}")}
+        out.append({"messages": question + [call], "answer": str(a + b)})
+        out.append({"messages": question + [call, {"role": "tool", "name": "calculator", "content": str(a + b)},
+                                            {"role": "assistant", "content": tagged(a + b)}], "answer": str(a + b)})
+    return out[:n]
+
+
 @hookimpl
 def rlhf_register_datasets(register):
     register("arith", make_records)
+    register("arith_tools", make_tool_records)

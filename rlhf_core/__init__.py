@@ -21,13 +21,13 @@ from .config import (  # noqa: E402
     ModelConfig, OptimConfig, RunConfig, TrainConfig, WeightedComponent, rule_problems,
 )
 from .contracts import (  # noqa: E402
-    AdvantageEstimator, CheckedEstimator, CheckedGenerator, CheckedReward, FusedPolicyLoss, FusedTokenLoss, Generator, PairwiseLoss,
+    AdvantageEstimator, CheckedEnvironment, CheckedEstimator, CheckedGenerator, CheckedReward, Environment, FusedPolicyLoss, FusedTokenLoss, Generator, PairwiseLoss,
     PolicyLoss, Reward, RewardSum, ScoreLoss, Stage, TokenLoss, TrackerBackend, build_rewards, checked_advantages,
-    checked_rewards, checked_rollout, describe, fields_read_by, reward_fields, reward_specs,
+    checked_observation, checked_rewards, checked_rollout, describe, fields_read_by, reward_fields, reward_specs,
 )
 from .data import (  # noqa: E402
-    IGNORE_INDEX, Record, Rendering, TokenStats, append_column, collate_scored, collate_sft, collate_unpaired,
-    encode_prompt, encode_response, fit_length, fit_prompt, load_records, mismatched_pair, pad, render_prompt, shift_labels,
+    IGNORE_INDEX, Record, Rendering, TokenStats, append_column, apply_template, collate_scored, collate_sft, collate_unpaired,
+    encode_prompt, encode_response, fit_length, fit_prompt, load_records, role_lines, mismatched_pair, pad, render_prompt, shift_labels,
     tokenize_scored, tokenize_sft, tokenize_unpaired,
 )
 from .distributed import all_gather_objects, all_reduce_max, all_reduce_sum, is_main_process, masked_mean  # noqa: E402
@@ -47,7 +47,7 @@ from .sampling import concat_rollouts, evaluate_samples, generate, make_rollout,
 from .training import (  # noqa: E402
     Batches, OptimizerStep, Trainer, autocast_context, budget_problems, evaluate_batches, make_loader, total_steps, train_plan,
 )
-from .types import AdvantageInputs, PolicyLossInputs, Rollout, StageInput, StageResult, Uses  # noqa: E402
+from .types import AdvantageInputs, Observation, PolicyLossInputs, Rollout, StageInput, StageResult, Uses  # noqa: E402
 from .version import __version__  # noqa: E402
 
 __all__ = [
@@ -62,12 +62,13 @@ __all__ = [
     "RewardSum", "CheckedReward", "build_rewards", "reward_specs", "reward_fields", "fields_read_by",
     "checked_rewards", "AdvantageEstimator", "AdvantageInputs", "CheckedEstimator", "checked_advantages",
     "Generator", "CheckedGenerator", "checked_rollout", "Rollout", "TrackerBackend", "describe",
+    "Environment", "CheckedEnvironment", "checked_observation", "Observation",
     # config
     "ComponentSpec", "WeightedComponent", "DataConfig", "OptimConfig", "TrainConfig", "GenerationConfig", "ModelConfig",
     "RunConfig", "rule_problems", "POSITIVE", "NON_NEGATIVE", "AT_LEAST_0", "AT_LEAST_1", "FRACTION", "UNIT",
     # data
     "Record", "Rendering", "TokenStats", "IGNORE_INDEX", "load_records", "render_prompt", "encode_prompt",
-    "encode_response", "fit_length", "fit_prompt", "tokenize_sft", "tokenize_scored", "tokenize_unpaired", "collate_sft",
+    "encode_response", "fit_length", "fit_prompt", "role_lines", "apply_template", "tokenize_sft", "tokenize_scored", "tokenize_unpaired", "collate_sft",
     "collate_scored", "collate_unpaired", "mismatched_pair", "shift_labels", "pad", "append_column",
     # training
     "Trainer", "OptimizerStep", "Batches", "make_loader", "evaluate_batches", "total_steps", "train_plan", "budget_problems", "autocast_context",

@@ -11,6 +11,7 @@ broken contract into a :class:`~rlhf_core.errors.ComponentError` naming the comp
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
@@ -18,12 +19,13 @@ import torch
 
 from .data import Record, data_inputs, dataset_components, load_split
 from .errors import ComponentError
-from .types import AdvantageInputs, PolicyLossInputs, Rollout, StageInput, StageResult, Uses
+from .types import AdvantageInputs, Observation, PolicyLossInputs, Rollout, StageInput, StageResult, Uses
 
 __all__ = ["Stage", "TokenLoss", "ScoreLoss", "PairwiseLoss", "PolicyLoss", "FusedPolicyLoss", "FusedTokenLoss", "Reward",
            "AdvantageEstimator", "Generator", "TrackerBackend", "CheckedReward", "RewardSum", "CheckedEstimator",
            "CheckedGenerator", "build_rewards", "reward_specs", "reward_fields", "fields_read_by", "checked_rewards",
-           "checked_advantages", "checked_rollout", "describe"]
+           "checked_advantages", "checked_rollout", "describe", "Environment", "CheckedEnvironment",
+           "checked_observation"]
 
 
 class Stage:
@@ -402,6 +404,84 @@ class Generator(Protocol):
                  top_p: float) -> Any: ...
 
     def update_weights(self, policy: torch.nn.Module) -> None: ...
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """A multi-turn environment (``ppo.environment``): built once per PPO stage as
+    ``cls(ctx, **options)``; every episode is a row of the prompt data and a seed.
+
+    ``reset(row, seed) -> Observation``: the opening of the episode (its ``messages``: what the
+    policy sees first, e.g. the row's question as a user message) and its ``state``;
+    ``step(state, reply) -> Observation``: after each assistant turn (``reply``: its text, decoded
+    from the tokens the policy sampled, special tokens dropped), the next messages (a user turn, a
+    game's feedback), the turn's ``reward``, and ``done``. A reply that calls a tool never reaches
+    ``step``: the host runs the tools (``environment.tools``) and shows their results.
+
+    Both may be called from several threads at once for different episodes (each episode's state
+    is its own); each call has ``environment.step_timeout`` seconds. The episode must be a function
+    of ``(row, seed)`` and the replies, so that a resumed run repeats it: draw randomness from
+    ``random.Random(seed)``, never from a global generator. A static ``check_options(**options)``
+    raising ``ValueError`` checks option values before anything trains."""
+
+    def reset(self, row: dict[str, Any], seed: int) -> Observation: ...
+
+    def step(self, state: Any, reply: str) -> Observation: ...
+
+
+class CheckedEnvironment:
+    """An environment as the host calls it: every observation checked (:func:`checked_observation`),
+    whatever it raises named with the environment and its plugin."""
+
+    def __init__(self, entry: Any, environment: Any):
+        self.entry, self.environment = entry, environment
+
+    def reset(self, row: dict[str, Any], seed: int) -> Observation:
+        """The checked opening of an episode (``done`` is refused: an episode has a first turn)."""
+        out = self._call("reset", row, seed)
+        if out.done:
+            raise ComponentError(f"{describe(self.entry)} returned done=True from reset; an episode starts with the "
+                                 "policy's first turn")
+        if not out.messages:
+            raise ComponentError(f"{describe(self.entry)} returned no messages from reset; the opening needs at least "
+                                 "one message (e.g. the row's question as a user message)")
+        return out
+
+    def step(self, state: Any, reply: str) -> Observation:
+        """The checked observation after an assistant turn."""
+        return self._call("step", state, reply)
+
+    def _call(self, method: str, *args: Any) -> Observation:
+        try:
+            out = getattr(self.environment, method)(*args)
+        except Exception as exc:
+            raise ComponentError(f"{describe(self.entry)} raised {type(exc).__name__} in {method}: {exc}") from exc
+        return checked_observation(self.entry, method, out)
+
+
+def checked_observation(entry: Any, method: str, out: Any) -> Observation:
+    """``out`` if it keeps the :class:`~rlhf_core.types.Observation` contract (messages with string
+    ``role`` and ``content``, a finite ``reward``, a bool ``done``, numeric ``info``), else a
+    :class:`ComponentError` naming the environment, its plugin and the method."""
+    who = f"{describe(entry)} {method}"
+    if not isinstance(out, Observation):
+        raise ComponentError(f"{who} returned {type(out).__name__}; expected rlhf_core.Observation(messages=[...], "
+                             "reward=0.0, done=False, state=...)")
+    if not isinstance(out.messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in out.messages):
+        raise ComponentError(f"{who} returned messages {out.messages!r:.120}; expected a list of "
+                             "{'role': str, 'content': str} dicts")
+    if isinstance(out.reward, bool) or not isinstance(out.reward, (int, float)) or not math.isfinite(out.reward):
+        raise ComponentError(f"{who} returned reward {out.reward!r}; expected a finite number")
+    if not isinstance(out.done, bool):
+        raise ComponentError(f"{who} returned done {out.done!r}; expected True or False")
+    bad = [k for k, v in out.info.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+           or not math.isfinite(v)] if isinstance(out.info, dict) else ["(not a dict)"]
+    if bad:
+        raise ComponentError(f"{who} returned info with non-numeric or non-finite values for {bad}; info holds "
+                             "numbers to log")
+    return out
 
 
 @runtime_checkable

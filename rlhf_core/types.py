@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["StageInput", "StageResult", "Uses", "PolicyLossInputs", "AdvantageInputs", "Rollout"]
+__all__ = ["StageInput", "StageResult", "Uses", "PolicyLossInputs", "AdvantageInputs", "Rollout", "Observation"]
 
 
 @dataclass
@@ -146,3 +146,23 @@ class Rollout:
     mask: torch.Tensor
     responses: list[str]
     logprobs: torch.Tensor | None = None
+
+
+@dataclass
+class Observation:
+    """What an environment says at the start of an episode and after each assistant turn.
+
+    ``messages``: chat messages ``{"role": ..., "content": ...}`` appended to the conversation (at
+    the start, the opening: a system and/or user message; after a turn, e.g. a user turn); they are
+    rendered with the chat template and appended as tokens; ``reward``: this turn's reward (an
+    episode's rewards add up); ``done``: the episode is over (the messages of a final observation
+    are not shown to the policy); ``state``: the episode's state, handed back to the next ``step``
+    (any object; a function of the row and the seed, so a resumed run repeats the episode);
+    ``info``: numbers to log, averaged over the batch's episodes as ``env_<key>`` (each episode's
+    values summed over its turns)."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    reward: float = 0.0
+    done: bool = False
+    state: Any = None
+    info: dict[str, float] = field(default_factory=dict)

@@ -127,7 +127,10 @@ class RLOOBaseline:
 
 
 class GAE:
-    """Generalised advantage estimation over ``token_rewards [B, T]`` and critic ``values [B, T]``."""
+    """Generalised advantage estimation over ``token_rewards [B, T]`` and critic ``values [B, T]``:
+    ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lambda A_{t+1}`` over the masked
+    tokens, ``t + 1`` being the next masked token (a multi-turn episode's environment tokens between
+    two turns are not steps), and ``V = 0`` after the last."""
 
     needs_values = True
     min_group_size = 1
@@ -145,10 +148,14 @@ class GAE:
         rewards, values = inputs.token_rewards.float() * mask, inputs.values.float() * mask
         adv = torch.zeros_like(rewards)
         running = torch.zeros_like(rewards[:, 0])
+        next_value = torch.zeros_like(running)
+        # The steps are the masked tokens: in a multi-turn episode the next step after a policy token
+        # may lie past the environment's tokens (mask 0), which the recursion skips.
         for t in reversed(range(rewards.shape[1])):
-            next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+            valid = mask[:, t] > 0
             delta = rewards[:, t] + self.gamma * next_value - values[:, t]
-            running = delta + self.gamma * self.lam * running * (mask[:, t + 1] if t + 1 < rewards.shape[1] else 0.0)
+            running = torch.where(valid, delta + self.gamma * self.lam * running, running)
+            next_value = torch.where(valid, values[:, t], next_value)
             adv[:, t] = running
         return adv * mask
 

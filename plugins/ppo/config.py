@@ -127,6 +127,47 @@ class DistillConfig:
 
 
 @dataclass
+class EnvironmentSpec(ComponentSpec):
+    """A multi-turn environment (component) and how its episodes run: ``{name: guess, max_turns: 6,
+    ...options}``. The environment opens each episode from a prompt row, and after each assistant
+    turn answers with the next messages, a reward and whether the episode is over (see
+    :class:`rlhf_core.Environment`); a reply calling one of ``tools`` gets the tools' results
+    instead. The episode is one token sequence: the policy's tokens exactly as sampled, with the
+    environment's and the tools' turns rendered through the chat template between them (context
+    only, outside the loss). ``generation.max_new_tokens`` caps each turn."""
+
+    max_turns: int = 4
+    """Most assistant turns per episode (a tool call is a turn); an episode still running then ends, counted as
+    ``episode_cut_turns``."""
+    max_tokens: int | None = None
+    """Most tokens after the opening (the policy's and the environment's); null = ``data.max_length`` minus the
+    opening. An episode whose next turn would not fit ends, counted as ``episode_cut_tokens`` (``episode_cut_context``
+    when the model's context is what it would overflow)."""
+    tools: list[str] = field(default_factory=list)
+    """Registered tools the policy may call (``calculator``, ``python`` or a plugin's); their JSON schemas go to the
+    chat template's ``tools``."""
+    tool_tags: list[str] = field(default_factory=lambda: ["<tool_call>", "</tool_call>"])
+    """The opening and closing tags around a call's JSON ``{"name": ..., "arguments": {...}}`` in a reply."""
+    tool_timeout: float = 10.0
+    """Seconds a tool call may take; a slower one gives the policy an error message as the tool's result."""
+    step_timeout: float = 60.0
+    """Seconds an environment's ``reset`` or ``step`` may take; a slower one ends the run with an error naming it."""
+    workers: int = 8
+    """Threads that run environment steps and tool calls of different episodes at once."""
+
+    def problems(self, prefix: str = "environment.") -> list[str]:
+        """Value checks."""
+        out = [f"{prefix}{p}" for p in rule_problems(self, {
+            "max_turns": AT_LEAST_1, "max_tokens": AT_LEAST_1, "tool_timeout": POSITIVE, "step_timeout": POSITIVE,
+            "workers": AT_LEAST_1})]
+        if len(self.tool_tags) != 2 or not all(isinstance(t, str) and t for t in self.tool_tags):
+            out.append(f"{prefix}tool_tags: expected two non-empty strings [open, close], got {self.tool_tags!r}")
+        if len(set(self.tools)) != len(self.tools):
+            out.append(f"{prefix}tools: a tool is named twice: {self.tools!r}")
+        return out
+
+
+@dataclass
 class PolicyOptimConfig(OptimConfig):
     """The policy's optimizer step in PPO: :class:`~rlhf_core.OptimConfig` with a constant learning
     rate unless a schedule is chosen."""
@@ -227,6 +268,11 @@ class PPOConfig:
     """DAPO's dynamic sampling: replace groups whose rewards are all equal (null: off)."""
     distill: DistillConfig | None = None
     """On-policy distillation from a frozen teacher's per-token log-probs (null: off)."""
+    environment: EnvironmentSpec | None = None
+    """Multi-turn episodes (component): ``{name: answer, tools: [calculator], max_turns: 3}``, ``{name: guess}`` or a
+    plugin's environment, with ``max_turns``, ``max_tokens``, ``tools``, ``tool_tags``, ``tool_timeout``,
+    ``step_timeout`` and ``workers``; the episode's reward is the environment's (summed over turns) plus ``reward``'s
+    on the final reply. null = one prompt, one response."""
     save: bool = True
     """Save the trained policy in the stage's output directory."""
 
@@ -241,6 +287,8 @@ class PPOConfig:
         if self.data.max_prompt_length is None and self.data.max_length <= self.generation.max_new_tokens:
             out.append(f"data.max_length: must exceed generation.max_new_tokens ({self.generation.max_new_tokens}) "
                        f"to leave room for the prompt, got {self.data.max_length}")
+        if self.environment is not None:
+            out += self.environment.problems()
         if self.overlong is not None and self.overlong.cache >= self.generation.max_new_tokens:
             out.append(f"overlong.cache: the penalty window must be shorter than generation.max_new_tokens "
                        f"({self.generation.max_new_tokens}), got {self.overlong.cache}")

@@ -13,11 +13,13 @@ iterations; each one reads top to bottom in :meth:`PPORun.iteration`:
 
 The math lives in pure functions (:mod:`.loss`, :mod:`.advantages`); the model calls in
 :mod:`.rollout`. Deliberately left out: asynchronous rollouts (the engine samples, then the trainer
-trains) and multi-turn episodes (one prompt, one response).
+trains). Multi-turn episodes (``environment``) replace the one ``generate`` call of
+:meth:`~PPORun.sample` by :class:`~.episodes.EpisodeRunner`; everything after it is unchanged.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ import torch
 
 import rlhf_kernels
 from rlhf_core import (
-    AdvantageInputs, CheckedEstimator, CheckedGenerator, ModelConfig, OptimizerStep, RunConfig, StageContext,
+    AdvantageInputs, CheckedEnvironment, CheckedEstimator, CheckedGenerator, ComponentSpec, ModelConfig, OptimizerStep, RunConfig, StageContext,
     append_column, load_tokenizer, PackingStats, PolicyLossInputs, Record,
     Rendering, RewardSum, SharedBackbone, StageError, autocast_context, build_rewards, concat_rollouts,
     evaluate_samples, fit_prompt, is_lora, is_main_process, load_causal_lm, lora_scope, masked_mean, padding_free,
@@ -45,6 +47,7 @@ from .loss import (
     KL_ESTIMATORS, KLController, aggregate, clipped_value_loss, distill_rewards, local_normaliser, overlong_penalty,
     policy_loss_terms, rollout_correction, shape_rewards, truncated_responses,
 )
+from .episodes import EpisodeRendering, EpisodeRunner, ToolBox
 from .rollout import (
     Experience, Samples, critic_values, response_hidden, response_logits, response_values, score_tokens,
     token_scores,
@@ -59,6 +62,8 @@ class Prompt:
     ids: list[int]
     text: str
     row: dict[str, Any]
+    seed: int = 0
+    """The episode's seed with ``environment`` (drawn with the prompt; the same for its samples)."""
 
 
 @dataclass
@@ -95,7 +100,8 @@ class PPORun:
     base with its adapters off); ``shared``: the :class:`~rlhf_core.SharedBackbone` when the
     critic or a reward model is an adapter on the policy's base; ``fused``: log-probs, the policy
     loss and entropy come from the last hidden states and the LM head (no ``[B, R, V]`` logits);
-    ``seed``: where the prompt sampler ``rng`` and every evaluation's random stream start."""
+    ``seed``: where the prompt sampler ``rng`` and every evaluation's random stream start;
+    ``episodes``: the multi-turn episode runner with ``environment`` (None: one prompt, one response)."""
 
     config: PPOConfig
     name: str
@@ -118,6 +124,7 @@ class PPORun:
     shared: SharedBackbone | None = None
     gold: RewardSum | None = None
     fused: bool = False
+    episodes: EpisodeRunner | None = None
     rng: random.Random = field(init=False)
 
     def __post_init__(self):
@@ -160,7 +167,7 @@ class PPORun:
         run = cls.from_parts(ctx.registry, config, policy, tokenizer=tokenizer, reference=reference, critic=critic,
                              rewards=rewards, gold=gold, estimator=estimator, generator=generator, shared=shared,
                              teacher=teacher, teacher_is_base=teacher_is_base, fused=fused, backend=ctx.kernel_backend,
-                             device=ctx.device, seed=ctx.seed, name=ctx.name)
+                             device=ctx.device, seed=ctx.seed, name=ctx.name, ctx=ctx)
         # The sampling stream starts here, whatever random draws building the models took (a reward
         # model or critic of its own or on the policy's base); each rank samples its own responses.
         torch.manual_seed(ctx.seed + dist_utils.rank())
@@ -171,7 +178,8 @@ class PPORun:
                    rewards: Any = None, gold: RewardSum | None = None, estimator: Any = None,
                    generator: CheckedGenerator | None = None, shared: SharedBackbone | None = None, teacher=None,
                    teacher_is_base: bool = False, fused: bool = False, backend: str | None = None,
-                   device: torch.device = torch.device("cpu"), seed: int = 0, name: str = "ppo") -> "PPORun":
+                   device: torch.device = torch.device("cpu"), seed: int = 0, name: str = "ppo",
+                   ctx: StageContext | None = None) -> "PPORun":
         """The run on these models; :meth:`build` loads, adapts and shards them for a stage and ends
         here, and a notebook, a benchmark or a test can start here with models built elsewhere (in one
         process, nothing checked up front): ``policy`` (trainable, on ``device``), an optional frozen
@@ -180,13 +188,14 @@ class PPORun:
         [B]``), an ``estimator`` (an instance, checked or not; default: ``config.advantage``'s), a
         ``generator`` (default: ``config.generator`` built on the policy), the ``shared`` backbone the
         critic or a reward model are adapters on (sealed). Optimizers, KL controller and policy loss
-        are built as ``config`` says."""
+        are built as ``config`` says, and with ``config.environment`` the episode runner (its
+        environment built with ``ctx``, by default a bare context of this process)."""
         tokenizer = tokenizer or load_tokenizer(ModelConfig())
         if rewards is not None and not isinstance(rewards, RewardSum):
             rewards = RewardSum([("reward", 1.0, rewards)])
+        ctx = ctx or StageContext(name=name, stage_dir=Path("."), run_config=RunConfig(), registry=registry, tracker=None,
+                                  device=device, seed=seed, results={})
         if generator is None:
-            ctx = StageContext(name=name, stage_dir=Path("."), run_config=RunConfig(), registry=registry, tracker=None,
-                               device=device, seed=seed, results={})
             entry = registry.lookup("generator", config.generator)
             generator = CheckedGenerator(entry, entry.obj(ctx, policy, tokenizer, **config.generator.options))
         if estimator is None:
@@ -202,10 +211,11 @@ class PPORun:
         critic_optim = (OptimizerStep(critic.parameters(), config.critic_optim, device, steps, who=who,
                                       prefix="critic_optim.", model="value", hint=hint) if critic is not None else None)
         kl = KLController(config.kl.coef, config.kl.adaptive, config.kl.target, config.kl.horizon)
+        episodes = episode_runner(ctx, config, policy, tokenizer, generator) if config.environment is not None else None
         return cls(config, name, policy, policy_optim, tokenizer, generator, rewards, estimator,
                    registry.lookup("loss", config.loss, "policy"), kl, device, backend, seed, reference=reference,
                    critic=critic, critic_optim=critic_optim, teacher=teacher, teacher_is_base=teacher_is_base,
-                   shared=shared, gold=gold, fused=fused)
+                   shared=shared, gold=gold, fused=fused, episodes=episodes)
 
     def prompt(self, text: str, row: dict[str, Any] | None = None) -> tuple[Prompt, bool]:
         """``(prompt, truncated)``: rendered prompt ``text`` as PPO samples it, within the prompt budget
@@ -288,8 +298,12 @@ class PPORun:
         return metrics
 
     def draw(self, prompts: list[Prompt]) -> list[Prompt]:
-        """This rank's contiguous share of a fresh global prompt batch (a prompt's samples stay together)."""
-        return dist_utils.shard([self.rng.choice(prompts) for _ in range(self.config.prompts_per_batch)])
+        """This rank's contiguous share of a fresh global prompt batch (a prompt's samples stay together);
+        with an environment each drawn prompt gets an episode seed from the same sampler."""
+        drawn = [self.rng.choice(prompts) for _ in range(self.config.prompts_per_batch)]
+        if self.episodes is not None:
+            drawn = [dataclasses.replace(p, seed=self.rng.getrandbits(31)) for p in drawn]
+        return dist_utils.shard(drawn)
 
     # ------------------------------------------------------------------ 1. sample
 
@@ -304,21 +318,28 @@ class PPORun:
         started = time.perf_counter()
         self.policy.eval()
         self.generator.wake()
-        roll = self.generator.generate(prompt_ids, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                                       top_p=gen.top_p)
+        texts, rows = [p.text for p in prompts for _ in range(k)], [p.row for p in prompts for _ in range(k)]
+        rewards, stats = torch.zeros(len(prompt_ids), device=self.device), {}  # reward: null
+        if self.episodes is not None:  # multi-turn: the environment's rewards, the last reply for the rewards
+            batch = self.episodes.run(rows, [p.seed for p in prompts for _ in range(k)])
+            roll, rewards, texts, stats = batch.rollout, batch.rewards, batch.texts, batch.stats
+        else:
+            roll = self.generator.generate(prompt_ids, max_new_tokens=gen.max_new_tokens,
+                                           temperature=gen.temperature, top_p=gen.top_p)
         time_generate = time.perf_counter() - started
-        rewards, parts = torch.zeros(len(prompt_ids), device=self.device), {}  # reward: null
+        parts = {}
         if self.rewards is not None:
-            texts, rows = [p.text for p in prompts for _ in range(k)], [p.row for p in prompts for _ in range(k)]
-            rewards, parts = self.rewards.score(texts, roll.responses, rows)  # [B] each, checked
-            rewards, parts = rewards.to(self.device), {name: v.to(self.device) for name, v in parts.items()}
-        truncated = truncated_responses(roll.labels, roll.mask, self.tokenizer.eos_token_id)
+            scores, parts = self.rewards.score(texts, roll.responses, rows)  # [B] each, checked
+            scores, parts = scores.to(self.device), {name: v.to(self.device) for name, v in parts.items()}
+            rewards = scores if self.episodes is None else rewards + scores
+        truncated = (batch.truncated if self.episodes is not None
+                     else truncated_responses(roll.labels, roll.mask, self.tokenizer.eos_token_id))
         overlong = torch.zeros_like(rewards)
         if config.overlong is not None:
             overlong = overlong_penalty(roll.mask.sum(1), gen.max_new_tokens, config.overlong.cache,
                                         config.overlong.penalty).to(self.device)
             rewards = rewards + overlong
-        return Samples(roll, rewards, group_ids, truncated, overlong, time_generate, reward_parts=parts)
+        return Samples(roll, rewards, group_ids, truncated, overlong, time_generate, stats, reward_parts=parts)
 
     @torch.no_grad()
     def sample_informative(self, draw: Callable[[], list[Prompt]]) -> Samples:
@@ -359,7 +380,8 @@ class PPORun:
         if float(counts[1]) > 0 and is_main_process():
             print(f"{self.name}: dynamic sampling found too few groups with different rewards in {rounds} rounds; "
                   f"{int(counts[1])} tied group(s) fill the batch (raise dynamic_sampling.max_rounds)")
-        stats = {"ds_rounds": float(rounds), "ds_dropped_groups": float(counts[0]), "ds_filled_groups": float(counts[1])}
+        stats = {key: sum(b.stats[key] for b in pool) / len(pool) for key in pool[0].stats}  # episodes' means per round
+        stats.update(ds_rounds=float(rounds), ds_dropped_groups=float(counts[0]), ds_filled_groups=float(counts[1]))
         index = rows.to(pool[0].rewards.device)
 
         def joined(name: str) -> torch.Tensor:
@@ -549,12 +571,44 @@ class PPORun:
 
     def evaluate(self, held_out: list[Prompt]) -> dict[str, float]:
         """Mean reward (and gold score) of one fresh sample per held-out prompt, on the same random
-        stream every time, so that policies are compared on equal terms."""
+        stream every time, so that policies are compared on equal terms (with an environment, one
+        episode per prompt: see :meth:`evaluate_episodes`)."""
+        if self.episodes is not None:
+            return self.evaluate_episodes(held_out)
         gen = self.config.generation
         judges = {name: fn for name, fn in (("reward", self.rewards), ("gold", self.gold)) if fn is not None}
         return evaluate_samples(self.policy, self.tokenizer, [p.text for p in held_out], judges,
                                 max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                                 device=self.device, seed=self.seed, rows=[p.row for p in held_out])
+
+    @torch.no_grad()
+    def evaluate_episodes(self, held_out: list[Prompt]) -> dict[str, float]:
+        """:meth:`evaluate` with an environment: one episode per held-out prompt (seeds fixed by the
+        prompt's place, sampling on the evaluation's own random stream), each process its share.
+        ``reward``: the environment's reward plus the rewards' score of the last reply; ``gold``:
+        the gold judge's; and the episodes' turns, tokens, endings and ``env_*`` means."""
+        seeds = [self.seed + i for i in range(len(held_out))]
+        share = dist_utils.shard(list(zip(held_out, seeds)))
+        real = 1.0 if share else 0.0
+        share = share or [(held_out[0], seeds[0])]  # a process without prompts still steps with the others
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.seed + dist_utils.rank())
+            self.policy.eval()
+            self.generator.wake()
+            batch = self.episodes.run([p.row for p, _ in share], [s for _, s in share])
+        rows, responses = [p.row for p, _ in share], batch.rollout.responses
+        reward = batch.rewards.double().cpu()
+        if self.rewards is not None:
+            reward = reward + self.rewards.score(batch.texts, responses, rows)[0].double().cpu()
+        columns = {"reward": reward.tolist()}
+        if self.gold is not None:
+            columns["gold"] = self.gold.score(batch.texts, responses, rows)[0].double().tolist()
+        columns.update(self.episodes.columns(batch.episodes))
+        names = list(columns)
+        sums = torch.tensor([real * sum(columns[n]) for n in names] + [real * len(share)], dtype=torch.float64,
+                            device=self.device)
+        sums = dist_utils.all_reduce_sum(sums)
+        return {name: float(sums[i] / sums[-1]) for i, name in enumerate(names)}
 
     def checkpointed(self) -> tuple[dict[str, Any], dict[str, list[torch.optim.Optimizer]]]:
         """``(models, optimizers)`` by name, as :class:`rlhf_core.Checkpointer` saves them: a critic of
@@ -744,6 +798,24 @@ def packing_efficiency(stats: PackingStats, device: torch.device) -> float:
     real, slots = dist_utils.all_reduce_sum(torch.tensor([stats.real, stats.slots], dtype=torch.float64,
                                                           device=device)).tolist()
     return real / slots if slots else 1.0
+
+
+def episode_runner(ctx, config: PPOConfig, policy, tokenizer, generator: CheckedGenerator) -> EpisodeRunner:
+    """The multi-turn episode runner of ``config.environment``: the environment built with its
+    options and ``ctx``, the tools it names, the chat template (or the fallback) that renders the
+    turns, and the bounds of an episode (prompt budget, ``data.max_length``, the model's context)."""
+    spec = config.environment
+    entry = ctx.registry.lookup("environment", spec)
+    environment = CheckedEnvironment(entry, entry.obj(ctx, **spec.options))
+    tools = (ToolBox([ctx.registry.lookup("tool", ComponentSpec(name)) for name in spec.tools], spec.tool_tags,
+                     spec.tool_timeout) if spec.tools else None)
+    use_template = bool(getattr(tokenizer, "chat_template", None)) and config.data.chat_template != "never"
+    rendering = EpisodeRendering(tokenizer, use_template, tools.schemas if tools is not None else None,
+                                 f"stage {ctx.name!r}: environment {spec.name!r}")
+    context = getattr(getattr(dist_utils.unwrap(policy), "config", None), "max_position_embeddings", None)
+    return EpisodeRunner(spec, environment, tools, rendering, tokenizer, generator, config.generation,
+                         prompt_budget=config.prompt_budget(), max_length=config.data.max_length, context=context,
+                         device=ctx.device)
 
 
 def share_backbone(ctx, config: PPOConfig, policy) -> SharedBackbone | None:

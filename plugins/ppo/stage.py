@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from rlhf_core import (
-    Rendering, Stage, StageInput, StageResult, Uses, fused_linear_problems, hookimpl, is_main_process, packing_problems,
+    ComponentSpec, Rendering, Stage, StageInput, StageResult, Uses, fused_linear_problems, hookimpl, is_main_process, packing_problems,
     reward_specs, save_causal_lm,
 )
 from rlhf_core import distributed as dist_utils
@@ -35,10 +35,14 @@ class PPOStage(Stage):
     records = "prompts"
 
     def uses(self, config: PPOConfig) -> list[Uses]:
-        """Rewards, advantage estimator, policy loss, gold judge and rollout engine."""
+        """Rewards, advantage estimator, policy loss, gold judge, rollout engine, and the environment
+        and its tools."""
+        env = config.environment
+        tools = [Uses("tool", ComponentSpec(name), f"environment.tools[{i}]") for i, name in enumerate(env.tools)] if env else []
         return [*(Uses("reward", spec, path) for path, spec in reward_specs(config.reward)),
                 Uses("advantage", config.advantage, "advantage"), Uses("loss", config.loss, "loss", ("policy",)),
-                Uses("reward", config.gold, "gold"), Uses("generator", config.generator, "generator")]
+                Uses("reward", config.gold, "gold"), Uses("generator", config.generator, "generator"),
+                Uses("environment", env, "environment"), *tools]
 
     def run(self, ctx, config: PPOConfig) -> StageResult:
         """Run ``iterations`` PPO iterations; summary holds reward, KL and gold scores."""
@@ -124,8 +128,12 @@ class PPOStage(Stage):
     def plan(self, config: PPOConfig, registry, sizes: dict[str, int]) -> dict[str, Any]:
         """Iterations, samples and the most tokens generated (``rlhf run --dry-run``)."""
         samples = config.iterations * config.prompts_per_batch * config.samples_per_prompt
-        return {"iterations": config.iterations, "samples": samples, "optimizer steps": config.optimizer_steps(),
-                "generated tokens (at most)": samples * config.generation.max_new_tokens}
+        turns = config.environment.max_turns if config.environment is not None else 1
+        plan = {"iterations": config.iterations, "samples": samples, "optimizer steps": config.optimizer_steps(),
+                "generated tokens (at most)": samples * config.generation.max_new_tokens * turns}
+        if config.environment is not None:
+            plan["episode turns (at most)"] = samples * turns
+        return plan
 
 
 def policy_loss_problems(config: PPOConfig, registry) -> list[str]:
@@ -161,10 +169,14 @@ def reports_no_logprobs(config: PPOConfig, registry) -> bool:
 def sampling_problems(config: PPOConfig, registry) -> list[str]:
     """What the reward, dynamic sampling and rollout corrections need from the rest of the config."""
     problems = []
-    if config.reward is None and config.distill is None:
-        problems.append("reward: null leaves nothing to learn from; name a reward, or set distill: {teacher: ...} to "
-                        "learn from a teacher's log-probs alone")
-    if config.dynamic_sampling is not None and config.reward is None:
+    if config.reward is None and config.distill is None and config.environment is None:
+        problems.append("reward: null leaves nothing to learn from; name a reward, set distill: {teacher: ...} to "
+                        "learn from a teacher's log-probs alone, or an environment that gives rewards")
+    if config.environment is not None and config.overlong is not None:
+        problems.append("overlong: shapes one response by its length against generation.max_new_tokens; a multi-turn "
+                        "episode's length is bounded by environment.max_tokens and max_turns instead (cut episodes "
+                        "are counted as episode_cut_*); remove overlong")
+    if config.dynamic_sampling is not None and config.reward is None and config.environment is None:
         problems.append("dynamic_sampling: keeps groups whose rewards differ, and reward: null gives every sample 0; "
                         "remove dynamic_sampling or name a reward")
     if config.dynamic_sampling is not None and config.samples_per_prompt < 2:

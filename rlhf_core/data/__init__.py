@@ -37,7 +37,7 @@ from .validation import (  # noqa: F401
 from .readers import check_data_path, is_saved_dataset, read_records  # noqa: F401
 from .loading import data_inputs, dataset_components, held_out_count, load_records, load_split, split_records  # noqa: F401
 from .tokenize import (  # noqa: F401
-    as_conversation, CHAT_TEMPLATE_MODES, encode_prompt, encode_response, encode_turns, fit_length, fit_prompt, Rendering,
+    apply_template, as_conversation, CHAT_TEMPLATE_MODES, encode_prompt, encode_response, encode_turns, fit_length, fit_prompt, Rendering,
     render_prompt, role_lines, tokenize_scored, tokenize_sft, tokenize_unpaired, TokenStats,
 )
 from .collate import (  # noqa: F401
@@ -47,5 +47,5 @@ from .collate import (  # noqa: F401
 #: The supported plugin API of this package (see docs/reference/api.md).
 __all__ = ["DataError", "Record", "Turns", "TokenStats", "Rendering", "IGNORE_INDEX", "load_split", "load_records",
            "data_inputs", "dataset_components", "record_turns", "render_prompt", "encode_prompt", "encode_response",
-           "encode_turns", "fit_length", "fit_prompt", "tokenize_sft", "tokenize_scored", "tokenize_unpaired", "collate_sft", "collate_scored",
+           "encode_turns", "fit_length", "fit_prompt", "apply_template", "role_lines", "tokenize_sft", "tokenize_scored", "tokenize_unpaired", "collate_sft", "collate_scored",
            "collate_unpaired", "mismatched_pair", "shift_labels", "pad"]

@@ -76,14 +76,24 @@ def as_conversation(turns: Turns) -> Turns:
                  {key: {"role": "assistant", "content": text} for key, text in turns.responses.items()}, turns.names)
 
 
-def role_lines(messages: list[dict]) -> str:
+def role_lines(messages: list[dict], eos: str = "") -> str:
     """The fallback rendering of a conversation without a chat template: ``"<role>: <content>\\n"``
-    per message, then ``"assistant: "``."""
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    per message, then ``"assistant: "``. With ``eos`` (the tokenizer's EOS text) an earlier assistant
+    message ends with it instead of the newline, as the model produced it (a response is its content
+    then EOS), so a multi-turn episode's context and a multi-turn record's prompt read alike (and no
+    whitespace follows the EOS for a tokenizer to strip)."""
+    return "".join(f"{m['role']}: {m['content']}" + (eos if m["role"] == "assistant" and eos else "\n")
+                   for m in messages) + "assistant: "
 
 
-def _apply_template(tokenizer: Any, messages: list[dict], source: str, add_generation_prompt: bool) -> str:
+def apply_template(tokenizer: Any, messages: list[dict], source: str, add_generation_prompt: bool,
+                   tools: list[dict] | None = None) -> str:
+    """The tokenizer's chat template over ``messages`` (and the tools' JSON schemas) as text; what
+    the template raises becomes a :class:`DataError` naming ``source``."""
     try:
+        if tools:
+            return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # a template raises what it likes (jinja2 errors, raise_exception(...))
         raise DataError(f"{source}: the tokenizer's chat template refused the conversation: {exc}") from None
@@ -93,8 +103,8 @@ def _prompt_text(tokenizer: Any, turns: Turns, use_template: bool, source: str) 
     if not turns.conversational:
         return turns.prompt
     if use_template:
-        return _apply_template(tokenizer, turns.prompt, source, add_generation_prompt=True)
-    return role_lines(turns.prompt)
+        return apply_template(tokenizer, turns.prompt, source, add_generation_prompt=True)
+    return role_lines(turns.prompt, getattr(tokenizer, "eos_token", None) or "")
 
 
 def render_prompt(tokenizer: Any, fields: dict[str, Any], rendering: Rendering | None = None,
@@ -122,7 +132,7 @@ def encode_turns(tokenizer: Any, turns: Turns, rendering: Rendering | None = Non
         elif not use_template:
             responses[key] = encode_response(tokenizer, response["content"])
         else:
-            whole = _apply_template(tokenizer, [*turns.prompt, response], source, add_generation_prompt=False)
+            whole = apply_template(tokenizer, [*turns.prompt, response], source, add_generation_prompt=False)
             if not whole.startswith(prompt):
                 raise DataError(
                     f"{source}: field {turns.names.get(key, key)!r}: the chat template renders the messages before the "

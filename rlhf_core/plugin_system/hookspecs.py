@@ -66,6 +66,27 @@ def rlhf_register_generators(register):
 
 
 @hookspec
+def rlhf_register_environments(register):
+    """Register multi-turn environments (``ppo.environment``).
+
+    :param register: ``register(name, environment_class)`` following
+        :class:`rlhf_core.contracts.Environment` (built once per PPO stage as ``cls(ctx, **options)``).
+    """
+
+
+@hookspec
+def rlhf_register_tools(register):
+    """Register tools a policy may call in a multi-turn episode (``ppo.environment.tools``).
+
+    :param register: ``register(name, fn, schema=None)``: ``fn(**arguments) -> str`` (the tool
+        message the policy reads; anything else is turned into a string); ``schema``: the JSON
+        schema passed to the chat template's ``tools`` (``{"type": "function", "function": {...}}``),
+        by default derived from ``fn``'s type hints and its Google-style docstring
+        (``transformers.utils.get_json_schema``). The schema's function name is the registered name.
+    """
+
+
+@hookspec
 def rlhf_register_datasets(register):
     """Register built-in datasets, selectable in a config as ``builtin:NAME``.
 

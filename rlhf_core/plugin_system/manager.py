@@ -32,6 +32,7 @@ REGISTRATION_HOOKS = {
     "rlhf_register_stages": "stage", "rlhf_register_losses": "loss", "rlhf_register_rewards": "reward",
     "rlhf_register_advantages": "advantage", "rlhf_register_datasets": "dataset",
     "rlhf_register_trackers": "tracker", "rlhf_register_generators": "generator",
+    "rlhf_register_environments": "environment", "rlhf_register_tools": "tool",
 }
 
 #: Built-in plugins, registered exactly like third-party ones.
@@ -43,6 +44,8 @@ BUILTINS = {
     "ppo-advantages": "rlhf_plugins.ppo.advantages",
     "ppo-rewards": "rlhf_plugins.ppo.rewards",
     "ppo-generators": "rlhf_plugins.ppo.generators",
+    "ppo-environments": "rlhf_plugins.ppo.environments",
+    "tools": "rlhf_plugins.tools",
     "preference": "rlhf_plugins.preference.stage",
     "preference-losses": "rlhf_plugins.preference.losses",
     "rewards-verifiable": "rlhf_plugins.rewards.verifiable",

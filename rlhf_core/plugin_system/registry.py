@@ -13,14 +13,14 @@ from typing import Any
 from ..contracts import Stage
 from ..errors import RegistryError
 
-KINDS = ("stage", "loss", "reward", "advantage", "dataset", "tracker", "generator")
+KINDS = ("stage", "loss", "reward", "advantage", "dataset", "tracker", "generator", "environment", "tool")
 LOSS_FAMILIES = ("token", "score", "pairwise", "policy", "preference", "kto")
 _HUMAN = {"stage": "stage", "loss": "loss", "reward": "reward", "advantage": "advantage estimator", "dataset": "dataset",
-          "tracker": "tracker", "generator": "generator"}
+          "tracker": "tracker", "generator": "generator", "environment": "environment", "tool": "tool"}
 
 #: Parameters the host passes itself, by component kind: never options a config can set.
 HOST_PARAMETERS = {"stage": (), "dataset": (), "loss": ("backend",), "reward": ("ctx",), "advantage": (),
-                   "tracker": ("run_dir", "config"), "generator": ("ctx", "policy", "tokenizer")}
+                   "tracker": ("run_dir", "config"), "generator": ("ctx", "policy", "tokenizer"), "environment": ("ctx",), "tool": ()}
 #: Names an option may not have: what the host passes to any kind, and the keys of a component
 #: mapping that are the host's (``{name: ..., plugin: ..., weight: ...}``).
 RESERVED_OPTIONS = frozenset({p for names in HOST_PARAMETERS.values() for p in names} | {"name", "plugin", "weight"})
@@ -84,7 +84,7 @@ class Registry:
         if kind == "stage" and not (inspect.isclass(obj) and issubclass(obj, Stage)):
             raise RegistryError(f"plugin {plugin!r} registered stage {name!r} as {obj!r}; a stage is a subclass of "
                                 "rlhf_core.Stage (see its docstring and the README's 'Writing a stage')")
-        if kind not in ("stage", "dataset"):
+        if kind not in ("stage", "dataset", "tool"):  # a tool's parameters are the policy's arguments, not options
             reserved = sorted(p.name for p in _keyword_defaults(obj)
                               if p.name in RESERVED_OPTIONS and p.name not in HOST_PARAMETERS[kind])
             if reserved:
