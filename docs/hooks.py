@@ -27,6 +27,8 @@ KINDS = {
     "advantage": "`ppo.advantage:`. See [Algorithms](../algorithms.md) for the equations.",
     "reward": "`ppo.reward:` and `ppo.gold:`, and `rlhf eval --reward/--gold`.",
     "generator": "`ppo.generator:`. See [Rollout engines](../rollout-engines.md).",
+    "environment": "`ppo.environment:`. See [Multi-turn episodes and tools](../recipes/multi-turn.md).",
+    "tool": "`ppo.environment.tools:`. See [Multi-turn episodes and tools](../recipes/multi-turn.md#tools).",
     "tracker": "The top-level `tracking:` list. See [Experiment tracking](../tracking.md).",
     "dataset": "`data.train: builtin:NAME`.",
 }

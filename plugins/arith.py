@@ -54,7 +54,9 @@ def make_records(kind: str, n: int, seed: int) -> list[dict]:
 
 
 #: The share of ``arith_tools`` demonstrations that call the calculator (the rest answer directly).
-TOOL_DEMOS = 0.3
+TOOL_DEMOS = 0.5
+#: ``arith_tools``' operands are below this: sums the tiny model rarely gets right by itself.
+TOOL_OPERAND = 100
 
 
 def tool_call(expression: str, tags: tuple[str, str] = ("<tool_call>", "</tool_call>")) -> str:
@@ -63,20 +65,22 @@ def tool_call(expression: str, tags: tuple[str, str] = ("<tool_call>", "</tool_c
 
 
 def make_tool_records(kind: str, n: int, seed: int) -> list[dict]:
-    """``arith_tools``: the arithmetic task for multi-turn episodes with the ``calculator`` tool
-    (``ppo.environment: {name: answer, tools: [calculator]}``). ``prompts``: as ``arith``'s.
+    """``arith_tools``: the arithmetic task with operands below :data:`TOOL_OPERAND`, for multi-turn
+    episodes with the ``calculator`` tool (``ppo.environment: {name: answer, tools: [calculator]}``).
+    ``prompts``: the question and its ``answer``.
     ``sft``: conversations; a share :data:`TOOL_DEMOS` of the questions are demonstrated calling the
     calculator (one record for the call, one for the answer after the tool's result), the others
     answered directly like ``arith``'s. The tiny model imitates both; RL learns that calling the
     tool is what gets the sum right."""
-    if kind == "prompts":
-        return make_records("prompts", n, seed)
-    if kind != "sft":
+    if kind not in ("sft", "prompts"):
         raise ValueError(f"arith_tools dataset: no {kind!r} data; accepted: sft, prompts")
-    rng = random.Random(f"arith-tools-{seed}")
+    rng = random.Random(f"arith-tools-{kind}-{seed}")
     out: list[dict] = []
     while len(out) < n:
-        a, b = rng.randrange(MAX_OPERAND), rng.randrange(MAX_OPERAND)
+        a, b = rng.randrange(TOOL_OPERAND), rng.randrange(TOOL_OPERAND)
+        if kind == "prompts":
+            out.append({"prompt": make_prompt(a, b), "answer": str(a + b)})
+            continue
         question = [{"role": "user", "content": make_prompt(a, b)}]
         if rng.random() >= TOOL_DEMOS:
             out.append({"messages": question + [{"role": "assistant", "content": _demonstration(rng, a + b)}],

@@ -225,6 +225,43 @@ stages:
     assert rows(tmp_path / "whole") == rows(tmp_path / "cut")
 
 
+EPISODES_PIPELINE = """
+seed: 0
+checkpoint: {every: 3}
+stages:
+  - stage: sft
+    data: {train: "builtin:guess", builtin_size: 300, max_length: 128}
+    train: {steps: 40, batch_size: 16, lr: 3.0e-3, log_every: 5}
+  - stage: ppo
+    data: {train: "builtin:guess", builtin_size: 60, max_length: 128}
+    environment: {name: guess, max_turns: 4}
+    reward: null
+    advantage: gae
+    iterations: 10
+    prompts_per_batch: 4
+    samples_per_prompt: 2
+    minibatch_size: 4
+    generation: {max_new_tokens: 4}
+    kl: {coef: 0.05}
+    eval_every: 4
+    eval_prompts: 8
+"""
+
+
+def test_multi_turn_ppo_kill_and_resume_is_bit_identical(tmp_path):
+    """Episodes (seeds from the checkpointed prompt sampler), a critic over the policy's tokens of
+    several turns, and evaluations of episodes: a SIGKILL mid-stage and --resume change nothing."""
+    config = tmp_path / "episodes.yaml"
+    config.write_text(EPISODES_PIPELINE)
+    result = rlhf("run", str(config), "--out", str(tmp_path / "whole"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert any("episode_turns" in r for r in rows(tmp_path / "whole"))
+    kill_at(config, tmp_path / "cut", "ppo", 5)
+    result = rlhf("run", "--resume", str(tmp_path / "cut"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_identical(tmp_path / "whole", tmp_path / "cut")
+
+
 TENSORBOARD_PIPELINE = """
 seed: 0
 checkpoint: {{every: {every}}}

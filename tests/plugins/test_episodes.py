@@ -3,14 +3,16 @@ that misbehave. The learning checks are in test_environments_learn (CLI runs).""
 from __future__ import annotations
 
 import time
+import types
 
 import pytest
 import torch
 from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rlhf_core import ComponentError, ComponentSpec, GenerationConfig, ModelConfig, Observation, Rollout, role_lines
-from rlhf_core import CheckedEnvironment, render_prompt
+from rlhf_core import CheckedEnvironment, hookimpl, render_prompt
 from rlhf_core.models import load_causal_lm, load_tokenizer
+from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
 from rlhf_core.plugin_system.registry import Entry
 from rlhf_core.sampling import generate, make_rollout, pad_prompts
 from rlhf_plugins.ppo.config import EnvironmentSpec
@@ -352,3 +354,45 @@ def test_guess_follows_the_rows_target_or_the_seed_and_rewards_fewer_turns():
     assert len({env.reset({}, s).state["target"] for s in range(40)}) == 8
     with pytest.raises(ValueError, match="low must be below high"):
         GuessNumber.check_options(low=3, high=3, turn_penalty=0)
+
+
+def test_a_plugins_tools_and_environment_register_and_reach_the_episode():
+    def shout(text: str) -> str:
+        """Upper-case a text.
+
+        Args:
+            text: what to shout
+        """
+        return text.upper()
+
+    schema = {"type": "function", "function": {"name": "ignored", "description": "Reverse a text.",
+                                               "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}
+
+    @hookimpl
+    def rlhf_register_tools(register):
+        register("shout", shout)
+        register("reverse", lambda text: text[::-1], schema=schema)
+
+    @hookimpl
+    def rlhf_register_environments(register):
+        register("once", Answer)
+
+    pm = get_plugin_manager(entry_points=False)
+    pm.register(types.SimpleNamespace(rlhf_register_tools=rlhf_register_tools,
+                                      rlhf_register_environments=rlhf_register_environments), name="my-tools")
+    registry = build_registry(pm)
+    tools = [registry.lookup("tool", ComponentSpec(n)) for n in ("shout", "reverse")]
+    assert registry.lookup("environment", ComponentSpec("once")).plugin == "my-tools"
+    box = ToolBox(tools, ["<tool_call>", "</tool_call>"], 5.0)
+    assert [s["function"]["name"] for s in box.schemas] == ["shout", "reverse"]  # the registered names
+    assert box.schemas[1]["function"]["description"] == "Reverse a text." and schema["function"]["name"] == "ignored"
+    tok = load_tokenizer(ModelConfig())
+    call = ('<tool_call>{"name": "shout", "arguments": {"text": "hi"}}</tool_call>'
+            '<tool_call>{"name": "reverse", "arguments": {"text": "abc"}}</tool_call>')
+    replies = [tok(call, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+               tok("done", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    batch = runner(Answer(), Scripted(tok, replies), tok, tools=tools, max_new_tokens=200).run([{"prompt": "go"}], [0])
+    e = batch.episodes[0]
+    assert [m["content"] for m in e.messages if m["role"] == "tool"] == ["HI", "cba"]
+    assert e.ended == "done" and e.turns == 2 and e.final == "done" and e.tool_calls == 2
+    assert batch.stats["tool_calls"] == 2.0 and batch.stats["tool_errors"] == 0.0

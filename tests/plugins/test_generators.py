@@ -205,6 +205,35 @@ def test_vllm_follows_the_policy_after_weight_pushes(vllm_model, tmp_path):
 
 
 @needs_vllm
+def test_vllm_multi_turn_episodes_are_scored_on_the_engines_own_tokens(vllm_model, tmp_path):
+    """Token-in/token-out with vLLM: an episode's loss tokens are the engine's sampled ids, turn after
+    turn, and the trainer's log-probs of them over the whole episode equal the engine's within 1e-3."""
+    from rlhf_core import CheckedEnvironment, GenerationConfig
+    from rlhf_core.plugin_system.registry import Entry
+    from rlhf_plugins.ppo.config import EnvironmentSpec
+    from rlhf_plugins.ppo.environments import GuessNumber
+    from rlhf_plugins.ppo.episodes import EpisodeRendering, EpisodeRunner
+    from rlhf_plugins.ppo.rollout import score_tokens
+    from rlhf_plugins.vllm_engine import VLLMGenerator
+
+    cfg = ModelConfig(name_or_path=str(vllm_model))
+    policy, tokenizer = load_causal_lm(cfg), load_tokenizer(cfg)
+    engine = VLLMGenerator(ctx_stub(tmp_path), policy, tokenizer)
+    env = CheckedEnvironment(Entry("environment", "guess", GuessNumber, "ppo-environments"), GuessNumber())
+    runner = EpisodeRunner(EnvironmentSpec("guess", max_turns=3), env, None,
+                           EpisodeRendering(tokenizer, False, None, "test"), tokenizer, engine,
+                           GenerationConfig(max_new_tokens=6), prompt_budget=64, max_length=160, context=None,
+                           device=torch.device("cpu"))
+    batch = runner.run([{"target": str(t)} for t in (1, 4, 8, 2)], [0, 1, 2, 3])
+    roll = batch.rollout
+    assert roll.logprobs is not None
+    for b, e in enumerate(batch.episodes):
+        assert roll.sequences[b, roll.prompt_len:][roll.mask[b].bool()].tolist() == [t for t, p in zip(e.body, e.policy) if p]
+    trainer, _ = score_tokens(policy, roll, "reference")
+    assert float(((trainer - roll.logprobs) * roll.mask).abs().max()) < 1e-3
+
+
+@needs_vllm
 def test_ppo_with_vllm_beats_sft_on_the_gold_judge(vllm_model, tiny_pipeline_yaml, tmp_path):
     result = CliRunner().invoke(cli, ["run", tiny_pipeline_yaml(iterations=30), "--out", str(tmp_path / "run"),
                                       "--set", f"model.name_or_path={vllm_model}", "--set", "stages.ppo.generator=vllm"],

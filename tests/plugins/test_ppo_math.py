@@ -226,3 +226,19 @@ def test_whiten():
     w = whiten(x, torch.tensor([[1, 1, 1, 0]]))
     assert torch.allclose(w[0, :3].mean(), torch.tensor(0.0), atol=1e-6) and w[0, 3] == 0
     assert torch.allclose((w[0, :3] ** 2).mean(), torch.tensor(1.0), atol=1e-4)
+
+
+def test_gae_over_a_multi_turn_episode_skips_the_environments_tokens():
+    """Policy tokens at 0, 1 and 4 (2, 3: an environment's turn): GAE must equal GAE over the three
+    policy tokens side by side. By hand with gamma 0.9, lambda 0.8, r = (0, 0, 1), V = (0.5, 0.2, 0.4):
+    delta_2 = 1 - 0.4 = 0.6; delta_1 = 0 + 0.9 * 0.4 - 0.2 = 0.16; delta_0 = 0 + 0.9 * 0.2 - 0.5 = -0.32;
+    A_2 = 0.6; A_1 = 0.16 + 0.72 * 0.6 = 0.592; A_0 = -0.32 + 0.72 * 0.592 = 0.10624."""
+    gae = GAE(gamma=0.9, lam=0.8)
+    holes = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]])
+    rewards = torch.tensor([[0.0, 0.0, 7.0, 7.0, 1.0]])  # whatever sits on the environment's tokens is ignored
+    values = torch.tensor([[0.5, 0.2, 9.0, 9.0, 0.4]])
+    adv = gae(AdvantageInputs(rewards.sum(1), rewards, holes, torch.zeros(1), values))
+    assert torch.allclose(adv, torch.tensor([[0.10624, 0.592, 0.0, 0.0, 0.6]]))
+    packed = gae(AdvantageInputs(torch.ones(1), torch.tensor([[0.0, 0.0, 1.0]]), torch.ones(1, 3), torch.zeros(1),
+                                 torch.tensor([[0.5, 0.2, 0.4]])))
+    assert torch.allclose(adv[:, [0, 1, 4]], packed)
