@@ -77,7 +77,7 @@ def test_component_options_checked(registry):
 
 def test_builtin_dataset_names_checked(registry):
     problems = problems_of({"stages": [{"stage": "sft", "data": {"train": "builtin:letterz"}}]}, registry)
-    assert problems == ["stages[0].data.train: unknown dataset 'letterz'; available: arith, letters"]
+    assert problems == ["stages[0].data.train: unknown dataset 'letterz'; available: arith, arith_tools, guess, letters"]
 
 
 def test_an_empty_reward_list_is_refused_with_what_to_write(registry):

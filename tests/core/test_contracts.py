@@ -27,7 +27,7 @@ def test_every_stage_is_a_stage_with_a_dataclass_config_and_named_components(reg
         assert isinstance(stage, Stage) and dataclasses.is_dataclass(entry.obj.config_class), entry.name
         config = entry.obj.config_class()
         uses = stage.components(config)
-        assert uses and all(isinstance(u, Uses) and u.kind in ("loss", "reward", "advantage", "generator", "dataset")
+        assert uses and all(isinstance(u, Uses) and u.kind in ("loss", "reward", "advantage", "generator", "dataset", "environment", "tool")
                             for u in uses), entry.name
         assert stage.produces in ("policy", "reward"), entry.name
         assert stage.record_kind(config, registry) in ("sft", "reward", "pairwise", "unpaired", "prompts"), entry.name

@@ -231,20 +231,20 @@ checkpoint: {every: 3}
 stages:
   - stage: sft
     data: {train: "builtin:guess", builtin_size: 300, max_length: 128}
-    train: {steps: 40, batch_size: 16, lr: 3.0e-3, log_every: 5}
+    train: {steps: 12, batch_size: 16, lr: 3.0e-3, log_every: 4}
   - stage: ppo
     data: {train: "builtin:guess", builtin_size: 60, max_length: 128}
     environment: {name: guess, max_turns: 4}
     reward: null
     advantage: gae
-    iterations: 10
+    iterations: 6
     prompts_per_batch: 4
     samples_per_prompt: 2
     minibatch_size: 4
     generation: {max_new_tokens: 4}
     kl: {coef: 0.05}
-    eval_every: 4
-    eval_prompts: 8
+    eval_every: 2
+    eval_prompts: 4
 """
 
 
@@ -256,7 +256,7 @@ def test_multi_turn_ppo_kill_and_resume_is_bit_identical(tmp_path):
     result = rlhf("run", str(config), "--out", str(tmp_path / "whole"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert any("episode_turns" in r for r in rows(tmp_path / "whole"))
-    kill_at(config, tmp_path / "cut", "ppo", 5)
+    kill_at(config, tmp_path / "cut", "ppo", 3)
     result = rlhf("run", "--resume", str(tmp_path / "cut"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert_identical(tmp_path / "whole", tmp_path / "cut")
