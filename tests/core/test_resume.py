@@ -248,6 +248,7 @@ stages:
 """
 
 
+@pytest.mark.slow  # three runs of a two-stage pipeline
 def test_multi_turn_ppo_kill_and_resume_is_bit_identical(tmp_path):
     """Episodes (seeds from the checkpointed prompt sampler), a critic over the policy's tokens of
     several turns, and evaluations of episodes: a SIGKILL mid-stage and --resume change nothing."""

@@ -161,6 +161,7 @@ def test_an_environment_that_hangs_ends_the_run_with_its_name_and_nothing_finish
     assert not (cfg.parent / "out" / "ppo" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # a one- and a two-process run
 def test_one_and_two_processes_run_the_same_episodes_and_updates(config):
     """Greedy replies make the episodes deterministic; FSDP on 2 processes then must log what 1 does."""
     cfg = config("    environment: {name: echo, max_turns: 4}\n    generator: greedy\n    optim: {lr: 1.0e-3}\n"
@@ -181,8 +182,10 @@ def test_one_and_two_processes_run_the_same_episodes_and_updates(config):
     assert any(r["grad_norm"] > 0 for r in trained) and "env_chars" in trained[0]
 
 
-def test_guess_small(config, tmp_path):
-    """The multi-turn game end to end, small: SFT warm-up, then a few GRPO iterations over episodes."""
+def test_guess_small_with_fused_linear_the_rlhf_loop_and_a_critic(tmp_path):
+    """The multi-turn game end to end, small: SFT warm-up, then a few PPO iterations over episodes,
+    on the paths of single-turn PPO: fused-linear log-probs, rlhf's decode loop, the KL to the
+    reference and GAE over the masked steps of several turns."""
     cfg = tmp_path / "guess.yaml"
     cfg.write_text("""
 seed: 0
@@ -194,14 +197,16 @@ stages:
     data: {train: "builtin:guess", builtin_size: 60, max_length: 160}
     environment: {name: guess, max_turns: 4}
     reward: null
-    advantage: group_mean
+    advantage: gae
+    generator: {name: hf, loop: rlhf}
+    fused_linear: true
     samples_per_prompt: 4
     prompts_per_batch: 4
     minibatch_size: 16
     ppo_epochs: 1
-    iterations: 4
+    iterations: 3
     generation: {max_new_tokens: 4}
-    kl: {coef: 0.0}
+    kl: {coef: 0.1}
     eval_every: 0
     eval_prompts: 16
 """)
@@ -209,23 +214,23 @@ stages:
     assert result.returncode == 0, result.stderr[-3000:]
     ppo = rows(tmp_path / "out")
     trained = [r for r in ppo if "policy_loss" in r]
-    assert len(trained) == 4
+    assert len(trained) == 3
     for r in trained:
         ends = sum(r[k] for k in ("episode_done", "episode_cut_turns", "episode_cut_tokens", "episode_cut_context",
                                   "episode_cut_turn"))
-        assert ends == pytest.approx(1.0) and 1 <= r["episode_turns"] <= 4 and "env_solved" in r
+        assert ends == pytest.approx(1.0) and 1 <= r["episode_turns"] <= 4 and "env_solved" in r and "value_loss" in r
+    assert max(r["episode_turns"] for r in trained) > 1  # the warm-up's games take several turns
     assert r["response_length"] < r["episode_tokens"]  # the feedback's tokens are context, not trained on
+    assert trained[0]["kl"] == 0.0 and trained[-1]["kl"] != 0.0  # policy == reference before the first update
     assert "eval_env_solved" in ppo[0] and "eval_episode_turns" in ppo[-1]
 
 
-def test_episodes_with_lora_fused_linear_the_rlhf_loop_and_a_critic_on_the_shared_base(config, tmp_path):
-    """The scoring and update paths are those of single-turn PPO: LoRA (the reference is the policy
-    with its adapters off; the critic an adapter on the same base), fused-linear log-probs, rlhf's
-    decode loop, KL to the reference and GAE over the masked steps of several turns."""
+def test_episodes_with_lora_and_a_critic_on_the_shared_base(config, tmp_path):
+    """LoRA: the reference is the policy with its adapters off and the critic an adapter + head on
+    the same frozen base; episodes of three turns (greedy replies that always end)."""
     cfg = config("""    environment: {name: echo, max_turns: 3}
-    generator: {name: hf, loop: rlhf}
+    generator: greedy
     advantage: gae
-    fused_linear: true
     kl: {coef: 0.1}
     reward: length
     generation: {max_new_tokens: 4}
@@ -233,8 +238,9 @@ model: {lora: {r: 4, alpha: 8}}
 """)
     result = rlhf("run", str(cfg), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "shared_backbone off" not in result.stdout
     trained = [r for r in rows(tmp_path / "out") if "policy_loss" in r]
-    assert len(trained) == 2 and all("value_loss" in r and r["episode_turns"] >= 1 for r in trained)
+    assert len(trained) == 2 and all("value_loss" in r and r["episode_turns"] == 3 for r in trained)
     assert trained[0]["kl"] == 0.0 and trained[1]["kl"] != 0.0  # policy == reference before the first update
     assert (tmp_path / "out" / "ppo" / "adapter_config.json").is_file()
 

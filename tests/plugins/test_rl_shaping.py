@@ -189,7 +189,7 @@ def test_tokens_out_of_the_loss_weigh_nothing(tiny, registry, fused, loss, agg):
      "got 1"),
     (["stages.ppo.dynamic_sampling={max_rounds: 0}", "stages.ppo.samples_per_prompt=4"],
      "stages[2].dynamic_sampling.max_rounds: must be at least 1, got 0"),
-    (["stages.ppo.reward=null"], "stages[2].reward: null leaves nothing to learn from; name a reward, or set distill"),
+    (["stages.ppo.reward=null"], "stages[2].reward: null leaves nothing to learn from; name a reward, set distill"),
     (["stages.ppo.distill={coef: 1.0}"], "stages[2].distill.teacher: required"),
     (["stages.ppo.rollout_correction={type: seq_mask}"],
      "stages[2].rollout_correction: seq_mask corrects for the gap between the engine's sampling log-probs and the "
