@@ -52,7 +52,7 @@ class GuessNumber:
     """``guess``: a number from ``low`` to ``high`` found through ``higher`` / ``lower`` feedback
     (see the module docstring)."""
 
-    def __init__(self, ctx: Any = None, *, low: int = 1, high: int = 8, turn_penalty: float = 0.1):
+    def __init__(self, ctx: Any = None, *, low: int = 1, high: int = 16, turn_penalty: float = 0.1):
         self.check_options(low=low, high=high, turn_penalty=turn_penalty)
         self.low, self.high, self.turn_penalty = low, high, turn_penalty
 
@@ -86,7 +86,7 @@ class GuessNumber:
 
 
 def guess_records(kind: str, n: int, seed: int) -> list[dict]:
-    """``n`` records of the guessing game (``low`` 1, ``high`` 8), deterministic in ``seed``:
+    """``n`` records of the guessing game (``low`` 1, ``high`` 16), deterministic in ``seed``:
     ``prompts``: the question and its ``target``; ``sft``: one record per assistant turn of
     demonstrated games (the conversation so far, then the guess) whose guesses are consistent with
     the feedback but drawn at random from the numbers still possible, half of the games scanning
@@ -94,7 +94,7 @@ def guess_records(kind: str, n: int, seed: int) -> list[dict]:
     if kind not in ("sft", "prompts"):
         raise ValueError(f"guess dataset: no {kind!r} data; accepted: sft, prompts")
     rng = random.Random(f"guess-{kind}-{seed}")
-    low, high = 1, 8
+    low, high = 1, 16
     out: list[dict] = []
     while len(out) < n:
         target = rng.randint(low, high)

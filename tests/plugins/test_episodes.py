@@ -153,7 +153,7 @@ def test_fallback_rendering_matches_the_sft_rendering_of_the_same_conversation()
     replies = [tok("5", add_special_tokens=False)["input_ids"] + [eos], tok("7", add_special_tokens=False)["input_ids"] + [eos]]
     batch = runner(GuessNumber(), Scripted(tok, replies), tok).run([{"target": "7"}], [0])
     e = batch.episodes[0]
-    assert [m["content"] for m in e.messages] == ["Guess my number from 1 to 8.", "5", "higher", "7"]
+    assert [m["content"] for m in e.messages] == ["Guess my number from 1 to 16.", "5", "higher", "7"]
     # The episode's tokens up to the last reply are what SFT gives the same conversation as its prompt.
     prompt = render_prompt(tok, {"messages": e.messages})
     assert prompt == role_lines(e.messages[:-1], "</s>")
