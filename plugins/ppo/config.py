@@ -127,6 +127,28 @@ class DistillConfig:
 
 
 @dataclass
+class AsyncConfig:
+    """Rollouts that overlap training: a rollout worker process samples the next batches with
+    weights at most ``max_staleness`` updates old while the trainer updates (batch ``i`` is always
+    sampled with the policy after ``max(0, i - 1 - max_staleness)`` updates, so runs are
+    deterministic and resume exactly); every sample carries the version it came from and its
+    behaviour log-probs, which ``rollout_correction`` corrects for; ``staleness`` is logged.
+    ``max_staleness: 0`` is synchronous PPO (no worker)."""
+
+    max_staleness: int = 1
+    """How many updates older than the trainer's the sampling weights may be; 0 = synchronous PPO."""
+    threads: int = 1
+    """The worker's torch threads; on CPU the trainer keeps the machine's other cores."""
+    timeout: float = 600.0
+    """Seconds the trainer waits for a batch before it calls the worker stuck (a dead worker is noticed within
+    half a second)."""
+
+    def problems(self) -> list[str]:
+        """Value checks."""
+        return rule_problems(self, {"max_staleness": AT_LEAST_0, "threads": AT_LEAST_1, "timeout": POSITIVE})
+
+
+@dataclass
 class EnvironmentSpec(ComponentSpec):
     """A multi-turn environment (component) and how its episodes run: ``{name: guess, max_turns: 6,
     ...options}``. The environment opens each episode from a prompt row, and after each assistant
@@ -268,6 +290,9 @@ class PPOConfig:
     """DAPO's dynamic sampling: replace groups whose rewards are all equal (null: off)."""
     distill: DistillConfig | None = None
     """On-policy distillation from a frozen teacher's per-token log-probs (null: off)."""
+    async_: AsyncConfig | None = None
+    """Rollouts that overlap training (``async: {max_staleness: 1}``): a worker process samples ahead with weights up
+    to ``max_staleness`` updates old; needs ``rollout_correction`` (null or ``max_staleness: 0``: synchronous)."""
     environment: EnvironmentSpec | None = None
     """Multi-turn episodes (component): ``{name: answer, tools: [calculator], max_turns: 3}``, ``{name: guess}`` or a
     plugin's environment, with ``max_turns``, ``max_tokens``, ``tools``, ``tool_tags``, ``tool_timeout``,

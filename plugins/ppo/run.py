@@ -30,7 +30,7 @@ import torch
 
 import rlhf_kernels
 from rlhf_core import (
-    AdvantageInputs, CheckedEnvironment, CheckedEstimator, CheckedGenerator, ComponentSpec, ModelConfig, OptimizerStep, RunConfig, StageContext,
+    AdvantageInputs, CheckedEnvironment, Rollout, CheckedEstimator, CheckedGenerator, ComponentSpec, ModelConfig, OptimizerStep, RunConfig, StageContext,
     append_column, load_tokenizer, PackingStats, PolicyLossInputs, Record,
     Rendering, RewardSum, SharedBackbone, StageError, autocast_context, build_rewards, concat_rollouts,
     evaluate_samples, fit_prompt, is_lora, is_main_process, load_causal_lm, lora_scope, masked_mean, padding_free,
@@ -47,6 +47,7 @@ from .loss import (
     KL_ESTIMATORS, KLController, aggregate, clipped_value_loss, distill_rewards, local_normaliser, overlong_penalty,
     policy_loss_terms, rollout_correction, shape_rewards, truncated_responses,
 )
+from .asynchronous import Batch, RolloutWorker
 from .episodes import EpisodeRendering, EpisodeRunner, ToolBox
 from .rollout import (
     Experience, Samples, critic_values, response_hidden, response_logits, response_values, score_tokens,
@@ -126,6 +127,7 @@ class PPORun:
     fused: bool = False
     episodes: EpisodeRunner | None = None
     rng: random.Random = field(init=False)
+    worker: RolloutWorker | None = field(default=None, init=False)
 
     def __post_init__(self):
         self.rng = random.Random(self.seed)  # the prompt sampler: the same global batches on every rank
@@ -237,7 +239,8 @@ class PPORun:
     def train(self, ctx, prompts: list[Prompt], held_out: list[Prompt]) -> "Outcome":
         """``iterations`` iterations on ``prompts``, logged to ``ctx.tracker``, with evaluations on
         ``held_out`` at the start, every ``eval_every`` iterations and at the end, and checkpoints as
-        ``ctx.checkpointer`` says; continues exactly from its newest checkpoint."""
+        ``ctx.checkpointer`` says; continues exactly from its newest checkpoint. With ``async`` the
+        rollout worker runs for the loop's duration (see :mod:`.asynchronous`)."""
         config, ckpt, tracker = self.config, ctx.checkpointer, ctx.tracker
         saved = ckpt.restore(*self.checkpointed()) if ckpt is not None else None
         start = 0
@@ -249,23 +252,65 @@ class PPORun:
             if first:
                 tracker.log(0, {f"eval_{k}": v for k, v in first.items()})
             last, history = {}, {"kl": [], "reward_tied": []}
+        threads = torch.get_num_threads()
+        if config.async_ is not None and config.async_.max_staleness > 0:
+            self.start_worker(prompts, start, saved.get("async_batches") if saved is not None else None)
         bar = progress(start, config.iterations, self.name, unit="iteration")
-        with honour_stop_requests(ckpt):
-            for it in bar:
-                last = self.iteration(it, prompts, history)
-                tracker.log(it, last)
-                bar.set_postfix(reward=f"{last['reward_mean']:.3f}", kl=f"{last['kl']:.3f}")
-                if held_out and config.eval_every > 0 and it % config.eval_every == 0 and it != config.iterations:
-                    tracker.log(it, {f"eval_{k}": v for k, v in self.evaluate(held_out).items()})
-                if ckpt is not None and ckpt.due(it, config.iterations):
-                    ckpt.save(it, *self.checkpointed(), {"first": first, "last": last, "history": history,
-                                                         **self.state_dict()})
-                    ckpt.after_save()
+        try:
+            with honour_stop_requests(ckpt):
+                for it in bar:
+                    last = self.iteration(it, prompts, history)
+                    tracker.log(it, last)
+                    bar.set_postfix(reward=f"{last['reward_mean']:.3f}", kl=f"{last['kl']:.3f}")
+                    if held_out and config.eval_every > 0 and it % config.eval_every == 0 and it != config.iterations:
+                        tracker.log(it, {f"eval_{k}": v for k, v in self.evaluate(held_out).items()})
+                    if ckpt is not None and ckpt.due(it, config.iterations):
+                        queued = {"async_batches": self.queued(it)} if self.worker is not None else {}
+                        ckpt.save(it, *self.checkpointed(), {"first": first, "last": last, "history": history,
+                                                             **self.state_dict(), **queued})
+                        ckpt.after_save()
+        finally:
+            if self.worker is not None:
+                self.worker.close()
+                self.worker = None
+                torch.set_num_threads(threads)
         bar.close()
         final = self.evaluate(held_out) if held_out else {}
         if final:
             tracker.log(config.iterations, {f"eval_{k}": v for k, v in final.items()})
         return Outcome(first, final, last, history)
+
+    def start_worker(self, prompts: list[Prompt], done: int, queued: list | None) -> None:
+        """Start the rollout worker at the weights after ``done`` updates, with the batches a checkpoint
+        held (``queued``, see :meth:`queued`); it requests the next ones itself, each drawn with
+        :meth:`draw` in batch order. On CPU the trainer keeps the cores the worker does not use."""
+        settings = self.config.async_
+        k, gen = self.config.samples_per_prompt, self.config.generation
+
+        def request(index: int) -> tuple[list[list[int]], list[Prompt]]:
+            drawn = self.draw(prompts)
+            return [p.ids for p in drawn for _ in range(k)], drawn
+
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, torch.get_num_threads() - settings.threads))
+        self.worker = RolloutWorker(self.policy, self.tokenizer, staleness=settings.max_staleness,
+                                    iterations=self.config.iterations, seed=self.seed,
+                                    settings={"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature,
+                                              "top_p": gen.top_p},
+                                    loop=self.config.generator.options.get("loop", "generate"),
+                                    threads=settings.threads, timeout=settings.timeout)
+        restored = {}
+        for item in queued or []:
+            batch = Batch(item["index"], item["version"], item["prompt_ids"], item["response"], item["logprobs"])
+            restored[batch.index] = (batch, [Prompt(**p) for p in item["prompts"]])
+        self.worker.start(done, restored, request)
+
+    def queued(self, it: int) -> list[dict[str, Any]]:
+        """The batches sampled (or being sampled) for the iterations after ``it``, as plain values for
+        a checkpoint: a resumed run consumes the very same batches, sampled with the same weights."""
+        return [{"index": b.index, "version": b.version, "prompt_ids": b.prompt_ids, "response": b.response,
+                 "logprobs": b.logprobs, "prompts": [dataclasses.asdict(p) for p in drawn]}
+                for b, drawn in self.worker.pending(it).values()]
 
     def iteration(self, it: int, prompts: list[Prompt], history: dict[str, list[float]]) -> dict[str, float]:
         """One iteration: rollout -> Experience -> update -> stats (``history``: per-iteration KL and
@@ -273,7 +318,12 @@ class PPORun:
         config = self.config
         t0 = time.perf_counter()
         draw = lambda: self.draw(prompts)  # noqa: E731
-        samples = self.sample_informative(draw) if config.dynamic_sampling is not None else self.sample(draw())
+        if self.worker is not None:
+            samples = self.sample_ahead(it)
+        elif config.dynamic_sampling is not None:
+            samples = self.sample_informative(draw)
+        else:
+            samples = self.sample(draw())
         packing = PackingStats()
         with self.packed_forwards(packing):
             exp = self.score(samples)
@@ -281,7 +331,10 @@ class PPORun:
         self.generator.sleep()  # an engine with its own memory gives it back while the trainer works
         with self.packed_forwards(packing):
             update = self.update(exp)
-        self.generator.update_weights(self.policy)
+        if self.worker is not None:
+            self.worker.publish(self.policy, it)  # the weights after `it` updates
+        else:
+            self.generator.update_weights(self.policy)
         t2 = time.perf_counter()
         metrics = dict(update.metrics)
         if config.data.packing:
@@ -308,10 +361,22 @@ class PPORun:
     # ------------------------------------------------------------------ 1. sample
 
     @torch.no_grad()
-    def sample(self, prompts: list[Prompt]) -> Samples:
+    def sample_ahead(self, it: int) -> Samples:
+        """Iteration ``it``'s batch from the rollout worker (sampled ahead, with the weights after
+        ``it - 1 - max_staleness`` updates), scored with the rewards like :meth:`sample`; logs
+        ``staleness`` (updates between the sampling weights and the trainer's) and ``async_wait``
+        (seconds the trainer waited for the batch)."""
+        batch, drawn, waited = self.worker.take(it)
+        samples = self.sample(drawn, batch.rollout(self.tokenizer, self.device))
+        samples.time_generate = waited
+        samples.stats.update(staleness=float(it - 1 - batch.version), async_wait=waited)
+        return samples
+
+    @torch.no_grad()
+    def sample(self, prompts: list[Prompt], sampled: Rollout | None = None) -> Samples:
         """Sample ``samples_per_prompt`` responses per prompt (a prompt's samples in consecutive
-        rows) and score them with the rewards (zeros with ``reward: null``), which see each prompt's
-        data record, plus the overlong shaping."""
+        rows; ``sampled``: already sampled elsewhere) and score them with the rewards (zeros with
+        ``reward: null``), which see each prompt's data record, plus the overlong shaping."""
         config, k, gen = self.config, self.config.samples_per_prompt, self.config.generation
         prompt_ids = [p.ids for p in prompts for _ in range(k)]
         group_ids = torch.arange(len(prompts), device=self.device).repeat_interleave(k)
@@ -323,6 +388,8 @@ class PPORun:
         if self.episodes is not None:  # multi-turn: the environment's rewards, the last reply for the rewards
             batch = self.episodes.run(rows, [p.seed for p in prompts for _ in range(k)])
             roll, rewards, texts, stats = batch.rollout, batch.rewards, batch.texts, batch.stats
+        elif sampled is not None:
+            roll = sampled
         else:
             roll = self.generator.generate(prompt_ids, max_new_tokens=gen.max_new_tokens,
                                            temperature=gen.temperature, top_p=gen.top_p)

@@ -154,11 +154,17 @@ def policy_loss_problems(config: PPOConfig, registry) -> list[str]:
     if "ref_logprobs" in needs and config.kl.coef == 0:
         problems.append(f"kl.coef: policy loss {config.loss.name!r} needs the reference's log-probs, and kl.coef: 0 "
                         "means no reference; set kl.coef > 0")
-    if "engine_logprobs" in needs and reports_no_logprobs(config, registry):
+    if "engine_logprobs" in needs and reports_no_logprobs(config, registry) and not lagged(config):
         problems.append(f"generator: policy loss {config.loss.name!r} needs the engine's sampling log-probs, which "
                         f"generator {config.generator.name!r} does not report (it samples from the trainer's "
                         "weights); use generator: vllm, or another loss")
     return problems
+
+
+def lagged(config: PPOConfig) -> bool:
+    """Rollouts overlap training (``async`` with ``max_staleness > 0``): the worker reports its
+    behaviour log-probs whatever the generator."""
+    return config.async_ is not None and config.async_.max_staleness > 0
 
 
 def reports_no_logprobs(config: PPOConfig, registry) -> bool:
@@ -182,7 +188,19 @@ def sampling_problems(config: PPOConfig, registry) -> list[str]:
     if config.dynamic_sampling is not None and config.samples_per_prompt < 2:
         problems.append(f"dynamic_sampling: drops groups whose samples all got the same reward, which needs "
                         f"samples_per_prompt >= 2, got {config.samples_per_prompt}")
-    if config.rollout_correction is not None and reports_no_logprobs(config, registry):
+    lag = lagged(config)
+    if lag:
+        why = [reason for reason, broken in (
+            ("it runs on one process (several processes: use max_staleness: 0)", dist_utils.planned_world_size() > 1),
+            ("multi-turn episodes (environment) are sampled by the trainer", config.environment is not None),
+            ("dynamic_sampling draws a changing number of batches", config.dynamic_sampling is not None),
+            ("its worker samples with the hf engine's decode loops", config.generator.name != "hf"),
+        ) if broken]
+        problems += [f"async: not with this config: {reason}" for reason in why]
+        if config.rollout_correction is None:
+            problems.append(f"async: samples from weights up to {config.async_.max_staleness} update(s) old need a "
+                            "correction for the lag; add rollout_correction: {type: tis} (or seq_tis, mask, seq_mask)")
+    if config.rollout_correction is not None and reports_no_logprobs(config, registry) and not lag:
         problems.append(f"rollout_correction: {config.rollout_correction.type} corrects for the gap between the "
                         f"engine's sampling log-probs and the trainer's, and generator {config.generator.name!r} "
                         "reports none (it samples from the trainer's own weights); remove it or use generator: vllm")

@@ -8,7 +8,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-from .schema import ComponentSpec, component_keys
+from .schema import ComponentSpec, component_keys, yaml_key
 
 
 def _type_name(tp: Any) -> str:
@@ -140,7 +140,8 @@ def coerce_dataclass(cls: type, value: Any, path: str, problems: list[str], brok
         problems.append(f"{path or 'config'}: expected a mapping, got {value!r}")
         return cls()
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {yaml_key(f.name): f for f in dataclasses.fields(cls) if f.init}
+    hints = {yaml_key(name): hint for name, hint in hints.items()}
     kwargs = {}
     unusable: set[str] = set()
     for key, raw in value.items():
@@ -171,7 +172,7 @@ def coerce_dataclass(cls: type, value: Any, path: str, problems: list[str], brok
     if required:
         return None
     try:
-        obj = cls(**kwargs)
+        obj = cls(**{fields[key].name: value for key, value in kwargs.items()})
     except (TypeError, ValueError) as exc:
         problems.append(f"{path or 'config'}: {exc}")
         return None

@@ -20,7 +20,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-from .schema import ComponentSpec, RunConfig, to_plain
+from .schema import ComponentSpec, RunConfig, to_plain, yaml_key
 
 
 @dataclass
@@ -58,7 +58,7 @@ def config_keys(config: Any, prefix: str = "") -> list[KeyDoc]:
     docs = field_docs(type(config))
     out: list[KeyDoc] = []
     for f in dataclasses.fields(config):
-        path = f"{prefix}{f.name}"
+        path = f"{prefix}{yaml_key(f.name)}"
         value = getattr(config, f.name)
         if value is None:
             section = _optional_section(f.type, type(config))

@@ -3,6 +3,7 @@ the run) and the value rules they check with ``problems()``."""
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -354,6 +355,12 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
+def yaml_key(name: str) -> str:
+    """The config key of a dataclass field: its name, less the trailing underscore of a field named
+    after a Python keyword (``async_`` is written ``async``)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def to_plain(obj: Any) -> Any:
     """A resolved config as plain YAML-able data (what ``config.yaml`` in a run dir holds)."""
     if isinstance(obj, StageSpec):
@@ -366,7 +373,7 @@ def to_plain(obj: Any) -> Any:
             return obj.name
         return {"name": obj.name, **({"plugin": obj.plugin} if obj.plugin else {}), **obj.options}
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {yaml_key(f.name): to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
     if isinstance(obj, dict):

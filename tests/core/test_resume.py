@@ -99,9 +99,15 @@ def reference(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("stage, advantage", [("sft", "batch_mean"), ("reward", "batch_mean"), ("ppo", "batch_mean"),
-                                              ("ppo", "gae"), ("ppo", "gae+lora"), ("dpo", "batch_mean"),
-                                              ("dpo", "gae+lora")])
+# The default suite kills each stage once (PPO with a critic, LoRA and a shared base; DPO after it);
+# the slow tests add the plainer variants.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("stage, advantage", [("sft", "batch_mean"), pytest.param("reward", "batch_mean", marks=SLOW),
+                                              pytest.param("ppo", "batch_mean", marks=SLOW),
+                                              ("ppo", "gae"), ("ppo", "gae+lora"),
+                                              pytest.param("dpo", "batch_mean", marks=SLOW), ("dpo", "gae+lora")])
 def test_kill_and_resume_is_bit_identical(reference, tmp_path, stage, advantage):
     config, uninterrupted = reference[advantage]
     out = tmp_path / "run"
