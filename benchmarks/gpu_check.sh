@@ -55,3 +55,16 @@ timeout 90 rlhf run --out "$out/run_packed" --set stages.sft.data.packing=true -
   --set stages.ppo.data.packing=true >"$out/run_packed.log" 2>&1; grep -E "packing|Error" "$out/run_packed.log" | head -4
 gold "$out/run_packed/summary.json"
 timeout 120 rlhf bench packing --config "rlhf padded" --config "rlhf packed" --repeats 1 --out "$out" 2>&1 | tail -4
+# 9. multi-turn episodes on CUDA: the guessing game (SFT warm-up, then GRPO over episodes; the held-out
+#    reward must rise and the turns per game fall) and tool use with the calculator, shortened
+timeout 150 rlhf run examples/configs/guess.yaml --out "$out/run_guess" --set stages.grpo.iterations=40 \
+  >"$out/run_guess.log" 2>&1
+python3 -c "import json,sys; d=json.load(open(sys.argv[1])); s=d['stages'].get('grpo', {}); print(sys.argv[1], d['status'], 'reward', s.get('eval_reward_start'), '->', s.get('eval_reward_end'), 'turns', s.get('eval_episode_turns_start'), '->', s.get('eval_episode_turns_end'))" "$out/run_guess/summary.json"
+timeout 150 rlhf run examples/configs/arith_tools.yaml --out "$out/run_tools" --set stages.grpo.iterations=20 \
+  >"$out/run_tools.log" 2>&1
+python3 -c "import json,sys; d=json.load(open(sys.argv[1])); s=d['stages'].get('grpo', {}); print(sys.argv[1], d['status'], 'gold', s.get('eval_gold_start'), '->', s.get('eval_gold_end'), 'tool calls', s.get('eval_tool_calls_start'), '->', s.get('eval_tool_calls_end'))" "$out/run_tools/summary.json"
+# 10. rollouts that overlap training on CUDA: the default run with a rollout worker one update behind
+#     (TIS), and the iteration with and without overlap
+timeout 120 rlhf run --out "$out/run_async" --set "stages.ppo.async={max_staleness: 1}" \
+  --set "stages.ppo.rollout_correction={type: tis}" >"$out/run_async.log" 2>&1; gold "$out/run_async/summary.json"
+timeout 150 python3 benchmarks/bench_async.py --iterations 10 --out "$out" 2>&1 | tail -3

@@ -17,8 +17,9 @@ worker's own scoring forward of the tokens it sampled, under the weights that sa
 treats them as engine log-probs, so ``rollout_correction`` (TIS, sequence TIS, masked IS)
 corrects for the lag, and ``staleness`` (iteration - 1 - version) is logged.
 
-The worker samples with rlhf's ``generate`` (``hf`` engine, ``loop`` as configured), each batch
-from its own seed (``seed``, batch index), so a batch does not depend on timing. A worker that
+The worker samples with rlhf's ``generate`` (``hf`` engine, ``loop`` as configured) on the
+trainer's device (on a GPU both processes share it), each batch from its own seed (``seed``, batch
+index), so a batch does not depend on timing. A worker that
 dies or stops answering ends the run with a clear error within ``async.timeout`` seconds (death is
 noticed within half a second).
 """
@@ -76,7 +77,8 @@ def plain_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu") for k, v in state.items()}
 
 
-def _work(config, tokenizer, weights, version, taken, requests, results, threads: int, loop: str) -> None:
+def _work(config, tokenizer, weights, version, taken, requests, results, threads: int, loop: str,
+          device: str) -> None:
     """The worker process: for each request ``(index, need, prompt_ids, settings, seed)`` wait for
     weights ``need``, copy them into its model, sample, score the samples (behaviour log-probs) and
     send a :class:`Batch`; ``None`` ends it. An exception is sent back as text."""
@@ -84,7 +86,7 @@ def _work(config, tokenizer, weights, version, taken, requests, results, threads
 
     torch.set_num_threads(threads)
     try:
-        model = AutoModelForCausalLM.from_config(config).eval()
+        model = AutoModelForCausalLM.from_config(config).to(device).eval()
         held = -1
         while True:
             job = requests.get()
@@ -100,10 +102,10 @@ def _work(config, tokenizer, weights, version, taken, requests, results, threads
                 else:
                     time.sleep(0.002)
             torch.manual_seed(seed)
-            roll = generate(model, tokenizer, prompt_ids, device=torch.device("cpu"), loop=loop, **settings)
+            roll = generate(model, tokenizer, prompt_ids, device=torch.device(device), loop=loop, **settings)
             logprobs, _ = score_tokens(model, roll, None)
             response = roll.sequences[:, roll.prompt_len:]
-            results.put(Batch(index, need, prompt_ids, response.clone(), (logprobs * roll.mask).clone()))
+            results.put(Batch(index, need, prompt_ids, response.cpu(), (logprobs * roll.mask).cpu()))
     except Exception:  # sent to the trainer, which stops the run with it
         results.put(("error", traceback.format_exc()))
 
@@ -113,7 +115,7 @@ class RolloutWorker:
     every update, and hands each iteration its batch (see the module docstring)."""
 
     def __init__(self, policy: torch.nn.Module, tokenizer: Any, *, staleness: int, iterations: int, seed: int,
-                 settings: dict[str, Any], loop: str, threads: int, timeout: float):
+                 settings: dict[str, Any], loop: str, threads: int, timeout: float, device: torch.device):
         self.tokenizer, self.staleness, self.iterations, self.seed = tokenizer, staleness, iterations, seed
         self.settings, self.timeout = settings, timeout
         ctx = mp.get_context("spawn")
@@ -125,7 +127,7 @@ class RolloutWorker:
         self.extras: dict[int, Any] = {}  # what request() returned with each batch's prompts
         self.requested = 0  # the last batch index requested
         self.process = ctx.Process(target=_work, args=(plain.config, tokenizer, self.weights, self.version, self.taken,
-                                                       self.requests, self.results, threads, loop),
+                                                       self.requests, self.results, threads, loop, str(device)),
                                    name="rlhf-rollout-worker", daemon=True)
         self.process.start()
 

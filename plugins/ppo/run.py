@@ -298,7 +298,7 @@ class PPORun:
                                     settings={"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature,
                                               "top_p": gen.top_p},
                                     loop=self.config.generator.options.get("loop", "generate"),
-                                    threads=settings.threads, timeout=settings.timeout)
+                                    threads=settings.threads, timeout=settings.timeout, device=self.device)
         restored = {}
         for item in queued or []:
             batch = Batch(item["index"], item["version"], item["prompt_ids"], item["response"], item["logprobs"])

@@ -66,6 +66,7 @@ def test_the_version_schedule():
     assert [needed_version(i, 2) for i in range(1, 6)] == [0, 0, 0, 1, 2]
 
 
+@pytest.mark.slow  # whole runs with a worker process
 def test_max_staleness_zero_is_the_synchronous_loop_bit_for_bit(tmp_path):
     for name, extra in (("sync", ""), ("zero", "    async: {max_staleness: 0}\n")):
         result = rlhf("run", str(write(tmp_path, extra, name=f"{name}.yaml")), "--out", str(tmp_path / name))
@@ -73,6 +74,7 @@ def test_max_staleness_zero_is_the_synchronous_loop_bit_for_bit(tmp_path):
     assert rows(tmp_path / "sync") == rows(tmp_path / "zero")
 
 
+@pytest.mark.slow  # whole runs with a worker process
 def test_one_update_of_staleness_records_versions_and_behaviour_logprobs_and_resumes_exactly(tmp_path):
     config = write(tmp_path, ASYNC, iterations=6)
     result = rlhf("run", str(config), "--out", str(tmp_path / "a"))
@@ -107,6 +109,7 @@ def test_one_update_of_staleness_records_versions_and_behaviour_logprobs_and_res
     assert rows(tmp_path / "a") == rows(tmp_path / "c")
 
 
+@pytest.mark.slow  # whole runs with a worker process
 def test_a_rollout_worker_killed_mid_run_ends_the_job_with_a_clear_message(tmp_path):
     config = write(tmp_path, ASYNC, iterations=200)
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_core.cli", "run", str(config), "--out", str(tmp_path / "run")],

@@ -225,6 +225,7 @@ stages:
     assert "eval_env_solved" in ppo[0] and "eval_episode_turns" in ppo[-1]
 
 
+@pytest.mark.slow  # another whole run; the default suite runs episodes with fused-linear and GAE
 def test_episodes_with_lora_and_a_critic_on_the_shared_base(config, tmp_path):
     """LoRA: the reference is the policy with its adapters off and the critic an adapter + head on
     the same frozen base; episodes of three turns (greedy replies that always end)."""
