@@ -162,19 +162,28 @@ class RolloutWorker:
         self._fill(index)
         return self.ready.pop(index), self.extras.pop(index), time.perf_counter() - started
 
+    def _dead(self, what: str) -> TrainingError:
+        return TrainingError(f"ppo async: the rollout worker (pid {self.process.pid}) died with exit code "
+                             f"{self.process.exitcode} while sampling {what}; nothing after the last checkpoint is "
+                             "kept (rerun with --resume)")
+
     def _receive(self, what: str, started: float) -> None:
         try:
             item = self.results.get(timeout=POLL)
         except queue.Empty:
             if not self.process.is_alive():
-                raise TrainingError(f"ppo async: the rollout worker (pid {self.process.pid}) died with exit code "
-                                    f"{self.process.exitcode} while sampling {what}; nothing after the last "
-                                    "checkpoint is kept (rerun with --resume)") from None
+                raise self._dead(what) from None
             if time.perf_counter() - started > self.timeout:
                 raise TrainingError(f"ppo async: the rollout worker sent no {what} within async.timeout "
                                     f"({self.timeout:g} s); it is stopped (raise async.timeout if sampling a batch "
                                     "takes longer)") from None
             return
+        except Exception as exc:  # the pipe broke: the worker died while writing to it
+            self.process.join(timeout=5)
+            if not self.process.is_alive():
+                raise self._dead(what) from None
+            raise TrainingError(f"ppo async: reading the rollout worker's batch failed: {type(exc).__name__}: "
+                                f"{exc}") from None
         if isinstance(item, tuple):
             raise TrainingError(f"ppo async: the rollout worker failed:\n{item[1]}")
         self.ready[item.index] = item
