@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 
 from rlhf_core import hookimpl
-from rlhf_core import distributed as dist_utils
 from rlhf_core import StageError
-from rlhf_core.models import is_lora, merge_lora_state, plain_model
+from rlhf_core.models import plain_model, plain_state_dict
 from rlhf_core.sampling import Rollout, make_rollout, pad_prompts
 
 #: Head sizes vLLM's CPU attention supports (vllm/v1/attention/backends/cpu_attn.py, vLLM 0.32).
@@ -116,10 +115,7 @@ class VLLMGenerator:
     def update_weights(self, policy: torch.nn.Module) -> None:
         """Push the policy's current weights into the engine in memory (gathered when sharded,
         merged when LoRA); the prefix cache, computed with the old weights, is dropped."""
-        inner = dist_utils.unwrap(policy)
-        state = dist_utils.full_state_dict(policy, everywhere=True)  # a collective when sharded: every rank calls it
-        if is_lora(inner):
-            state = merge_lora_state(state, inner)
+        state = plain_state_dict(policy)  # a collective when sharded: every rank calls it
         if self.sleeping:
             self.llm.wake_up()
             self.sleeping = False

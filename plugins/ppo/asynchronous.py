@@ -34,9 +34,8 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from rlhf_core import TrainingError, is_lora, make_rollout
-from rlhf_core import distributed as dist_utils
-from rlhf_core.models.lora import merge_lora_state, plain_model
+from rlhf_core import TrainingError, make_rollout
+from rlhf_core.models.lora import plain_model, plain_state_dict
 from rlhf_core.sampling import generate, pad_prompts
 
 from .rollout import score_tokens
@@ -70,11 +69,7 @@ def needed_version(index: int, staleness: int) -> int:
 
 def plain_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The policy's full weights under the plain model's names (LoRA merged in), on CPU."""
-    inner = dist_utils.unwrap(policy)
-    state = dist_utils.full_state_dict(policy, everywhere=True)
-    if is_lora(inner):
-        state = merge_lora_state(state, inner)
-    return {k: v.detach().to("cpu") for k, v in state.items()}
+    return {k: v.detach().to("cpu") for k, v in plain_state_dict(policy).items()}
 
 
 def _work(config, tokenizer, weights, version, taken, requests, results, threads: int, loop: str,

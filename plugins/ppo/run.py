@@ -30,7 +30,8 @@ import torch
 
 import rlhf_kernels
 from rlhf_core import (
-    AdvantageInputs, CheckedEnvironment, Rollout, CheckedEstimator, CheckedGenerator, ComponentSpec, ModelConfig, OptimizerStep, RunConfig, StageContext,
+    AdvantageInputs, CheckedEnvironment, CheckedEstimator, CheckedGenerator, ComponentSpec, ModelConfig, OptimizerStep,
+    Rollout, RunConfig, StageContext,
     append_column, load_tokenizer, PackingStats, PolicyLossInputs, Record,
     Rendering, RewardSum, SharedBackbone, StageError, autocast_context, build_rewards, concat_rollouts,
     evaluate_samples, fit_prompt, is_lora, is_main_process, load_causal_lm, lora_scope, masked_mean, padding_free,

@@ -10,7 +10,7 @@ from .loading import (
 )
 from .lora import (
     ADAPTER_BASE, ADAPTER_CONFIG, POLICY_ADAPTER, SHARED_HEADS, adapter_base, adapter_weights, apply_lora,
-    is_adapter_dir, is_lora, lora_scope, merge_lora_state, peft_wrapping, plain_model,
+    is_adapter_dir, is_lora, lora_scope, merge_lora_state, peft_wrapping, plain_model, plain_state_dict,
 )
 from .scalar_head import (
     HEAD_FILE, REWARD_ADAPTER, REWARD_MARKER, ScalarHeadModel, is_reward_model_dir, load_scalar_model, scalar_head,
@@ -20,6 +20,6 @@ from .shared_backbone import AdapterScalarModel, SharedBackbone
 
 #: The supported plugin API of this package (see docs/reference/api.md).
 __all__ = ["ScalarHeadModel", "load_causal_lm", "load_tokenizer", "save_causal_lm", "load_scalar_model",
-           "is_reward_model_dir", "apply_lora", "is_lora", "is_adapter_dir", "merge_lora_state", "linear_head",
+           "is_reward_model_dir", "apply_lora", "is_lora", "is_adapter_dir", "merge_lora_state", "plain_state_dict", "linear_head",
            "use_fused_linear", "fused_linear_problems", "plain_model", "lora_scope", "SharedBackbone",
            "with_last_hidden", "AdapterScalarModel", "score_at_last_token", "loading"]

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..distributed import unwrap
+from ..distributed import full_state_dict, unwrap
 from ..errors import ModelLoadError
 
 POLICY_ADAPTER = "default"  # peft's name for the first adapter: the policy's
@@ -130,3 +130,13 @@ def adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     if safetensors.is_file():
         return load_file(str(safetensors))
     return torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full weights of ``model`` as the plain Hugging Face model holds them, on every rank:
+    gathered when sharded (a collective: every rank calls it), with LoRA's policy adapter merged in
+    (:func:`merge_lora_state`). What an engine with its own copy of the policy loads."""
+    inner = unwrap(model)
+    state = full_state_dict(model, everywhere=True)
+    return merge_lora_state(state, inner) if is_lora(inner) else state
+
