@@ -1,4 +1,4 @@
-"""Rollout benchmark script: ``python benchmarks/bench_rollout.py [--tiny-only]`` (same as ``rlhf bench rollout``)."""
+"""Rollout benchmark script: ``python benchmarks/bench_rollout.py [--small-only] [--engine NAME ...]`` (same as ``rlhf bench rollout``)."""
 from __future__ import annotations
 
 import sys

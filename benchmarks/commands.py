@@ -65,13 +65,17 @@ def bench_memory(hidden, layers, vocab, prompt, response, batch, setups, critic_
 
 
 @bench.command("rollout")
-@click.option("--tiny-only", is_flag=True, help="Skip the larger model (hidden 512, 4 layers, vocab 32000).")
+@click.option("--small-only", "--tiny-only", "small_only", is_flag=True,
+              help="Skip the larger model (hidden 512, 4 layers, vocab 32000).")
+@click.option("--engine", "engines", multiple=True, type=click.Choice(["hf", "hf-forward", "hf-loop", "hf-compiled", "vllm"]),
+              help="Engines to compare (repeatable; the first is the 'vs hf' base). Default: all.")
 @click.option("--out", default="bench_out", show_default=True, type=click.Path(file_okay=False))
-def bench_rollout(tiny_only, out) -> None:
-    """Generated tokens/s of the hf and vllm engines and one PPO iteration's split with each."""
+def bench_rollout(small_only, engines, out) -> None:
+    """Generated tokens/s of the hf engine's decode loops and the vllm engine, each beside its floor
+    (FLOPs per step over the matrix-product rate measured now), and one PPO iteration's split."""
     from . import rollout_speed as rollout
 
-    rollout.run(out_dir=out, echo=click.echo, larger=not tiny_only)
+    rollout.run(out_dir=out, echo=click.echo, larger=not small_only, **({"engines": engines} if engines else {}))
 
 
 @bench.command("algorithms")

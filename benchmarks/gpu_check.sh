@@ -6,7 +6,7 @@
 # `loop: rlhf` decode loop, where vLLM is installed with `generator: vllm` (sleep mode on CUDA), and
 # DAPO's recipe on-policy (the one-pass fused update, dynamic sampling), the verifiable-rewards recipe
 # with a judge reward on the GPU, and packing (its tests on the machine's transformers, a packed run, the
-# SFT benchmark padded vs packed).
+# SFT benchmark padded vs packed), and rlhf's decode loop compiled and replayed as a CUDA graph.
 # No network on that machine: the project is installed without dependencies. Logs and JSON/PNG go to
 # $OUT (or ./gpu_out). Budget: under 10 minutes in all.
 set -uo pipefail
@@ -68,3 +68,30 @@ python3 -c "import json,sys; d=json.load(open(sys.argv[1])); s=d['stages'].get('
 timeout 120 rlhf run --out "$out/run_async" --set "stages.ppo.async={max_staleness: 1}" \
   --set "stages.ppo.rollout_correction={type: tis}" >"$out/run_async.log" 2>&1; gold "$out/run_async/summary.json"
 timeout 150 python3 benchmarks/bench_async.py --iterations 10 --out "$out" 2>&1 | tail -3
+# 11. rlhf's decode loop on CUDA: LeanDecoder eager vs compiled and replayed as a CUDA graph (loop: rlhf,
+#     compile: true; what compile: auto picks on CUDA) vs Hugging Face generate, on the builtin-sized Llama
+#     of the TRL comparison at 16 and 256 rows: the same seed gives the same tokens eager and graphed (the
+#     sampler draws from one RNG stream), tokens/s side by side, and the first (compiling) call's time
+timeout 240 python3 - <<'PY' 2>&1 | tee "$out/decode_cuda.log"
+import time, torch
+from rlhf_bench.vs_trl import _model
+from rlhf_core.data import encode_prompt
+from rlhf_core.sampling import generate
+policy, tokenizer = _model()
+policy = policy.cuda().eval()
+device = torch.device("cuda")
+for rows in (16, 256):
+    ids = [encode_prompt(tokenizer, p) for p in ("abc def", "hello the", "x y z", "letters a") for _ in range(rows // 4)]
+    seqs, line = {}, []
+    for name, loop, comp in (("hf generate", "generate", False), ("eager", "rlhf", False), ("graphed", "rlhf", True)):
+        t0 = time.perf_counter()
+        generate(policy, tokenizer, ids, max_new_tokens=64, temperature=1.0, top_p=1.0, device=device, loop=loop, compile=comp)
+        torch.cuda.synchronize(); first = time.perf_counter() - t0
+        torch.manual_seed(0); torch.cuda.manual_seed(0)
+        t0 = time.perf_counter()
+        roll = generate(policy, tokenizer, ids, max_new_tokens=64, temperature=1.0, top_p=1.0, device=device, loop=loop, compile=comp)
+        torch.cuda.synchronize(); s = time.perf_counter() - t0
+        seqs[name] = roll.sequences
+        line.append(f"{name} {int(roll.mask.sum()) / s:.0f} tok/s ({1e3 * s / roll.mask.shape[1]:.2f} ms/step, first call {first:.1f} s)")
+    print(rows, "rows:", "; ".join(line), "| graphed tokens == eager:", bool(torch.equal(seqs["graphed"], seqs["eager"])))
+PY

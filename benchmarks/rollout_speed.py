@@ -1,14 +1,23 @@
-"""Rollout benchmark: generated tokens per second of the ``hf`` engine (Hugging Face ``generate``;
-``hf-loop``: the same engine with ``loop: rlhf``) and the ``vllm`` engine side by side,
-and the split of one PPO iteration (generate / score / train) with each, on two models:
+"""Rollout benchmark: generated tokens per second of the ``hf`` engine's decode loops and the
+``vllm`` engine side by side, the decode floor beside each, and the split of one PPO iteration
+(generate / score / train) with each, on two models:
 
-- ``tiny``: the builtin tiny model (hidden 64, 4 heads of 16, vocab 384);
+- ``small``: the builtin-sized Llama of the TRL comparison (4 layers, hidden 256, 4 heads of 64,
+  MLP 688, byte vocabulary 384, random weights), 4 prompts x 4 samples x 32 new tokens;
 - ``larger``: a Llama built from a config (hidden 512, 8 heads of 64, 4 layers, vocab 32000,
   random weights, word-level tokenizer), 64 prompts x 4 samples x 128 new tokens.
 
-The engines run through the PPO stage's own code (``make_experience`` / ``update`` with the
-generator plugin). An engine that cannot run a model here is reported with its reason. Used by
-``rlhf bench rollout`` and ``benchmarks/bench_rollout.py``.
+Engines: ``hf`` (Hugging Face ``generate``, ``loop: generate``); ``hf-forward`` (rlhf's decode loop
+stepping the model's own forward with a growing cache: ``loop: rlhf`` before ``LeanDecoder``);
+``hf-loop`` (``loop: rlhf``, ``LeanDecoder`` eager); ``hf-compiled`` (``loop: rlhf, compile:
+true``; its compile is timed apart, as ``compile_s``); ``vllm``. The engines run through the PPO
+stage's own code (``make_experience`` / ``update`` with the generator plugin). An engine that cannot
+run a model here is reported with its reason.
+
+The floor: a decode step's FLOPs (matrix products and attention at the mean context) over the
+matrix-product rate measured in the same run, twice: at the step's own shapes (its GEMMs with as
+many rows as the batch, which is what a step can reach) and at a large GEMM (the update's rate).
+Used by ``rlhf bench rollout`` and ``benchmarks/bench_rollout.py``.
 """
 from __future__ import annotations
 
@@ -22,12 +31,10 @@ import torch
 
 
 def _models(which: str, tmp: Path):
-    from rlhf_core.config import ModelConfig
-    from rlhf_core.models import load_causal_lm, load_tokenizer
+    if which == "small":
+        from .vs_trl import _model
 
-    if which == "tiny":
-        cfg = ModelConfig()
-        return load_causal_lm(cfg, seed=0), load_tokenizer(cfg)
+        return _model()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .memory_usage import word_tokenizer
@@ -39,24 +46,73 @@ def _models(which: str, tmp: Path):
     return LlamaForCausalLM(config), word_tokenizer(32000)
 
 
+#: engine -> the hf engine's options (``hf-forward`` also steps the model's forward instead of LeanDecoder)
+HF_ENGINES = {"hf": {"loop": "generate"}, "hf-forward": {"loop": "rlhf", "compile": False},
+              "hf-loop": {"loop": "rlhf", "compile": False}, "hf-compiled": {"loop": "rlhf", "compile": True}}
+
+
+def step_flops(config, rows: int, context: float) -> float:
+    """FLOPs of one decode step of ``rows`` rows: 2 per multiply-add of every projection, MLP and
+    the LM head, plus attention's two products over ``context`` positions."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * config.intermediate_size
+    attention = 2 * 2 * config.num_attention_heads * head_dim * context
+    return rows * (2 * (layers * per_layer + hidden * config.vocab_size) + layers * attention)
+
+
+def gemm_rates(config, rows: int, repeats: int = 20) -> dict[str, float]:
+    """Matrix-product FLOP/s measured now: the decode step's GEMMs (``rows`` x hidden against each
+    weight shape of a layer and the LM head), and one large GEMM (4096 rows, hidden x MLP)."""
+    import torch.nn.functional as F
+
+    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    shapes = [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+    weights = [(torch.randn(rows, i), torch.randn(o, i)) for i, o in shapes] + [(torch.randn(rows, hidden),
+                                                                              torch.randn(vocab, hidden))]
+
+    def timed(fn, flops):
+        fn()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return flops / best
+
+    step = timed(lambda: [F.linear(x, w) for x, w in weights], sum(2 * x.shape[0] * w.numel() for x, w in weights))
+    big_x, big_w = torch.randn(4096, hidden), torch.randn(inter, hidden)
+    return {"step_gemm_flops": step, "large_gemm_flops": timed(lambda: F.linear(big_x, big_w), 2 * 4096 * big_w.numel())}
+
+
 def _prompts(tokenizer, n: int, length: int, vocab: int) -> list[str]:
     g = torch.Generator().manual_seed(1)
-    if vocab == 384:
+    if vocab <= 384:
         letters = "abcdefghijklmnopqrstuvwxyz "
         return ["".join(letters[i] for i in torch.randint(0, 27, (length,), generator=g).tolist()) for _ in range(n)]
     return [" ".join(f"t{i}" for i in torch.randint(3, vocab, (length,), generator=g).tolist()) for _ in range(n)]
 
 
 def measure(which: str, engine: str, *, prompts: int, samples: int, new_tokens: int, prompt_len: int) -> dict:
-    """Tokens/s of one timed generate (after a warm-up), then one PPO iteration's split."""
+    """Tokens/s of one timed generate (after a warm-up; ``hf-compiled``'s warm-up is the full batch, so
+    the timed one reuses its compile), the floor, then one PPO iteration's split."""
+    import contextlib
+    from unittest import mock
+
     from rlhf_core import CheckedGenerator, ComponentSpec, GenerationConfig, encode_prompt
     from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
+    from rlhf_core.sampling import LeanDecoder
     from rlhf_plugins.ppo.advantages import GroupMeanBaseline
     from rlhf_plugins.ppo.config import KLConfig, PolicyOptimConfig, PPOConfig
     from rlhf_plugins.ppo.generators import HFGenerator
     from rlhf_plugins.ppo.run import PPORun
 
-    with tempfile.TemporaryDirectory() as tmp:
+    forward_only = (mock.patch.object(LeanDecoder, "supports", staticmethod(lambda model: False))
+                    if engine == "hf-forward" else contextlib.nullcontext())
+    with tempfile.TemporaryDirectory() as tmp, forward_only:
         policy, tokenizer = _models(which, Path(tmp))
         ctx = types.SimpleNamespace(device=torch.device("cpu"), seed=0, stage_dir=Path(tmp), name="ppo")
         entry = types.SimpleNamespace(kind="generator", name=engine, plugin="bench")
@@ -67,8 +123,8 @@ def measure(which: str, engine: str, *, prompts: int, samples: int, new_tokens: 
                 if vllm_unavailable():
                     return {"model": which, "engine": engine, "unavailable": vllm_unavailable()}
                 gen = VLLMGenerator(ctx, policy, tokenizer)
-            else:  # hf: Hugging Face generate; hf-loop: the hf engine's own decode loop (loop: rlhf)
-                gen = HFGenerator(ctx, policy, tokenizer, loop="rlhf" if engine == "hf-loop" else "generate")
+            else:
+                gen = HFGenerator(ctx, policy, tokenizer, **HF_ENGINES[engine])
         except Exception as exc:  # e.g. a head size the CPU engine does not support
             return {"model": which, "engine": engine, "unavailable": f"{type(exc).__name__}: {exc}"}
         generator = CheckedGenerator(entry, gen)
@@ -76,11 +132,25 @@ def measure(which: str, engine: str, *, prompts: int, samples: int, new_tokens: 
         ids = [encode_prompt(tokenizer, t) for t in texts for _ in range(samples)]
         settings = dict(max_new_tokens=new_tokens, temperature=1.0, top_p=1.0)
         torch.manual_seed(0)
-        generator.generate(ids[: max(1, len(ids) // 8)], **settings)  # warm-up
+        t0 = time.perf_counter()
+        generator.generate(ids if engine == "hf-compiled" else ids[: max(1, len(ids) // 8)], **settings)  # warm-up
+        warm_up = time.perf_counter() - t0
         t0 = time.perf_counter()
         roll = generator.generate(ids, **settings)
         seconds = time.perf_counter() - t0
         tokens = int(roll.mask.sum())
+        steps = roll.mask.shape[1]
+        row = {"model": which, "engine": engine, "rows": len(ids), "tokens": tokens, "steps": steps,
+               "seconds": seconds, "tokens_per_s": tokens / seconds, "ms_per_step": 1e3 * seconds / steps}
+        if engine == "hf-compiled":
+            row["compile_s"] = max(0.0, warm_up - seconds)  # the warm-up's extra time over a compiled generate
+        rates = gemm_rates(policy.config, len(ids))
+        flops = step_flops(policy.config, len(ids), roll.prompt_len + steps / 2)
+        for name, rate in rates.items():
+            kind = name.split("_")[0]  # step / large
+            row[f"{kind}_gemm_gflops"] = rate / 1e9
+            row[f"floor_ms_{kind}"] = 1e3 * flops / rate
+            row[f"of_floor_{kind}"] = row[f"floor_ms_{kind}"] / row["ms_per_step"]
         config = PPOConfig(prompts_per_batch=prompts, samples_per_prompt=samples, ppo_epochs=1,
                            minibatch_size=prompts * samples, loss=ComponentSpec("ppo_clip"),
                            optim=PolicyOptimConfig(lr=1e-6, weight_decay=0.01),
@@ -97,9 +167,8 @@ def measure(which: str, engine: str, *, prompts: int, samples: int, new_tokens: 
         run.update(exp)
         run.generator.update_weights(run.policy)
         t3 = time.perf_counter()
-        return {"model": which, "engine": engine, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                "iteration_s": t3 - t1, "generate_s": exp.time_generate, "score_s": t2 - t1 - exp.time_generate,
-                "train_s": t3 - t2, **exp.stats}
+        return {**row, "iteration_s": t3 - t1, "generate_s": exp.time_generate,
+                "score_s": t2 - t1 - exp.time_generate, "train_s": t3 - t2, **exp.stats}
 
 
 def _frozen_copy(model):
@@ -108,25 +177,33 @@ def _frozen_copy(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-def run(*, out_dir: str | Path = "bench_out", echo=print, larger: bool = True) -> list[dict]:
+def run(*, out_dir: str | Path = "bench_out", echo=print, larger: bool = True,
+        engines: tuple[str, ...] = ("hf", "hf-forward", "hf-loop", "hf-compiled", "vllm")) -> list[dict]:
     from .measure import machine
 
-    shapes = {"tiny": dict(prompts=16, samples=4, new_tokens=32, prompt_len=16),
+    shapes = {"small": dict(prompts=4, samples=4, new_tokens=32, prompt_len=8),
               "larger": dict(prompts=64, samples=4, new_tokens=128, prompt_len=32)}
     rows = []
-    echo(f"{'model':<7} {'engine':<7} {'tokens':>7} {'tokens/s':>9} {'vs hf':>6}  iteration s (generate/score/train)")
-    for which in (["tiny", "larger"] if larger else ["tiny"]):
+    echo(f"{'model':<7} {'engine':<12} {'tokens':>6} {'tokens/s':>8} {'vs hf':>6} {'ms/step':>8} "
+         f"{'floor ms (step GEMMs / large)':>30}  iteration s (generate/score/train)")
+    for which in (["small", "larger"] if larger else ["small"]):
         base = None
-        for engine in ("hf", "hf-loop", "vllm"):
+        for engine in engines:
             row = measure(which, engine, **shapes[which])
             rows.append(row)
             if "unavailable" in row:
-                echo(f"{which:<7} {engine:<7} unavailable: {row['unavailable'][:150]}")
+                echo(f"{which:<7} {engine:<12} unavailable: {row['unavailable'][:150]}")
                 continue
             base = base or row
             row["vs_hf"] = row["tokens_per_s"] / base["tokens_per_s"]
-            echo(f"{which:<7} {engine:<7} {row['tokens']:>7} {row['tokens_per_s']:>9.0f} {row['vs_hf']:>5.2f}x  "
-                 f"{row['iteration_s']:.2f} ({row['generate_s']:.2f}/{row['score_s']:.2f}/{row['train_s']:.2f})")
+            compile_note = f"  (compile {row['compile_s']:.1f} s)" if "compile_s" in row else ""
+            echo(f"{which:<7} {engine:<12} {row['tokens']:>6} {row['tokens_per_s']:>8.0f} {row['vs_hf']:>5.2f}x "
+                 f"{row['ms_per_step']:>8.2f} {row['floor_ms_step']:>9.2f} ({row['of_floor_step']:.0%}) / "
+                 f"{row['floor_ms_large']:.2f} ({row['of_floor_large']:.0%})  "
+                 f"{row['iteration_s']:.2f} ({row['generate_s']:.2f}/{row['score_s']:.2f}/{row['train_s']:.2f})"
+                 + compile_note)
+    echo("floor: the step's FLOPs over the matrix-product rate measured now, at the step's own GEMM shapes / at a "
+         "large GEMM (in brackets: the share of it reached)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rollout.json").write_text(json.dumps({"machine": machine(), "shapes": shapes, "rows": rows}, indent=2))

@@ -73,10 +73,12 @@ def rlhf_iteration_seconds(steps: int, fused: bool, engine: str = "hf") -> float
     policy, tokenizer = _model()
     reference, _ = _model()
     reference.eval().requires_grad_(False)
-    loop = "rlhf" if engine == "hf-loop" else "generate"  # the hf engine with its own decode loop (loop: rlhf)
+    # the hf engine with Hugging Face generate, its own decode loop (loop: rlhf), or that loop compiled
+    options = {"hf": {"loop": "generate"}, "hf-loop": {"loop": "rlhf", "compile": False},
+               "hf-compiled": {"loop": "rlhf", "compile": True}}.get(engine, {})
     config = PPOConfig(prompts_per_batch=4, samples_per_prompt=4, ppo_epochs=1, minibatch_size=16,
                        optim=PolicyOptimConfig(lr=1e-5, weight_decay=0.01), loss=ComponentSpec("ppo_clip"),
-                       generation=GenerationConfig(max_new_tokens=32), generator=ComponentSpec("hf", {"loop": loop}),
+                       generation=GenerationConfig(max_new_tokens=32), generator=ComponentSpec("hf", options),
                        kl=KLConfig(coef=0.04, estimator="k3", placement="loss"))
     generator = None
     if engine == "vllm":
@@ -130,7 +132,9 @@ def trl_step_seconds(steps: int) -> float:
 def run(steps: int = 6, echo=print) -> dict:
     """rlhf (logits path and fused-linear) and TRL, side by side; returns seconds per iteration."""
     out = {"rlhf": rlhf_iteration_seconds(steps, fused=False), "rlhf_fused": rlhf_iteration_seconds(steps, fused=True),
-           "rlhf_loop": rlhf_iteration_seconds(steps, fused=False, engine="hf-loop")}
+           "rlhf_loop": rlhf_iteration_seconds(steps, fused=False, engine="hf-loop"),
+           "rlhf_loop_fused": rlhf_iteration_seconds(steps, fused=True, engine="hf-loop"),
+           "rlhf_compiled_fused": rlhf_iteration_seconds(steps, fused=True, engine="hf-compiled")}
     if not vllm_unavailable():
         out["rlhf_vllm"] = rlhf_iteration_seconds(steps, fused=True, engine="vllm")
     try:
@@ -142,6 +146,8 @@ def run(steps: int = 6, echo=print) -> dict:
         echo(f"rlhf is {out['trl_grpo'] / out['rlhf']:.2f}x the speed of TRL's GRPOTrainer "
              f"({out['trl_grpo'] / out['rlhf_fused']:.2f}x with fused-linear"
              + f", {out['trl_grpo'] / out['rlhf_loop']:.2f}x with loop: rlhf"
+             + f", {out['trl_grpo'] / out['rlhf_loop_fused']:.2f}x with loop: rlhf + fused-linear"
+             + f", {out['trl_grpo'] / out['rlhf_compiled_fused']:.2f}x with the loop compiled + fused-linear"
              + (f", {out['trl_grpo'] / out['rlhf_vllm']:.2f}x with vllm" if "rlhf_vllm" in out else "") + ")")
     return out
 

@@ -19,8 +19,12 @@ from .types import Rollout
 __all__ = ["Rollout", "make_rollout", "concat_rollouts", "pad_prompts", "generate", "evaluate_samples", "position_ids",
            "sample_tokens"]
 
-#: ``generate(..., loop=)``: Hugging Face ``generate``, or rlhf's own decode loop (see :func:`generate`).
-LOOPS = ("generate", "rlhf")
+#: ``generate(..., loop=)``: ``auto`` (rlhf's decode loop where :class:`LeanDecoder` steps the model,
+#: else Hugging Face ``generate``), Hugging Face ``generate``, or rlhf's own decode loop.
+LOOPS = ("auto", "generate", "rlhf")
+
+#: ``generate(..., compile=)``: ``auto`` (compiled on CUDA, eager elsewhere), or always / never.
+COMPILE = ("auto", True, False)
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counting only real tokens (left padding gets position 0)."""
@@ -29,25 +33,38 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-             top_p: float, device: torch.device, loop: str = "generate") -> Rollout:
+             top_p: float, device: torch.device, loop: str = "auto", compile: str | bool = "auto") -> Rollout:
     """Sample one response per prompt row (KV cache, temperature, nucleus ``top_p``, EOS ends a row).
 
-    ``loop``: ``generate`` = Hugging Face ``generate`` (any model it supports); ``rlhf`` = a plain
-    decode loop over the model's forward (a ``DynamicCache``, ``logits_to_keep=1``) that samples
-    with :func:`sample_tokens` — on CPU ``generate``'s sampler draws one exponential per vocabulary
-    entry per row per step (``torch.multinomial``), which at a 32k vocabulary is a third of the
-    decode time; the same distribution, different random draws."""
+    ``loop``: ``generate`` = Hugging Face ``generate`` (any model it supports); ``rlhf`` = rlhf's
+    own decode loop: the prompt in one forward, then one-token steps through :class:`LeanDecoder`
+    (a preallocated K/V buffer per layer, no per-step cache objects or masks) where the model
+    qualifies (else the model's forward with a growing cache), sampling with :func:`sample_tokens`
+    (one uniform per row; ``generate``'s sampler draws one exponential per vocabulary entry per row
+    per step, a third of the decode time at a 32k vocabulary on CPU): the same distribution,
+    different random draws. ``auto`` (the default) = ``rlhf`` where :meth:`LeanDecoder.supports`
+    the model, else ``generate``.
+
+    ``compile`` (``LeanDecoder`` only; one process): the decode step through ``torch.compile``
+    (static shapes: one compile per distinct rows x :data:`LENGTH_BUCKET`-rounded length, at most
+    :data:`COMPILED_SHAPES` per process, beyond which it steps eagerly) and, on CUDA, replayed as a
+    CUDA graph; ``auto`` = on CUDA only (on CPU a compile costs seconds and pays off only over long
+    runs; see docs/rollout-engines.md). Compiled and eager steps agree within fp32 rounding."""
+    if loop not in LOOPS or compile not in COMPILE:
+        raise ValueError(f"generate: loop must be one of {LOOPS} and compile one of {COMPILE}, got {loop!r}, {compile!r}")
     ids, attn = pad_prompts(tokenizer, prompt_ids, device)  # [B, P]
     # Under FSDP every rank must run the same number of forward passes: synced_gpus keeps a rank
     # whose responses all ended stepping until every rank's have. A DDP replica generates alone.
     several = dist_utils.world_size() > 1 and not dist_utils.is_ddp(policy)
     with dist_utils.gathered(policy):
-        if loop == "rlhf":
-            response = _decode(dist_utils.unwrap(policy), ids, attn, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, eos=tokenizer.eos_token_id,
-                               pad=tokenizer.pad_token_id, synced=several)
+        model = dist_utils.unwrap(policy)
+        if loop == "rlhf" or (loop == "auto" and LeanDecoder.supports(model)):
+            compiled = (device.type == "cuda") if compile == "auto" else compile
+            response = _decode(model, ids, attn, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id, synced=several,
+                               compiled=compiled and dist_utils.world_size() == 1)
             return make_rollout(tokenizer, ids, attn, response)
-        out = dist_utils.unwrap(policy).generate(
+        out = model.generate(
             input_ids=ids, attention_mask=attn, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             synced_gpus=several,
@@ -109,25 +126,31 @@ class LeanDecoder:
     """One-token decode steps of a Llama-family causal LM that call its own modules (embedding,
     norms, projections, rotary embedding, MLP, LM head: LoRA adapters and all) without the Hugging
     Face forward around them: no mask construction, cache objects or output dataclasses per step,
-    and a preallocated K/V buffer per layer written in place instead of a cache grown by
+    and a preallocated K/V buffer per layer written in place (static shapes: every step attends
+    over the whole buffer, columns past the current one masked) instead of a cache grown by
     concatenation. The numbers are those of the model's own forward (the same modules and rotary
     function, attention through ``scaled_dot_product_attention`` over the valid positions).
 
-    :meth:`supports` says which models qualify (else the loop steps the model's forward)."""
+    ``compiled``: the step runs through ``torch.compile`` (see :func:`generate`); its shapes are
+    the rows and the buffer length, rounded up to a multiple of :data:`LENGTH_BUCKET`, so a run
+    compiles once per distinct pair (at most :data:`COMPILED_SHAPES` per process, after which new
+    shapes step eagerly). On CUDA the compiled step is captured once per call as a CUDA graph and
+    replayed for every token. :meth:`supports` says which models qualify (else the loop steps the
+    model's forward)."""
 
-    def __init__(self, model, mask: torch.Tensor):
+    def __init__(self, model, mask: torch.Tensor, *, compiled: bool = False):
         import sys
 
-        self.model, self.inner = model, model.get_decoder()
-        self.layers = list(self.inner.layers)
-        first = self.layers[0].self_attn
+        self.model = model
+        first = model.get_decoder().layers[0].self_attn
         self.rotate = sys.modules[type(first).__module__].apply_rotary_pos_emb
-        config = model.config
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = first.head_dim
-        self.valid = mask.bool()  # [B, prompt + new tokens]: the prompt's mask, then every response column
+        self.length = -(-mask.shape[1] // LENGTH_BUCKET) * LENGTH_BUCKET if compiled else mask.shape[1]
+        # [B, length]: the prompt's mask, then every response column (bucket padding never attended)
+        self.valid = torch.nn.functional.pad(mask.bool(), (0, self.length - mask.shape[1]))
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.step_fn = _compiled_step(mask.shape[0], self.length, mask.device) if compiled else _lean_step
+        self.graph: _GraphedStep | None = None
 
     @staticmethod
     def supports(model) -> bool:
@@ -147,44 +170,110 @@ class LeanDecoder:
 
     def prefill(self, cache) -> None:
         """Take the prompt's keys and values from the prefill forward's cache into the buffers."""
-        length = self.valid.shape[1]
-        for index, layer in enumerate(cache.layers):
+        for layer in cache.layers:
             keys, values = layer.keys, layer.values
-            shape = (keys.shape[0], keys.shape[1], length, keys.shape[3])
+            shape = (keys.shape[0], keys.shape[1], self.length, keys.shape[3])
             self.keys.append(keys.new_zeros(shape))
             self.values.append(values.new_zeros(shape))
-            self.keys[index][:, :, :keys.shape[2]] = keys
-            self.values[index][:, :, :values.shape[2]] = values
+            self.keys[-1][:, :, :keys.shape[2]] = keys
+            self.values[-1][:, :, :values.shape[2]] = values
 
     def step(self, token: torch.Tensor, position: torch.Tensor, column: int) -> torch.Tensor:
         """Logits ``[B, V]`` after ``token [B]`` at ``position [B, 1]``, written to ``column``."""
-        batch = token.shape[0]
-        hidden = self.inner.embed_tokens(token[:, None])
-        cos, sin = self.inner.rotary_emb(hidden, position)
-        mask = self.valid[:, None, None, :column + 1]
-        for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            normed = layer.input_layernorm(hidden)
-            q = attn.q_proj(normed).view(batch, 1, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(normed).view(batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(normed).view(batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self.rotate(q, k, cos, sin)
-            self.keys[index][:, :, column] = k[:, :, 0]
-            self.values[index][:, :, column] = v[:, :, 0]
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, self.keys[index][:, :, :column + 1], self.values[index][:, :, :column + 1], attn_mask=mask,
-                scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.model.lm_head(self.inner.norm(hidden))[:, -1]
+        column = torch.tensor(column, device=token.device)
+        if token.device.type == "cuda" and self.step_fn is not _lean_step:
+            if self.graph is None:
+                self.graph = _GraphedStep(self, token, position, column)
+            return self.graph(token, position, column)
+        return self.step_fn(self.model, self.rotate, self.keys, self.values, self.valid, token, position, column)
+
+
+#: The K/V buffers of a compiled :class:`LeanDecoder` are a multiple of this many columns long.
+LENGTH_BUCKET = 64
+#: Distinct (rows, length) shapes compiled per process; later shapes step eagerly.
+COMPILED_SHAPES = 8
+_COMPILED: dict = {"shapes": set(), "fn": {}}
+
+
+def _lean_step(model, rotate, keys: list[torch.Tensor], values: list[torch.Tensor], valid: torch.Tensor,
+               token: torch.Tensor, position: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+    """:meth:`LeanDecoder.step` as a function of tensors (what ``torch.compile`` traces): writes
+    the token's keys and values at ``column`` (a 0-d tensor) and attends over the buffer's columns
+    up to it that ``valid`` allows."""
+    inner = model.get_decoder()
+    batch = token.shape[0]
+    hidden = inner.embed_tokens(token[:, None])
+    cos, sin = inner.rotary_emb(hidden, position)
+    mask = (valid & (torch.arange(valid.shape[1], device=valid.device) <= column))[:, None, None, :]
+    where = column.view(1)
+    for index, layer in enumerate(inner.layers):
+        attn = layer.self_attn
+        heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+        normed = layer.input_layernorm(hidden)
+        q = attn.q_proj(normed).view(batch, 1, heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(normed).view(batch, 1, kv_heads, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(normed).view(batch, 1, kv_heads, attn.head_dim).transpose(1, 2)
+        q, k = rotate(q, k, cos, sin)
+        keys[index].index_copy_(2, where, k)
+        values[index].index_copy_(2, where, v)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, keys[index], values[index], attn_mask=mask, scale=attn.scaling, enable_gqa=kv_heads != heads)
+        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return model.lm_head(inner.norm(hidden))[:, -1]
+
+
+def _compiled_step(rows: int, length: int, device: torch.device):
+    """The ``torch.compile``-d :func:`_lean_step` (static shapes; C++ wrapper on CPU), or the eager
+    one once :data:`COMPILED_SHAPES` shapes have been compiled in this process."""
+    shape = (rows, length, device.type)
+    if shape not in _COMPILED["shapes"]:
+        if len(_COMPILED["shapes"]) >= COMPILED_SHAPES:
+            return _lean_step
+        _COMPILED["shapes"].add(shape)
+    if device.type not in _COMPILED["fn"]:
+        import torch._dynamo
+
+        # One entry per compiled shape (and per model the process decodes with).
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * COMPILED_SHAPES)
+        options = {"cpp_wrapper": True} if device.type == "cpu" else {}
+        _COMPILED["fn"][device.type] = torch.compile(_lean_step, dynamic=False, options=options)
+    return _COMPILED["fn"][device.type]
+
+
+class _GraphedStep:
+    """A compiled decode step captured as one CUDA graph (per :class:`LeanDecoder`, i.e. per
+    ``generate`` call: the K/V buffers are the graph's fixed addresses) and replayed per token;
+    the token, position and column are copied into its static inputs. The capture runs the first
+    step itself (writing the same K/V to the same column each time), so no step is lost."""
+
+    def __init__(self, lean: LeanDecoder, token: torch.Tensor, position: torch.Tensor, column: torch.Tensor):
+        self.token, self.position, self.column = token.clone(), position.clone(), column.clone()
+        args = (lean.model, lean.rotate, lean.keys, lean.values, lean.valid)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile and warm up outside the capture
+                lean.step_fn(*args, self.token, self.position, self.column)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = lean.step_fn(*args, self.token, self.position, self.column)
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token)
+        self.position.copy_(position)
+        self.column.copy_(column)
+        self.graph.replay()
+        return self.logits.clone()
 
 
 def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, max_new_tokens: int, temperature: float, top_p: float,
-            eos: int, pad: int, synced: bool) -> torch.Tensor:
+            eos: int, pad: int, synced: bool, compiled: bool = False) -> torch.Tensor:
     """Response tokens ``[B, R]`` (pad after a row's EOS) from left-padded prompts: the prompt in
     one forward, then one step per token, through :class:`LeanDecoder` where the model qualifies
     (else the model's forward with a growing cache); ``synced``: every rank keeps stepping until
-    every rank's rows have ended (sharded models)."""
+    every rank's rows have ended (sharded models); ``compiled``: see :func:`generate`."""
     from transformers import DynamicCache
 
     batch, width = ids.shape
@@ -192,10 +281,10 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, max_new_tokens: int
     mask = torch.ones(batch, width + max_new_tokens, dtype=attn.dtype, device=attn.device)
     mask[:, :width] = attn
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache, use_cache=True,
-                   logits_to_keep=1).logits[:, -1]
+    cached = {_cache_keyword(model): cache, "use_cache": True}
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, logits_to_keep=1, **cached).logits[:, -1]
     positions = positions[:, -1:]
-    lean = LeanDecoder(model, mask) if LeanDecoder.supports(model) else None
+    lean = LeanDecoder(model, mask, compiled=compiled) if LeanDecoder.supports(model) else None
     if lean is not None:
         lean.prefill(cache)
         del cache
@@ -215,8 +304,19 @@ def _decode(model, ids: torch.Tensor, attn: torch.Tensor, *, max_new_tokens: int
             logits = lean.step(token, positions, width + step)
             continue
         logits = model(input_ids=token.unsqueeze(1), attention_mask=mask[:, :width + step + 1], position_ids=positions,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       **cached).logits[:, -1]
     return torch.stack(tokens, dim=1)
+
+
+def _cache_keyword(model) -> str:
+    """The forward's name for the KV cache: ``cache`` (recent transformers) or ``past_key_values`` (older ones)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
 
 
 def make_rollout(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response: torch.Tensor,

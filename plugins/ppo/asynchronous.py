@@ -17,9 +17,11 @@ worker's own scoring forward of the tokens it sampled, under the weights that sa
 treats them as engine log-probs, so ``rollout_correction`` (TIS, sequence TIS, masked IS)
 corrects for the lag, and ``staleness`` (iteration - 1 - version) is logged.
 
-The worker samples with rlhf's ``generate`` (``hf`` engine, ``loop`` as configured) on the
+The worker samples with rlhf's ``generate`` (``hf`` engine, ``loop`` and ``compile`` as configured) on the
 trainer's device (on a GPU both processes share it), each batch from its own seed (``seed``, batch
-index), so a batch does not depend on timing. A worker that
+index, rank: :func:`batch_seed`), so a batch does not depend on timing. With several processes
+(FSDP) every rank has its own worker, which samples that rank's share of each batch with the full
+weights: publishing gathers them (a collective every rank joins after each update). A worker that
 dies or stops answering ends the run with a clear error within ``async.timeout`` seconds (death is
 noticed within half a second).
 """
@@ -35,6 +37,7 @@ import torch
 import torch.multiprocessing as mp
 
 from rlhf_core import TrainingError, make_rollout
+from rlhf_core import distributed as dist_utils
 from rlhf_core.models.lora import plain_model, plain_state_dict
 from rlhf_core.sampling import generate, pad_prompts
 
@@ -67,13 +70,18 @@ def needed_version(index: int, staleness: int) -> int:
     return max(0, index - 1 - staleness)
 
 
+def batch_seed(seed: int, index: int, rank: int) -> int:
+    """The torch seed batch ``index`` is sampled with on process ``rank`` (each rank's worker samples
+    that rank's share of the batch)."""
+    return seed * 1_000_003 + index + rank * 7_919_993
+
+
 def plain_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The policy's full weights under the plain model's names (LoRA merged in), on CPU."""
     return {k: v.detach().to("cpu") for k, v in plain_state_dict(policy).items()}
 
 
-def _work(config, tokenizer, weights, version, taken, requests, results, threads: int, loop: str,
-          device: str) -> None:
+def _work(config, tokenizer, weights, version, taken, requests, results, threads: int, device: str) -> None:
     """The worker process: for each request ``(index, need, prompt_ids, settings, seed)`` wait for
     weights ``need``, copy them into its model, sample, score the samples (behaviour log-probs) and
     send a :class:`Batch`; ``None`` ends it. An exception is sent back as text."""
@@ -97,7 +105,7 @@ def _work(config, tokenizer, weights, version, taken, requests, results, threads
                 else:
                     time.sleep(0.002)
             torch.manual_seed(seed)
-            roll = generate(model, tokenizer, prompt_ids, device=torch.device(device), loop=loop, **settings)
+            roll = generate(model, tokenizer, prompt_ids, device=torch.device(device), **settings)
             logprobs, _ = score_tokens(model, roll, None)
             response = roll.sequences[:, roll.prompt_len:]
             results.put(Batch(index, need, prompt_ids, response.cpu(), (logprobs * roll.mask).cpu()))
@@ -110,7 +118,7 @@ class RolloutWorker:
     every update, and hands each iteration its batch (see the module docstring)."""
 
     def __init__(self, policy: torch.nn.Module, tokenizer: Any, *, staleness: int, iterations: int, seed: int,
-                 settings: dict[str, Any], loop: str, threads: int, timeout: float, device: torch.device):
+                 settings: dict[str, Any], threads: int, timeout: float, device: torch.device):
         self.tokenizer, self.staleness, self.iterations, self.seed = tokenizer, staleness, iterations, seed
         self.settings, self.timeout = settings, timeout
         ctx = mp.get_context("spawn")
@@ -122,7 +130,7 @@ class RolloutWorker:
         self.extras: dict[int, Any] = {}  # what request() returned with each batch's prompts
         self.requested = 0  # the last batch index requested
         self.process = ctx.Process(target=_work, args=(plain.config, tokenizer, self.weights, self.version, self.taken,
-                                                       self.requests, self.results, threads, loop, str(device)),
+                                                       self.requests, self.results, threads, str(device)),
                                    name="rlhf-rollout-worker", daemon=True)
         self.process.start()
 
@@ -147,7 +155,7 @@ class RolloutWorker:
             prompt_ids, extra = self.request_fn(index)
             self.extras[index] = extra
             self.requests.put((index, needed_version(index, self.staleness), prompt_ids, self.settings,
-                               self.seed * 1_000_003 + index))
+                               batch_seed(self.seed, index, dist_utils.rank())))
 
     def take(self, index: int) -> tuple[Batch, Any, float]:
         """``(batch, what request() returned with its prompts, seconds waited)`` for iteration ``index``."""

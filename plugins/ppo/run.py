@@ -297,8 +297,9 @@ class PPORun:
         self.worker = RolloutWorker(self.policy, self.tokenizer, staleness=settings.max_staleness,
                                     iterations=self.config.iterations, seed=self.seed,
                                     settings={"max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature,
-                                              "top_p": gen.top_p},
-                                    loop=self.config.generator.options.get("loop", "generate"),
+                                              "top_p": gen.top_p,
+                                              **{k: v for k, v in self.config.generator.options.items()
+                                                 if k in ("loop", "compile")}},
                                     threads=settings.threads, timeout=settings.timeout, device=self.device)
         restored = {}
         for item in queued or []:
@@ -467,11 +468,12 @@ class PPORun:
         """Old, reference and teacher log-probs and critic values of the samples, the shaped rewards
         (KL to the reference, distillation), advantages, rollout corrections and the policy loss's
         mask (truncated responses, masked IS). On-policy (see :func:`on_policy`) the old log-probs
-        are the update's own, so no scoring forward of the policy runs here."""
+        are the update's own, so no scoring forward of the policy runs here (a TIS correction and the
+        engine's log-prob gap are then applied and measured by the update, see :class:`PolicyLossStep`)."""
         config, backend = self.config, self.backend
         roll, rewards = samples.rollout, samples.rewards
         mask = roll.mask.float()
-        from_update = on_policy(config) and roll.logprobs is None
+        from_update = on_policy(config)
         with autocast_context(config.optim.mixed_precision, mask.device):
             old_logp, entropy = ((None, None) if from_update
                                  else score_tokens(self.policy, roll, backend, with_entropy=True, fused=self.fused))
@@ -500,7 +502,7 @@ class PPORun:
         if dense is not None:  # the mean sequence reverse KL to the teacher
             stats["distill_kl"] = masked_mean(((old_logp - teacher_logp) * mask).sum(1), torch.ones_like(rewards),
                                               global_=True)
-        if roll.logprobs is not None:  # the engine's sampling probabilities vs the trainer's (peers document a gap)
+        if roll.logprobs is not None and not from_update:  # the engine's probabilities vs the trainer's (a known gap)
             stats["engine_logprob_gap"] = masked_mean((old_logp - roll.logprobs).abs(), mask, global_=True)
             c = config.rollout_correction
             if c is not None:
@@ -584,7 +586,16 @@ class PPORun:
         if not step.on_policy:
             return PolicyUpdate(metrics)
         response = exp.rollout.mask.float()
-        return PolicyUpdate(metrics, step.old[:, :-1] * response, step.entropy * response)
+        old = step.old[:, :-1] * response
+        if exp.rollout.logprobs is not None:  # what score() measures off-policy, from the update's old log-probs
+            metrics["engine_logprob_gap"] = float(masked_mean((old - exp.rollout.logprobs).abs(), response, global_=True))
+            if step.correction is not None:
+                c = step.correction
+                _, _, found = rollout_correction(old, exp.rollout.logprobs, response, c.type, cap=c.cap, low=c.low,
+                                                 high=c.high)
+                metrics.update({name: float(masked_mean(v, response, global_=True)) for name, v in found.items()})
+                exp.advantages = step.adv[:, :-1]  # as corrected (what score() returns off-policy)
+        return PolicyUpdate(metrics, old, step.entropy * response)
 
     def critic_step(self, exp: Experience, micros: list[torch.Tensor]) -> float:
         """One optimizer step of the critic on a minibatch (``micros``: its micro-batches' rows): the
@@ -729,7 +740,10 @@ class PolicyLossStep:
     the loss's registered fused form applies to these options, its one-sweep kernel gives the
     micro-batch's token mean instead, scaled to the same share. ``on_policy`` (the Experience has no
     old log-probs, see :func:`on_policy`): the pass's own detached log-probs are the old ones
-    (``old``), and their entropy is kept for the logs (``entropy``)."""
+    (``old``), and their entropy is kept for the logs (``entropy``); with engine log-probs and a
+    ``tis``/``seq_tis`` rollout correction (``correction``), each micro-batch's advantages are
+    weighted from them before its loss, as :meth:`PPORun.score` would have weighted them (each row
+    is in exactly one micro-batch of the one epoch)."""
 
     def __init__(self, run: PPORun, exp: Experience):
         config, roll = run.config, exp.rollout
@@ -747,6 +761,7 @@ class PolicyLossStep:
         self.old, self.adv = append_column(old, 0.0), append_column(exp.advantages, 0.0)
         self.ref = append_column(exp.ref_logprobs, 0.0) if exp.ref_logprobs is not None else None
         self.engine = append_column(roll.logprobs, 0.0) if roll.logprobs is not None else None
+        self.correction = config.rollout_correction if self.on_policy and self.engine is not None else None
         self.penalties = dict(kl_estimator=config.kl.estimator, kl_in_loss=config.kl.placement == "loss" and
                               self.ref is not None, beta=run.kl.value, entropy_coef=config.entropy_coef)
         self.wants_entropy = "entropy" in run.loss.meta.get("needs", ()) or config.entropy_coef > 0
@@ -769,6 +784,7 @@ class PolicyLossStep:
                     logp = logp.view(shape)
                     self.old[rows] = logp.detach()
                     self.entropy[rows] = entropy.detach().view(shape)[:, :-1]
+                    self._correct(rows)
                     return self._aggregated(rows, logp, None, normaliser)
                 self._old_from_this_pass(rows, hidden, head)
                 if fast:
@@ -799,6 +815,16 @@ class PolicyLossStep:
             self.old[rows], entropy = token_scores(out.detach(), head.detach() if head is not None else None,
                                                    self.labels[rows], self.run.backend)
             self.entropy[rows] = entropy[:, :-1]
+            self._correct(rows)
+
+    def _correct(self, rows: torch.Tensor) -> None:
+        """On-policy with a rollout correction: weight the advantages of ``rows`` by it, from this
+        pass's old log-probs and the engine's (see :func:`rollout_correction`)."""
+        if self.correction is not None:
+            c, response = self.correction, self.roll.mask[rows].float()
+            weight, _, _ = rollout_correction(self.old[rows][:, :-1] * response, self.engine[rows][:, :-1], response,
+                                              c.type, cap=c.cap, low=c.low, high=c.high)
+            self.adv[rows] = self.adv[rows] * append_column(weight, 0.0)
 
     def _aggregated(self, rows, logprobs, entropy, normaliser) -> tuple[torch.Tensor, dict[str, float]]:
         inputs = PolicyLossInputs(logprobs, self.old[rows], self.adv[rows], self.mask[rows],
@@ -816,12 +842,14 @@ def metric_floats(metrics: dict[str, Any], mask: torch.Tensor) -> dict[str, floa
 
 
 def on_policy(config: PPOConfig) -> bool:
-    """One epoch over one minibatch with the KL in the loss (or none), no rollout correction and no
-    distillation (whose token rewards need them first): the policy that sampled is the one being
-    updated, so the old log-probs need no forward of their own (the update's are they)."""
+    """One epoch over one minibatch with the KL in the loss (or none), no distillation (whose token
+    rewards need them first) and no masking rollout correction (``mask``/``seq_mask`` change the
+    loss's tokens, which its normaliser counts first): the policy being updated is the one the
+    samples are scored against, so the old log-probs need no forward of their own (the update's are
+    they; a ``tis``/``seq_tis`` correction weights each micro-batch's advantages from them)."""
     return (config.ppo_epochs == 1 and config.minibatch_size >= config.prompts_per_batch * config.samples_per_prompt
-            and (config.kl.placement == "loss" or config.kl.coef == 0) and config.rollout_correction is None
-            and config.distill is None)
+            and (config.kl.placement == "loss" or config.kl.coef == 0) and config.distill is None
+            and (config.rollout_correction is None or config.rollout_correction.type in ("tis", "seq_tis")))
 
 
 def token_runs(rows: torch.Tensor, tokens: list[int], budget: int) -> list[torch.Tensor]:

@@ -191,7 +191,6 @@ def sampling_problems(config: PPOConfig, registry) -> list[str]:
     lag = lagged(config)
     if lag:
         why = [reason for reason, broken in (
-            ("it runs on one process (several processes: use max_staleness: 0)", dist_utils.planned_world_size() > 1),
             ("multi-turn episodes (environment) are sampled by the trainer", config.environment is not None),
             ("dynamic_sampling draws a changing number of batches", config.dynamic_sampling is not None),
             ("its worker samples with the hf engine's decode loops", config.generator.name != "hf"),

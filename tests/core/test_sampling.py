@@ -1,6 +1,7 @@
 """rlhf_core.sampling directly: the sampler draws from the tempered nucleus (one level and two),
 rlhf's decode loop follows the model like Hugging Face's greedy decoding, LeanDecoder's steps give
-the model's own logits, and a rollout's labels and mask stop at EOS."""
+the model's own logits (eager and compiled), the loop samples the model's distribution, and a
+rollout's labels and mask stop at EOS."""
 from __future__ import annotations
 
 import pytest
@@ -73,12 +74,12 @@ def test_sample_tokens_over_a_large_vocabulary_is_the_same_inverse_cdf():
     assert sampling.CDF_BLOCK * 4 <= vocab
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen2", "llama-lora"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2", "llama-lora", "llama-gqa-compiled"])
 def test_the_lean_decode_steps_give_the_models_own_logits(family):
     """LeanDecoder's one-token steps (the model's modules without its forward, K/V written into
     preallocated buffers) give the logits of the model's own forward over the whole sequence, on
     left-padded prompts of different lengths: grouped K/V heads, attention biases (Qwen2), LoRA
-    adapters (peft)."""
+    adapters (peft), and the step through ``torch.compile`` (a length-bucketed buffer)."""
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from rlhf_core.sampling import LeanDecoder, position_ids
@@ -106,7 +107,7 @@ def test_the_lean_decode_steps_give_the_models_own_logits(family):
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), past_key_values=cache, use_cache=True)
-        lean = LeanDecoder(model, torch.cat([attn, torch.ones_like(tokens)], 1))
+        lean = LeanDecoder(model, torch.cat([attn, torch.ones_like(tokens)], 1), compiled=family.endswith("compiled"))
         lean.prefill(cache)
         positions = position_ids(attn)[:, -1:]
         stepped = []
@@ -117,6 +118,10 @@ def test_the_lean_decode_steps_give_the_models_own_logits(family):
         want = model(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids(full_mask)).logits
     got = torch.stack(stepped, 1)
     assert torch.allclose(got, want[:, width:], atol=1e-5, rtol=1e-4), (got - want[:, width:]).abs().max()
+    if family.endswith("compiled"):
+        from rlhf_core.sampling import LENGTH_BUCKET, _lean_step
+
+        assert lean.keys[0].shape[2] == LENGTH_BUCKET and lean.step_fn is not _lean_step
     assert not LeanDecoder.supports(torch.nn.Linear(2, 2))
 
 
@@ -134,6 +139,70 @@ def test_the_rlhf_decode_loop_gives_hugging_faces_greedy_tokens():
     assert got.prompt_len == ids.shape[1] and torch.equal(got.sequences[:, :got.prompt_len], ids)
     width = min(got.labels.shape[1], want.labels.shape[1])
     assert torch.equal(got.labels[:, :width], want.labels[:, :width]) and got.responses == want.responses
+
+
+def test_the_decode_loop_samples_the_models_distribution():
+    """The loop's draws over many copies of one prompt (temperature 0.8, then top-p 0.9): the first
+    token's frequencies match softmax(prefill logits / T) within 4 sigma, and the second token's,
+    among the rows whose first token was the most frequent, match softmax of the model's own
+    forward over that prefix (the lean step's logits, sampled); nothing outside the nucleus."""
+    policy, tokenizer = load_causal_lm(CFG, seed=0).eval(), load_tokenizer(CFG)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(25)  # a peaked distribution (a random model's is near uniform)
+    prompt = encode_prompt(tokenizer, "abc")
+    n = 6000
+    for temperature, top_p in ((0.8, 1.0), (1.0, 0.9)):
+        torch.manual_seed(1)
+        roll = generate(policy, tokenizer, [prompt] * n, max_new_tokens=2, temperature=temperature, top_p=top_p,
+                        device=torch.device("cpu"), loop="rlhf")
+        first, second = roll.sequences[:, roll.prompt_len], roll.sequences[:, roll.prompt_len + 1]
+        with torch.no_grad():
+            p1 = _nucleus(policy(torch.tensor([prompt])).logits[0, -1], temperature, top_p)
+            top = int(torch.bincount(first, minlength=p1.numel()).argmax())
+            p2 = _nucleus(policy(torch.tensor([prompt + [top]])).logits[0, -1], temperature, top_p)
+        rows = first == top
+        assert top != tokenizer.eos_token_id and int(rows.sum()) > 500
+        for p, drawn in ((p1, first), (p2, second[rows])):
+            counts = torch.bincount(drawn, minlength=p.numel()).double()
+            total = counts.sum()
+            freq = counts / total
+            common = p * total >= 5  # each such token alone; the rare ones (normal approximation poor) together
+            sigma = (p * (1 - p) / total).sqrt()
+            assert torch.all((freq - p).abs()[common] <= 4 * sigma[common]), (freq - p).abs()[common].max()
+            rare = float(p[~common].sum())
+            assert abs(float(freq[~common].sum()) - rare) <= 4 * (rare * (1 - rare) / float(total)) ** 0.5 + 1e-9
+            assert counts[p == 0].sum() == 0
+
+
+def _nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """softmax(logits / T) restricted to the top-p nucleus and renormalised (float64)."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    order = p.argsort(descending=True)
+    sorted_p = p[order]
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    keep[order] = (sorted_p.cumsum(0) - sorted_p) < top_p
+    p = p * keep
+    return p / p.sum()
+
+
+def test_compiled_and_eager_decoding_give_the_same_samples():
+    """``generate(loop="rlhf")`` with the step compiled and eager, from the same seed, on
+    left-padded prompts of different lengths: the same tokens (the sampler draws from the same
+    RNG stream; the logits differ only by fp32 rounding); ``loop: auto`` picks rlhf's loop for a
+    Llama; a bad loop or compile value is refused."""
+    policy, tokenizer = load_causal_lm(CFG, seed=0).eval(), load_tokenizer(CFG)
+    prompts = [encode_prompt(tokenizer, p) for p in ("abc", "hello there, how", "x", "four")]
+    runs = {}
+    for name, loop, compile in (("eager", "rlhf", False), ("compiled", "rlhf", True), ("auto", "auto", "auto")):
+        torch.manual_seed(3)
+        runs[name] = generate(policy, tokenizer, prompts, max_new_tokens=20, temperature=1.0, top_p=1.0,
+                              device=torch.device("cpu"), loop=loop, compile=compile)
+    assert torch.equal(runs["compiled"].sequences, runs["eager"].sequences)
+    assert torch.equal(runs["auto"].sequences, runs["eager"].sequences)  # auto on CPU: the eager lean loop
+    for bad in ({"loop": "fast"}, {"compile": "yes"}):
+        with pytest.raises(ValueError, match="loop must be one of"):
+            generate(policy, tokenizer, prompts, max_new_tokens=2, temperature=1.0, top_p=1.0,
+                     device=torch.device("cpu"), **bad)
 
 
 def test_a_rollout_stops_at_eos():

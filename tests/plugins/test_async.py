@@ -109,6 +109,23 @@ def test_one_update_of_staleness_records_versions_and_behaviour_logprobs_and_res
     assert rows(tmp_path / "a") == rows(tmp_path / "c")
 
 
+@pytest.mark.slow  # whole runs: two FSDP processes, each with its rollout worker
+def test_async_rollouts_on_two_fsdp_processes(tmp_path):
+    """``--nproc 2``: each rank's worker samples that rank's share with the gathered weights; the
+    version schedule holds (staleness 0, then 1), TIS is applied and logged, and a second run logs
+    the same numbers (nothing depends on the timing of the two workers)."""
+    config = write(tmp_path, ASYNC, iterations=4)
+    for name in ("a", "b"):
+        result = rlhf("run", str(config), "--out", str(tmp_path / name), "--nproc", "2")
+        assert result.returncode == 0, result.stderr[-3000:]
+    trained = [r for r in rows(tmp_path / "a") if "policy_loss" in r]
+    assert [r["staleness"] for r in trained] == [0.0, 1.0, 1.0, 1.0]
+    assert trained[0]["engine_logprob_gap"] < 1e-4 and all(r["engine_logprob_gap"] > 1e-4 for r in trained[1:])
+    assert all("is_weight_mean" in r for r in trained)
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["status"] == "finished"
+
+
 @pytest.mark.slow  # whole runs with a worker process
 def test_a_rollout_worker_killed_mid_run_ends_the_job_with_a_clear_message(tmp_path):
     config = write(tmp_path, ASYNC, iterations=200)

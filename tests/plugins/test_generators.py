@@ -55,8 +55,14 @@ def test_the_hf_engine_with_loop_rlhf_is_the_decode_loop_of_sampling(tmp_path):
     got = HFGenerator(ctx_stub(tmp_path), policy, tokenizer, loop="rlhf").generate(
         prompts, max_new_tokens=10, temperature=1.0, top_p=0.9)
     assert torch.equal(got.sequences, want.sequences) and got.responses == want.responses
-    with pytest.raises(ValueError, match="hf: loop must be one of generate, rlhf, got 'fast'"):
+    torch.manual_seed(3)  # the default, loop: auto, is rlhf's loop for a Llama
+    default = HFGenerator(ctx_stub(tmp_path), policy, tokenizer).generate(prompts, max_new_tokens=10, temperature=1.0,
+                                                                         top_p=0.9)
+    assert torch.equal(default.sequences, want.sequences)
+    with pytest.raises(ValueError, match="hf: loop must be one of auto, generate, rlhf, got 'fast'"):
         HFGenerator.check_options(loop="fast")
+    with pytest.raises(ValueError, match="hf: compile must be auto, true or false, got 'yes'"):
+        HFGenerator.check_options(compile="yes")
 
 
 def test_ppo_with_the_rlhf_loop_on_one_and_two_processes(tmp_path):

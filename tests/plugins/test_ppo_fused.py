@@ -147,3 +147,76 @@ def test_on_policy_update_skips_the_old_forward_and_changes_nothing(registry, fu
         assert stats_a[key] == pytest.approx(stats_b[key], rel=1e-4, abs=1e-5), key
     for (name, a), b in zip(pol_a.named_parameters(), pol_b.parameters()):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+
+
+class NoisyEngine:
+    """An engine whose sampling log-probs differ from the trainer's by a fixed per-token noise (what
+    a vLLM engine or a stale rollout worker reports): the hf engine's samples, the policy's own
+    log-probs of them plus noise of std 0.3."""
+
+    def __init__(self, ctx, policy, tokenizer):
+        from rlhf_plugins.ppo.generators import HFGenerator
+
+        self.inner, self.policy = HFGenerator(ctx, policy, tokenizer), policy
+
+    def generate(self, prompt_ids, **settings):
+        from rlhf_plugins.ppo.rollout import score_tokens
+
+        roll = self.inner.generate(prompt_ids, **settings)
+        with torch.no_grad():
+            logp, _ = score_tokens(self.policy, roll, None)
+        noise = torch.randn(logp.shape, generator=torch.Generator().manual_seed(7)) * 0.3
+        roll.logprobs = (logp + noise) * roll.mask
+        return roll
+
+    def update_weights(self, policy):
+        self.policy = policy
+
+
+@pytest.mark.parametrize("correction", ["tis", "seq_tis"])
+def test_on_policy_rollout_correction_is_applied_inside_the_update(registry, correction, monkeypatch):
+    """On-policy with engine log-probs and a TIS correction: no scoring forward of the policy; each
+    micro-batch's advantages are weighted from the update's own old log-probs, so the weights, the
+    corrected advantages and the logged ``engine_logprob_gap`` / ``is_weight_mean`` /
+    ``is_capped_frac`` equal those of the path that scores first (two micro-batches)."""
+    from types import SimpleNamespace
+
+    from rlhf_core import CheckedGenerator
+    from rlhf_plugins.ppo.config import RolloutCorrection
+
+    torch.manual_seed(0)
+    policy = load_causal_lm(CFG, seed=0)
+    reference = load_causal_lm(CFG, seed=1).eval().requires_grad_(False)
+    config = PPOConfig(prompts_per_batch=4, samples_per_prompt=2, ppo_epochs=1, minibatch_size=8, micro_batch_size=4,
+                       kl=KLConfig(coef=0.05, estimator="k3", placement="loss"),
+                       rollout_correction=RolloutCorrection(type=correction, cap=1.2))
+    assert run_module.on_policy(config)
+    texts = ["abc", "hello there", "x", "aaaa b"]
+    results = {}
+    real = run_module.score_tokens
+    for skip in (True, False):
+        monkeypatch.setattr(run_module, "on_policy", lambda c, _skip=skip: _skip)
+        calls = []
+        monkeypatch.setattr(run_module, "score_tokens", lambda *a, _calls=calls, **k: _calls.append(a[0]) or real(*a, **k))
+        mine = copy.deepcopy(policy)
+        ctx = SimpleNamespace(device=torch.device("cpu"))
+        entry = SimpleNamespace(kind="generator", name="noisy", plugin="test")
+        from rlhf_core.models import load_tokenizer as tok
+
+        engine = CheckedGenerator(entry, NoisyEngine(ctx, mine, tok(CFG)))
+        run = ppo_run(registry, config, mine, reference=reference, rewards=REWARD, fused=True, lr=1e-3,
+                      generator=engine)
+        torch.manual_seed(1)
+        exp = run.make_experience(prompts(run, texts))
+        assert sum(c is run.policy for c in calls) == (0 if skip else 1)
+        torch.manual_seed(2)
+        update = run.update(exp)
+        stats = {**update.metrics, **run.stats(exp, update)}
+        results[skip] = (exp.advantages, stats, run.policy)
+    (adv_a, stats_a, pol_a), (adv_b, stats_b, pol_b) = results[True], results[False]
+    torch.testing.assert_close(adv_a, adv_b, atol=2e-5, rtol=1e-5, msg="corrected advantages")
+    assert stats_b["engine_logprob_gap"] > 0.1 and 0 < stats_b["is_capped_frac"] < 1  # the correction does something
+    for key in ("engine_logprob_gap", "is_weight_mean", "is_capped_frac", "advantage_mean", "policy_loss", "kl"):
+        assert stats_a[key] == pytest.approx(stats_b[key], rel=1e-4, abs=1e-5), key
+    for (name, a), b in zip(pol_a.named_parameters(), pol_b.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
