@@ -21,6 +21,7 @@ Used by ``rlhf bench rollout`` and ``benchmarks/bench_rollout.py``.
 """
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -96,84 +97,112 @@ def _prompts(tokenizer, n: int, length: int, vocab: int) -> list[str]:
     return [" ".join(f"t{i}" for i in torch.randint(3, vocab, (length,), generator=g).tolist()) for _ in range(n)]
 
 
-def measure(which: str, engine: str, *, prompts: int, samples: int, new_tokens: int, prompt_len: int) -> dict:
-    """Tokens/s of one timed generate (after a warm-up; ``hf-compiled``'s warm-up is the full batch, so
-    the timed one reuses its compile), the floor, then one PPO iteration's split."""
+def _engine(name: str, policy, tokenizer, tmp: str):
+    """The generator of engine ``name`` on ``policy`` (a CheckedGenerator), or the reason it cannot run."""
+    from rlhf_core import CheckedGenerator
+    from rlhf_plugins.ppo.generators import HFGenerator
+
+    ctx = types.SimpleNamespace(device=torch.device("cpu"), seed=0, stage_dir=Path(tmp), name="ppo")
+    entry = types.SimpleNamespace(kind="generator", name=name, plugin="bench")
+    try:
+        if name == "vllm":
+            from rlhf_plugins.vllm_engine import VLLMGenerator, vllm_unavailable
+
+            if vllm_unavailable():
+                return vllm_unavailable()
+            return CheckedGenerator(entry, VLLMGenerator(ctx, policy, tokenizer))
+        return CheckedGenerator(entry, HFGenerator(ctx, policy, tokenizer, **HF_ENGINES[name]))
+    except Exception as exc:  # e.g. a head size the CPU engine does not support
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _stepping(name: str):
+    """``hf-forward`` steps the model's forward: LeanDecoder declines every model while it samples."""
     import contextlib
     from unittest import mock
 
-    from rlhf_core import CheckedGenerator, ComponentSpec, GenerationConfig, encode_prompt
-    from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
     from rlhf_core.sampling import LeanDecoder
+
+    if name == "hf-forward":
+        return mock.patch.object(LeanDecoder, "supports", staticmethod(lambda model: False))
+    return contextlib.nullcontext()
+
+
+def measure(which: str, engines: tuple[str, ...], *, prompts: int, samples: int, new_tokens: int, prompt_len: int,
+            repeats: int = 1) -> list[dict]:
+    """Per engine: tokens/s of the median of ``repeats`` timed generates, the engines taking turns
+    within each repeat (so a machine that speeds up or slows down affects them alike), after a
+    warm-up each (``hf-compiled``'s is the full batch, so the timed ones reuse its compile); the
+    floor from matrix-product rates measured between the repeats; then one PPO iteration's split."""
+    from rlhf_core import ComponentSpec, GenerationConfig, encode_prompt
+    from rlhf_core.plugin_system.manager import build_registry, get_plugin_manager
     from rlhf_plugins.ppo.advantages import GroupMeanBaseline
     from rlhf_plugins.ppo.config import KLConfig, PolicyOptimConfig, PPOConfig
-    from rlhf_plugins.ppo.generators import HFGenerator
     from rlhf_plugins.ppo.run import PPORun
 
-    forward_only = (mock.patch.object(LeanDecoder, "supports", staticmethod(lambda model: False))
-                    if engine == "hf-forward" else contextlib.nullcontext())
-    with tempfile.TemporaryDirectory() as tmp, forward_only:
+    with tempfile.TemporaryDirectory() as tmp:
         policy, tokenizer = _models(which, Path(tmp))
-        ctx = types.SimpleNamespace(device=torch.device("cpu"), seed=0, stage_dir=Path(tmp), name="ppo")
-        entry = types.SimpleNamespace(kind="generator", name=engine, plugin="bench")
-        try:
-            if engine == "vllm":
-                from rlhf_plugins.vllm_engine import VLLMGenerator, vllm_unavailable
-
-                if vllm_unavailable():
-                    return {"model": which, "engine": engine, "unavailable": vllm_unavailable()}
-                gen = VLLMGenerator(ctx, policy, tokenizer)
-            else:
-                gen = HFGenerator(ctx, policy, tokenizer, **HF_ENGINES[engine])
-        except Exception as exc:  # e.g. a head size the CPU engine does not support
-            return {"model": which, "engine": engine, "unavailable": f"{type(exc).__name__}: {exc}"}
-        generator = CheckedGenerator(entry, gen)
+        pristine = _frozen_copy(policy)  # each engine's PPO iteration starts from these weights, in a fresh copy
+        built = {name: _engine(name, policy, tokenizer, tmp) for name in engines}
+        rows = {name: {"model": which, "engine": name, "unavailable": g} for name, g in built.items() if isinstance(g, str)}
+        live = {name: g for name, g in built.items() if not isinstance(g, str)}
         texts = _prompts(tokenizer, prompts, prompt_len, len(tokenizer))
         ids = [encode_prompt(tokenizer, t) for t in texts for _ in range(samples)]
         settings = dict(max_new_tokens=new_tokens, temperature=1.0, top_p=1.0)
-        torch.manual_seed(0)
-        t0 = time.perf_counter()
-        generator.generate(ids if engine == "hf-compiled" else ids[: max(1, len(ids) // 8)], **settings)  # warm-up
-        warm_up = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        roll = generator.generate(ids, **settings)
-        seconds = time.perf_counter() - t0
-        tokens = int(roll.mask.sum())
-        steps = roll.mask.shape[1]
-        row = {"model": which, "engine": engine, "rows": len(ids), "tokens": tokens, "steps": steps,
-               "seconds": seconds, "tokens_per_s": tokens / seconds, "ms_per_step": 1e3 * seconds / steps}
-        if engine == "hf-compiled":
-            row["compile_s"] = max(0.0, warm_up - seconds)  # the warm-up's extra time over a compiled generate
-        rates = gemm_rates(policy.config, len(ids))
-        flops = step_flops(policy.config, len(ids), roll.prompt_len + steps / 2)
-        for name, rate in rates.items():
-            kind = name.split("_")[0]  # step / large
-            row[f"{kind}_gemm_gflops"] = rate / 1e9
-            row[f"floor_ms_{kind}"] = 1e3 * flops / rate
-            row[f"of_floor_{kind}"] = row[f"floor_ms_{kind}"] / row["ms_per_step"]
+        warm_up, timed, rates = {}, {name: [] for name in live}, []
+        for name, generator in live.items():
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            with _stepping(name):
+                generator.generate(ids if name == "hf-compiled" else ids[: max(1, len(ids) // 8)], **settings)
+            warm_up[name] = time.perf_counter() - t0
+        for _ in range(repeats):
+            for name, generator in live.items():
+                torch.manual_seed(0)
+                t0 = time.perf_counter()
+                with _stepping(name):
+                    roll = generator.generate(ids, **settings)
+                timed[name].append((time.perf_counter() - t0, roll))
+            rates.append(gemm_rates(policy.config, len(ids)))
+        rate = {key: sorted(r[key] for r in rates)[len(rates) // 2] for key in rates[0]}
         config = PPOConfig(prompts_per_batch=prompts, samples_per_prompt=samples, ppo_epochs=1,
                            minibatch_size=prompts * samples, loss=ComponentSpec("ppo_clip"),
                            optim=PolicyOptimConfig(lr=1e-6, weight_decay=0.01),
                            generation=GenerationConfig(max_new_tokens=new_tokens),
                            kl=KLConfig(coef=0.04, estimator="k3", placement="loss"))
-        run = PPORun.from_parts(build_registry(get_plugin_manager(entry_points=False)), config, policy,
-                                tokenizer=tokenizer, reference=_frozen_copy(policy), generator=generator, fused=True,
-                                rewards=lambda p, r, rows: torch.tensor([float(len(x)) for x in r]),
-                                estimator=GroupMeanBaseline())
-        batch = [run.prompt(text)[0] for text in texts]
-        t1 = time.perf_counter()
-        exp = run.make_experience(batch)
-        t2 = time.perf_counter()
-        run.update(exp)
-        run.generator.update_weights(run.policy)
-        t3 = time.perf_counter()
-        return {**row, "iteration_s": t3 - t1, "generate_s": exp.time_generate,
-                "score_s": t2 - t1 - exp.time_generate, "train_s": t3 - t2, **exp.stats}
+        for name, generator in live.items():
+            seconds, roll = sorted(timed[name], key=lambda x: x[0])[len(timed[name]) // 2]
+            tokens, steps = int(roll.mask.sum()), roll.mask.shape[1]
+            row = {"model": which, "engine": name, "rows": len(ids), "tokens": tokens, "steps": steps,
+                   "seconds": seconds, "tokens_per_s": tokens / seconds, "ms_per_step": 1e3 * seconds / steps}
+            if name == "hf-compiled":
+                row["compile_s"] = max(0.0, warm_up[name] - seconds)  # the warm-up's time over a compiled generate
+            flops = step_flops(policy.config, len(ids), roll.prompt_len + steps / 2)
+            for key, value in rate.items():
+                kind = key.split("_")[0]  # step / large
+                row[f"{kind}_gemm_gflops"] = value / 1e9
+                row[f"floor_ms_{kind}"] = 1e3 * flops / value
+                row[f"of_floor_{kind}"] = row[f"floor_ms_{kind}"] / row["ms_per_step"]
+            own = copy.deepcopy(pristine).requires_grad_(True)
+            run = PPORun.from_parts(build_registry(get_plugin_manager(entry_points=False)), config, own,
+                                    tokenizer=tokenizer, reference=_frozen_copy(pristine),
+                                    generator=_engine(name, own, tokenizer, tmp),
+                                    fused=True, rewards=lambda p, r, rows: torch.tensor([float(len(x)) for x in r]),
+                                    estimator=GroupMeanBaseline())
+            batch = [run.prompt(text)[0] for text in texts]
+            with _stepping(name):
+                t1 = time.perf_counter()
+                exp = run.make_experience(batch)
+                t2 = time.perf_counter()
+                run.update(exp)
+                run.generator.update_weights(run.policy)
+                t3 = time.perf_counter()
+            rows[name] = {**row, "iteration_s": t3 - t1, "generate_s": exp.time_generate,
+                          "score_s": t2 - t1 - exp.time_generate, "train_s": t3 - t2, **exp.stats}
+        return [rows[name] for name in engines]
 
 
 def _frozen_copy(model):
-    import copy
-
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
@@ -181,15 +210,15 @@ def run(*, out_dir: str | Path = "bench_out", echo=print, larger: bool = True,
         engines: tuple[str, ...] = ("hf", "hf-forward", "hf-loop", "hf-compiled", "vllm")) -> list[dict]:
     from .measure import machine
 
-    shapes = {"small": dict(prompts=4, samples=4, new_tokens=32, prompt_len=8),
-              "larger": dict(prompts=64, samples=4, new_tokens=128, prompt_len=32)}
+    shapes = {"small": dict(prompts=4, samples=4, new_tokens=32, prompt_len=8, repeats=11),
+              "larger": dict(prompts=64, samples=4, new_tokens=128, prompt_len=32, repeats=1)}
     rows = []
     echo(f"{'model':<7} {'engine':<12} {'tokens':>6} {'tokens/s':>8} {'vs hf':>6} {'ms/step':>8} "
          f"{'floor ms (step GEMMs / large)':>30}  iteration s (generate/score/train)")
     for which in (["small", "larger"] if larger else ["small"]):
         base = None
-        for engine in engines:
-            row = measure(which, engine, **shapes[which])
+        for row in measure(which, engines, **shapes[which]):
+            engine = row["engine"]
             rows.append(row)
             if "unavailable" in row:
                 echo(f"{which:<7} {engine:<12} unavailable: {row['unavailable'][:150]}")

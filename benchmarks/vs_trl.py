@@ -190,6 +190,7 @@ RLHF_CONFIGS = {
     "rlhf loop": {"loop": "rlhf", "fused": False, "clip": "dapo"},
     "rlhf loop+fused": {"loop": "rlhf", "fused": True, "clip": "dapo"},
     "rlhf loop+fused, one-sweep": {"loop": "rlhf", "fused": True, "clip": "symmetric"},
+    "rlhf compiled+fused": {"loop": "rlhf", "compile": True, "fused": True, "clip": "dapo"},
 }
 TRL = "trl GRPOTrainer"
 DEFAULT_CONFIGS = ("rlhf generate", "rlhf generate+fused", "rlhf loop", "rlhf loop+fused", TRL)
@@ -273,7 +274,7 @@ def rlhf_shape_worker(shape: Shape, model_dir: str, setup: dict, warmup: int, st
     config = PPOConfig(prompts_per_batch=shape.prompts, samples_per_prompt=shape.samples, ppo_epochs=1,
                        minibatch_size=batch, optim=PolicyOptimConfig(lr=1e-5, max_grad_norm=1.0, mixed_precision="no"),
                        loss=loss, loss_agg="token_mean", advantage=ComponentSpec("group_mean", {"scale": "std"}),
-                       generator=ComponentSpec("hf", {"loop": setup["loop"]}),
+                       generator=ComponentSpec("hf", {"loop": setup["loop"], "compile": setup.get("compile", False)}),
                        generation=GenerationConfig(max_new_tokens=shape.new_tokens), kl=KLConfig(coef=0.0))
     run = PPORun.from_parts(registry, config, policy, tokenizer=tokenizer, fused=setup["fused"],
                             rewards=lambda p, r, rows: torch.tensor(digit_reward(p, r)),

@@ -280,7 +280,9 @@ class PPOConfig:
     """With ``model.lora``: reward model and critic as adapters + heads on the policy's frozen base; ``auto`` = where
     they fit; ``true`` = an error where they do not; ``false`` = their own copies."""
     generator: ComponentSpec = field(default_factory=lambda: ComponentSpec("hf"))
-    """The rollout engine (component): ``hf`` (option ``loop: rlhf`` for rlhf's own decode loop) or ``vllm``."""
+    """The rollout engine (component): ``hf`` (options ``loop``: ``auto`` = rlhf's own decode loop for Llama-family
+    models, ``rlhf``, ``generate`` = Hugging Face ``generate``; ``compile``: the decode step compiled, ``auto`` = on
+    CUDA) or ``vllm``."""
     rollout_correction: RolloutCorrection | None = None
     """Corrections for engines whose probabilities differ from the trainer's: TIS, sequence TIS, masked IS (null:
     off)."""
@@ -291,8 +293,9 @@ class PPOConfig:
     distill: DistillConfig | None = None
     """On-policy distillation from a frozen teacher's per-token log-probs (null: off)."""
     async_: AsyncConfig | None = None
-    """Rollouts that overlap training (``async: {max_staleness: 1}``): a worker process samples ahead with weights up
-    to ``max_staleness`` updates old; needs ``rollout_correction`` (null or ``max_staleness: 0``: synchronous)."""
+    """Rollouts that overlap training (``async: {max_staleness: 1}``): a worker process (one per rank) samples ahead
+    with weights up to ``max_staleness`` updates old; needs ``rollout_correction`` (null or ``max_staleness: 0``:
+    synchronous)."""
     environment: EnvironmentSpec | None = None
     """Multi-turn episodes (component): ``{name: answer, tools: [calculator], max_turns: 3}``, ``{name: guess}`` or a
     plugin's environment, with ``max_turns``, ``max_tokens``, ``tools``, ``tool_tags``, ``tool_timeout``,

@@ -161,6 +161,7 @@ def test_bench_is_a_builtin_plugin_command(tmp_path):
     assert gone.returncode == 2 and "No such command 'bench'" in gone.stderr
 
 
+@pytest.mark.slow  # every memory set-up at a toy shape, ~25 s
 def test_bench_memory_runs_every_kind_of_set_up_at_a_toy_shape(tmp_path):
     """``rlhf bench memory`` at a toy shape: a PPO iteration, a PPO iteration with a reward model
     and a critic on the policy's shared base, an SFT step; the table's rows, JSON and PNG."""

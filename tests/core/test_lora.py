@@ -315,6 +315,7 @@ stages:
 """
 
 
+@pytest.mark.slow  # two whole pipelines, ~30 s
 def test_shared_and_separate_reward_model_and_critic_give_the_same_first_iteration(tmp_path):
     """shared_backbone auto (reward model and critic = adapters + heads on the policy's base) and
     false (each loads its own copy) start from the same functions: the same rewards, values, losses

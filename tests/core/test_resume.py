@@ -82,31 +82,40 @@ def kill_at(config: Path, out: Path, stage: str, step: int, *extra: str, until=N
     assert json.loads((out / "summary.json").read_text())["status"] == "running"  # killed, not finished
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Uninterrupted runs, one per advantage estimator."""
-    out = {}
-    root = tmp_path_factory.mktemp("reference")
-    for advantage in ("batch_mean", "gae", "gae+lora"):
-        config = root / f"{advantage}.yaml"
+class References(dict):
+    """Uninterrupted runs, one per advantage estimator, each run the first time a test asks for it."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, advantage: str) -> tuple[Path, Path]:
+        config = self.root / f"{advantage}.yaml"
         text = PIPELINE.format(advantage=advantage.split("+")[0])
         if advantage.endswith("+lora"):  # the critic and the reward model: adapters + heads on the policy's base
             text += "model: {lora: {r: 4, alpha: 8}}\n"
         config.write_text(text)
-        result = rlhf("run", str(config), "--out", str(root / advantage))
+        result = rlhf("run", str(config), "--out", str(self.root / advantage))
         assert result.returncode == 0, result.stderr[-2000:]
-        out[advantage] = (config, root / advantage)
-    return out
+        self[advantage] = (config, self.root / advantage)
+        return self[advantage]
 
 
-# The default suite kills each stage once (PPO with a critic, LoRA and a shared base; DPO after it);
-# the slow tests add the plainer variants.
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs, one per advantage estimator (``batch_mean``, ``gae``, ``gae+lora``)."""
+    return References(tmp_path_factory.mktemp("reference"))
+
+
+# The default suite kills PPO (with a critic, LoRA and a shared base) and DPO after it here, and SFT
+# with packing (tests/core/test_packing_runs.py); the slow tests add the plainer variants.
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("stage, advantage", [("sft", "batch_mean"), pytest.param("reward", "batch_mean", marks=SLOW),
+@pytest.mark.parametrize("stage, advantage", [pytest.param("sft", "batch_mean", marks=SLOW),
+                                              pytest.param("reward", "batch_mean", marks=SLOW),
                                               pytest.param("ppo", "batch_mean", marks=SLOW),
-                                              ("ppo", "gae"), ("ppo", "gae+lora"),
+                                              pytest.param("ppo", "gae", marks=SLOW), ("ppo", "gae+lora"),
                                               pytest.param("dpo", "batch_mean", marks=SLOW), ("dpo", "gae+lora")])
 def test_kill_and_resume_is_bit_identical(reference, tmp_path, stage, advantage):
     config, uninterrupted = reference[advantage]
@@ -206,6 +215,7 @@ def test_resume_refuses_a_changed_config_and_is_a_no_op_when_finished(reference,
     assert result.returncode == 1 and "nothing to resume (no config.yaml" in result.stderr
 
 
+@pytest.mark.slow  # three two-process runs; one-process kills and resumes are in the default suite
 def test_two_process_kill_and_resume_matches_an_uninterrupted_two_process_run(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("""

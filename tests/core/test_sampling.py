@@ -74,7 +74,8 @@ def test_sample_tokens_over_a_large_vocabulary_is_the_same_inverse_cdf():
     assert sampling.CDF_BLOCK * 4 <= vocab
 
 
-@pytest.mark.parametrize("family", ["llama-gqa", "qwen2", "llama-lora", "llama-gqa-compiled"])
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2", "llama-lora",
+                                    pytest.param("llama-gqa-compiled", marks=pytest.mark.slow)])  # a ~10 s compile
 def test_the_lean_decode_steps_give_the_models_own_logits(family):
     """LeanDecoder's one-token steps (the model's modules without its forward, K/V written into
     preallocated buffers) give the logits of the model's own forward over the whole sequence, on
