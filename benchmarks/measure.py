@@ -46,3 +46,17 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def timed_iteration(run, prompts) -> tuple[object, dict[str, float]]:
+    """One PPO iteration of ``run`` (a :class:`~rlhf_plugins.ppo.run.PPORun`) on ``prompts``:
+    ``make_experience``, ``update``, the new weights to its generator; returns the Experience and
+    the seconds of the whole iteration and of its generate / score / train phases."""
+    t0 = time.perf_counter()
+    exp = run.make_experience(prompts)
+    t1 = time.perf_counter()
+    run.update(exp)
+    run.generator.update_weights(run.policy)
+    t2 = time.perf_counter()
+    return exp, {"seconds": t2 - t0, "generate": exp.time_generate, "score": t1 - t0 - exp.time_generate,
+                 "train": t2 - t1}

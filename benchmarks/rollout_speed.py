@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .measure import timed_iteration
+
 
 def _models(which: str, tmp: Path):
     if which == "small":
@@ -191,14 +193,9 @@ def measure(which: str, engines: tuple[str, ...], *, prompts: int, samples: int,
                                     estimator=GroupMeanBaseline())
             batch = [run.prompt(text)[0] for text in texts]
             with _stepping(name):
-                t1 = time.perf_counter()
-                exp = run.make_experience(batch)
-                t2 = time.perf_counter()
-                run.update(exp)
-                run.generator.update_weights(run.policy)
-                t3 = time.perf_counter()
-            rows[name] = {**row, "iteration_s": t3 - t1, "generate_s": exp.time_generate,
-                          "score_s": t2 - t1 - exp.time_generate, "train_s": t3 - t2, **exp.stats}
+                exp, split = timed_iteration(run, batch)
+            rows[name] = {**row, "iteration_s": split["seconds"], "generate_s": split["generate"],
+                          "score_s": split["score"], "train_s": split["train"], **exp.stats}
         return [rows[name] for name in engines]
 
 

@@ -47,6 +47,7 @@ from rlhf_plugins.ppo.config import KLConfig, PolicyOptimConfig, PPOConfig
 from rlhf_plugins.ppo.run import PPORun
 from rlhf_plugins.vllm_engine import VLLMGenerator, vllm_unavailable
 
+from .measure import timed_iteration
 from .memory_usage import word_tokenizer
 
 PROMPTS = ["abc def", "hello the", "x y z", "letters a"]
@@ -93,11 +94,7 @@ def rlhf_iteration_seconds(steps: int, fused: bool, engine: str = "hf") -> float
     times = []
     torch.manual_seed(0)
     for _ in range(steps + 2):
-        t0 = time.perf_counter()
-        exp = run.make_experience(prompts)
-        run.update(exp)
-        run.generator.update_weights(run.policy)
-        times.append(time.perf_counter() - t0)
+        times.append(timed_iteration(run, prompts)[1]["seconds"])
     return statistics.median(times[2:])
 
 
@@ -284,14 +281,8 @@ def rlhf_shape_worker(shape: Shape, model_dir: str, setup: dict, warmup: int, st
     torch.manual_seed(0)
     rows = []
     for _ in range(warmup + steps):
-        t0 = time.perf_counter()
-        exp = run.make_experience(prompts)
-        t1 = time.perf_counter()
-        run.update(exp)
-        run.generator.update_weights(run.policy)
-        t2 = time.perf_counter()
-        rows.append({"seconds": t2 - t0, "generate": exp.time_generate, "score": t1 - t0 - exp.time_generate,
-                     "train": t2 - t1, "tokens": int(exp.rollout.mask.sum())})
+        exp, split = timed_iteration(run, prompts)
+        rows.append({**split, "tokens": int(exp.rollout.mask.sum())})
     return _summary(rows[warmup:], setup_rss, batch * shape.new_tokens)
 
 

@@ -29,6 +29,30 @@ def make_run(registry, config, fused: bool, policy, reference):
     return ppo_run(registry, config, copy.deepcopy(policy), reference=reference, rewards=REWARD, fused=fused, lr=1e-3)
 
 
+TEXTS = ["abc", "hello there", "x", "aaaa b"]
+
+
+def on_policy_parts(**options):
+    """A policy, a frozen reference and an on-policy config (one epoch over one minibatch of 8, KL
+    in the loss) with ``options``, for the tests of the update's own old log-probs."""
+    torch.manual_seed(0)
+    policy = load_causal_lm(CFG, seed=0)
+    reference = load_causal_lm(CFG, seed=1).eval().requires_grad_(False)
+    config = PPOConfig(prompts_per_batch=4, samples_per_prompt=2, ppo_epochs=1, minibatch_size=8,
+                       kl=KLConfig(coef=0.05, estimator="k3", placement="loss"), **options)
+    assert run_module.on_policy(config)
+    return policy, reference, config
+
+
+def scoring_path(monkeypatch, skip: bool, real) -> list:
+    """Force :func:`on_policy` to ``skip`` (True: the update's own old log-probs) and record the
+    model of every ``score_tokens`` call (the list returned)."""
+    monkeypatch.setattr(run_module, "on_policy", lambda c: skip)
+    calls = []
+    monkeypatch.setattr(run_module, "score_tokens", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     from rlhf_kernels import fused
@@ -49,7 +73,7 @@ def test_fused_ppo_equals_logits_path(registry, placement, entropy_coef):
     for fused in (False, True):
         run = make_run(registry, config, fused, policy, reference)
         torch.manual_seed(1)  # the same samples for both paths
-        exp = run.make_experience(prompts(run, texts))
+        exp = run.make_experience(prompts(run, TEXTS))
         torch.manual_seed(2)  # the same minibatch order
         stats = run.update(exp).metrics
         results[fused] = (exp, stats, run.policy)
@@ -113,22 +137,14 @@ def test_on_policy_update_skips_the_old_forward_and_changes_nothing(registry, fu
     """One epoch, one minibatch, KL in the loss: the old log-probs come from the update's own
     forward (no scoring forward of the policy); weights, stats and the experience's old log-probs,
     entropy and KL equal those of the path with the extra forward."""
-    torch.manual_seed(0)
-    policy = load_causal_lm(CFG, seed=0)
-    reference = load_causal_lm(CFG, seed=1).eval().requires_grad_(False)
-    config = PPOConfig(prompts_per_batch=4, samples_per_prompt=2, ppo_epochs=1, minibatch_size=8, entropy_coef=0.01,
-                       kl=KLConfig(coef=0.05, estimator="k3", placement="loss"))
-    assert run_module.on_policy(config)
-    texts = ["abc", "hello there", "x", "aaaa b"]
+    policy, reference, config = on_policy_parts(entropy_coef=0.01)
     results = {}
     real = run_module.score_tokens
     for skip in (True, False):
-        monkeypatch.setattr(run_module, "on_policy", lambda c, _skip=skip: _skip)
-        calls = []
-        monkeypatch.setattr(run_module, "score_tokens", lambda *a, _calls=calls, **k: _calls.append(a[0]) or real(*a, **k))
+        calls = scoring_path(monkeypatch, skip, real)
         run = make_run(registry, config, fused, policy, reference)
         torch.manual_seed(1)
-        exp = run.make_experience(prompts(run, texts))
+        exp = run.make_experience(prompts(run, TEXTS))
         assert (exp.old_logprobs is None) == skip and (exp.entropy is None) == skip
         assert sum(c is run.policy for c in calls) == (0 if skip else 1)  # the policy's scoring forward is skipped
         torch.manual_seed(2)
@@ -184,30 +200,20 @@ def test_on_policy_rollout_correction_is_applied_inside_the_update(registry, cor
     from rlhf_core import CheckedGenerator
     from rlhf_plugins.ppo.config import RolloutCorrection
 
-    torch.manual_seed(0)
-    policy = load_causal_lm(CFG, seed=0)
-    reference = load_causal_lm(CFG, seed=1).eval().requires_grad_(False)
-    config = PPOConfig(prompts_per_batch=4, samples_per_prompt=2, ppo_epochs=1, minibatch_size=8, micro_batch_size=4,
-                       kl=KLConfig(coef=0.05, estimator="k3", placement="loss"),
-                       rollout_correction=RolloutCorrection(type=correction, cap=1.2))
-    assert run_module.on_policy(config)
-    texts = ["abc", "hello there", "x", "aaaa b"]
+    policy, reference, config = on_policy_parts(micro_batch_size=4,
+                                                rollout_correction=RolloutCorrection(type=correction, cap=1.2))
     results = {}
     real = run_module.score_tokens
     for skip in (True, False):
-        monkeypatch.setattr(run_module, "on_policy", lambda c, _skip=skip: _skip)
-        calls = []
-        monkeypatch.setattr(run_module, "score_tokens", lambda *a, _calls=calls, **k: _calls.append(a[0]) or real(*a, **k))
+        calls = scoring_path(monkeypatch, skip, real)
         mine = copy.deepcopy(policy)
         ctx = SimpleNamespace(device=torch.device("cpu"))
         entry = SimpleNamespace(kind="generator", name="noisy", plugin="test")
-        from rlhf_core.models import load_tokenizer as tok
-
-        engine = CheckedGenerator(entry, NoisyEngine(ctx, mine, tok(CFG)))
+        engine = CheckedGenerator(entry, NoisyEngine(ctx, mine, load_tokenizer(CFG)))
         run = ppo_run(registry, config, mine, reference=reference, rewards=REWARD, fused=True, lr=1e-3,
                       generator=engine)
         torch.manual_seed(1)
-        exp = run.make_experience(prompts(run, texts))
+        exp = run.make_experience(prompts(run, TEXTS))
         assert sum(c is run.policy for c in calls) == (0 if skip else 1)
         torch.manual_seed(2)
         update = run.update(exp)
