@@ -289,19 +289,22 @@ def example_run(name: str, tmp_path: Path) -> dict:
 
 @pytest.mark.slow
 def test_guess_learns_to_find_the_number_in_fewer_turns(tmp_path):
-    """examples/configs/guess.yaml: GRPO over episodes raises the held-out reward and lowers the
-    mean number of turns per game (measured: 0.27 -> 0.37 and 6.05 -> 5.32 turns)."""
+    """examples/configs/guess.yaml: GRPO over episodes raises the held-out reward and the share of
+    games solved, and lowers the mean number of turns per game, on the same held-out games
+    (measured with rlhf's decode loop: reward 0.29 -> 0.34, solved 0.65 -> 0.74, turns 5.86 -> 5.48;
+    with Hugging Face generate's random draws: 0.27 -> 0.37, 6.05 -> 5.32 turns)."""
     grpo = example_run("guess", tmp_path)
     print({k: grpo[k] for k in grpo if k.startswith("eval_")})
-    assert grpo["eval_reward_end"] > grpo["eval_reward_start"] + 0.05
-    assert grpo["eval_episode_turns_end"] < grpo["eval_episode_turns_start"] - 0.4
+    assert grpo["eval_reward_end"] > grpo["eval_reward_start"] + 0.04
+    assert grpo["eval_env_solved_end"] > grpo["eval_env_solved_start"] + 0.05
+    assert grpo["eval_episode_turns_end"] < grpo["eval_episode_turns_start"] - 0.25
 
 
 @pytest.mark.slow
 def test_arith_tools_learns_to_call_the_calculator(tmp_path):
     """examples/configs/arith_tools.yaml: the tiny model, too small to add numbers below 100, learns
-    to call the calculator: the held-out tool-call rate and accuracy both rise (measured: 0.57 -> 0.91
-    calls per episode, accuracy 0.43 -> 0.65)."""
+    to call the calculator: the held-out tool-call rate and accuracy both rise (measured: 0.59 -> 0.97
+    calls per episode, accuracy 0.48 -> 0.69; 0.57 -> 0.91 and 0.43 -> 0.65 with Hugging Face generate)."""
     grpo = example_run("arith_tools", tmp_path)
     print({k: grpo[k] for k in grpo if k.startswith("eval_")})
     assert grpo["eval_tool_calls_end"] > grpo["eval_tool_calls_start"] + 0.2
