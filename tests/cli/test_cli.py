@@ -221,3 +221,25 @@ def test_dry_run_validates_everything_and_prints_the_plan_without_training(tmp_p
     data.write_text('{"prompt": "a", "output": "b"}\n')
     bad = CliRunner().invoke(cli, ["run", "--dry-run", "--set", f"stages.sft.data.train={data}"], obj={})
     assert bad.exit_code == 1 and "map it with data.fields: {response: output}" in bad.output
+
+
+def test_the_rollout_benchmark_measures_each_engine_beside_its_floor(tmp_path):
+    """``rlhf bench rollout``'s measurement at a toy shape: every engine asked for gets a row with
+    tokens/s, ms per step, a floor (step FLOPs over a measured matrix-product rate, below the
+    measured step time) and one PPO iteration's split; an engine that cannot run says why."""
+    from rlhf_bench import rollout_speed
+
+    rows = rollout_speed.measure("small", ("hf", "hf-forward", "hf-loop", "vllm"), prompts=2, samples=2,
+                                 new_tokens=4, prompt_len=4, repeats=2)
+    assert [r["engine"] for r in rows] == ["hf", "hf-forward", "hf-loop", "vllm"]
+    for row in rows[:3]:
+        assert row["rows"] == 4 and row["tokens"] > 0 and row["tokens_per_s"] > 0
+        assert 0 < row["floor_ms_step"] < row["ms_per_step"] and 0 < row["of_floor_step"] < 1
+        assert row["iteration_s"] >= row["generate_s"] + row["train_s"] > 0
+    assert "unavailable" in rows[3] or rows[3]["tokens"] > 0
+    # 2 rows x 256 hidden x (q, k, v, o + 3 MLP products of 688) x 4 layers + the head, plus attention
+    from rlhf_bench.vs_trl import _model
+
+    config = _model()[0].config
+    per_row = 2 * (4 * (4 * 256 * 256 + 3 * 256 * 688) + 256 * 384) + 4 * (2 * 2 * 4 * 64 * 10)
+    assert rollout_speed.step_flops(config, 2, 10) == 2 * per_row
