@@ -23,8 +23,15 @@ __all__ = ["Rollout", "make_rollout", "concat_rollouts", "pad_prompts", "generat
 #: else Hugging Face ``generate``), Hugging Face ``generate``, or rlhf's own decode loop.
 LOOPS = ("auto", "generate", "rlhf")
 
-#: ``generate(..., compile=)``: ``auto`` (compiled on CUDA, eager elsewhere), or always / never.
-COMPILE = ("auto", True, False)
+
+def decode_option_problem(loop: str, compile: str | bool) -> str | None:
+    """What is wrong with ``generate``'s ``loop`` (one of :data:`LOOPS`) and ``compile`` (``auto``:
+    compiled on CUDA, eager elsewhere; or ``true`` / ``false``), or None."""
+    if loop not in LOOPS:
+        return f"loop must be one of {', '.join(LOOPS)}, got {loop!r}"
+    if not (compile == "auto" or isinstance(compile, bool)):
+        return f"compile must be auto, true or false, got {compile!r}"
+    return None
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counting only real tokens (left padding gets position 0)."""
@@ -50,8 +57,9 @@ def generate(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: 
     :data:`COMPILED_SHAPES` per process, beyond which it steps eagerly) and, on CUDA, replayed as a
     CUDA graph; ``auto`` = on CUDA only (on CPU a compile costs seconds and pays off only over long
     runs; see docs/rollout-engines.md). Compiled and eager steps agree within fp32 rounding."""
-    if loop not in LOOPS or compile not in COMPILE:
-        raise ValueError(f"generate: loop must be one of {LOOPS} and compile one of {COMPILE}, got {loop!r}, {compile!r}")
+    problem = decode_option_problem(loop, compile)
+    if problem:
+        raise ValueError(f"generate: {problem}")
     ids, attn = pad_prompts(tokenizer, prompt_ids, device)  # [B, P]
     # Under FSDP every rank must run the same number of forward passes: synced_gpus keeps a rank
     # whose responses all ended stepping until every rank's have. A DDP replica generates alone.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_core import hookimpl
-from rlhf_core.sampling import COMPILE, LOOPS, Rollout, generate
+from rlhf_core.sampling import Rollout, decode_option_problem, generate
 
 
 class HFGenerator:
@@ -27,11 +27,10 @@ class HFGenerator:
 
     @staticmethod
     def check_options(*, loop: str = "auto", compile: str | bool = "auto") -> None:
-        """``loop`` is one of :data:`rlhf_core.sampling.LOOPS`, ``compile`` one of :data:`~rlhf_core.sampling.COMPILE`."""
-        if loop not in LOOPS:
-            raise ValueError(f"hf: loop must be one of {', '.join(LOOPS)}, got {loop!r}")
-        if not (compile == "auto" or isinstance(compile, bool)):
-            raise ValueError(f"hf: compile must be auto, true or false, got {compile!r}")
+        """``loop`` and ``compile`` as :func:`rlhf_core.sampling.decode_option_problem` accepts them."""
+        problem = decode_option_problem(loop, compile)
+        if problem:
+            raise ValueError(f"hf: {problem}")
 
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
                  top_p: float) -> Rollout:

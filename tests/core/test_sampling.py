@@ -200,8 +200,9 @@ def test_compiled_and_eager_decoding_give_the_same_samples():
                               device=torch.device("cpu"), loop=loop, compile=compile)
     assert torch.equal(runs["compiled"].sequences, runs["eager"].sequences)
     assert torch.equal(runs["auto"].sequences, runs["eager"].sequences)  # auto on CPU: the eager lean loop
-    for bad in ({"loop": "fast"}, {"compile": "yes"}):
-        with pytest.raises(ValueError, match="loop must be one of"):
+    for bad, message in (({"loop": "fast"}, "generate: loop must be one of auto, generate, rlhf, got 'fast'"),
+                         ({"compile": "yes"}, "generate: compile must be auto, true or false, got 'yes'")):
+        with pytest.raises(ValueError, match=message):
             generate(policy, tokenizer, prompts, max_new_tokens=2, temperature=1.0, top_p=1.0,
                      device=torch.device("cpu"), **bad)
 
