@@ -503,15 +503,13 @@ class PPORun:
             stats["distill_kl"] = masked_mean(((old_logp - teacher_logp) * mask).sum(1), torch.ones_like(rewards),
                                               global_=True)
         if roll.logprobs is not None and not from_update:  # the engine's probabilities vs the trainer's (a known gap)
-            stats["engine_logprob_gap"] = masked_mean((old_logp - roll.logprobs).abs(), mask, global_=True)
             c = config.rollout_correction
+            weight, keep, measured = engine_gap(old_logp, roll.logprobs, mask, c)
+            stats.update(measured)
             if c is not None:
-                weight, keep, metrics = rollout_correction(old_logp, roll.logprobs, mask, c.type, cap=c.cap, low=c.low,
-                                                           high=c.high)
                 advantages = advantages * weight
                 if c.type in ("mask", "seq_mask"):
                     loss_mask = (loss_mask if loss_mask is not None else mask) * keep
-                stats.update({name: masked_mean(v, mask, global_=True) for name, v in metrics.items()})
         return Experience(roll, rewards, old_logp, ref_logp, entropy, kl_tokens, advantages, values, returns,
                           samples.time_generate, {k: float(v) for k, v in stats.items()}, loss_mask)
 
@@ -588,12 +586,9 @@ class PPORun:
         response = exp.rollout.mask.float()
         old = step.old[:, :-1] * response
         if exp.rollout.logprobs is not None:  # what score() measures off-policy, from the update's old log-probs
-            metrics["engine_logprob_gap"] = float(masked_mean((old - exp.rollout.logprobs).abs(), response, global_=True))
+            _, _, measured = engine_gap(old, exp.rollout.logprobs, response, step.correction)
+            metrics.update({name: float(v) for name, v in measured.items()})
             if step.correction is not None:
-                c = step.correction
-                _, _, found = rollout_correction(old, exp.rollout.logprobs, response, c.type, cap=c.cap, low=c.low,
-                                                 high=c.high)
-                metrics.update({name: float(masked_mean(v, response, global_=True)) for name, v in found.items()})
                 exp.advantages = step.adv[:, :-1]  # as corrected (what score() returns off-policy)
         return PolicyUpdate(metrics, old, step.entropy * response)
 
@@ -839,6 +834,20 @@ def metric_floats(metrics: dict[str, Any], mask: torch.Tensor) -> dict[str, floa
     """A loss's metrics as floats: per-token tensors as their masked mean, scalars as they are."""
     return {k: float(masked_mean(v.detach().float(), mask)) if torch.is_tensor(v) and v.dim() > 0 else float(v)
             for k, v in metrics.items()}
+
+
+def engine_gap(old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor,
+               correction: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The engine's sampling log-probs against the trainer's old ones over every rank's ``mask``:
+    ``(weight, loss mask, stats)`` of the rollout ``correction`` (None, None without one), with
+    ``engine_logprob_gap`` (mean absolute difference) and the correction's metrics as global means."""
+    stats = {"engine_logprob_gap": masked_mean((old_logprobs - engine_logprobs).abs(), mask, global_=True)}
+    if correction is None:
+        return None, None, stats
+    weight, keep, metrics = rollout_correction(old_logprobs, engine_logprobs, mask, correction.type, cap=correction.cap,
+                                               low=correction.low, high=correction.high)
+    stats.update({name: masked_mean(v, mask, global_=True) for name, v in metrics.items()})
+    return weight, keep, stats
 
 
 def on_policy(config: PPOConfig) -> bool:
